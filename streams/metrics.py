@@ -1,0 +1,72 @@
+"""Prometheus metrics every stage reports, and the /metrics endpoint.
+
+One registry per process; names are stable API for the Grafana dashboards in ops/grafana.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+RECORDS_IN = Counter("promptcot_records_in_total", "Records consumed by a stage", ["stage"])
+RECORDS_OUT = Counter(
+    "promptcot_records_out_total", "Records produced by a stage", ["stage", "topic"]
+)
+REJECTED = Counter(
+    "promptcot_rejected_total", "Rejections by stage and reason code", ["stage", "reason"]
+)
+ACCEPTED = Counter("promptcot_accepted_total", "Problems accepted by the verifier", ["domain"])
+DEAD_LETTERS = Counter(
+    "promptcot_dead_letters_total", "Unreadable records sent to the dead-letter topic",
+    ["stage", "reason"],
+)
+BATCH_SECONDS = Histogram(
+    "promptcot_batch_seconds", "Time to process one micro-batch", ["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+BATCH_SIZE = Histogram(
+    "promptcot_batch_size", "Records per micro-batch", ["stage"], buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+MODEL_TOKENS = Counter(
+    "promptcot_model_tokens_total", "Tokens through a model", ["role", "kind"]
+)
+PASS_RATE = Histogram(
+    "promptcot_pass_rate", "Solver pass rate of verified candidates", ["domain"],
+    buckets=(0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
+)
+IN_FLIGHT = Gauge("promptcot_concept_sets_in_flight", "Concept sets issued without a verdict")
+DIVERSITY = Gauge(
+    "promptcot_diversity", "Diversity of accepted problems over the last window", ["measure"]
+)
+SANDBOX_RUNS = Counter("promptcot_sandbox_runs_total", "Sandboxed program runs", ["outcome"])
+
+_server_started = False
+
+
+def serve(host: str, port: int) -> int | None:
+    """Start the /metrics endpoint once per process; port 0 disables it."""
+    global _server_started
+    if port == 0 or _server_started:
+        return None
+    try:
+        start_http_server(port, addr=host, registry=REGISTRY)
+    except OSError as exc:  # a second worker on the same machine: say so, keep working
+        log.warning("metrics endpoint %s:%s not started: %s", host, port, exc)
+        return None
+    _server_started = True
+    return port
+
+
+def counter_value(counter: Counter, **labels: str) -> float:
+    """Current value of one labelled child (0 if never touched); for summaries and tests."""
+    total = 0.0
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                total += sample.value
+    return total

@@ -1,0 +1,310 @@
+"""Typed records carried by every topic.
+
+Every record has a stable ``id``: a content hash of the fields that define it, so a redelivered
+input that is processed again yields the same ids and downstream consumers can drop repeats.
+Lineage (parent ids, model versions, prompt-template hashes) accumulates from the concept set to
+the verdict; it travels in the record and, for consumers that only read headers, in Kafka headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+Domain = Literal["math", "code"]
+
+
+def content_hash(payload: Any, length: int = 20) -> str:
+    """sha256 of canonical JSON: key order and whitespace never change an id."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
+
+
+class Lineage(BaseModel):
+    """Where a record came from: the concept set at the root, every ancestor id, and which model
+    versions and prompt templates touched it on the way."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concept_set_id: str | None = None
+    ancestors: list[str] = Field(default_factory=list)
+    models: dict[str, str] = Field(default_factory=dict)  # role -> model version
+    templates: dict[str, str] = Field(default_factory=dict)  # template name -> hash
+
+    def extend(
+        self,
+        parent_id: str,
+        models: dict[str, str] | None = None,
+        templates: dict[str, str] | None = None,
+    ) -> Lineage:
+        return Lineage(
+            concept_set_id=self.concept_set_id,
+            ancestors=[*self.ancestors, parent_id] if parent_id not in self.ancestors else self.ancestors,
+            models={**self.models, **(models or {})},
+            templates={**self.templates, **(templates or {})},
+        )
+
+
+class Record(BaseModel):
+    """Base of every topic record. Subclasses name the fields that define their identity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ClassVar[str] = "record"
+    id_prefix: ClassVar[str] = "rec"
+    id_fields: ClassVar[tuple[str, ...]] = ()
+
+    id: str = ""
+    parent_ids: list[str] = Field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+    created_at: float = Field(default_factory=time.time)
+    lineage: Lineage = Field(default_factory=Lineage)
+
+    @model_validator(mode="after")
+    def _assign_id(self) -> Record:
+        if not self.id:
+            defining = {name: _plain(getattr(self, name)) for name in self.id_fields}
+            self.id = f"{self.id_prefix}_{content_hash(defining)}"
+        return self
+
+    def headers(self) -> dict[str, bytes]:
+        """Lineage in Kafka headers, so consumers can route or audit without parsing the body."""
+        return {
+            "x-record-kind": self.kind.encode(),
+            "x-record-id": self.id.encode(),
+            "x-schema-version": str(self.schema_version).encode(),
+            "x-parent-ids": ",".join(self.parent_ids).encode(),
+            "x-concept-set-id": (self.lineage.concept_set_id or "").encode(),
+            "x-models": json.dumps(self.lineage.models, sort_keys=True).encode(),
+            "x-templates": json.dumps(self.lineage.templates, sort_keys=True).encode(),
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- seeds and concepts -------------------------------------------------------------------------
+
+
+class SeedProblem(Record):
+    """A human-written problem from a seed corpus (GSM8K, Codeforces, ...)."""
+
+    kind: ClassVar[str] = "seed"
+    id_prefix: ClassVar[str] = "seed"
+    id_fields: ClassVar[tuple[str, ...]] = ("source", "source_id", "text")
+
+    source: str
+    source_id: str
+    domain: Domain
+    text: str
+    answer: str | None = None
+    tests: list[dict[str, str]] = Field(default_factory=list)
+
+
+class AnnotatedSeed(Record):
+    """A seed with its foundational concepts and a reverse-engineered rationale (cold start data
+    for both models and the E-step input)."""
+
+    kind: ClassVar[str] = "annotated_seed"
+    id_prefix: ClassVar[str] = "aseed"
+    id_fields: ClassVar[tuple[str, ...]] = ("seed_id", "concepts", "rationale")
+
+    seed_id: str
+    domain: Domain
+    text: str
+    concepts: list[str]
+    rationale: str
+    difficulty: str | None = None
+
+
+class ConceptSet(Record):
+    """What p_θ is conditioned on: k concepts and a difficulty level."""
+
+    kind: ClassVar[str] = "concept_set"
+    id_prefix: ClassVar[str] = "cset"
+    # The draw number keeps two identical draws distinct: each is its own unit of work.
+    id_fields: ClassVar[tuple[str, ...]] = ("domain", "concepts", "difficulty", "draw")
+
+    domain: Domain
+    concepts: list[str]
+    difficulty: str
+    draw: str = ""
+
+    @model_validator(mode="after")
+    def _root_lineage(self) -> ConceptSet:
+        if self.lineage.concept_set_id is None:
+            self.lineage.concept_set_id = self.id
+        return self
+
+
+class Rationale(Record):
+    """One q_φ sample for a seed, with its reward under the current p_θ:
+    R(z) = log p_θ(x | z, c) + log p_θ(z | c)."""
+
+    kind: ClassVar[str] = "rationale"
+    id_prefix: ClassVar[str] = "rat"
+    id_fields: ClassVar[tuple[str, ...]] = ("seed_id", "text", "rationale_model", "prompt_model")
+
+    seed_id: str
+    domain: Domain
+    concepts: list[str]
+    problem: str
+    text: str
+    sample_index: int
+    reward: float
+    logp_problem: float  # log p_θ(x | z, c)
+    logp_rationale: float  # log p_θ(z | c)
+    rationale_model: str
+    prompt_model: str
+
+
+# --- candidates and verification ----------------------------------------------------------------
+
+
+class CandidateProblem(Record):
+    kind: ClassVar[str] = "candidate"
+    id_prefix: ClassVar[str] = "cand"
+    id_fields: ClassVar[tuple[str, ...]] = ("concept_set_id", "rationale", "problem")
+
+    concept_set_id: str
+    domain: Domain
+    difficulty: str
+    concepts: list[str]
+    rationale: str
+    problem: str
+
+
+class Rollout(BaseModel):
+    """One solver attempt, summarized: enough to build preference pairs and audit the vote."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    answer: str | None = None  # math: extracted final answer
+    passed: bool = False
+    failure: str | None = None  # reason code when it did not pass
+    n_tokens: int = 0
+
+
+class TestCase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str
+    output: str
+
+
+class Verdict(Record):
+    """The fate of one candidate (or of a concept set whose generation failed)."""
+
+    kind: ClassVar[str] = "verdict"
+    id_prefix: ClassVar[str] = "verd"
+    id_fields: ClassVar[tuple[str, ...]] = ("subject_id", "accepted", "reason", "stage")
+
+    subject_id: str  # the candidate id, or the concept set id when no candidate was produced
+    stage: str  # which stage decided
+    accepted: bool
+    reason: str  # "accepted" or a rejection reason code
+    detail: str = ""
+    domain: Domain
+    difficulty: str = ""
+    concepts: list[str] = Field(default_factory=list)
+    problem: str = ""
+    rationale: str = ""
+    reference_answer: str | None = None
+    tests: list[TestCase] = Field(default_factory=list)
+    pass_rate: float | None = None
+    rollouts: list[Rollout] = Field(default_factory=list)
+    nearest_id: str | None = None
+    similarity: float | None = None
+
+
+class Problem(Record):
+    """The product: a verified problem, as downstream teams consume it."""
+
+    kind: ClassVar[str] = "problem"
+    id_prefix: ClassVar[str] = "prob"
+    id_fields: ClassVar[tuple[str, ...]] = ("candidate_id",)
+
+    candidate_id: str
+    domain: Domain
+    difficulty: str
+    concepts: list[str]
+    problem: str
+    rationale: str
+    reference_answer: str | None = None
+    tests: list[TestCase] = Field(default_factory=list)
+    pass_rate: float
+    n_rollouts: int
+
+
+class PreferencePair(Record):
+    """A DPO pair in the shape TRL's DPOTrainer reads (prompt / chosen / rejected)."""
+
+    kind: ClassVar[str] = "pair"
+    id_prefix: ClassVar[str] = "pair"
+    id_fields: ClassVar[tuple[str, ...]] = ("problem_id", "chosen", "rejected")
+
+    problem_id: str
+    domain: Domain
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class ModelUpdate(Record):
+    """Announces a new checkpoint; generators reload when they see one for their role."""
+
+    kind: ClassVar[str] = "model_update"
+    id_prefix: ClassVar[str] = "mupd"
+    id_fields: ClassVar[tuple[str, ...]] = ("role", "version", "path")
+
+    role: str
+    version: str
+    path: str
+    step: str  # "cold_start" | "e_step" | "m_step" | "dpo" | "sft"
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class DeadLetter(Record):
+    """A record no stage could read, kept with the reason and where it came from."""
+
+    kind: ClassVar[str] = "dead_letter"
+    id_prefix: ClassVar[str] = "dlq"
+    id_fields: ClassVar[tuple[str, ...]] = ("source_topic", "partition", "offset")
+
+    stage: str
+    reason: str
+    error: str
+    source_topic: str
+    partition: int
+    offset: int
+    key: str | None = None
+    payload_b64: str  # the raw bytes, base64: nothing is lost, whatever they were
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.kind: cls
+    for cls in (
+        SeedProblem,
+        AnnotatedSeed,
+        ConceptSet,
+        Rationale,
+        CandidateProblem,
+        Verdict,
+        Problem,
+        PreferencePair,
+        ModelUpdate,
+        DeadLetter,
+    )
+}

@@ -1,0 +1,100 @@
+"""Records: stable content ids, lineage, headers, schema-version and strict validation."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from streams import serde
+from streams.records import (
+    RECORD_TYPES,
+    CandidateProblem,
+    ConceptSet,
+    DeadLetter,
+    Verdict,
+    content_hash,
+)
+
+
+def _concepts(**kw):
+    base = dict(domain="math", concepts=["ratios", "percentages"], difficulty="AMC12", draw="0:1")
+    return ConceptSet(**{**base, **kw})
+
+
+def test_id_is_a_content_hash_of_the_defining_fields():
+    a, b = _concepts(), _concepts()
+    assert a.id == b.id and a.id.startswith("cset_")
+    assert a.created_at != b.created_at or True  # timestamps do not enter the id
+    assert _concepts(draw="0:2").id != a.id
+    assert _concepts(concepts=["percentages", "ratios"]).id != a.id  # order is meaningful
+
+
+def test_content_hash_ignores_key_order():
+    assert content_hash({"a": 1, "b": [1, 2]}) == content_hash({"b": [1, 2], "a": 1})
+
+
+def test_concept_set_is_the_root_of_its_lineage_and_children_extend_it():
+    cs = _concepts()
+    assert cs.lineage.concept_set_id == cs.id
+    cand = CandidateProblem(
+        concept_set_id=cs.id, domain="math", difficulty="AMC12", concepts=cs.concepts,
+        rationale="combine", problem="What is 2+2?", parent_ids=[cs.id],
+        lineage=cs.lineage.extend(cs.id, models={"prompt_model": "tiny@abc"}, templates={"synth": "h1"}),
+    )
+    verdict = Verdict(
+        subject_id=cand.id, stage="verify", accepted=True, reason="accepted", domain="math",
+        parent_ids=[cand.id], lineage=cand.lineage.extend(cand.id, models={"solver": "tiny@abc"}),
+    )
+    assert verdict.lineage.concept_set_id == cs.id
+    assert verdict.lineage.ancestors == [cs.id, cand.id]
+    assert verdict.lineage.models == {"prompt_model": "tiny@abc", "solver": "tiny@abc"}
+    headers = verdict.headers()
+    assert headers["x-concept-set-id"] == cs.id.encode()
+    assert json.loads(headers["x-models"]) == verdict.lineage.models
+    assert headers["x-parent-ids"] == cand.id.encode()
+
+
+def test_round_trip_through_json_keeps_the_id():
+    cs = _concepts()
+    back = serde.decode(serde.encode(cs), ConceptSet)
+    assert back == cs
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"\xff\xfe\x00garbage", serde.UNDECODABLE),
+        (b"{not json", serde.UNDECODABLE),
+        (b"[1, 2]", serde.SCHEMA_INVALID),
+        (b'{"domain": "physics", "concepts": [], "difficulty": "x"}', serde.SCHEMA_INVALID),
+        (b'{"domain": "math", "concepts": ["a"], "difficulty": "x", "surprise": 1}', serde.SCHEMA_INVALID),
+        (None, serde.UNDECODABLE),
+    ],
+)
+def test_bad_bytes_raise_a_decode_error_with_a_reason(payload, reason):
+    with pytest.raises(serde.RecordDecodeError) as info:
+        serde.decode(payload, ConceptSet)
+    assert info.value.reason == reason
+
+
+def test_dead_letter_keeps_the_raw_payload_and_origin():
+    import base64
+
+    err = serde.RecordDecodeError(serde.UNDECODABLE, "boom")
+    dl = serde.dead_letter(stage="generate", error=err, topic="promptcot.concepts", partition=1,
+                           offset=42, key=b"k", payload=b"\xff raw")
+    assert isinstance(dl, DeadLetter)
+    assert base64.b64decode(dl.payload_b64) == b"\xff raw"
+    assert (dl.source_topic, dl.partition, dl.offset, dl.reason) == ("promptcot.concepts", 1, 42, "undecodable")
+
+
+def test_every_record_type_has_a_json_schema_and_a_unique_kind():
+    assert len({cls.id_prefix for cls in RECORD_TYPES.values()}) == len(RECORD_TYPES)
+    for cls in RECORD_TYPES.values():
+        schema = cls.model_json_schema()
+        assert "id" in schema["properties"] and "lineage" in schema["properties"]
+
+
+def test_unknown_fields_are_rejected_not_silently_dropped():
+    with pytest.raises(ValidationError):
+        Verdict(subject_id="x", stage="s", accepted=True, reason="accepted", domain="math", bogus=1)

@@ -1,0 +1,87 @@
+"""Live counts for `promptcot up`, read from the process's own Prometheus counters."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from streams import metrics
+
+
+def _samples(counter) -> list[tuple[dict[str, str], float]]:
+    return [
+        (s.labels, s.value)
+        for m in counter.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    ]
+
+
+def _out(stage: str, topic: str) -> int:
+    return int(metrics.counter_value(metrics.RECORDS_OUT, stage=stage, topic=topic))
+
+
+@dataclass
+class FactoryProgress:
+    started: float
+    stop_reason: str = ""
+    first_accepted_at: float | None = None
+
+    def accepted(self) -> int:
+        n = int(metrics.counter_value(metrics.ACCEPTED))
+        if n and self.first_accepted_at is None:
+            self.first_accepted_at = time.monotonic()
+        return n
+
+    def rejections(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for labels, value in _samples(metrics.REJECTED):
+            key = f"{labels['stage']}: {labels['reason']}"
+            out[key] = out.get(key, 0) + int(value)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "seeds annotated": _out("annotate", "seeds.annotated"),
+            "rationales scored": _out("rationale", "rationales"),
+            "concept sets issued": _out("sampler", "concepts"),
+            "candidates written": _out("generate", "candidates"),
+            "candidates unique": _out("filter", "candidates.unique"),
+            "verified problems": self.accepted(),
+            "preference pairs": _out("pairs", "pairs"),
+            "dead letters": int(metrics.counter_value(metrics.DEAD_LETTERS)),
+            "model tokens": int(metrics.counter_value(metrics.MODEL_TOKENS)),
+        }
+
+    def table(self) -> Table:
+        elapsed = time.monotonic() - self.started
+        table = Table(title=f"PromptCoT factory - {elapsed:,.0f}s", show_header=False)
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        for name, value in self.counts().items():
+            table.add_row(name, f"{value:,}")
+        for reason, value in self.rejections().items():
+            table.add_row(Text(f"rejected - {reason}", style="yellow"), f"{value:,}")
+        return table
+
+    def summary(self, output_dir: Path) -> Group:
+        elapsed = time.monotonic() - self.started
+        accepted = self.accepted()
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        lines = [self.table(), Text(f"stopped: {self.stop_reason or 'done'} after {elapsed:,.0f}s; peak RSS {peak_mb:,.0f} MB")]
+        if self.first_accepted_at is not None:
+            lines.append(Text(f"first verified problem after {self.first_accepted_at - self.started:,.0f}s; "
+                              f"{accepted / max(elapsed, 1e-9) * 3600:,.1f} problems/hour"))
+        if accepted:
+            lines.append(Text(f"verified problems: {Path(output_dir, 'problems').resolve()} "
+                              "(Parquet; `promptcot export` for one file or a HF dataset)", style="bold green"))
+        else:
+            lines.append(Text("no problem passed verification; the rejections above say why "
+                              "(a 135M model writes mostly unusable problems - see README)", style="bold yellow"))
+        return Group(*lines)

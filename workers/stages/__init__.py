@@ -1,0 +1,1 @@
+"""The pipeline stages, one module each; WIRING lists them in pipeline order."""

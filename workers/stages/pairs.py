@@ -1,0 +1,61 @@
+"""verdicts -> pairs: preference pairs on kept problems (chosen = a passing rollout, rejected = a
+failing one), in the prompt/chosen/rejected shape TRL's DPOTrainer reads."""
+
+from __future__ import annotations
+
+from streams.records import PreferencePair, Record, Verdict
+from streams.topics import PAIRS, VERDICTS
+from workers.stage import Emit, Stage
+
+
+def build_pairs(verdict: Verdict, prompt: str, cap: int) -> list[PreferencePair]:
+    """Up to ``cap`` pairs; identical texts are dropped and no pair uses one text twice, so each
+    pair carries a real preference signal."""
+    if not verdict.accepted:
+        return []
+    chosen = _unique(r.text for r in verdict.rollouts if r.passed)
+    rejected = _unique(r.text for r in verdict.rollouts if not r.passed)
+    rejected = [t for t in rejected if t not in set(chosen)]
+    pairs = []
+    for good, bad in zip(chosen, rejected, strict=False):  # disjoint: no text reused
+        if len(pairs) >= cap:
+            break
+        pairs.append(
+            PreferencePair(
+                problem_id=verdict.subject_id,
+                domain=verdict.domain,
+                prompt=prompt,
+                chosen=good,
+                rejected=bad,
+                parent_ids=[verdict.id],
+                lineage=verdict.lineage.extend(verdict.id),
+            )
+        )
+    return pairs
+
+
+def _unique(texts) -> list[str]:
+    seen: dict[str, None] = {}
+    for text in texts:
+        if text.strip():
+            seen.setdefault(text, None)
+    return list(seen)
+
+
+class PairsStage(Stage):
+    name = "pairs"
+    input = VERDICTS
+    outputs = (PAIRS,)
+
+    def process(self, records: list[Record]) -> list[Emit]:
+        from workers.prompts import solver_prompt_text
+
+        emits = []
+        for verdict in records:
+            assert isinstance(verdict, Verdict)
+            if not verdict.accepted:
+                continue
+            prompt = solver_prompt_text(verdict.domain, verdict.problem)
+            for pair in build_pairs(verdict, prompt, self.settings.pairs.max_pairs_per_problem):
+                emits.append(self.emit(PAIRS, pair))
+        return emits
