@@ -1,0 +1,126 @@
+"""Build ops/grafana/promptcot.json, the factory's Grafana dashboard, from this file.
+
+    python ops/grafana/build_dashboard.py      # rewrites promptcot.json
+
+Dashboards as code: panels are short declarations, every query names metrics from
+streams/metrics.py, and tests/test_dashboards.py runs each query against a real Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).with_name("promptcot.json")
+DS = {"type": "prometheus", "uid": "${datasource}"}
+RI = "$__rate_interval"
+
+
+def panel(title: str, exprs: dict[str, str], *, unit: str = "short", kind: str = "timeseries",
+          w: int = 12, h: int = 8, description: str = "") -> dict:
+    return {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "gridPos": {"w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [
+            {"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend, "datasource": DS}
+            for i, (legend, expr) in enumerate(exprs.items())
+        ],
+    }
+
+
+def row(title: str) -> dict:
+    return {"type": "row", "title": title, "collapsed": False, "gridPos": {"w": 24, "h": 1}, "panels": []}
+
+
+PANELS = [
+    row("Output"),
+    panel("Verified problems per hour", {
+        "{{domain}}": f"sum by (domain) (rate(promptcot_accepted_total[{RI}])) * 3600",
+    }, w=8, description="Problems that passed dedup, decontamination and verification."),
+    panel("Acceptance ratio", {
+        "accepted / candidates": f"sum(rate(promptcot_accepted_total[{RI}])) / "
+        f"clamp_min(sum(rate(promptcot_records_out_total{{stage=\"generate\",topic=\"candidates\"}}[{RI}])), 1e-9)",
+    }, unit="percentunit", w=8),
+    panel("Concept sets in flight", {"in flight": "sum(promptcot_concept_sets_in_flight)"}, w=8),
+    row("Flow"),
+    panel("Records out per second", {
+        "{{stage}} -> {{topic}}": f"sum by (stage, topic) (rate(promptcot_records_out_total[{RI}]))",
+    }),
+    panel("Records in per second", {
+        "{{stage}}": f"sum by (stage) (rate(promptcot_records_in_total[{RI}]))",
+    }),
+    panel("Rejections by reason", {
+        "{{stage}}: {{reason}}": f"sum by (stage, reason) (rate(promptcot_rejected_total[{RI}]))",
+    }, w=16),
+    panel("Dead letters", {
+        "{{stage}}: {{reason}}": f"sum by (stage, reason) (increase(promptcot_dead_letters_total[{RI}]))",
+    }, w=8, description="Unreadable records; each is on the dead-letter topic with its payload."),
+    row("Latency and models"),
+    panel("Batch latency p50 / p95", {
+        "p50 {{stage}}": f"histogram_quantile(0.5, sum by (le, stage) (rate(promptcot_batch_seconds_bucket[{RI}])))",
+        "p95 {{stage}}": f"histogram_quantile(0.95, sum by (le, stage) (rate(promptcot_batch_seconds_bucket[{RI}])))",
+    }, unit="s"),
+    panel("Mean micro-batch size", {
+        "{{stage}}": f"sum by (stage) (rate(promptcot_batch_size_sum[{RI}])) / "
+        f"clamp_min(sum by (stage) (rate(promptcot_batch_size_count[{RI}])), 1e-9)",
+    }),
+    panel("Model tokens per second", {
+        "{{role}} {{kind}}": f"sum by (role, kind) (rate(promptcot_model_tokens_total[{RI}]))",
+    }),
+    panel("Solver pass rate (median)", {
+        "{{domain}}": f"histogram_quantile(0.5, sum by (le, domain) (rate(promptcot_pass_rate_bucket[{RI}])))",
+    }, unit="percentunit"),
+    row("Verification and diversity"),
+    panel("Sandbox runs by outcome", {
+        "{{outcome}}": f"sum by (outcome) (rate(promptcot_sandbox_runs_total[{RI}]))",
+    }),
+    panel("Diversity of accepted problems", {
+        "{{measure}}": "avg by (measure) (promptcot_diversity)",
+    }),
+]
+
+
+def layout(panels: list[dict]) -> list[dict]:
+    """Assign ids and positions left to right, top to bottom."""
+    x = y = row_h = 0
+    out = []
+    for i, p in enumerate(panels, 1):
+        p = {**p, "id": i}
+        w, h = p["gridPos"]["w"], p["gridPos"]["h"]
+        if p["type"] == "row" or x + w > 24:
+            x, y = 0, y + row_h
+            row_h = 0
+        p["gridPos"] = {"x": x, "y": y, "w": w, "h": h}
+        x += w
+        row_h = max(row_h, h)
+        if p["type"] == "row":
+            x, y, row_h = 0, y + h, 0
+        out.append(p)
+    return out
+
+
+def dashboard() -> dict:
+    return {
+        "uid": "promptcot-factory",
+        "title": "PromptCoT factory",
+        "tags": ["promptcot"],
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "30s",
+        "templating": {"list": [{
+            "name": "datasource", "type": "datasource", "query": "prometheus",
+            "label": "Prometheus", "current": {}, "hide": 0,
+        }]},
+        "panels": layout(PANELS),
+    }
+
+
+if __name__ == "__main__":
+    OUT.write_text(json.dumps(dashboard(), indent=2) + "\n")
+    print(f"wrote {OUT}")
