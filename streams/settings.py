@@ -21,6 +21,11 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from vectorstore.settings import VectorStoreSettings
+from workers.backends.base import ModelRoles
+from workers.concepts_config import ConceptSettings
+from workers.mathcheck import MathCheckSettings
+from workers.sandbox import SandboxSettings
 
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("promptcot_config_file", default=None)
@@ -104,6 +109,8 @@ class VerifySettings(Section):
     min_pass_rate: float = 0.0  # exclusive
     max_pass_rate: float = 0.5  # inclusive
     test_rounds: int = 4  # code: test-writer calls per problem
+    math: MathCheckSettings = Field(default_factory=MathCheckSettings)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
 
 
 class PairSettings(Section):
@@ -115,6 +122,17 @@ class RationaleSettings(Section):
 
     samples: int = 8
     temperature: float = 1.0
+    max_tokens: int = 192
+
+
+class AnnotateSettings(Section):
+    """Cold start: concepts + rationale for each seed."""
+
+    # The embedded default has no teacher LLM good enough to name concepts: the shipped lexicon
+    # does it; point `models.annotator` at a strong model and set "model" in production.
+    concept_source: Literal["model", "lexicon"] = "lexicon"
+    concepts_per_seed: int = 5
+    temperature: float = 0.0
     max_tokens: int = 192
 
 
@@ -135,11 +153,15 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     embedded_broker: EmbeddedBrokerSettings = Field(default_factory=EmbeddedBrokerSettings)
     stages: dict[str, StageRuntime] = Field(default_factory=_default_stage_runtime)
+    models: ModelRoles = Field(default_factory=ModelRoles)
+    concepts: ConceptSettings = Field(default_factory=ConceptSettings)
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     verify: VerifySettings = Field(default_factory=VerifySettings)
     pairs: PairSettings = Field(default_factory=PairSettings)
+    annotate: AnnotateSettings = Field(default_factory=AnnotateSettings)
     rationale: RationaleSettings = Field(default_factory=RationaleSettings)
+    vectorstore: VectorStoreSettings = Field(default_factory=VectorStoreSettings)
     sink: SinkSettings = Field(default_factory=SinkSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log_level: str = "WARNING"

@@ -64,8 +64,18 @@ class Stage(ABC):
             raise ValueError(f"stage {self.name} does not declare output {topic.name}")
         return Emit(topic, record)
 
-    def reject(self, subject: Record, reason: str, detail: str = "", **fields: object) -> Emit:
-        """A rejected verdict for ``subject`` (a concept set or a candidate), with lineage."""
+    def reject(
+        self,
+        subject: Record,
+        reason: str,
+        detail: str = "",
+        *,
+        models: dict[str, str] | None = None,
+        templates: dict[str, str] | None = None,
+        **fields: object,
+    ) -> Emit:
+        """A rejected verdict for ``subject`` (a seed, concept set or candidate), with lineage
+        that includes the models and templates that judged it."""
         verdict = Verdict(
             subject_id=subject.id,
             stage=self.name,
@@ -77,7 +87,7 @@ class Stage(ABC):
             concepts=list(getattr(subject, "concepts", []) or []),
             problem=getattr(subject, "problem", "") or "",
             parent_ids=[subject.id],
-            lineage=subject.lineage.extend(subject.id),
+            lineage=subject.lineage.extend(subject.id, models=models, templates=templates),
             **fields,
         )
         metrics.REJECTED.labels(stage=self.name, reason=reason).inc()
