@@ -88,7 +88,6 @@ class SamplerSettings(Section):
     max_in_flight: int = 8
     max_issued: int | None = None  # None: run until stopped
     domains: list[Literal["math", "code"]] = Field(default_factory=lambda: ["math"])
-    seed: int = 0
 
 
 class GenerationSettings(Section):
