@@ -72,19 +72,22 @@ def up(
     duration: Annotated[str, typer.Option(help="Stop after this long (e.g. 25m).")] = "25m",
     seeds: Annotated[int, typer.Option(help="Seed problems to publish for annotate/rationale.")] = 4,
     stages: Annotated[
-        Optional[str], typer.Option(help="Comma-separated stages (default: all).")
+        Optional[str], typer.Option(help="Comma-separated stages (default: all but the trainer).")
     ] = None,
+    train: Annotated[bool, typer.Option(help="Also run the trainer stages (em, dpo, model_reload).")] = False,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Run the whole factory in one process: broker (embedded unless configured), every stage,
     live counts, and a summary of what came out and where it is."""
     from streams import metrics
-    from workers.pipeline import STAGES, Cluster, run_stages
+    from workers.pipeline import DEFAULT_UP_STAGES, STAGES, TRAINER_STAGES, Cluster, run_stages
     from workers.progress import FactoryProgress
 
     settings = _settings(config, bootstrap)
-    names = [s.strip() for s in stages.split(",")] if stages else list(STAGES)
+    names = [s.strip() for s in stages.split(",")] if stages else list(DEFAULT_UP_STAGES)
+    if train:
+        names += [n for n in TRAINER_STAGES if n not in names]
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
@@ -134,7 +137,7 @@ def up(
 
 @app.command()
 def worker(
-    stage: Annotated[str, typer.Argument(help="Stage to run: annotate, rationale, sampler, generate, filter, verify, pairs, sink.")],
+    stage: Annotated[str, typer.Argument(help="Stage to run: annotate, rationale, sampler, generate, filter, verify, pairs, sink, em, dpo, model_reload.")],
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:

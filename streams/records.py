@@ -159,6 +159,7 @@ class Rationale(Record):
     seed_id: str
     domain: Domain
     concepts: list[str]
+    difficulty: str = ""
     problem: str
     text: str
     sample_index: int

@@ -21,6 +21,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from trainer.config import TrainerSettings
 from vectorstore.settings import VectorStoreSettings
 from workers.backends.base import ModelRoles
 from workers.concepts_config import ConceptSettings
@@ -79,6 +80,10 @@ def _default_stage_runtime() -> dict[str, StageRuntime]:
         "filter": StageRuntime(batch_size=32, batch_within_s=0.5),
         "annotate": StageRuntime(batch_size=8, batch_within_s=1.0),
         "rationale": StageRuntime(batch_size=4, batch_within_s=1.0),
+        # Trainer windows: long, or a trickle of records arrives in windows too small to train on.
+        "em": StageRuntime(batch_size=64, batch_within_s=600.0),
+        "dpo": StageRuntime(batch_size=32, batch_within_s=600.0),
+        "model_reload": StageRuntime(batch_size=1, batch_within_s=0.5),
     }
 
 
@@ -161,6 +166,7 @@ class Settings(BaseSettings):
     annotate: AnnotateSettings = Field(default_factory=AnnotateSettings)
     rationale: RationaleSettings = Field(default_factory=RationaleSettings)
     vectorstore: VectorStoreSettings = Field(default_factory=VectorStoreSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     sink: SinkSettings = Field(default_factory=SinkSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log_level: str = "WARNING"

@@ -1,1 +1,32 @@
-"""trainer"""
+"""The trainer: cold start and the EM loop for p_θ / q_φ, DPO of the solver, versioned
+checkpoints, and the stages that run them on windows of the rationales and pairs topics.
+
+torch/transformers/trl are imported only when a model is loaded or trained.
+"""
+
+from trainer.checkpoints import Checkpoint, CheckpointStore, RoleModel, parse_version
+from trainer.config import (
+    ColdStartConfig,
+    DPOConfig,
+    EStepConfig,
+    LoraConfig,
+    MStepConfig,
+    StepConfig,
+    TrainerSettings,
+    WindowConfig,
+)
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointStore",
+    "ColdStartConfig",
+    "DPOConfig",
+    "EStepConfig",
+    "LoraConfig",
+    "MStepConfig",
+    "RoleModel",
+    "StepConfig",
+    "TrainerSettings",
+    "WindowConfig",
+    "parse_version",
+]

@@ -32,7 +32,14 @@ STAGES: dict[str, str] = {
     "verify": "workers.stages.verify:VerifyStage",
     "pairs": "workers.stages.pairs:PairsStage",
     "sink": "workers.stages.sink:SinkStage",
+    "em": "trainer.stages:EStepStage",
+    "dpo": "trainer.stages:DPOStage",
+    "model_reload": "trainer.stages:ModelReloadStage",
 }
+TRAINER_STAGES = ("em", "dpo", "model_reload")
+# What `promptcot up` runs unless told otherwise: the data path. Training a 135M model on two
+# CPU cores takes minutes per window, so the trainer joins with `up --train`.
+DEFAULT_UP_STAGES = tuple(name for name in STAGES if name not in TRAINER_STAGES)
 
 
 def stage_class(name: str) -> type[Stage]:

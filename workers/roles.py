@@ -8,10 +8,16 @@ from workers.backends.base import Backend
 from workers.backends.factory import make_backend
 
 
+def model_path_for(settings: Settings, role: str) -> str:
+    """The model a role runs: the one named in settings, else the embedded SmolLM2 folder."""
+    cfg = settings.models.role(role)
+    if cfg.model:
+        return cfg.model
+    from workers.models import prepare_smollm2
+
+    return str(prepare_smollm2())
+
+
 def backend_for(settings: Settings, role: str) -> Backend:
     cfg = settings.models.role(role)
-    if not cfg.model:
-        from workers.models import prepare_smollm2
-
-        cfg = cfg.model_copy(update={"model": str(prepare_smollm2())})
-    return make_backend(cfg)
+    return make_backend(cfg.model_copy(update={"model": model_path_for(settings, role)}))

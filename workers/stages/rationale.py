@@ -108,6 +108,7 @@ class RationaleStage(Stage):
                     seed_id=seed.seed_id,
                     domain=seed.domain,
                     concepts=seed.concepts,
+                    difficulty=seed.difficulty or "",
                     problem=seed.text,
                     text=z,
                     sample_index=index,

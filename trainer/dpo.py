@@ -1,0 +1,138 @@
+"""Self-play DPO of the solver on windows of preference pairs (chosen = a passing rollout,
+rejected = a failing one), with TRL's DPOTrainer.
+
+The reference model is the policy as it was at the start of the window: TRL precomputes the
+reference log-probs with the policy before the first step (``precompute_ref_log_probs``), so no
+second copy of the model sits in memory. Window after window this is iterative DPO, each round
+anchored to the previous round's weights. With LoRA the reference is the base model (TRL
+disables the adapter to compute it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from streams.records import PreferencePair
+from trainer.checkpoints import (
+    CheckpointStore,
+    RoleModel,
+    SeenRecords,
+    load_role_model,
+    save_role_model,
+)
+from trainer.config import TrainerSettings
+from trainer.em import (
+    WindowResult,
+    _quiet_datasets,
+    common_training_args,
+    continuation_nll,
+    model_update,
+)
+from workers.prompts import SOLVER_CODE, SOLVER_MATH, render_chat
+
+log = logging.getLogger(__name__)
+
+SOLVER_ROLE = "solver"
+_SOLVER_TEMPLATES = {"math": SOLVER_MATH, "code": SOLVER_CODE}
+
+
+def dpo_prompt(tokenizer: Any, pair: PreferencePair) -> str:
+    """The pair's prompt as the solver saw it. A prompt that is already a rendered chat (it
+    carries the chat markup) is used as is; a bare problem/user text is rendered with the
+    solver template of its domain, so training sees what generation sees."""
+    prompt = pair.prompt
+    if "<|im_start|>" in prompt or (getattr(tokenizer, "bos_token", None) or "\0") in prompt:
+        return prompt
+    template = _SOLVER_TEMPLATES.get(pair.domain, SOLVER_MATH)
+    return render_chat(tokenizer, template.system, prompt, template.assistant_prefix)
+
+
+def dpo_rows(tokenizer: Any, pairs: Sequence[PreferencePair]) -> list[dict[str, str]]:
+    return [{"prompt": dpo_prompt(tokenizer, p), "chosen": p.chosen, "rejected": p.rejected}
+            for p in pairs if p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected]
+
+
+def preference_margin(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]]) -> float:
+    """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt) under ``model``:
+    what DPO should push up on its training pairs."""
+    margins = []
+    for row in rows:
+        nll_c, _ = continuation_nll(model, tokenizer, [row["prompt"]], [row["chosen"]])
+        nll_r, _ = continuation_nll(model, tokenizer, [row["prompt"]], [row["rejected"]])
+        margins.append(nll_r - nll_c)
+    return sum(margins) / len(margins) if margins else float("nan")
+
+
+def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettings) -> float:
+    """DPO on ``rows`` in place; returns the mean training loss."""
+    from datasets import Dataset
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    cfg = settings.dpo
+    _quiet_datasets()
+    with tempfile.TemporaryDirectory(prefix="promptcot-dpo-") as out:
+        args = TRLDPOConfig(
+            **common_training_args(cfg, len(rows), settings.seed, out),
+            beta=cfg.beta,
+            max_length=cfg.max_seq_len,
+            precompute_ref_log_probs=True,
+            dataset_num_proc=None,
+        )
+        trainer = DPOTrainer(
+            model=rm.model, args=args, train_dataset=Dataset.from_list(rows),
+            processing_class=rm.tokenizer,
+        )
+        result = trainer.train()
+    rm.model.eval()
+    return float(result.training_loss)
+
+
+class DPOTrainerLoop:
+    """The solver in memory between windows, resumed from its newest checkpoint."""
+
+    def __init__(self, settings: TrainerSettings, base_path: str):
+        self.settings = settings
+        self.base_path = base_path
+        self.store = CheckpointStore(settings.checkpoint_dir, settings.keep_last)
+        self._rm: RoleModel | None = None
+        self.seen = SeenRecords()
+        self.seen.load(self.store, [SOLVER_ROLE])
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+
+    @property
+    def solver(self) -> RoleModel:
+        if self._rm is None:
+            cfg = self.settings.dpo
+            self._rm = load_role_model(self.store, SOLVER_ROLE, self.base_path,
+                                       use_lora=cfg.use_lora, lora=cfg.lora)
+        return self._rm
+
+    def run_window(self, pairs: Sequence[PreferencePair]) -> WindowResult:
+        pairs = [p for p in pairs if p.id not in self.seen]
+        if not pairs:
+            return WindowResult([], "all pairs already trained on")
+        rm = self.solver
+        rows = dpo_rows(rm.tokenizer, pairs)
+        if len(rows) < self.settings.dpo.window.min_records:
+            return WindowResult([], f"{len(rows)} usable pairs < min_records "
+                                    f"{self.settings.dpo.window.min_records}")
+        before = preference_margin(rm.model, rm.tokenizer, rows)
+        loss = dpo_train(rm, rows, self.settings)
+        after = preference_margin(rm.model, rm.tokenizer, rows)
+        metrics = {"train_loss": loss, "n_pairs": len(rows),
+                   "margin_before": before, "margin_after": after}
+        save_role_model(self.store, rm, "dpo", metrics, [p.id for p in pairs])
+        self.seen.add([p.id for p in pairs])
+        log.info("DPO window: %d pairs, margin %.3f -> %.3f", len(rows), before, after)
+        parents = [p.id for p in pairs][:256]
+        return WindowResult([model_update(rm, "dpo", {k: v for k, v in metrics.items()
+                                                      if math.isfinite(v)}, parents)],
+                            metrics=metrics)

@@ -1,0 +1,178 @@
+"""The trainer as stages: windows of rationales -> E-step + M-step -> model updates; windows of
+preference pairs -> DPO -> a solver update; model updates -> generators reload.
+
+Windows are the runtime's micro-batches; these stages get long ones (``settings.stages``), or a
+trickle of records would arrive in windows too small to train on. A window under ``min_records`` is skipped with a log line. Models load on first use,
+in the worker thread, and torch is imported only then.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from streams.records import ModelUpdate, PreferencePair, Rationale, Record
+from streams.topics import MODELS, PAIRS, RATIONALES
+from trainer.checkpoints import parse_version
+from trainer.config import TrainerSettings
+from trainer.em import P_ROLE, Q_ROLE
+from workers.roles import model_path_for
+from workers.stage import Emit, Stage
+
+log = logging.getLogger(__name__)
+
+
+class _TrainerStage(Stage):
+    outputs = (MODELS,)
+
+    @property
+    def trainer_cfg(self) -> TrainerSettings:
+        return self.settings.trainer
+
+    def _emit_updates(self, updates: list[ModelUpdate]) -> list[Emit]:
+        return [self.emit(MODELS, u) for u in updates]
+
+
+class EStepStage(_TrainerStage):
+    """rationales -> models: best-of-K E-step on q_φ, then the M-step on p_θ, per window."""
+
+    name = "em"
+    input = RATIONALES
+
+    def setup(self) -> None:
+        from trainer.em import EMTrainer
+
+        self.trainer = EMTrainer(
+            self.trainer_cfg,
+            {P_ROLE: model_path_for(self.settings, P_ROLE),
+             Q_ROLE: model_path_for(self.settings, Q_ROLE)},
+        )
+
+    def process(self, records: list[Record]) -> list[Emit]:
+        cfg = self.trainer_cfg
+        rationales = [r for r in records if isinstance(r, Rationale)]
+        if not cfg.enabled or not (cfg.e_step.enabled or cfg.m_step.enabled):
+            log.info("em: trainer disabled, %d rationales not trained on", len(rationales))
+            return []
+        if len(rationales) < cfg.e_step.window.min_records:
+            log.info("em: window of %d rationales < min_records %d, skipped",
+                     len(rationales), cfg.e_step.window.min_records)
+            return []
+        self.ensure_ready()
+        result = self.trainer.run_window(rationales)
+        if result.skipped:
+            log.info("em: window skipped: %s", result.skipped)
+        return self._emit_updates(result.updates)
+
+
+class DPOStage(_TrainerStage):
+    """pairs -> models: DPO of the solver per window."""
+
+    name = "dpo"
+    input = PAIRS
+
+    def setup(self) -> None:
+        from trainer.dpo import SOLVER_ROLE, DPOTrainerLoop
+
+        self.trainer = DPOTrainerLoop(self.trainer_cfg, model_path_for(self.settings, SOLVER_ROLE))
+
+    def process(self, records: list[Record]) -> list[Emit]:
+        cfg = self.trainer_cfg
+        pairs = [r for r in records if isinstance(r, PreferencePair)]
+        if not cfg.enabled or not cfg.dpo.enabled:
+            log.info("dpo: trainer disabled, %d pairs not trained on", len(pairs))
+            return []
+        if len(pairs) < cfg.dpo.window.min_records:
+            log.info("dpo: window of %d pairs < min_records %d, skipped",
+                     len(pairs), cfg.dpo.window.min_records)
+            return []
+        self.ensure_ready()
+        result = self.trainer.run_window(pairs)
+        if result.skipped:
+            log.info("dpo: window skipped: %s", result.skipped)
+        return self._emit_updates(result.updates)
+
+
+class ModelReloadStage(Stage):
+    """models -> (nothing): every backend of this process that serves the update's role moves
+    to the new weights.
+
+    Only backends already loaded in this process are reloaded (loading a model just to reload it
+    would be waste). Updates older than the one applied are ignored (a redelivery, or two
+    trainers racing), as are updates whose folder was pruned. A backend shared with a role that
+    did *not* change is left alone: reloading it would hand p_θ's weights to, say, the solver.
+    Give trained roles their own backend settings (or a BackendPool) to reload them.
+
+    Every process that generates must see every update, so this stage needs a consumer group of
+    its own per process (a broadcast), not the shared group of the other stages.
+    """
+
+    name = "model_reload"
+    input = MODELS
+    outputs = ()
+
+    def __init__(self, settings: Any, backends: dict[str, Any] | None = None):
+        super().__init__(settings)
+        self._explicit = backends  # role -> backend (tests, or a process that owns a pool)
+        self.applied: dict[str, int] = {}  # role -> version number now served
+
+    def loaded_backends(self, role: str) -> list[Any]:
+        """Backends of this process serving ``role``, without loading any."""
+        if self._explicit is not None:
+            b = self._explicit.get(role)
+            return [b] if b is not None else []
+        from workers.backends import factory
+
+        models = getattr(self.settings, "models", None)
+        if models is None:
+            return []
+        key = self._settings_key(models, role)
+        backend = factory._cache.get(key)
+        if backend is None:
+            return []
+        shared_with = [r for r in type(models).model_fields
+                       if r != role and self._settings_key(models, r) == key]
+        if shared_with:
+            log.warning("model_reload: the %s backend is shared with %s; not reloading it "
+                        "(give %s its own backend settings)", role, ", ".join(shared_with), role)
+            return []
+        return [backend]
+
+    @staticmethod
+    def _settings_key(models: Any, role: str) -> str:
+        # The same key workers.roles.backend_for ends up caching under.
+        from workers.backends import factory
+
+        cfg = models.role(role)
+        if not cfg.model:
+            from workers.models import prepare_smollm2
+
+            cfg = cfg.model_copy(update={"model": str(prepare_smollm2())})
+        return factory._key(cfg)
+
+    def process(self, records: list[Record]) -> list[Emit]:
+        newest: dict[str, ModelUpdate] = {}
+        for u in records:
+            if not isinstance(u, ModelUpdate):
+                continue
+            cur = newest.get(u.role)
+            if cur is None or (parse_version(u.version) or 0) >= (parse_version(cur.version) or 0):
+                newest[u.role] = u
+        for role, update in newest.items():
+            number = parse_version(update.version) or parse_version(update.path) or 0
+            if number <= self.applied.get(role, 0):
+                log.info("model_reload: %s %s is not newer than v%04d, ignored",
+                         role, update.version, self.applied[role])
+                continue
+            if not Path(update.path).is_dir():
+                log.warning("model_reload: %s %s: %s is gone (pruned?), ignored",
+                            role, update.version, update.path)
+                continue
+            backends = self.loaded_backends(role)
+            for backend in backends:
+                backend.reload(update.path)
+            if backends:
+                log.info("model_reload: %s now serves %s", role, update.version)
+            self.applied[role] = number
+        return []
