@@ -1,7 +1,9 @@
 """Typed records carried by every topic.
 
-Every record has a stable ``id``: a content hash of the fields that define it, so a redelivered
-input that is processed again yields the same ids and downstream consumers can drop repeats.
+Every record has a stable ``id``: a content hash of the fields that define it. For model outputs
+those fields name the unit of work (which input, which model, which sample), not the sampled
+text, so a redelivered input that is processed again yields the same ids even though sampling
+is not reproducible across batch compositions; consumers keep the first record of each id.
 Lineage (parent ids, model versions, prompt-template hashes) accumulates from the concept set to
 the verdict; it travels in the record and, for consumers that only read headers, in Kafka headers.
 """
@@ -118,9 +120,10 @@ class AnnotatedSeed(Record):
 
     kind: ClassVar[str] = "annotated_seed"
     id_prefix: ClassVar[str] = "aseed"
-    id_fields: ClassVar[tuple[str, ...]] = ("seed_id", "concepts", "rationale")
+    id_fields: ClassVar[tuple[str, ...]] = ("seed_id", "annotator")
 
     seed_id: str
+    annotator: str = ""  # model version of the annotator (or "lexicon+model")
     domain: Domain
     text: str
     concepts: list[str]
@@ -154,7 +157,7 @@ class Rationale(Record):
 
     kind: ClassVar[str] = "rationale"
     id_prefix: ClassVar[str] = "rat"
-    id_fields: ClassVar[tuple[str, ...]] = ("seed_id", "text", "rationale_model", "prompt_model")
+    id_fields: ClassVar[tuple[str, ...]] = ("seed_id", "sample_index", "rationale_model", "prompt_model")
 
     seed_id: str
     domain: Domain
@@ -176,9 +179,10 @@ class Rationale(Record):
 class CandidateProblem(Record):
     kind: ClassVar[str] = "candidate"
     id_prefix: ClassVar[str] = "cand"
-    id_fields: ClassVar[tuple[str, ...]] = ("concept_set_id", "rationale", "problem")
+    id_fields: ClassVar[tuple[str, ...]] = ("concept_set_id", "generator")
 
     concept_set_id: str
+    generator: str = ""  # model version of p_θ that wrote it
     domain: Domain
     difficulty: str
     concepts: list[str]
@@ -210,7 +214,7 @@ class Verdict(Record):
 
     kind: ClassVar[str] = "verdict"
     id_prefix: ClassVar[str] = "verd"
-    id_fields: ClassVar[tuple[str, ...]] = ("subject_id", "accepted", "reason", "stage")
+    id_fields: ClassVar[tuple[str, ...]] = ("subject_id", "stage")
 
     subject_id: str  # the candidate id, or the concept set id when no candidate was produced
     stage: str  # which stage decided
@@ -254,9 +258,10 @@ class PreferencePair(Record):
 
     kind: ClassVar[str] = "pair"
     id_prefix: ClassVar[str] = "pair"
-    id_fields: ClassVar[tuple[str, ...]] = ("problem_id", "chosen", "rejected")
+    id_fields: ClassVar[tuple[str, ...]] = ("problem_id", "pair_index")
 
     problem_id: str
+    pair_index: int = 0
     domain: Domain
     prompt: str
     chosen: str

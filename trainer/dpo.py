@@ -32,14 +32,11 @@ from trainer.em import (
     continuation_nll,
     model_update,
 )
-from workers.prompts import SOLVER_CODE, SOLVER_MATH, render_chat
+from workers.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
 
 log = logging.getLogger(__name__)
 
 SOLVER_ROLE = "solver"
-_SOLVER_TEMPLATES = {"math": SOLVER_MATH, "code": SOLVER_CODE}
-
-
 def dpo_prompt(tokenizer: Any, pair: PreferencePair) -> str:
     """The pair's prompt as the solver saw it. A prompt that is already a rendered chat (it
     carries the chat markup) is used as is; a bare problem/user text is rendered with the
@@ -47,7 +44,7 @@ def dpo_prompt(tokenizer: Any, pair: PreferencePair) -> str:
     prompt = pair.prompt
     if "<|im_start|>" in prompt or (getattr(tokenizer, "bos_token", None) or "\0") in prompt:
         return prompt
-    template = _SOLVER_TEMPLATES.get(pair.domain, SOLVER_MATH)
+    template = SOLVER_BY_DOMAIN.get(pair.domain, SOLVER_MATH)
     return render_chat(tokenizer, template.system, prompt, template.assistant_prefix)
 
 

@@ -101,8 +101,7 @@ class ModelReloadStage(Stage):
     Only backends already loaded in this process are reloaded (loading a model just to reload it
     would be waste). Updates older than the one applied are ignored (a redelivery, or two
     trainers racing), as are updates whose folder was pruned. A backend shared with a role that
-    did *not* change is left alone: reloading it would hand p_θ's weights to, say, the solver.
-    Give trained roles their own backend settings (or a BackendPool) to reload them.
+    did *not* change keeps its weights: the role moves to a copy of its own (BackendPool).
 
     Every process that generates must see every update, so this stage needs a consumer group of
     its own per process (a broadcast), not the shared group of the other stages.
@@ -116,40 +115,6 @@ class ModelReloadStage(Stage):
         super().__init__(settings)
         self._explicit = backends  # role -> backend (tests, or a process that owns a pool)
         self.applied: dict[str, int] = {}  # role -> version number now served
-
-    def loaded_backends(self, role: str) -> list[Any]:
-        """Backends of this process serving ``role``, without loading any."""
-        if self._explicit is not None:
-            b = self._explicit.get(role)
-            return [b] if b is not None else []
-        from workers.backends import factory
-
-        models = getattr(self.settings, "models", None)
-        if models is None:
-            return []
-        key = self._settings_key(models, role)
-        backend = factory._cache.get(key)
-        if backend is None:
-            return []
-        shared_with = [r for r in type(models).model_fields
-                       if r != role and self._settings_key(models, r) == key]
-        if shared_with:
-            log.warning("model_reload: the %s backend is shared with %s; not reloading it "
-                        "(give %s its own backend settings)", role, ", ".join(shared_with), role)
-            return []
-        return [backend]
-
-    @staticmethod
-    def _settings_key(models: Any, role: str) -> str:
-        # The same key workers.roles.backend_for ends up caching under.
-        from workers.backends import factory
-
-        cfg = models.role(role)
-        if not cfg.model:
-            from workers.models import prepare_smollm2
-
-            cfg = cfg.model_copy(update={"model": str(prepare_smollm2())})
-        return factory._key(cfg)
 
     def process(self, records: list[Record]) -> list[Emit]:
         newest: dict[str, ModelUpdate] = {}
@@ -169,10 +134,15 @@ class ModelReloadStage(Stage):
                 log.warning("model_reload: %s %s: %s is gone (pruned?), ignored",
                             role, update.version, update.path)
                 continue
-            backends = self.loaded_backends(role)
-            for backend in backends:
-                backend.reload(update.path)
-            if backends:
+            if self._explicit is not None:
+                reloaded = role in self._explicit
+                if reloaded:
+                    self._explicit[role].reload(update.path)
+            else:
+                from workers.roles import reload_role
+
+                reloaded = reload_role(self.settings, role, update.path)
+            if reloaded:
                 log.info("model_reload: %s now serves %s", role, update.version)
             self.applied[role] = number
         return []

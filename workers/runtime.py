@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -36,6 +38,7 @@ def build_app(settings: Settings, bootstrap: str, app_id: str) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",  # stateless workers: no tables to restore (FIELD-NOTES: Tansu offsets)
+        datadir=str(Path(tempfile.gettempdir()) / "promptcot-faust" / app_id),  # nothing to keep
         web_enabled=False,
         topic_allow_declare=False,  # topics come from the catalogue (streams.topics.ensure_topics)
         processing_guarantee="at_least_once",  # exactly_once cannot start on Tansu

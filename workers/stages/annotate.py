@@ -24,8 +24,12 @@ class AnnotateStage(Stage):
     input = SEEDS
     outputs = (SEEDS_ANNOTATED, VERDICTS)
 
+    @property
+    def backend(self):
+        return backend_for(self.settings, ROLE)
+
     def setup(self) -> None:
-        self.backend = backend_for(self.settings, ROLE)
+        self.backend  # noqa: B018 - load the model before the first batch
 
     def _concepts(self, seeds: list[SeedProblem]) -> list[list[str] | ParseError]:
         cfg = self.settings.annotate
@@ -73,6 +77,7 @@ class AnnotateStage(Stage):
                 continue
             annotated = AnnotatedSeed(
                 seed_id=seed.id,
+                annotator=self.backend.model_version,
                 domain=seed.domain,
                 text=seed.text,
                 concepts=concepts,

@@ -37,8 +37,12 @@ class GenerateStage(Stage):
     input = CONCEPTS
     outputs = (CANDIDATES, VERDICTS)
 
+    @property
+    def backend(self):  # looked up per batch: a model reload takes effect at once
+        return backend_for(self.settings, ROLE)
+
     def setup(self) -> None:
-        self.backend = backend_for(self.settings, ROLE)
+        self.backend  # noqa: B018 - load the model before the first batch
 
     def process(self, records: list[Record]) -> list[Emit]:
         gen = self.settings.generation
@@ -74,6 +78,7 @@ class GenerateStage(Stage):
                 continue
             candidate = CandidateProblem(
                 concept_set_id=cs.id,
+                generator=self.backend.model_version,
                 domain=cs.domain,
                 difficulty=cs.difficulty,
                 concepts=cs.concepts,

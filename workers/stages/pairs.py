@@ -23,6 +23,7 @@ def build_pairs(verdict: Verdict, prompt: str, cap: int) -> list[PreferencePair]
         pairs.append(
             PreferencePair(
                 problem_id=verdict.subject_id,
+                pair_index=len(pairs),
                 domain=verdict.domain,
                 prompt=prompt,
                 chosen=good,
@@ -48,14 +49,15 @@ class PairsStage(Stage):
     outputs = (PAIRS,)
 
     def process(self, records: list[Record]) -> list[Emit]:
-        from workers.prompts import solver_prompt_text
+        from workers.prompts import SOLVER_BY_DOMAIN
 
         emits = []
         for verdict in records:
             assert isinstance(verdict, Verdict)
             if not verdict.accepted:
                 continue
-            prompt = solver_prompt_text(verdict.domain, verdict.problem)
+            # The solver's user message; trainers render it with their model's chat template.
+            prompt = SOLVER_BY_DOMAIN[verdict.domain].user_text(problem=verdict.problem)
             for pair in build_pairs(verdict, prompt, self.settings.pairs.max_pairs_per_problem):
                 emits.append(self.emit(PAIRS, pair))
         return emits

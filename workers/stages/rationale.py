@@ -66,9 +66,16 @@ class RationaleStage(Stage):
     input = SEEDS_ANNOTATED
     outputs = (RATIONALES, VERDICTS)
 
+    @property
+    def q_model(self):
+        return backend_for(self.settings, Q_ROLE)
+
+    @property
+    def p_model(self):
+        return backend_for(self.settings, P_ROLE)
+
     def setup(self) -> None:
-        self.q_model = backend_for(self.settings, Q_ROLE)
-        self.p_model = backend_for(self.settings, P_ROLE)
+        self.q_model, self.p_model  # noqa: B018 - load the models before the first batch
 
     def process(self, records: list[Record]) -> list[Emit]:
         cfg = self.settings.rationale

@@ -37,10 +37,13 @@ class VerifyStage(Stage):
     outputs = (VERDICTS,)
 
     def setup(self) -> None:
-        self.solver = backend_for(self.settings, SOLVER)
+        self.solver  # noqa: B018 - load the model before the first batch
         self._oracle = None
         self._sandbox = None
-        self._test_writer = None
+
+    @property
+    def solver(self):
+        return backend_for(self.settings, SOLVER)
 
     @property
     def oracle(self):
@@ -60,9 +63,7 @@ class VerifyStage(Stage):
 
     @property
     def test_writer(self):
-        if self._test_writer is None:
-            self._test_writer = backend_for(self.settings, TEST_WRITER_ROLE)
-        return self._test_writer
+        return backend_for(self.settings, TEST_WRITER_ROLE)
 
     def close(self) -> None:
         for resource in (self._oracle, self._sandbox):
@@ -107,8 +108,8 @@ class VerifyStage(Stage):
     ) -> Emit:
         v = self.settings.verify
         models = {SOLVER: self.solver.model_version}
-        if tests is not None and self._test_writer is not None:
-            models[TEST_WRITER_ROLE] = self._test_writer.model_version
+        if tests is not None:
+            models[TEST_WRITER_ROLE] = self.test_writer.model_version
         pass_rate = sum(r.passed for r in rollouts) / len(rollouts) if rollouts else 0.0
         if rejection is None:
             rejection = difficulty_issue(pass_rate, v.min_pass_rate, v.max_pass_rate)

@@ -1,0 +1,60 @@
+"""Helpers for tests that run stages through the real (embedded) broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from streams.clients import read_raw
+from streams.records import Record
+from streams.serde import RecordDecodeError, decode
+from streams.settings import Settings
+from streams.topics import CATALOGUE, TopicSpec
+
+
+def factory_settings(tmp_path: Path, bootstrap: str, model_dir: Path, **overrides) -> Settings:
+    """Settings for a test factory: its own namespace, the tiny model in every role, state in
+    tmp_path, no metrics port, short micro-batch windows."""
+    model = {"kind": "transformers", "model": str(model_dir), "max_model_len": 1024}
+    quick = {"batch_size": 4, "batch_within_s": 0.3}
+    base = {
+        "kafka": {"bootstrap_servers": bootstrap, "namespace": f"t{uuid.uuid4().hex[:8]}", "partitions": 2},
+        "models": {role: model for role in ("prompt_model", "rationale_model", "solver", "test_writer", "annotator")},
+        "stages": {name: quick for name in ("generate", "verify", "filter", "annotate", "rationale")},
+        "sink": {"output_dir": str(tmp_path / "out")},
+        "vectorstore": {"store": {"uri": str(tmp_path / "lancedb")}},
+        "metrics": {"port": 0},
+        "generation": {"max_rationale_tokens": 48, "max_problem_tokens": 64},
+        "verify": {"rollouts": 4, "max_tokens": 96},
+        "rationale": {"samples": 2, "max_tokens": 48},
+        "annotate": {"max_tokens": 48},
+    }
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return Settings(**base)
+
+
+def read_records(settings: Settings, topic: str, idle_s: float = 1.0) -> list[tuple[Record | None, object]]:
+    """(decoded record or None, raw message) for every message of a catalogue topic."""
+    spec: TopicSpec = CATALOGUE[topic]
+    out = []
+    for message in read_raw(settings, settings.kafka.bootstrap_servers, spec.full_name(settings.kafka.namespace), idle_s=idle_s):
+        try:
+            out.append((decode(message.value, spec.record), message))
+        except RecordDecodeError:
+            out.append((None, message))
+    return out
+
+
+async def wait_until(check: Callable[[], bool], timeout_s: float, poll_s: float = 2.0) -> None:
+    """Poll ``check`` (run in a thread: it does blocking Kafka reads) until true or timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await loop.run_in_executor(None, check):
+            return
+        await asyncio.sleep(poll_s)
+    raise TimeoutError(f"condition not met within {timeout_s}s")

@@ -1,0 +1,241 @@
+"""The filter's dedup/decontamination decision, split for scale-out.
+
+    screened = dedup.embed_and_screen(items)   # stateless + read-only: any number of workers
+    decisions = dedup.decide_and_commit(screened)  # the single owner: check-then-commit
+    decisions = dedup.check(items)             # both, in one process (embedded default)
+
+Checks, in this order (the first failing one is the reason):
+  empty text -> exact normalized-text hash (store + batch) -> benchmark n-gram overlap ->
+  benchmark embedding similarity -> embedding near-duplicate (store + earlier items of the batch).
+``decide_and_commit`` writes the accepted items to the store before returning, in one batched
+write, so the next batch sees them. Only one owner may call it per store (docs/vectorstore.md).
+A redelivered item (same id already stored) is accepted again without a second write, so
+at-least-once delivery stays idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vectorstore.decontam import BenchmarkMatch, ContaminationIndex
+from vectorstore.embedder import Embedder, EmptyTextError
+from vectorstore.settings import DedupSettings
+from vectorstore.store import ProblemStore, StoredProblem
+from vectorstore.text import clean_problem_text, hash_key
+
+EMPTY_TEXT = "empty_text"
+EXACT_DUPLICATE = "exact_duplicate"
+BENCHMARK_NGRAM_OVERLAP = "benchmark_ngram_overlap"
+BENCHMARK_NEAR_DUPLICATE = "benchmark_near_duplicate"
+NEAR_DUPLICATE = "near_duplicate"
+REASONS = (
+    EMPTY_TEXT,
+    EXACT_DUPLICATE,
+    BENCHMARK_NGRAM_OVERLAP,
+    BENCHMARK_NEAR_DUPLICATE,
+    NEAR_DUPLICATE,
+)
+
+
+@dataclass(frozen=True)
+class CandidateText:
+    id: str
+    text: str | bytes
+    domain: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # lineage, stored with the problem
+
+
+@dataclass(frozen=True)
+class FilterDecision:
+    id: str
+    accepted: bool
+    reason: str | None = None  # one of REASONS when rejected
+    nearest_id: str | None = None  # stored problem or benchmark item ("aime24:12") matched
+    # Cosine for embedding checks; share of the candidate's n-grams for the n-gram check.
+    similarity: float | None = None
+
+
+@dataclass(frozen=True)
+class ScreenedCandidate:
+    """Output of the stateless half; plain data so it can travel on a topic (to_dict/from_dict)."""
+
+    id: str
+    domain: str
+    text: str  # cleaned, char-capped statement ("" when empty)
+    text_hash: str
+    vector: np.ndarray | None  # unit float32; None when empty
+    metadata: dict[str, Any]
+    empty: bool = False
+    ngram_match: BenchmarkMatch | None = None
+    benchmark_match: BenchmarkMatch | None = None  # only when over the threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        def match(m: BenchmarkMatch | None) -> dict | None:
+            return None if m is None else vars(m).copy()
+
+        return {
+            "id": self.id,
+            "domain": self.domain,
+            "text": self.text,
+            "text_hash": self.text_hash,
+            "vector": None if self.vector is None else self.vector.tolist(),
+            "metadata": self.metadata,
+            "empty": self.empty,
+            "ngram_match": match(self.ngram_match),
+            "benchmark_match": match(self.benchmark_match),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScreenedCandidate:
+        def match(m: dict | None) -> BenchmarkMatch | None:
+            return None if m is None else BenchmarkMatch(**m)
+
+        vector = data.get("vector")
+        return cls(
+            id=data["id"],
+            domain=data["domain"],
+            text=data["text"],
+            text_hash=data["text_hash"],
+            vector=None if vector is None else np.asarray(vector, dtype=np.float32),
+            metadata=data.get("metadata") or {},
+            empty=data.get("empty", False),
+            ngram_match=match(data.get("ngram_match")),
+            benchmark_match=match(data.get("benchmark_match")),
+        )
+
+
+class DedupFilter:
+    def __init__(
+        self,
+        embedder: Embedder,
+        contamination: ContaminationIndex,
+        store: ProblemStore | None = None,  # screeners need none; the owner needs it
+        settings: DedupSettings | None = None,
+    ):
+        self.embedder = embedder
+        self.contamination = contamination
+        self.store = store
+        self.settings = settings or DedupSettings()
+
+    def check(self, items: Sequence[CandidateText]) -> list[FilterDecision]:
+        """Screen and decide in one process; accepted items are committed to the store."""
+        return self.decide_and_commit(self.embed_and_screen(items))
+
+    # Stateless half --------------------------------------------------------------------------
+
+    def embed_and_screen(self, items: Sequence[CandidateText]) -> list[ScreenedCandidate]:
+        """Embed and run the benchmark checks. Reads nothing that changes: safe to run anywhere."""
+        texts: list[str] = []
+        for item in items:
+            try:
+                texts.append(self.embedder.prepare(clean_problem_text(item.text)))
+            except EmptyTextError:
+                texts.append("")
+        live = [i for i, text in enumerate(texts) if text]
+        vectors = self.embedder.embed([texts[i] for i in live])
+        bench = self.contamination.embedding_matches(vectors, [items[i].domain for i in live])
+        vector_of = {i: (vectors[row], bench[row]) for row, i in enumerate(live)}
+        screened = []
+        for i, item in enumerate(items):
+            text = texts[i]
+            vector, bench_match = vector_of.get(i, (None, None))
+            screened.append(
+                ScreenedCandidate(
+                    id=item.id,
+                    domain=item.domain,
+                    text=text,
+                    text_hash=hash_key(text) if text else "",
+                    vector=vector,
+                    metadata=dict(item.metadata),
+                    empty=not text,
+                    ngram_match=self.contamination.ngram_match(text) if text else None,
+                    benchmark_match=bench_match,
+                )
+            )
+        return screened
+
+    # Owner half ------------------------------------------------------------------------------
+
+    def decide_and_commit(self, screened: Sequence[ScreenedCandidate]) -> list[FilterDecision]:
+        """Final check-then-commit against the store and the batch. Single owner per store."""
+        if self.store is None:
+            raise RuntimeError("decide_and_commit needs a ProblemStore (only the owner has one)")
+        live = [s for s in screened if not s.empty]
+        stored_by_hash = self.store.ids_by_hash([s.text_hash for s in live])
+        stored_nearest = self.store.nearest(
+            np.stack([s.vector for s in live]) if live else np.zeros((0, self.store.dim)), k=1
+        )
+        nearest_of = {
+            id(s): (n[0] if n else None) for s, n in zip(live, stored_nearest, strict=True)
+        }
+
+        decisions: list[FilterDecision] = []
+        accepted: list[ScreenedCandidate] = []  # this batch, in arrival order
+        batch_hashes: dict[str, str] = {}
+        to_store: list[StoredProblem] = []
+        for item in screened:
+            decision = self._decide(
+                item, stored_by_hash, nearest_of.get(id(item)), batch_hashes, accepted
+            )
+            decisions.append(decision)
+            if decision.accepted:
+                already_stored = stored_by_hash.get(item.text_hash) == item.id or (
+                    decision.nearest_id == item.id
+                )
+                accepted.append(item)
+                batch_hashes.setdefault(item.text_hash, item.id)
+                if not already_stored:
+                    to_store.append(
+                        StoredProblem(
+                            item.id,
+                            item.text,
+                            item.text_hash,
+                            item.domain,
+                            item.vector,
+                            item.metadata,
+                        )
+                    )
+        self.store.add(to_store)
+        return decisions
+
+    def _decide(
+        self,
+        item: ScreenedCandidate,
+        stored_by_hash: dict[str, str],
+        stored_nearest: tuple[str, float] | None,
+        batch_hashes: dict[str, str],
+        accepted: list[ScreenedCandidate],
+    ) -> FilterDecision:
+        if item.empty:
+            return FilterDecision(item.id, False, EMPTY_TEXT)
+        twin = stored_by_hash.get(item.text_hash) or batch_hashes.get(item.text_hash)
+        if twin == item.id:  # redelivery of an item already accepted: idempotent
+            return FilterDecision(item.id, True, None, twin, 1.0)
+        if twin is not None:
+            return FilterDecision(item.id, False, EXACT_DUPLICATE, twin, 1.0)
+        if item.ngram_match is not None:
+            m = item.ngram_match
+            return FilterDecision(
+                item.id, False, BENCHMARK_NGRAM_OVERLAP, m.benchmark_id, m.similarity
+            )
+        if item.benchmark_match is not None:
+            m = item.benchmark_match
+            return FilterDecision(
+                item.id, False, BENCHMARK_NEAR_DUPLICATE, m.benchmark_id, m.similarity
+            )
+        threshold = self.settings.threshold_for(item.domain)
+        best_id, best_sim = stored_nearest if stored_nearest else (None, -1.0)
+        if accepted:  # earlier accepted items of this batch are not in the store yet
+            sims = np.stack([a.vector for a in accepted]) @ item.vector
+            j = int(sims.argmax())
+            if float(sims[j]) > best_sim:
+                best_id, best_sim = accepted[j].id, float(sims[j])
+        if best_id == item.id:
+            return FilterDecision(item.id, True, None, best_id, best_sim)
+        if best_id is not None and best_sim >= threshold:
+            return FilterDecision(item.id, False, NEAR_DUPLICATE, best_id, best_sim)
+        return FilterDecision(item.id, True, None, best_id, best_sim if best_id else None)

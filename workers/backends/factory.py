@@ -1,0 +1,85 @@
+"""Make backends from settings, sharing one loaded instance between roles that name the same
+model, and giving a role its own instance when it moves to new weights."""
+
+from __future__ import annotations
+
+import threading
+
+from workers.backends.base import Backend, BackendSettings, ModelRoles
+
+_cache: dict[str, Backend] = {}
+_cache_lock = threading.Lock()
+
+
+def _key(settings: BackendSettings) -> str:
+    return settings.model_dump_json()
+
+
+def _construct(settings: BackendSettings) -> Backend:
+    if settings.kind == "transformers":
+        from workers.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(settings)
+    if settings.kind == "vllm":
+        from workers.backends.vllm_backend import VLLMBackend
+
+        return VLLMBackend(settings)
+    if settings.kind == "openai":
+        from workers.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(settings)
+    raise ValueError(f"unknown backend kind {settings.kind!r}")
+
+
+def make_backend(settings: BackendSettings) -> Backend:
+    """The process-wide instance for these settings (loaded on first request)."""
+    key = _key(settings)
+    with _cache_lock:
+        backend = _cache.get(key)
+        if backend is None:
+            backend = _construct(settings)
+            _cache[key] = backend
+        return backend
+
+
+def clear_cache() -> None:
+    """Close and forget every cached backend (tests, shutdown)."""
+    with _cache_lock:
+        for backend in _cache.values():
+            backend.close()
+        _cache.clear()
+
+
+class BackendPool:
+    """Backends by role. Roles with equal settings share one instance; ``reload(role, path)``
+    moves only that role to new weights (copy on write), so when the trainer publishes a new
+    p_θ the solver that shared the base model keeps its weights."""
+
+    def __init__(self, roles: ModelRoles):
+        self.roles = roles
+        self._by_role: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+
+    def get(self, role: str) -> Backend:
+        with self._lock:
+            if role not in self._by_role:
+                self._by_role[role] = make_backend(self.roles.role(role))
+            return self._by_role[role]
+
+    def versions(self) -> dict[str, str]:
+        """role -> model_version of the roles loaded so far (stamped into record lineage)."""
+        with self._lock:
+            return {role: b.model_version for role, b in self._by_role.items()}
+
+    def reload(self, role: str, model_path: str) -> Backend:
+        current = self.get(role)
+        with self._lock:
+            shared = any(b is current for r, b in self._by_role.items() if r != role)
+            if shared:
+                settings = self.roles.role(role).model_copy()
+                fresh = _construct(settings)  # private instance, not in the shared cache
+                fresh.reload(model_path)
+                self._by_role[role] = fresh
+                return fresh
+        current.reload(model_path)
+        return current

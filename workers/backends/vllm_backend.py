@@ -1,0 +1,190 @@
+"""In-process vLLM backend (``vllm.LLM``). vLLM is imported lazily: this module imports without
+it, and the backend raises a clear error when it is missing.
+
+Scoring uses ``prompt_logprobs`` on our own token ids (we tokenize prompt+continuation, so the
+boundary rule is the same as the transformers backend's). New weights: a LoRA adapter folder is
+attached per request (needs ``enable_lora``); a full model folder restarts the engine (weight
+sync into a live CPU engine does not work, FIELD-NOTES).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from workers.backends.base import (
+    Backend,
+    BackendError,
+    BackendSettings,
+    Completion,
+    ContextOverflowError,
+    Score,
+    continuation_span,
+    failed_completions,
+    failed_score,
+    mark_empty,
+    weights_version,
+)
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001  (ImportError, or a broken CUDA-linked extra)
+        return False
+    return True
+
+
+class VLLMBackend(Backend):
+    def __init__(self, settings: BackendSettings):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default is large
+        self.settings = settings
+        self._lock = threading.RLock()
+        self._lora: Any = None
+        self._lora_count = 0
+        self._start(settings.model)
+
+    def _start(self, model_path: str) -> None:
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise BackendError(f"vllm is not installed: {exc} (see ops/vllm-venv.sh)") from exc
+        s = self.settings
+        args: dict[str, Any] = {
+            "model": model_path,
+            "dtype": s.dtype,
+            "max_model_len": s.max_model_len,
+            "seed": s.seed,
+            "enforce_eager": True,  # no CUDA graphs / compile: starts faster, needed on CPU
+            "enable_lora": s.enable_lora,
+        }
+        if s.enable_lora:
+            args["max_lora_rank"] = s.max_lora_rank
+        if s.device != "cpu":
+            args["gpu_memory_utilization"] = s.gpu_memory_utilization
+        args.update(s.extra_engine_args)
+        self._model_path = model_path
+        self.llm = LLM(**args)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.model_version = weights_version(model_path)
+
+    def reload(self, model_path: str) -> None:
+        with self._lock:
+            if (Path(model_path) / "adapter_config.json").is_file():
+                if not self.settings.enable_lora:
+                    raise BackendError("a LoRA adapter needs BackendSettings.enable_lora=True")
+                from vllm.lora.request import LoRARequest
+
+                self._lora_count += 1  # vLLM caches adapters by id: a new one per version
+                self._lora = LoRARequest(Path(model_path).name, self._lora_count, model_path)
+                self.model_version = (
+                    f"{weights_version(self._model_path)}+lora:{weights_version(model_path)}"
+                )
+                return
+            self._shutdown()
+            self._lora = None
+            self._start(model_path)
+
+    def _shutdown(self) -> None:
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        del llm
+        gc.collect()
+
+    def close(self) -> None:
+        with self._lock:
+            self._shutdown()
+
+    def render_messages(self, messages: list[dict[str, str]]) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+        return super().render_messages(messages)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(
+        self,
+        prompts: list[str],
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        requests, params, index = [], [], []
+        limit = self.settings.max_model_len
+        for i, prompt in enumerate(prompts):
+            ids = self._encode(prompt)
+            if not ids or len(ids) >= limit:  # vLLM would fail the whole batch
+                results[i] = failed_completions(n, ContextOverflowError.reason, len(ids))
+                continue
+            requests.append(TokensPrompt(prompt_token_ids=ids))
+            params.append(SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p if temperature > 0 else 1.0,
+                max_tokens=min(max_tokens, limit - len(ids)),
+                stop=list(stop) if stop else None,
+                # One seed per prompt: results then do not depend on batch composition.
+                seed=None if seed is None else seed + i,
+            ))
+            index.append(i)
+        if requests:
+            with self._lock:
+                outputs = self.llm.generate(requests, params, use_tqdm=False,
+                                            lora_request=self._lora)
+            for i, out in zip(index, outputs):
+                n_prompt = len(out.prompt_token_ids)
+                results[i] = [
+                    mark_empty(Completion(
+                        c.text, n_prompt, len(c.token_ids),
+                        "length" if c.finish_reason == "length" else "stop",
+                    ))
+                    for c in out.outputs
+                ]
+        return [r or [] for r in results]
+
+    def score(self, prompts: list[str], continuations: list[str]) -> list[Score]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if len(prompts) != len(continuations):
+            raise ValueError("prompts and continuations differ in length")
+        results: list[Score | None] = [None] * len(prompts)
+        todo: list[tuple[int, list[int], int]] = []
+        for i, (p, c) in enumerate(zip(prompts, continuations)):
+            enc = self.tokenizer(p + c, add_special_tokens=False, return_offsets_mapping=True)
+            ids = list(enc["input_ids"])
+            # vLLM needs one token of room to "generate".
+            if len(ids) + 1 > self.settings.max_model_len:
+                results[i] = failed_score(ContextOverflowError.reason)
+                continue
+            first = max(1, continuation_span([tuple(o) for o in enc["offset_mapping"]], len(p)))
+            todo.append((i, ids, first))
+        if todo:
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            with self._lock:
+                outputs = self.llm.generate(
+                    [TokensPrompt(prompt_token_ids=ids) for _, ids, _ in todo],
+                    params, use_tqdm=False, lora_request=self._lora,
+                )
+            for (i, ids, first), out in zip(todo, outputs):
+                lps, toks = [], []
+                for pos in range(first, len(ids)):
+                    entry = out.prompt_logprobs[pos]
+                    lp = entry[ids[pos]]
+                    lps.append(float(lp.logprob))
+                    toks.append(lp.decoded_token or self.tokenizer.decode([ids[pos]]))
+                results[i] = Score(sum(lps), lps, toks)
+        return [r for r in results if r is not None]

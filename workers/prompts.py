@@ -1,0 +1,416 @@
+"""Prompt templates and strict output parsers for every model role.
+
+Templates are data (system text, user text with ``{fields}``, an assistant prefix that is
+pre-filled into the assistant turn, stop strings), versioned, and identified by a short content
+hash that is stamped on records, so a change of wording is visible in lineage.
+
+Parsers take the model's *completion* (the text generated after the assistant prefix) and
+re-attach the prefix themselves. A closing delimiter that is also a stop string may be missing
+(backends strip stop strings, as vLLM and OpenAI do); a completion cut by ``max_tokens`` is
+rejected with ``truncated`` when the caller says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class ParseError(ValueError):
+    """A model output that does not follow its template. ``reason`` is a short stable code used
+    as a metric label and a rejection reason."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat rendering
+
+
+class _ChatTokenizer(Protocol):
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+# Fallback when no tokenizer is at hand (e.g. a remote OpenAI-compatible server): ChatML, the
+# format of SmolLM2, Qwen and the tiny test model.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _chatml(messages: list[dict[str, str]]) -> str:
+    body = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return body + "<|im_start|>assistant\n"
+
+
+def render_chat(
+    tokenizer_or_backend: Any, system: str, user: str, assistant_prefix: str = ""
+) -> str:
+    """The full prompt string: chat template with a generation prompt, then the pre-filled start
+    of the assistant turn. Accepts a HF tokenizer, a backend (uses its ``render_messages``) or
+    None (ChatML)."""
+    messages = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": user})
+    target = tokenizer_or_backend
+    if target is not None and hasattr(target, "render_messages"):
+        text = target.render_messages(messages)
+    elif target is not None and getattr(target, "chat_template", None):
+        text = target.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = _chatml(messages)
+    return text + assistant_prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates
+
+
+@dataclass(frozen=True)
+class Template:
+    """One prompt. ``user`` holds ``str.format`` fields; ``assistant_prefix`` is pre-filled so
+    small models start in the right format; ``stop`` ends generation at the closing delimiter."""
+
+    name: str
+    version: int
+    system: str
+    user: str
+    assistant_prefix: str = ""
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def hash(self) -> str:
+        """Short content hash of everything that changes what the model sees."""
+        payload = json.dumps(
+            [self.name, self.version, self.system, self.user, self.assistant_prefix, self.stop]
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+    @property
+    def id(self) -> str:
+        """Stable label for lineage, e.g. ``synthesis@v1+3f2a9c01de``."""
+        return f"{self.name}@v{self.version}+{self.hash}"
+
+    def user_text(self, **fields: Any) -> str:
+        return self.user.format(**fields)
+
+    def render(self, tokenizer_or_backend: Any, **fields: Any) -> str:
+        """The prompt string ready for ``Backend.generate``."""
+        return render_chat(
+            tokenizer_or_backend, self.system, self.user_text(**fields), self.assistant_prefix
+        )
+
+    def full_output(self, completion: str) -> str:
+        """The assistant turn as the model 'said' it: prefix + completion."""
+        if self.assistant_prefix and completion.startswith(self.assistant_prefix):
+            return completion
+        return self.assistant_prefix + completion
+
+
+RATIONALE_OPEN, RATIONALE_CLOSE = "<rationale>", "</rationale>"
+PROBLEM_OPEN, PROBLEM_CLOSE = "<problem>", "</problem>"
+
+CONCEPTS = Template(
+    name="concepts",
+    version=1,
+    system="You are an expert in educational assessment. You name the foundational knowledge a "
+    "problem tests.",
+    user="Read the problem below and list {k} foundational concepts a student must know to "
+    "solve it. Write one short concept per line, numbered 1 to {k}, and nothing else.\n\n"
+    "Problem:\n{problem}",
+    assistant_prefix="Concepts:\n1.",
+)
+
+RATIONALE_ANNOTATION = Template(
+    name="rationale_annotation",
+    version=1,
+    system="You are a problem designer who explains how problems are built.",
+    user="Here are the foundational concepts and a problem that was built from them.\n\n"
+    "Concepts:\n{concepts}\n\nProblem:\n{problem}\n\n"
+    "Explain, step by step, how a designer starting only from these concepts would arrive at "
+    "exactly this problem, so that another designer following your notes would write the same "
+    f"problem. Put the notes between {RATIONALE_OPEN} and {RATIONALE_CLOSE}.",
+    assistant_prefix=f"{RATIONALE_OPEN}\n",
+    stop=(RATIONALE_CLOSE,),
+)
+
+# q_φ(z | c, x): the model's own, shorter wording; same output format as the annotation.
+RATIONALE_MODEL = Template(
+    name="rationale_model",
+    version=1,
+    system="You reconstruct the design notes behind a problem.",
+    user="Concepts:\n{concepts}\n\nProblem:\n{problem}\n\n"
+    f"Write the design notes that lead from the concepts to this problem, between "
+    f"{RATIONALE_OPEN} and {RATIONALE_CLOSE}.",
+    assistant_prefix=f"{RATIONALE_OPEN}\n",
+    stop=(RATIONALE_CLOSE,),
+)
+
+# p_θ(z, x | c): rationale first, then the problem, each between explicit delimiters. The
+# assistant turn starts with the opening delimiter; generation stops at the problem's end.
+SYNTHESIS = Template(
+    name="synthesis",
+    version=1,
+    system="You design new, hard, self-contained problems.",
+    user="Concepts:\n{concepts}\n\nDifficulty: {difficulty}\nKind: {kind}\n\n"
+    f"First plan how to combine the concepts between {RATIONALE_OPEN} and {RATIONALE_CLOSE}. "
+    f"Then write one {{kind}} between {PROBLEM_OPEN} and {PROBLEM_CLOSE}.",
+    assistant_prefix=f"{RATIONALE_OPEN}\n",
+    stop=(PROBLEM_CLOSE,),
+)
+
+SOLVER_MATH = Template(
+    name="solver_math",
+    version=1,
+    system="You solve mathematics problems carefully.",
+    user="Solve the problem. Reason step by step, then give the final answer as \\boxed{{...}} "
+    "on the last line.\n\nProblem:\n{problem}",
+)
+
+SOLVER_CODE = Template(
+    name="solver_code",
+    version=1,
+    system="You write correct, efficient Python 3 programs.",
+    user="Solve the problem with a Python 3 program that reads from standard input and writes "
+    "to standard output. Reply with exactly one ```python fenced code block.\n\n"
+    "Problem:\n{problem}",
+)
+
+TEST_WRITER = Template(
+    name="test_writer",
+    version=1,
+    system="You write unit tests for programming problems.",
+    user="Write one test case for the problem below: a JSON object with the keys \"input\" "
+    "(the exact standard input) and \"output\" (the exact expected standard output), in one "
+    "```json fenced block.\n\nProblem:\n{problem}",
+    assistant_prefix="```json\n",
+    stop=("\n```",),
+)
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        CONCEPTS,
+        RATIONALE_ANNOTATION,
+        RATIONALE_MODEL,
+        SYNTHESIS,
+        SOLVER_MATH,
+        SOLVER_CODE,
+        TEST_WRITER,
+    )
+}
+
+# The solver's template for each domain (verify, pairs and DPO must agree on it).
+SOLVER_BY_DOMAIN: dict[str, Template] = {"math": SOLVER_MATH, "code": SOLVER_CODE}
+
+# What the SYNTHESIS template's {kind} field says for each domain.
+KIND_BY_DOMAIN = {
+    "math": "competition mathematics problem with a single final answer",
+    "code": "competitive programming problem that reads standard input and writes standard "
+    "output",
+}
+
+
+def format_concepts(concepts: Sequence[str]) -> str:
+    """Concepts as the numbered list every template expects."""
+    return "\n".join(f"{i}. {c.strip()}" for i, c in enumerate(concepts, 1))
+
+
+def synthesis_fields(concepts: Sequence[str], difficulty: str, domain: str) -> dict[str, str]:
+    return {
+        "concepts": format_concepts(concepts),
+        "difficulty": difficulty,
+        "kind": KIND_BY_DOMAIN[domain],
+    }
+
+
+def synthesis_parts(rationale: str, problem: str) -> tuple[str, str]:
+    """The p_θ completion split in its z part and x part, for teacher-forced scoring
+    (R(z) = log p(z|c) + log p(x|z,c)) and SFT targets. Concatenated they are exactly what the
+    model should generate after SYNTHESIS.assistant_prefix."""
+    z_part = f"{rationale.strip()}\n{RATIONALE_CLOSE}\n{PROBLEM_OPEN}\n"
+    x_part = f"{problem.strip()}\n{PROBLEM_CLOSE}"
+    return z_part, x_part
+
+
+def rationale_completion(rationale: str) -> str:
+    """The q_φ / annotation completion after the prefix, for SFT targets."""
+    return f"{rationale.strip()}\n{RATIONALE_CLOSE}"
+
+
+def concepts_completion(concepts: Sequence[str]) -> str:
+    """The concept-extraction completion after the prefix ``Concepts:\\n1.``."""
+    return format_concepts(concepts)[len("1.") :]
+
+
+def test_completion(test_input: str, test_output: str) -> str:
+    """The test-writer completion after the prefix."""
+    return json.dumps({"input": test_input, "output": test_output}) + "\n```"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    rationale: str
+    problem: str
+
+
+@dataclass(frozen=True)
+class UnitTest:
+    input: str
+    output: str
+
+
+def _check_truncated(truncated: bool) -> None:
+    if truncated:
+        raise ParseError("truncated", "generation hit max_tokens")
+
+
+def _between(text: str, open_tag: str, close_tag: str, *, close_optional: bool) -> str | None:
+    start = text.find(open_tag)
+    if start < 0:
+        return None
+    start += len(open_tag)
+    end = text.find(close_tag, start)
+    if end < 0:
+        if not close_optional:
+            return None
+        end = len(text)
+    return text[start:end].strip()
+
+
+_NUMBERED = re.compile(r"^\s*(\d+)[.)]\s*(.+?)\s*$")
+
+
+def parse_concepts(completion: str, k: int | None = None, *, truncated: bool = False) -> list[str]:
+    """Numbered list -> concepts (deduplicated, in order). With ``k``, at least k are required
+    and only the first k are kept."""
+    text = CONCEPTS.full_output(completion)
+    concepts: list[str] = []
+    for line in text.splitlines():
+        m = _NUMBERED.match(line)
+        if m and m.group(2).strip(" .") and m.group(2) not in concepts:
+            concepts.append(m.group(2).strip())
+    if not concepts:
+        raise ParseError("missing_concepts", "no numbered concept lines")
+    if k is not None and len(concepts) < k:
+        # A cut-off list is the usual cause of too few concepts: say so.
+        _check_truncated(truncated)
+        raise ParseError("too_few_concepts", f"{len(concepts)} < {k}")
+    return concepts[:k] if k is not None else concepts
+
+
+def parse_rationale(completion: str, *, truncated: bool = False) -> str:
+    """``<rationale> ... </rationale>`` (the closing tag may be the stripped stop string)."""
+    _check_truncated(truncated)
+    text = RATIONALE_MODEL.full_output(completion)
+    rationale = _between(text, RATIONALE_OPEN, RATIONALE_CLOSE, close_optional=True)
+    if rationale is None:
+        raise ParseError("missing_rationale")
+    if RATIONALE_OPEN in rationale or PROBLEM_OPEN in rationale:
+        raise ParseError("malformed_rationale", "nested delimiters")
+    if not rationale:
+        raise ParseError("empty_rationale")
+    return rationale
+
+
+def parse_synthesis(completion: str, *, truncated: bool = False) -> Synthesis:
+    """Rationale then problem. Rejects outputs missing either part (the paper's rule)."""
+    _check_truncated(truncated)
+    text = SYNTHESIS.full_output(completion)
+    rationale = _between(text, RATIONALE_OPEN, RATIONALE_CLOSE, close_optional=False)
+    if rationale is None:
+        raise ParseError("missing_rationale", "no closed rationale block")
+    if not rationale:
+        raise ParseError("empty_rationale")
+    after = text[text.find(RATIONALE_CLOSE) + len(RATIONALE_CLOSE) :]
+    problem = _between(after, PROBLEM_OPEN, PROBLEM_CLOSE, close_optional=True)
+    if problem is None:
+        raise ParseError("missing_problem")
+    if PROBLEM_OPEN in problem or RATIONALE_OPEN in problem:
+        raise ParseError("malformed_problem", "nested delimiters")
+    if not problem:
+        raise ParseError("empty_problem")
+    return Synthesis(rationale=rationale, problem=problem)
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}``, braces balanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i = start + len("\\boxed{")
+    depth = 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None  # unbalanced: cut off or malformed
+
+
+def parse_math_answer(completion: str, *, truncated: bool = False) -> str:
+    """The final answer: the last ``\\boxed{...}``."""
+    answer = _last_boxed(completion)
+    if answer is None:
+        _check_truncated(truncated)
+        raise ParseError("missing_answer", "no complete \\boxed{...}")
+    if not answer.strip():
+        raise ParseError("empty_answer")
+    return answer.strip()
+
+
+_FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*?)\n?```", re.DOTALL)
+
+
+def parse_code(completion: str, *, truncated: bool = False) -> str:
+    """Exactly one closed ```python block; its code."""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(completion)]
+    python_blocks = [body for lang, body in blocks if lang in ("python", "python3", "py")]
+    if not python_blocks:
+        _check_truncated(truncated)
+        raise ParseError("missing_code", "no closed ```python block")
+    if len(python_blocks) > 1:
+        raise ParseError("multiple_code_blocks", f"{len(python_blocks)} python blocks")
+    code = python_blocks[0].strip("\n")
+    if not code.strip():
+        raise ParseError("empty_code")
+    return code
+
+
+def parse_test(completion: str, *, truncated: bool = False) -> UnitTest:
+    """One ```json block holding {"input": str, "output": str}."""
+    _check_truncated(truncated)
+    text = TEST_WRITER.full_output(completion)
+    m = re.search(r"```json[ \t]*\n(.*?)(?:\n?```|$)", text, re.DOTALL)
+    if m is None or not m.group(1).strip():
+        raise ParseError("missing_test", "no ```json block")
+    try:
+        obj = json.loads(m.group(1))
+    except json.JSONDecodeError as exc:
+        raise ParseError("invalid_json", str(exc)) from None
+    if not isinstance(obj, dict) or "input" not in obj or "output" not in obj:
+        raise ParseError("missing_fields", "need keys input and output")
+    if not isinstance(obj["input"], str) or not isinstance(obj["output"], str):
+        raise ParseError("bad_field_type", "input and output must be strings")
+    if not obj["output"].strip():
+        raise ParseError("empty_output")
+    return UnitTest(input=obj["input"], output=obj["output"])
