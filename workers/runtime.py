@@ -125,7 +125,7 @@ class StageAgent:
         records that still fail, with the exception as the reason."""
         try:
             return self._call(self.stage.process, [record for record, _ in decoded])
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception(
                 "stage %s failed on a batch of %d; retrying one by one", self.stage.name, len(decoded)
             )
@@ -133,7 +133,7 @@ class StageAgent:
         for record, msg in decoded:
             try:
                 emits += self._call(self.stage.process, [record])
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.exception("stage %s failed on record %s", self.stage.name, record.id)
                 emits.append(self._dead_letter(exc, msg))
         return emits

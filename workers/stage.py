@@ -42,10 +42,10 @@ class Stage(ABC):
             self.setup()
             self._ready = True
 
-    def setup(self) -> None:  # noqa: B027 - optional hook
+    def setup(self) -> None:
         """Load models, open stores. Default: nothing."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release resources. Default: nothing."""
 
     def start(self) -> list[Emit]:

@@ -19,8 +19,8 @@ class FilterStage(Stage):
     outputs = (CANDIDATES_UNIQUE, VERDICTS)
 
     def setup(self) -> None:
-        from vectorstore.dedup import DedupFilter
         from vectorstore.decontam import ContaminationIndex
+        from vectorstore.dedup import DedupFilter
         from vectorstore.embedder import Embedder
         from vectorstore.store import ProblemStore
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from streams.records import CandidateProblem, ConceptSet, Record, content_hash
 from streams.topics import CANDIDATES, CONCEPTS, VERDICTS
 from workers.backends.base import Completion
-from workers.roles import backend_for
 from workers.prompts import (
     PROBLEM_CLOSE,
     PROBLEM_OPEN,
@@ -21,6 +20,7 @@ from workers.prompts import (
     parse_synthesis,
     synthesis_fields,
 )
+from workers.roles import backend_for
 from workers.stage import Emit, Stage
 
 ROLE = "prompt_model"

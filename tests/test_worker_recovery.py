@@ -1,0 +1,95 @@
+"""`promptcot worker` as users run it: a separate process against a bootstrap address. Killed
+with SIGKILL mid-stream and restarted, it loses nothing (at-least-once) and emits no second
+candidate for any concept set (ids name the unit of work, so a redelivery repeats an id)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import pytest
+
+from streams.broker import EmbeddedBroker
+from streams.clients import publish
+from streams.cluster import kafka_python_config
+from streams.records import ConceptSet
+from streams.topics import CONCEPTS, ensure_topics
+
+from factory_harness import factory_settings, read_records
+
+pytestmark = pytest.mark.slow
+N_SETS = 12
+
+
+def _worker(settings, model_dir, log_path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
+        "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(model_dir),
+        "PROMPTCOT_METRICS__PORT": "0",
+        "PROMPTCOT_STAGES": json.dumps({"generate": {"batch_size": 2, "batch_within_s": 0.2}}),
+        "PROMPTCOT_GENERATION__MAX_RATIONALE_TOKENS": "32",
+        "PROMPTCOT_GENERATION__MAX_PROBLEM_TOKENS": "48",
+        "PROMPTCOT_LOG_LEVEL": "INFO",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "worker", "generate"],
+        env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def _fates(settings) -> dict[str, set[str]]:
+    """concept set id -> ids of the records that settled it (candidates or rejections)."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for r, _ in read_records(settings, "candidates"):
+        if r:
+            out[r.concept_set_id].add(r.id)
+    for r, _ in read_records(settings, "verdicts"):
+        if r and r.stage == "generate":
+            out[r.subject_id].add(r.id)
+    return out
+
+
+def _wait(predicate, timeout_s: float, proc: subprocess.Popen, log_path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(1)
+    pytest.fail(f"timed out; worker log:\n{log_path.read_text()[-3000:]}")
+
+
+def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir):
+    with EmbeddedBroker() as broker:
+        settings = factory_settings(tmp_path, broker.bootstrap_servers, tiny_model_dir)
+        ensure_topics(kafka_python_config(settings.kafka, broker.bootstrap_servers), settings.kafka.namespace, 2, 1)
+        sets = [ConceptSet(domain="math", concepts=["ratios", "percent"], difficulty="AMC12", draw=f"t:{i}")
+                for i in range(N_SETS)]
+        publish(settings, broker.bootstrap_servers, CONCEPTS, sets)
+        log_path = tmp_path / "worker.log"
+
+        first = _worker(settings, tiny_model_dir, log_path)
+        _wait(lambda: len(_fates(settings)) >= 2, 180, first, log_path)
+        os.killpg(first.pid, signal.SIGKILL)  # no commit, no goodbye to the group
+        first.wait(timeout=10)
+        settled_before = len(_fates(settings))
+        assert settled_before < N_SETS, "the first worker finished before it could be killed"
+
+        second = _worker(settings, tiny_model_dir, log_path)
+        try:
+            _wait(lambda: len(_fates(settings)) == N_SETS, 240, second, log_path)
+        finally:
+            os.killpg(second.pid, signal.SIGTERM)
+            second.wait(timeout=30)
+
+        fates = _fates(settings)
+        assert set(fates) == {s.id for s in sets}  # nothing lost
+        assert all(len(ids) == 1 for ids in fates.values()), fates  # nothing emitted twice
