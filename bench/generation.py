@@ -3,9 +3,17 @@
     python bench/generation.py                      # the tiny test model
     python bench/generation.py --smollm2            # also SmolLM2-135M (prepared on demand)
     python bench/generation.py --json out.json
+    python bench/generation.py --case stage_vs_direct   # the generate stage vs the bare backend
 
-Each case is a named function returning a result dict, so further comparisons (e.g. the
-streaming stage vs direct calls) are added as another entry in CASES.
+Each case is a named function returning a result dict; CASES lists them.
+
+``stage_vs_direct`` (issue 3): tokens/s of ``GenerateStage.process`` on ConceptSet records
+(tokens from the stage's own counter, promptcot_model_tokens_total{role="prompt_model",
+kind="completion"}) against calling the same backend instance directly on the same rendered
+prompts, in the same two phases (rationale up to its delimiter, then the problem after the
+bridge) with the same max_tokens, stop strings, sampling and seeds, in the same micro-batches.
+The ratio is the stage's overhead; the goal is stage >= 0.9x direct. Runs alternate
+(direct, stage, direct, stage, ...) so drift on a shared machine hits both; best of each is kept.
 """
 
 from __future__ import annotations
@@ -60,8 +68,108 @@ def case_batched_vs_single(backend: Backend, n_prompts: int, max_tokens: int) ->
             "speedup": round(batched["tokens_per_s"] / max(single["tokens_per_s"], 1e-9), 2)}
 
 
+def stage_settings(model_path: str, max_tokens: int, batch: int):
+    from streams.settings import Settings
+
+    return Settings(
+        models={"prompt_model": {"kind": "transformers", "model": model_path, "max_batch_size": 16}},
+        metrics={"port": 0},
+        generation={"max_rationale_tokens": max_tokens, "max_problem_tokens": max_tokens},
+        stages={"generate": {"batch_size": batch}},
+    )
+
+
+def bench_concept_sets(count: int) -> list:
+    from streams.records import ConceptSet
+
+    concept_pool = ["addition of whole numbers", "equal groups", "counting objects",
+                    "division as equal sharing", "units of quantity", "whole numbers"]
+    return [
+        ConceptSet(domain="math", difficulty="AIME", draw=f"bench:{i}",
+                   concepts=[concept_pool[(i + j) % len(concept_pool)] for j in range(3)])
+        for i in range(count)
+    ]
+
+
+def _completion_tokens() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(
+        "promptcot_model_tokens_total", {"role": "prompt_model", "kind": "completion"}
+    ) or 0.0
+
+
+def run_stage(stage, sets: list, batch: int) -> dict:
+    """GenerateStage.process on micro-batches of ``batch`` concept sets, as the runtime calls it."""
+    before = _completion_tokens()
+    started = time.perf_counter()
+    candidates = rejected = 0
+    for i in range(0, len(sets), batch):
+        for emit in stage.process(sets[i : i + batch]):
+            if emit.topic.name == "candidates":
+                candidates += 1
+            else:
+                rejected += 1
+    seconds = time.perf_counter() - started
+    tokens = int(_completion_tokens() - before)
+    return {"concept_sets": len(sets), "candidates": candidates, "rejected": rejected,
+            "completion_tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def run_direct(stage, sets: list, batch: int) -> dict:
+    """The stage's two backend calls per micro-batch, made directly: same prompts, max_tokens,
+    stop strings, sampling and seeds, nothing else (no records, no parsing, no metrics)."""
+    from workers.stages.generate import BRIDGE, batch_seed
+
+    backend, gen = stage.backend, stage.settings.generation
+
+    def call(prompts: list[str], max_tokens: int, stop: list[str], seed: int) -> list:
+        if not prompts:
+            return []
+        out = backend.generate(prompts, n=1, temperature=gen.temperature, top_p=gen.top_p,
+                               max_tokens=max_tokens, stop=stop, seed=seed)
+        return [c[0] for c in out]
+
+    started = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(sets), batch):
+        chunk = sets[i : i + batch]
+        prompts = [P.SYNTHESIS.render(backend, **P.synthesis_fields(cs.concepts, cs.difficulty, cs.domain))
+                   for cs in chunk]
+        seed = batch_seed(chunk)
+        rationales = call(prompts, gen.max_rationale_tokens, [P.RATIONALE_CLOSE, P.PROBLEM_OPEN], seed)
+        problems = call([p + z.text.rstrip() + BRIDGE for p, z in zip(prompts, rationales) if z.ok],
+                        gen.max_problem_tokens, [P.PROBLEM_CLOSE], seed + 1)
+        tokens += sum(c.n_completion_tokens for c in (*rationales, *problems))
+    seconds = time.perf_counter() - started
+    return {"concept_sets": len(sets), "completion_tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def case_stage_vs_direct(backend: Backend, n_prompts: int, max_tokens: int,
+                         batch: int = 16, repeats: int = 2) -> dict:
+    from workers.stages.generate import GenerateStage
+
+    stage = GenerateStage(stage_settings(backend.settings.model, max_tokens, batch))
+    stage.ensure_ready()  # loads the model once; the direct calls use this same instance
+    sets = bench_concept_sets(n_prompts)
+    run_direct(stage, sets[:2], 2)  # warm-up
+    direct_runs, stage_runs = [], []
+    for _ in range(repeats):
+        direct_runs.append(run_direct(stage, sets, batch))
+        stage_runs.append(run_stage(stage, sets, batch))
+    direct = max(direct_runs, key=lambda r: r["tokens_per_s"])
+    staged = max(stage_runs, key=lambda r: r["tokens_per_s"])
+    return {"batch": batch, "direct": direct, "stage": staged,
+            "all_tokens_per_s": {"direct": [r["tokens_per_s"] for r in direct_runs],
+                                 "stage": [r["tokens_per_s"] for r in stage_runs]},
+            "stage_over_direct": round(staged["tokens_per_s"] / max(direct["tokens_per_s"], 1e-9), 3)}
+
+
 CASES: dict[str, Callable[[Backend, int, int], dict]] = {
     "batched_vs_single": case_batched_vs_single,
+    "stage_vs_direct": case_stage_vs_direct,
 }
 
 

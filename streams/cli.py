@@ -337,7 +337,11 @@ def report(
     from workers.reporting import write_report
 
     settings = _settings(config)
-    summary = write_report(settings, out, n_seeds=seeds)
+    try:
+        summary = write_report(settings, out, n_seeds=seeds)
+    except ValueError as exc:  # nothing to report yet: say so, no traceback
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
     console.print_json(json.dumps(summary))
     console.print(f"map written to [cyan]{out}[/]")
 

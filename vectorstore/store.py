@@ -174,6 +174,18 @@ class ProblemStore:
         )
         return dict(zip(found["text_hash"].to_pylist(), found["id"].to_pylist(), strict=True))
 
+    def rows(
+        self, columns: Sequence[str] = ("id", "text", "domain", "vector", "metadata")
+    ) -> list[dict[str, Any]]:
+        """Every stored row (a full scan, for reports); metadata decoded, vectors as float32."""
+        found = self._table.to_arrow().select(list(columns)).to_pylist()
+        for row in found:
+            if "metadata" in row:
+                row["metadata"] = json.loads(row["metadata"] or "{}")
+            if "vector" in row:
+                row["vector"] = np.asarray(row["vector"], dtype=np.float32)
+        return found
+
     def get(self, problem_id: str) -> dict[str, Any] | None:
         safe = problem_id.replace("'", "''")
         rows = self._table.search().where(f"id = '{safe}'").limit(1).to_list()

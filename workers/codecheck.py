@@ -213,6 +213,8 @@ def verify_code(rollouts: Sequence[str], test_completions: Sequence[str], sandbo
             report.failure_reasons[index] = exc.reason
     if not tests:
         report.rejection = NO_VALID_TESTS
+        for i in programs:  # runnable, but there was nothing to run them against
+            report.failure_reasons[i] = NO_VALID_TESTS
         return report
     if not programs:
         report.rejection = NO_RUNNABLE_ROLLOUTS

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 def build_app(settings: Settings, bootstrap: str, app_id: str) -> faust.App:
     kafka = settings.kafka
+    datadir = Path(tempfile.gettempdir()) / "promptcot-faust" / app_id  # stateless: nothing to keep
+    datadir.mkdir(parents=True, exist_ok=True)
     return faust.App(
         app_id,
         broker=";".join(f"kafka://{hp.strip()}" for hp in bootstrap.split(",")),
@@ -38,7 +40,7 @@ def build_app(settings: Settings, bootstrap: str, app_id: str) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",  # stateless workers: no tables to restore (FIELD-NOTES: Tansu offsets)
-        datadir=str(Path(tempfile.gettempdir()) / "promptcot-faust" / app_id),  # nothing to keep
+        datadir=str(datadir),
         web_enabled=False,
         topic_allow_declare=False,  # topics come from the catalogue (streams.topics.ensure_topics)
         processing_guarantee="at_least_once",  # exactly_once cannot start on Tansu

@@ -8,9 +8,16 @@ never both accept near-duplicates; the others are hot standbys (docs/vectorstore
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
+
+from streams import metrics
 from streams.records import CandidateProblem, Record
 from streams.topics import CANDIDATES, CANDIDATES_UNIQUE, VERDICTS
 from workers.stage import Emit, Stage
+
+log = logging.getLogger(__name__)
 
 
 class FilterStage(Stage):
@@ -32,18 +39,25 @@ class FilterStage(Stage):
             ProblemStore(embedder.dim, cfg.store),
             cfg.dedup,
         )
+        from workers.diversity_window import DiversityWindow
+
+        self.window = DiversityWindow(256)
+        self._seed_centroid: np.ndarray | None = None  # 128 GSM8K seeds, embedded on first use
+        self._pool = None
 
     def process(self, records: list[Record]) -> list[Emit]:
         from vectorstore.dedup import CandidateText
 
         candidates = [r for r in records if isinstance(r, CandidateProblem)]
-        decisions = self.dedup.check([
+        screened = self.dedup.embed_and_screen([
             CandidateText(
                 id=c.id, text=c.problem, domain=c.domain,
                 metadata={"concept_set_id": c.lineage.concept_set_id, "concepts": c.concepts},
             )
             for c in candidates
         ])
+        decisions = self.dedup.decide_and_commit(screened)
+        self._update_diversity(candidates, screened, decisions)
         emits = []
         for candidate, decision in zip(candidates, decisions, strict=True):
             if decision.accepted:
@@ -54,3 +68,27 @@ class FilterStage(Stage):
                     nearest_id=decision.nearest_id, similarity=decision.similarity,
                 ))
         return emits
+
+    def _update_diversity(self, candidates, screened, decisions) -> None:
+        """Rolling diversity gauges over accepted problems; monitoring never fails the batch."""
+        kept = [
+            (s.vector, c.concepts)
+            for c, s, d in zip(candidates, screened, decisions, strict=True)
+            if d.accepted and s.vector is not None
+        ]
+        if not kept or self.window is None:
+            return
+        try:
+            if self._seed_centroid is None:
+                from workers.concepts import load_pool
+                from workers.seeds import load_seeds
+
+                seeds = [s.text for s in load_seeds("gsm8k", "train", 128)]
+                self._seed_centroid = self.dedup.embedder.embed(seeds).mean(axis=0)
+                self._pool = load_pool(self.settings.concepts.pool_path)
+            self.window.add(np.stack([v for v, _ in kept]), [c for _, c in kept])
+            for measure, value in self.window.measures(self._seed_centroid, self._pool).items():
+                metrics.DIVERSITY.labels(measure=measure).set(value)
+        except Exception:
+            log.exception("diversity gauges disabled")
+            self.window = None

@@ -70,7 +70,11 @@ class GenerateStage(Stage):
             if not x.ok:
                 emits.append(self.reject(cs, x.error or "generation_failed", "problem phase"))
                 continue
-            completion = z.text.rstrip() + BRIDGE + x.text
+            # A model that writes the opening delimiter we already wrote: drop the echo.
+            problem_text = x.text.lstrip()
+            if problem_text.startswith(PROBLEM_OPEN):
+                problem_text = problem_text[len(PROBLEM_OPEN):]
+            completion = z.text.rstrip() + BRIDGE + problem_text
             try:
                 parsed = parse_synthesis(completion, truncated=x.truncated)
             except ParseError as exc:

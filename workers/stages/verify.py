@@ -36,10 +36,13 @@ class VerifyStage(Stage):
     input = CANDIDATES_UNIQUE
     outputs = (VERDICTS,)
 
+    def __init__(self, settings):
+        super().__init__(settings)
+        self._oracle = None  # started on the first math batch
+        self._sandbox = None  # set up on the first code batch
+
     def setup(self) -> None:
         self.solver  # noqa: B018 - load the model before the first batch
-        self._oracle = None
-        self._sandbox = None
 
     @property
     def solver(self):

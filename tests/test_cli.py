@@ -1,0 +1,91 @@
+"""The CLI: help everywhere, settings printout, schemas, topics, export, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from streams.cli import app, parse_duration
+from streams.records import RECORD_TYPES, Verdict
+from workers.stages.sink import SinkStage
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["up"], ["worker"], ["broker"], ["topics"], ["tail"], ["export"], ["schemas"],
+     ["config"], ["models", "prepare"], ["seeds", "load"], ["report"]],
+)
+def test_every_command_has_help(args):
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_config_prints_effective_settings_with_env_override(monkeypatch):
+    monkeypatch.setenv("PROMPTCOT_KAFKA__NAMESPACE", "team-x")
+    monkeypatch.setenv("PROMPTCOT_KAFKA__SASL_PASSWORD", "hunter2")
+    result = runner.invoke(app, ["config"])
+    assert result.exit_code == 0, result.output
+    assert "namespace: team-x" in result.output
+    assert "hunter2" not in result.output
+
+
+def test_schemas_written_for_every_record_type(tmp_path):
+    result = runner.invoke(app, ["schemas", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in tmp_path.glob("*.schema.json"))
+    assert files == sorted(f"{kind}.schema.json" for kind in RECORD_TYPES)
+    verdict = json.loads((tmp_path / "verdict.schema.json").read_text())
+    assert verdict["x-topics"] == ["verdicts"] and "reason" in verdict["properties"]
+
+
+def test_topics_lists_the_catalogue_under_the_namespace(monkeypatch):
+    monkeypatch.setenv("PROMPTCOT_KAFKA__NAMESPACE", "ns1")
+    result = runner.invoke(app, ["topics"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in ("ns1.concepts", "ns1.candidates", "ns1.verdicts", "ns1.problems", "ns1.deadletter"):
+        assert name in result.output
+
+
+def test_worker_without_a_cluster_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS", raising=False)
+    result = runner.invoke(app, ["worker", "generate"])
+    assert result.exit_code != 0
+    assert "BOOTSTRAP_SERVERS" in result.output
+
+
+def test_unknown_stage_is_rejected():
+    result = runner.invoke(app, ["worker", "nonsense", "--bootstrap", "127.0.0.1:1"])
+    assert result.exit_code != 0
+
+
+def test_export_writes_each_problem_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMPTCOT_SINK__OUTPUT_DIR", str(tmp_path / "out"))
+    from streams.settings import load_settings
+
+    sink = SinkStage(load_settings())
+    sink.ensure_ready()
+    verdict = Verdict(subject_id="cand_1", stage="verify", accepted=True, reason="accepted",
+                      domain="math", problem="What is 6*7?", reference_answer="42", pass_rate=0.25)
+    rejected = Verdict(subject_id="cand_2", stage="verify", accepted=False, reason="too_easy", domain="math")
+    sink.process([verdict, rejected])
+    sink.process([verdict])  # a redelivery
+    out = tmp_path / "problems.parquet"
+    result = runner.invoke(app, ["export", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert [r["candidate_id"] for r in rows] == ["cand_1"]
+    assert rows[0]["reference_answer"] == "42"
+
+
+def test_durations():
+    assert parse_duration("90s") == 90 and parse_duration("25m") == 1500 and parse_duration("1h30m") == 5400
+    assert parse_duration("12") == 12
+    with pytest.raises(typer.BadParameter):
+        parse_duration("ten minutes")

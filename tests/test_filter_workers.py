@@ -1,0 +1,224 @@
+"""Two `promptcot worker filter` processes on one stream let no near-duplicate through.
+
+Both workers are real subprocesses against the embedded broker, with the same namespace, the same
+LanceDB folder and the same consumer group. We publish 30 candidates: 10 distinct GSM8K-style
+problems, each in three near-identical versions (the original; whitespace changed and a number
+reformatted, 1200 vs 1,200; the person renamed), interleaved so the versions of one problem arrive
+in different micro-batches. Every candidate gets exactly one outcome, and exactly one version of
+each problem is accepted.
+
+Why it holds: the filter's check-then-insert (nearest neighbour in LanceDB, then add) is not
+atomic across processes, so two workers deciding concurrently could both accept two versions of
+one problem. They never decide concurrently: the `candidates` topic has ONE partition
+(streams/topics.py, CANDIDATES.partitions=1), and Kafka gives a partition to one member of a
+consumer group at a time. Its owner makes every decision, batch after batch, committing each
+accepted batch to the store before the next; the other replica has no partition (a hot standby)
+and takes over only if the owner dies or leaves. Outputs are acknowledged before offsets commit,
+so a take-over at worst replays a batch, and ids are content hashes: a replay re-accepts the same
+id (already in the store) rather than accepting a sibling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from streams.broker import EmbeddedBroker
+from streams.clients import publish
+from streams.cluster import kafka_python_config
+from streams.records import CandidateProblem, Lineage
+from streams.settings import Settings
+from streams.topics import CANDIDATES, ensure_topics
+
+from factory_harness import read_records
+
+pytestmark = pytest.mark.slow
+
+# Shared across runs: the benchmark embeddings are computed once per machine.
+CACHE_DIR = Path.home() / ".cache" / "promptcot" / "embeddings"
+GROUP_ID = "promptcot-filter"  # consumer_group_prefix + stage: what `promptcot worker filter` joins
+
+# (template, first name, second name, number). GSM8K-style, but written for this test: none is
+# in the GSM8K test split or any other benchmark set, so decontamination accepts them.
+PROBLEMS = [
+    ("{name} runs a bakery that sells {n} loaves of bread every week. Each loaf costs $3 to make "
+     "and sells for $5. How much profit does {name} make in four weeks?", "Maria", "Keisha", 1200),
+    ("A library had {n} books on its shelves. {name} the librarian donated a quarter of them to a "
+     "school and then bought 150 new ones. How many books does the library have now?",
+     "Tom", "Priya", 2400),
+    ("A beekeeper named {name} keeps 6 hives, and each hive gives {n} grams of honey per season. "
+     "{name} fills jars that hold 250 grams each. How many jars can be filled in one season?",
+     "Lena", "Fatima", 1000),
+    ("A farmer named {name} plants {n} tomato seeds. Only 80% of the seeds sprout, and rabbits eat "
+     "one tenth of the sprouted plants. How many tomato plants survive?", "Joe", "Carlos", 1500),
+    ("{name} drives a delivery truck {n} miles every month. The truck uses one gallon of fuel per "
+     "12 miles and fuel costs $4 per gallon. What does {name} spend on fuel in a month?",
+     "Sam", "Omar", 3600),
+    ("A swimming pool holds {n} gallons of water. {name} fills it with a hose that pours 25 "
+     "gallons per minute. How many hours does it take to fill the empty pool?",
+     "Rachel", "Yuki", 9000),
+    ("{name} bought {n} stickers and shared them equally among 8 friends, keeping 40 for "
+     "herself first. How many stickers did each friend get?", "Emma", "Sofia", 1000),
+    ("A concert hall has {n} seats. On Friday 85% of the seats were sold at $30 each. How much "
+     "money did {name}, the manager, collect from ticket sales on Friday?", "David", "Kwame", 2000),
+    ("{name} reads {n} pages of a novel in 20 days, reading the same number of pages each day. "
+     "At that rate, how many pages will {name} read in the next 6 days?", "Noah", "Liam", 1100),
+    ("A factory makes {n} toy cars per day. One in every 50 cars is defective and thrown away. "
+     "{name} packs the good cars in boxes of 12. How many full boxes does {name} pack each day?",
+     "Grace", "Ines", 4800),
+]
+VERSIONS = 3
+
+
+def _text(template: str, name: str, other: str, n: int, version: int) -> str:
+    if version == 0:  # the original
+        return template.format(name=name, n=n)
+    if version == 1:  # whitespace changed, number reformatted: 1200 -> 1,200
+        text = template.format(name=name, n=f"{n:,}")
+        return "  " + text.replace(". ", ".\n\n   ").replace(", ", " ,  ", 1) + " \n"
+    return template.format(name=other, n=n)  # the person renamed
+
+
+def candidates() -> list[CandidateProblem]:
+    """Version v of every problem, then version v+1 of every problem, ...: interleaved."""
+    out = []
+    for version in range(VERSIONS):
+        for group, (template, name, other, n) in enumerate(PROBLEMS):
+            concept_set_id = f"cs-{group}-{version}"
+            out.append(CandidateProblem(
+                concept_set_id=concept_set_id,
+                generator="test-filter-workers",
+                domain="math",
+                difficulty="GSM8K",
+                concepts=["arithmetic", "percent"],
+                rationale="",
+                problem=_text(template, name, other, n, version),
+                parent_ids=[concept_set_id],
+                lineage=Lineage(concept_set_id=concept_set_id),
+            ))
+    return out
+
+
+def _group(candidate: CandidateProblem) -> int:
+    return int(candidate.concept_set_id.split("-")[1])
+
+
+def _worker(settings: Settings, store: Path, log_path: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
+        "PROMPTCOT_METRICS__PORT": "0",
+        "PROMPTCOT_VECTORSTORE__STORE__URI": str(store),
+        "PROMPTCOT_VECTORSTORE__DECONTAM__CACHE_DIR": str(CACHE_DIR),
+        "PROMPTCOT_VECTORSTORE__EMBEDDER__TORCH_THREADS": "1",
+        # Small batches: the versions of one problem meet across batches (the store check), not
+        # only inside one batch.
+        "PROMPTCOT_STAGES": json.dumps({"filter": {"batch_size": 4, "batch_within_s": 0.3}}),
+        "PROMPTCOT_LOG_LEVEL": "INFO",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "worker", "filter"],
+        env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+JOINED = f"Joined group '{GROUP_ID}'"
+ASSIGNED = "Setting newly assigned partitions"
+
+
+def _owns_candidates(log_path: Path, settings: Settings) -> bool:
+    """Whether the worker's latest partition assignment includes the candidates partition."""
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if ASSIGNED in line]
+    return bool(lines) and f"topic='{CANDIDATES.full_name(settings.kafka.namespace)}'" in lines[-1]
+
+
+def _outcomes(settings: Settings) -> dict[str, list[tuple[str, str]]]:
+    """candidate id -> [(topic, reason)] for every filter outcome seen so far."""
+    out: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for r, _ in read_records(settings, "candidates.unique"):
+        if r:
+            out[r.id].append(("unique", "accepted"))
+    for r, _ in read_records(settings, "verdicts"):
+        if r and r.stage == "filter":
+            out[r.subject_id].append(("verdicts", r.reason))
+    return out
+
+
+def test_two_filter_workers_let_no_near_duplicate_through(tmp_path):
+    workers: list[subprocess.Popen] = []
+    logs = [tmp_path / f"filter-{i}.log" for i in range(2)]
+
+    def tail() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in logs if p.exists())
+
+    with EmbeddedBroker() as broker:
+        settings = Settings(
+            kafka={"bootstrap_servers": broker.bootstrap_servers, "namespace": f"t{os.urandom(4).hex()}"},
+            metrics={"port": 0},
+        )
+        ensure_topics(kafka_python_config(settings.kafka, broker.bootstrap_servers), settings.kafka.namespace, 2, 1)
+        store = tmp_path / "lancedb"
+        try:
+            workers = [_worker(settings, store, log) for log in logs]
+            # Both must be alive and joined to the group (aiokafka logs the join at INFO, after
+            # the rebalance that includes the last member) before anything is published.
+            deadline = time.monotonic() + 60
+            while not all(log.exists() and JOINED in log.read_text(errors="replace") for log in logs):
+                for w in workers:
+                    if w.poll() is not None:
+                        pytest.fail(f"a filter worker exited with {w.returncode}:\n{tail()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"filter workers did not both join the group:\n{tail()}")
+                time.sleep(1)
+            time.sleep(2)  # let the last rebalance settle
+            assert all(w.poll() is None for w in workers), tail()
+
+            cands = candidates()
+            publish(settings, broker.bootstrap_servers, CANDIDATES, cands)
+            ids = {c.id for c in cands}
+            assert len(ids) == len(cands) == len(PROBLEMS) * VERSIONS
+
+            deadline = time.monotonic() + 60
+            while not ids <= set(outcomes := _outcomes(settings)):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{len(ids - set(outcomes))} candidate(s) without an outcome:\n{tail()}")
+                if any(w.poll() is not None for w in workers):
+                    pytest.fail(f"a filter worker died mid-stream:\n{tail()}")
+                time.sleep(1)
+            assert all(w.poll() is None for w in workers), "both replicas stay up throughout"
+            # One owner of the single candidates partition, one hot standby.
+            owners = [log.name for log in logs if _owns_candidates(log, settings)]
+            assert len(owners) == 1, f"candidates partition owned by {owners}:\n{tail()}"
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    os.killpg(w.pid, signal.SIGTERM)
+            for w in workers:
+                try:
+                    w.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(w.pid, signal.SIGKILL)
+                    w.wait(timeout=10)
+
+    assert set(outcomes) == ids, "outcomes only for the published candidates"
+    assert all(len(o) == 1 for o in outcomes.values()), {k: v for k, v in outcomes.items() if len(v) != 1}
+    accepted_by_group: dict[int, list[str]] = defaultdict(list)
+    for c in cands:
+        if outcomes[c.id][0][0] == "unique":
+            accepted_by_group[_group(c)].append(c.id)
+    assert all(len(a) <= 1 for a in accepted_by_group.values()), f"near-duplicates accepted: {dict(accepted_by_group)}"
+    assert sorted(accepted_by_group) == list(range(len(PROBLEMS))), (
+        f"every problem has one accepted version: {dict(accepted_by_group)}; outcomes: {dict(outcomes)}"
+    )
+    rejections = {reason for o in outcomes.values() for topic, reason in o if topic == "verdicts"}
+    assert rejections <= {"near_duplicate", "exact_duplicate"}, rejections
