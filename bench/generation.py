@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -164,7 +165,10 @@ def case_stage_vs_direct(backend: Backend, n_prompts: int, max_tokens: int,
     return {"batch": batch, "direct": direct, "stage": staged,
             "all_tokens_per_s": {"direct": [r["tokens_per_s"] for r in direct_runs],
                                  "stage": [r["tokens_per_s"] for r in stage_runs]},
-            "stage_over_direct": round(staged["tokens_per_s"] / max(direct["tokens_per_s"], 1e-9), 3)}
+            "stage_over_direct": round(staged["tokens_per_s"] / max(direct["tokens_per_s"], 1e-9), 3),
+            "stage_over_direct_median": round(
+                statistics.median(r["tokens_per_s"] for r in stage_runs)
+                / max(statistics.median(r["tokens_per_s"] for r in direct_runs), 1e-9), 3)}
 
 
 CASES: dict[str, Callable[[Backend, int, int], dict]] = {
@@ -179,6 +183,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--case", choices=sorted(CASES), action="append")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="stage_vs_direct: alternating runs of each side (best and median kept)")
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
 
@@ -194,7 +200,8 @@ def main() -> None:
         backend = make_backend(BackendSettings(kind="transformers", model=str(path),
                                                max_batch_size=16))
         for name in args.case or sorted(CASES):
-            result = CASES[name](backend, args.prompts, args.max_tokens)
+            extra = {"repeats": args.repeats} if name == "stage_vs_direct" else {}
+            result = CASES[name](backend, args.prompts, args.max_tokens, **extra)
             results[f"{label}/{name}"] = result
             print(f"{label}/{name}: {json.dumps(result)}", flush=True)
     if args.json:

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -133,6 +134,10 @@ def up(
     finally:
         cluster.close()
     console.print(progress.summary(Path(settings.sink.output_dir)))
+    # A model call still running in a stage thread cannot be interrupted and would hold the exit
+    # for minutes; its input was never committed, so a next run redelivers it. Nothing is lost.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 @app.command()

@@ -30,6 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from factory_harness import read_records
 
 from streams.broker import EmbeddedBroker
 from streams.clients import publish
@@ -37,8 +38,6 @@ from streams.cluster import kafka_python_config
 from streams.records import CandidateProblem, Lineage
 from streams.settings import Settings
 from streams.topics import CANDIDATES, ensure_topics
-
-from factory_harness import read_records
 
 pytestmark = pytest.mark.slow
 
@@ -49,30 +48,30 @@ GROUP_ID = "promptcot-filter"  # consumer_group_prefix + stage: what `promptcot 
 # (template, first name, second name, number). GSM8K-style, but written for this test: none is
 # in the GSM8K test split or any other benchmark set, so decontamination accepts them.
 PROBLEMS = [
-    ("{name} runs a bakery that sells {n} loaves of bread every week. Each loaf costs $3 to make "
-     "and sells for $5. How much profit does {name} make in four weeks?", "Maria", "Keisha", 1200),
-    ("A library had {n} books on its shelves. {name} the librarian donated a quarter of them to a "
-     "school and then bought 150 new ones. How many books does the library have now?",
+    (("{name} runs a bakery that sells {n} loaves of bread every week. Each loaf costs $3 to make "
+     "and sells for $5. How much profit does {name} make in four weeks?"), "Maria", "Keisha", 1200),
+    (("A library had {n} books on its shelves. {name} the librarian donated a quarter of them to a "
+     "school and then bought 150 new ones. How many books does the library have now?"),
      "Tom", "Priya", 2400),
-    ("A beekeeper named {name} keeps 6 hives, and each hive gives {n} grams of honey per season. "
-     "{name} fills jars that hold 250 grams each. How many jars can be filled in one season?",
+    (("A beekeeper named {name} keeps 6 hives, and each hive gives {n} grams of honey per season. "
+     "{name} fills jars that hold 250 grams each. How many jars can be filled in one season?"),
      "Lena", "Fatima", 1000),
-    ("A farmer named {name} plants {n} tomato seeds. Only 80% of the seeds sprout, and rabbits eat "
-     "one tenth of the sprouted plants. How many tomato plants survive?", "Joe", "Carlos", 1500),
-    ("{name} drives a delivery truck {n} miles every month. The truck uses one gallon of fuel per "
-     "12 miles and fuel costs $4 per gallon. What does {name} spend on fuel in a month?",
+    (("A farmer named {name} plants {n} tomato seeds. Only 80% of the seeds sprout, and rabbits eat "
+     "one tenth of the sprouted plants. How many tomato plants survive?"), "Joe", "Carlos", 1500),
+    (("{name} drives a delivery truck {n} miles every month. The truck uses one gallon of fuel per "
+     "12 miles and fuel costs $4 per gallon. What does {name} spend on fuel in a month?"),
      "Sam", "Omar", 3600),
-    ("A swimming pool holds {n} gallons of water. {name} fills it with a hose that pours 25 "
-     "gallons per minute. How many hours does it take to fill the empty pool?",
+    (("A swimming pool holds {n} gallons of water. {name} fills it with a hose that pours 25 "
+     "gallons per minute. How many hours does it take to fill the empty pool?"),
      "Rachel", "Yuki", 9000),
-    ("{name} bought {n} stickers and shared them equally among 8 friends, keeping 40 for "
-     "herself first. How many stickers did each friend get?", "Emma", "Sofia", 1000),
-    ("A concert hall has {n} seats. On Friday 85% of the seats were sold at $30 each. How much "
-     "money did {name}, the manager, collect from ticket sales on Friday?", "David", "Kwame", 2000),
-    ("{name} reads {n} pages of a novel in 20 days, reading the same number of pages each day. "
-     "At that rate, how many pages will {name} read in the next 6 days?", "Noah", "Liam", 1100),
-    ("A factory makes {n} toy cars per day. One in every 50 cars is defective and thrown away. "
-     "{name} packs the good cars in boxes of 12. How many full boxes does {name} pack each day?",
+    (("{name} bought {n} stickers and shared them equally among 8 friends, keeping 40 for "
+     "herself first. How many stickers did each friend get?"), "Emma", "Sofia", 1000),
+    (("A concert hall has {n} seats. On Friday 85% of the seats were sold at $30 each. How much "
+     "money did {name}, the manager, collect from ticket sales on Friday?"), "David", "Kwame", 2000),
+    (("{name} reads {n} pages of a novel in 20 days, reading the same number of pages each day. "
+     "At that rate, how many pages will {name} read in the next 6 days?"), "Noah", "Liam", 1100),
+    (("A factory makes {n} toy cars per day. One in every 50 cars is defective and thrown away. "
+     "{name} packs the good cars in boxes of 12. How many full boxes does {name} pack each day?"),
      "Grace", "Ines", 4800),
 ]
 VERSIONS = 3

@@ -51,6 +51,8 @@ def build_app(settings: Settings, bootstrap: str, app_id: str) -> faust.App:
         topic_partitions=kafka.partitions,
         producer_acks=-1,
         stream_buffer_maxsize=256,
+        # Stopping must not wait for a batch in a model call: at-least-once redelivers it.
+        stream_wait_empty=False,
         # A model call can hold a batch for minutes on a CPU; don't let Faust declare it stuck.
         stream_processing_timeout=3600,
         broker_max_poll_interval=3600,
