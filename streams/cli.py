@@ -54,6 +54,14 @@ def _settings(config: Path | None, bootstrap: str | None = None):
     return settings
 
 
+def _require_cluster(settings) -> None:
+    if not settings.kafka.bootstrap_servers:
+        raise typer.BadParameter(
+            "this command talks to a cluster: set PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS or "
+            "--bootstrap (`promptcot broker` starts a local one)"
+        )
+
+
 def parse_duration(text: str) -> float:
     """'90s', '25m', '1h30m', or plain seconds."""
     if re.fullmatch(r"\d+(\.\d+)?", text):
@@ -152,11 +160,7 @@ def worker(
 
     settings = _settings(config, bootstrap)
     stage_class(stage)  # fail fast on a typo
-    if not settings.kafka.bootstrap_servers:
-        raise typer.BadParameter(
-            "a worker joins a cluster: set PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS or --bootstrap "
-            "(`promptcot broker` starts a local one)"
-        )
+    _require_cluster(settings)
     metrics.serve(settings.metrics.host, settings.metrics.port)
     cluster = Cluster.connect(settings)
     console.print(f"worker [bold]{stage}[/] on {cluster.bootstrap}")
@@ -238,8 +242,7 @@ def tail(
     from streams.clients import read_topic
 
     settings = _settings(config, bootstrap)
-    if not settings.kafka.bootstrap_servers:
-        raise typer.BadParameter("set --bootstrap or PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS")
+    _require_cluster(settings)
     shown = 0
     for record in read_topic(settings, topic, follow=follow):
         console.rule(f"{record.kind} {record.id}")
@@ -318,8 +321,7 @@ def seeds_load(
 ) -> None:
     """Publish shipped seed problems to the seeds topic (annotate picks them up)."""
     settings = _settings(config, bootstrap)
-    if not settings.kafka.bootstrap_servers:
-        raise typer.BadParameter("set --bootstrap or PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS")
+    _require_cluster(settings)
     n = _publish_seeds(settings, settings.kafka.bootstrap_servers, source, limit)
     console.print(f"published {n} {source} seeds")
 

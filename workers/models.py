@@ -59,13 +59,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_LAYOUT = 2  # bump when the prepared folder's contents change, so caches are rebuilt
+
+
 def prepare_smollm2(
     cache_dir: Path | None = None, dtype: Literal["float32", "bfloat16"] = "float32"
 ) -> Path:
     """The prepared SmolLM2-135M-Instruct folder; built on the first call (~30 s), returned at
     once afterwards. Raises ModelPreparationError if the GGUF is missing or not the pinned one."""
     root = Path(cache_dir) if cache_dir is not None else ModelCacheSettings().cache_dir
-    target = root / f"SmolLM2-135M-Instruct-{dtype}"
+    target = root / f"SmolLM2-135M-Instruct-{dtype}-r{_LAYOUT}"
     if (target / _MARKER).is_file():
         return target
 
@@ -89,6 +92,9 @@ def prepare_smollm2(
         del model.config.quantization_config
     model.to(getattr(torch, dtype))
     model.config.dtype = dtype
+    # The GGUF names <|im_start|> as EOS; a chat turn ends at <|im_end|> (the id the model's
+    # generation config already stops on). Trainers append the EOS string to every target.
+    tokenizer.eos_token = "<|im_end|>"
 
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))

@@ -5,6 +5,7 @@ stage is tested without Kafka by calling ``process`` directly.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -31,6 +32,7 @@ class Stage(ABC):
     def __init__(self, settings: Settings):
         self.settings = settings
         self._ready = False
+        self._setup_lock = threading.Lock()  # a source primes while its first batch may arrive
 
     @property
     def input_type(self) -> type[Record]:
@@ -38,9 +40,10 @@ class Stage(ABC):
 
     def ensure_ready(self) -> None:
         """Heavy set-up (models, stores) on first use, inside the worker thread."""
-        if not self._ready:
-            self.setup()
-            self._ready = True
+        with self._setup_lock:
+            if not self._ready:
+                self.setup()
+                self._ready = True
 
     def setup(self) -> None:
         """Load models, open stores. Default: nothing."""
