@@ -23,7 +23,7 @@ from streams.topics import CONCEPTS, ensure_topics
 from factory_harness import factory_settings, read_records
 
 pytestmark = pytest.mark.slow
-N_SETS = 12
+N_SETS = 40
 
 
 def _worker(settings, model_dir, log_path) -> subprocess.Popen:
@@ -34,8 +34,8 @@ def _worker(settings, model_dir, log_path) -> subprocess.Popen:
         "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(model_dir),
         "PROMPTCOT_METRICS__PORT": "0",
         "PROMPTCOT_STAGES": json.dumps({"generate": {"batch_size": 2, "batch_within_s": 0.2}}),
-        "PROMPTCOT_GENERATION__MAX_RATIONALE_TOKENS": "32",
-        "PROMPTCOT_GENERATION__MAX_PROBLEM_TOKENS": "48",
+        "PROMPTCOT_GENERATION__MAX_RATIONALE_TOKENS": "64",
+        "PROMPTCOT_GENERATION__MAX_PROBLEM_TOKENS": "64",
         "PROMPTCOT_LOG_LEVEL": "INFO",
     }
     return subprocess.Popen(
@@ -56,6 +56,14 @@ def _fates(settings) -> dict[str, set[str]]:
     return out
 
 
+def _candidates_written(settings) -> int:
+    """A quick count (short idle wait): the kill must land while the worker is still busy."""
+    from streams.clients import read_raw
+
+    topic = f"{settings.kafka.namespace}.candidates"
+    return sum(1 for _ in read_raw(settings, settings.kafka.bootstrap_servers, topic, idle_s=0.2))
+
+
 def _wait(predicate, timeout_s: float, proc: subprocess.Popen, log_path) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -63,7 +71,7 @@ def _wait(predicate, timeout_s: float, proc: subprocess.Popen, log_path) -> None
             return
         if proc.poll() is not None:
             pytest.fail(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(1)
+        time.sleep(0.2)
     pytest.fail(f"timed out; worker log:\n{log_path.read_text()[-3000:]}")
 
 
@@ -77,7 +85,7 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(tmp_path, t
         log_path = tmp_path / "worker.log"
 
         first = _worker(settings, tiny_model_dir, log_path)
-        _wait(lambda: len(_fates(settings)) >= 2, 180, first, log_path)
+        _wait(lambda: _candidates_written(settings) >= 1, 180, first, log_path)
         os.killpg(first.pid, signal.SIGKILL)  # no commit, no goodbye to the group
         first.wait(timeout=10)
         settled_before = len(_fates(settings))

@@ -120,6 +120,20 @@ class ContaminationIndex:
         ]
 
 
+def _model_identity(model_path: str | Path) -> str:
+    """What makes two copies of a model the same model, wherever they are installed: the folder
+    name, its config and its weight sizes (the absolute path differs between venvs)."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return str(model_path)
+    parts = [folder.name]
+    for config in sorted(folder.glob("*.json")):
+        parts.append(hashlib.sha256(config.read_bytes()).hexdigest()[:12])
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        parts.append(f"{weights.name}:{weights.stat().st_size}")
+    return "|".join(parts)
+
+
 def _cached_embeddings(
     embedder: Embedder, items: list[BenchmarkItem], specs, cache_dir: Path | None
 ) -> np.ndarray:
@@ -128,7 +142,7 @@ def _cached_embeddings(
         return np.zeros((0, embedder.dim), dtype=np.float32)
     if cache_dir is None:
         return embedder.embed([item.text for item in items])
-    model = f"{embedder.model_path}|{embedder.max_seq_length}|{embedder.settings.max_chars}"
+    model = f"{_model_identity(embedder.model_path)}|{embedder.max_seq_length}|{embedder.settings.max_chars}"
     key = hashlib.sha256(model.encode())
     for spec in specs:
         key.update(spec.model_dump_json().encode())
