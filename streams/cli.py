@@ -159,7 +159,10 @@ def worker(
     from workers.pipeline import Cluster, run_stages, stage_class
 
     settings = _settings(config, bootstrap)
-    stage_class(stage)  # fail fast on a typo
+    try:
+        stage_class(stage)  # fail fast on a typo
+    except KeyError as exc:
+        raise typer.BadParameter(str(exc.args[0])) from exc
     _require_cluster(settings)
     metrics.serve(settings.metrics.host, settings.metrics.port)
     cluster = Cluster.connect(settings)

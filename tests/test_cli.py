@@ -62,7 +62,7 @@ def test_worker_without_a_cluster_is_a_clear_error(monkeypatch):
 
 def test_unknown_stage_is_rejected():
     result = runner.invoke(app, ["worker", "nonsense", "--bootstrap", "127.0.0.1:1"])
-    assert result.exit_code != 0
+    assert result.exit_code == 2 and "unknown stage" in result.output
 
 
 def test_export_writes_each_problem_once(tmp_path, monkeypatch):
