@@ -120,7 +120,7 @@ def up(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        with Live(progress.table(), console=console, refresh_per_second=2, transient=False) as live:
+        with Live(progress.table(), console=console, refresh_per_second=2, transient=True) as live:
             while not stop.is_set():
                 live.update(progress.table())
                 if progress.accepted() >= max_problems:
