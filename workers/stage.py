@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,6 +15,7 @@ from streams import metrics
 from streams.records import Record, Verdict
 from streams.settings import Settings
 from streams.topics import VERDICTS, TopicSpec
+from workers.backends.base import Completion
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,10 @@ class Stage(ABC):
         metrics.REJECTED.labels(stage=self.name, reason=reason).inc()
         return self.emit(VERDICTS, verdict)
 
-    def count_tokens(self, role: str, prompt_tokens: int, completion_tokens: int) -> None:
-        metrics.MODEL_TOKENS.labels(role=role, kind="prompt").inc(prompt_tokens)
-        metrics.MODEL_TOKENS.labels(role=role, kind="completion").inc(completion_tokens)
+    def count_tokens(self, role: str, completions: Iterable[Completion]) -> None:
+        """Prompt and completion tokens of one model call, for the per-role token counters."""
+        completions = list(completions)
+        metrics.MODEL_TOKENS.labels(role=role, kind="prompt").inc(
+            sum(c.n_prompt_tokens for c in completions))
+        metrics.MODEL_TOKENS.labels(role=role, kind="completion").inc(
+            sum(c.n_completion_tokens for c in completions))

@@ -100,5 +100,5 @@ class AnnotateStage(Stage):
             prompts, n=1, temperature=cfg.temperature, max_tokens=max_tokens,
             stop=stop or None, seed=0,
         )]
-        self.count_tokens(ROLE, sum(c.n_prompt_tokens for c in out), sum(c.n_completion_tokens for c in out))
+        self.count_tokens(ROLE, out)
         return out

@@ -107,9 +107,5 @@ class GenerateStage(Stage):
             max_tokens=max_tokens, stop=stop, seed=seed,
         )
         completions = [c[0] for c in out]
-        self.count_tokens(
-            ROLE,
-            sum(c.n_prompt_tokens for c in completions),
-            sum(c.n_completion_tokens for c in completions),
-        )
+        self.count_tokens(ROLE, completions)
         return completions

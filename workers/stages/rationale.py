@@ -90,11 +90,7 @@ class RationaleStage(Stage):
         ) if prompts else []
         emits: list[Emit] = []
         for seed, completions in zip(seeds, samples, strict=True):
-            self.count_tokens(
-                Q_ROLE,
-                sum(c.n_prompt_tokens for c in completions),
-                sum(c.n_completion_tokens for c in completions),
-            )
+            self.count_tokens(Q_ROLE, completions)
             parsed: list[tuple[int, str]] = []
             failures: dict[str, int] = {}
             for i, c in enumerate(completions):

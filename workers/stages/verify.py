@@ -91,11 +91,7 @@ class VerifyStage(Stage):
             seed=int(content_hash([c.id for c in candidates], 8), 16),
         )
         for completions in outs:
-            self.count_tokens(
-                SOLVER,
-                sum(c.n_prompt_tokens for c in completions),
-                sum(c.n_completion_tokens for c in completions),
-            )
+            self.count_tokens(SOLVER, completions)
         return outs
 
     def _judge(
@@ -179,8 +175,7 @@ class VerifyStage(Stage):
         )
         emits = []
         for c, tests_raw, completions in zip(candidates, test_outs, self._rollouts(SOLVER_CODE, candidates), strict=True):
-            self.count_tokens(TEST_WRITER_ROLE, sum(t.n_prompt_tokens for t in tests_raw),
-                              sum(t.n_completion_tokens for t in tests_raw))
+            self.count_tokens(TEST_WRITER_ROLE, tests_raw)
             report = verify_code(
                 [x.text if x.ok else "" for x in completions],
                 [TEST_WRITER.full_output(t.text) + ("\n```" if t.ok else "") for t in tests_raw if t.ok],
