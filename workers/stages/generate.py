@@ -71,9 +71,7 @@ class GenerateStage(Stage):
                 emits.append(self.reject(cs, x.error or "generation_failed", "problem phase"))
                 continue
             # A model that writes the opening delimiter we already wrote: drop the echo.
-            problem_text = x.text.lstrip()
-            if problem_text.startswith(PROBLEM_OPEN):
-                problem_text = problem_text[len(PROBLEM_OPEN):]
+            problem_text = x.text.lstrip().removeprefix(PROBLEM_OPEN)
             completion = z.text.rstrip() + BRIDGE + problem_text
             try:
                 parsed = parse_synthesis(completion, truncated=x.truncated)
