@@ -60,13 +60,20 @@ def serve(host: str, port: int) -> int | None:
     return port
 
 
+def counter_samples(counter: Counter) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every child of a counter."""
+    return [
+        (sample.labels, sample.value)
+        for metric in counter.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    ]
+
+
 def counter_value(counter: Counter, **labels: str) -> float:
-    """Current value of one labelled child (0 if never touched); for summaries and tests."""
-    total = 0.0
-    for metric in counter.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_total") and all(
-                sample.labels.get(k) == v for k, v in labels.items()
-            ):
-                total += sample.value
-    return total
+    """Sum over the children matching ``labels`` (0 if none); for summaries and tests."""
+    return sum(
+        value
+        for child, value in counter_samples(counter)
+        if all(child.get(k) == v for k, v in labels.items())
+    )

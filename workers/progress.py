@@ -14,15 +14,6 @@ from rich.text import Text
 from streams import metrics
 
 
-def _samples(counter) -> list[tuple[dict[str, str], float]]:
-    return [
-        (s.labels, s.value)
-        for m in counter.collect()
-        for s in m.samples
-        if s.name.endswith("_total")
-    ]
-
-
 def _out(stage: str, topic: str) -> int:
     return int(metrics.counter_value(metrics.RECORDS_OUT, stage=stage, topic=topic))
 
@@ -41,7 +32,7 @@ class FactoryProgress:
 
     def rejections(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for labels, value in _samples(metrics.REJECTED):
+        for labels, value in metrics.counter_samples(metrics.REJECTED):
             key = f"{labels['stage']}: {labels['reason']}"
             out[key] = out.get(key, 0) + int(value)
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
