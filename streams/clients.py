@@ -1,7 +1,8 @@
 """Plain kafka-python clients for tools and tests: publish records, read a topic back.
 
-Reads use assign() + seek_to_beginning rather than a consumer group: on Tansu a group consumer
-joins only after session_timeout/2, and tools should not disturb the workers' groups.
+Reads use assign() + seek_to_beginning rather than a consumer group: on the embedded broker a
+group consumer joins only after session_timeout/2 (docs/broker.md), and tools should not disturb
+the workers' groups.
 """
 
 from __future__ import annotations
@@ -14,27 +15,28 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from streams import serde
 from streams.cluster import kafka_python_config
 from streams.records import Record
-from streams.settings import Settings
+from streams.settings import KafkaSettings
 from streams.topics import CATALOGUE, TopicSpec
 
 
-def resolve_topic(settings: Settings, name: str) -> tuple[str, TopicSpec]:
+def resolve_topic(kafka: KafkaSettings, name: str) -> tuple[str, TopicSpec]:
     """A short catalogue name ('problems') or a full one ('promptcot.problems')."""
-    ns = settings.kafka.namespace
     for spec in CATALOGUE.values():
-        if name in (spec.name, spec.full_name(ns)):
-            return spec.full_name(ns), spec
+        if name in (spec.name, spec.full_name(kafka.namespace)):
+            return spec.full_name(kafka.namespace), spec
     raise KeyError(f"unknown topic {name!r}; topics: {', '.join(CATALOGUE)}")
 
 
-def publish(settings: Settings, bootstrap: str, spec: TopicSpec, records: Iterable[Record]) -> int:
-    producer = KafkaProducer(**kafka_python_config(settings.kafka, bootstrap), acks="all")
+def publish(kafka: KafkaSettings, bootstrap: str, spec: TopicSpec,
+            records: Iterable[Record]) -> int:
+    producer = KafkaProducer(**kafka_python_config(kafka, bootstrap), acks="all")
     n = 0
     try:
         for record in records:
             key = str(getattr(record, spec.key, record.id) or record.id).encode()
             headers = list(record.headers().items())
-            producer.send(spec.full_name(settings.kafka.namespace), serde.encode(record), key=key, headers=headers)
+            producer.send(spec.full_name(kafka.namespace), serde.encode(record), key=key,
+                          headers=headers)
             n += 1
         producer.flush()
     finally:
@@ -42,10 +44,11 @@ def publish(settings: Settings, bootstrap: str, spec: TopicSpec, records: Iterab
     return n
 
 
-def read_raw(settings: Settings, bootstrap: str, topic: str, *, idle_s: float = 2.0, follow: bool = False) -> Iterator:
+def read_raw(kafka: KafkaSettings, bootstrap: str, topic: str, *, idle_s: float = 2.0,
+             follow: bool = False) -> Iterator:
     """Every message of ``topic`` from the beginning; stops after ``idle_s`` without news unless
     following."""
-    consumer = KafkaConsumer(**kafka_python_config(settings.kafka, bootstrap), enable_auto_commit=False)
+    consumer = KafkaConsumer(**kafka_python_config(kafka, bootstrap), enable_auto_commit=False)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
@@ -61,10 +64,12 @@ def read_raw(settings: Settings, bootstrap: str, topic: str, *, idle_s: float = 
         consumer.close()
 
 
-def read_topic(settings: Settings, name: str, *, bootstrap: str | None = None, follow: bool = False, idle_s: float = 2.0) -> Iterator[Record]:
+def read_topic(kafka: KafkaSettings, name: str, *, bootstrap: str | None = None,
+               follow: bool = False, idle_s: float = 2.0) -> Iterator[Record]:
     """Decoded records of a topic (unreadable ones are skipped: they are the DLQ's business)."""
-    full, spec = resolve_topic(settings, name)
-    for message in read_raw(settings, bootstrap or settings.kafka.bootstrap_servers, full, idle_s=idle_s, follow=follow):
+    full, spec = resolve_topic(kafka, name)
+    for message in read_raw(kafka, bootstrap or kafka.bootstrap_servers or "", full,
+                            idle_s=idle_s, follow=follow):
         try:
             yield serde.decode(message.value, spec.record)
         except serde.RecordDecodeError:

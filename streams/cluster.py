@@ -1,11 +1,16 @@
-"""Cluster settings passed through to every client: kafka-python (admin, tools) and Faust."""
+"""The cluster the workers talk to: connection settings passed through to every client
+(kafka-python for admin and tools, Faust for the workers), and ``Cluster``, which connects to a
+configured cluster or starts the embedded broker."""
 
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 from typing import Any
 
-from streams.settings import KafkaSettings
+from streams.broker import EmbeddedBroker
+from streams.settings import EmbeddedBrokerSettings, KafkaSettings
+from streams.topics import ensure_topics
 
 
 def kafka_python_config(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
@@ -29,6 +34,27 @@ def kafka_python_config(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
     return config
 
 
+class ClusterUnreachable(ConnectionError):
+    """No broker answered at the bootstrap address."""
+
+
+def check_reachable(kafka: KafkaSettings, bootstrap: str, timeout_s: float = 10.0) -> None:
+    """Raise ClusterUnreachable, naming the address, unless a broker answers within
+    ``timeout_s`` (kafka-python would otherwise retry for minutes)."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    ms = int(timeout_s * 1000)
+    try:
+        admin = KafkaAdminClient(**kafka_python_config(kafka, bootstrap),
+                                 bootstrap_timeout_ms=ms, request_timeout_ms=ms)
+    except (KafkaError, OSError) as exc:
+        raise ClusterUnreachable(
+            f"cannot reach Kafka at {bootstrap} within {timeout_s:g} s ({type(exc).__name__})"
+        ) from exc
+    admin.close()
+
+
 def faust_credentials(kafka: KafkaSettings) -> Any | None:
     """Faust's credentials object for SASL and/or TLS, or None for plaintext."""
     import faust
@@ -49,3 +75,31 @@ def faust_credentials(kafka: KafkaSettings) -> Any | None:
     if ssl_context is not None:
         return faust.SSLCredentials(ssl_context)
     return None
+
+
+@dataclass
+class Cluster:
+    """Where the workers connect: a configured cluster, or an embedded broker we own. Either
+    way every catalogue topic exists once ``connect`` returns."""
+
+    bootstrap: str
+    broker: EmbeddedBroker | None = None
+
+    @classmethod
+    def connect(cls, kafka: KafkaSettings, embedded: EmbeddedBrokerSettings) -> Cluster:
+        if kafka.bootstrap_servers:
+            cluster = cls(kafka.bootstrap_servers)
+        else:
+            broker = EmbeddedBroker(embedded).start()
+            cluster = cls(broker.bootstrap_servers, broker)
+        ensure_topics(
+            kafka_python_config(kafka, cluster.bootstrap),
+            kafka.namespace,
+            kafka.partitions,
+            kafka.replication_factor,
+        )
+        return cluster
+
+    def close(self) -> None:
+        if self.broker is not None:
+            self.broker.stop()

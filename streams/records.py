@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -74,6 +74,23 @@ class Record(BaseModel):
             defining = {name: _plain(getattr(self, name)) for name in self.id_fields}
             self.id = f"{self.id_prefix}_{content_hash(defining)}"
         return self
+
+    @classmethod
+    def derived_from(
+        cls,
+        parent: Record,
+        *,
+        models: dict[str, str] | None = None,
+        templates: dict[str, str] | None = None,
+        **fields: Any,
+    ) -> Self:
+        """A child of ``parent``: its parent id, and the parent's lineage extended by the parent
+        and by the models and prompt templates that made the child."""
+        return cls(
+            parent_ids=[parent.id],
+            lineage=parent.lineage.extend(parent.id, models=models, templates=templates),
+            **fields,
+        )
 
     def headers(self) -> dict[str, bytes]:
         """Lineage in Kafka headers, so consumers can route or audit without parsing the body."""

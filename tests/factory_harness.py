@@ -8,10 +8,10 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from promptcot.settings import Settings
 from streams.clients import read_raw
 from streams.records import Record
 from streams.serde import RecordDecodeError, decode
-from streams.settings import Settings
 from streams.topics import CATALOGUE, TopicSpec
 
 
@@ -41,7 +41,7 @@ def read_records(settings: Settings, topic: str, idle_s: float = 1.0) -> list[tu
     """(decoded record or None, raw message) for every message of a catalogue topic."""
     spec: TopicSpec = CATALOGUE[topic]
     out = []
-    for message in read_raw(settings, settings.kafka.bootstrap_servers, spec.full_name(settings.kafka.namespace), idle_s=idle_s):
+    for message in read_raw(settings.kafka, settings.kafka.bootstrap_servers, spec.full_name(settings.kafka.namespace), idle_s=idle_s):
         try:
             out.append((decode(message.value, spec.record), message))
         except RecordDecodeError:

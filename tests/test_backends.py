@@ -20,7 +20,6 @@ from workers.backends import (
     BackendPool,
     BackendSettings,
     BackendTimeoutError,
-    ModelRoles,
     UnreachableError,
     clear_cache,
     make_backend,
@@ -29,6 +28,7 @@ from workers.backends import (
 from workers.backends.openai_backend import OpenAIBackend
 from workers.backends.transformers_backend import TransformersBackend
 from workers.mathcheck import extract_answer
+from workers.roles import ModelRoles
 
 MAX_LEN = 512
 
@@ -205,9 +205,8 @@ def test_model_version_reload_and_factory(tiny_model_dir, tmp_path, backend):
     clear_cache()
     settings = BackendSettings(model=str(tiny_model_dir))
     assert make_backend(settings) is make_backend(settings.model_copy())
-    roles = ModelRoles(prompt_model=settings, solver=settings,
-                       rationale_model=settings.model_copy(update={"max_batch_size": 4}))
-    pool = BackendPool(roles)
+    pool = BackendPool({"prompt_model": settings, "solver": settings,
+                        "rationale_model": settings.model_copy(update={"max_batch_size": 4})})
     assert pool.get("prompt_model") is pool.get("solver")
     assert pool.get("rationale_model") is not pool.get("solver")
     moved = pool.reload("prompt_model", str(copy))  # shared -> copy on write
@@ -215,7 +214,7 @@ def test_model_version_reload_and_factory(tiny_model_dir, tmp_path, backend):
     assert pool.versions()["prompt_model"].startswith("copy@")
     assert pool.versions()["solver"].startswith(tiny_model_dir.name)
     with pytest.raises(KeyError):
-        roles.role("nobody")
+        ModelRoles().role("nobody")
     clear_cache()
 
 

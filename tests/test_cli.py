@@ -9,7 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from streams.cli import app, parse_duration
+from promptcot.cli import app
+from promptcot.cli.app import parse_duration
 from streams.records import RECORD_TYPES, Verdict
 from workers.stages.sink import SinkStage
 
@@ -67,7 +68,7 @@ def test_unknown_stage_is_rejected():
 
 def test_export_writes_each_problem_once(tmp_path, monkeypatch):
     monkeypatch.setenv("PROMPTCOT_SINK__OUTPUT_DIR", str(tmp_path / "out"))
-    from streams.settings import load_settings
+    from promptcot.settings import load_settings
 
     sink = SinkStage(load_settings())
     sink.ensure_ready()

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+import corpora
 from workers import codecheck as cc
 from workers.codecheck import CodeParseError, extract_program, parse_tests, verify_code
 from workers.sandbox import Limits, Sandbox, SandboxSettings, TestCase
 
-CODEFORCES = Path(__file__).resolve().parents[1] / "workers/data/benchmarks/codeforces.jsonl"
+CODEFORCES = corpora.path("benchmarks", "codeforces.jsonl")
 LIMITS = Limits(cpu_seconds=2, wall_seconds=3, memory_mb=256, max_processes=8)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from streams.records import AnnotatedSeed
 from workers.concepts import ConceptPool, ConceptSampler, load_pool
-from workers.concepts_config import CODE_LADDER, MATH_LADDER, ConceptSettings
+from workers.settings import CODE_LADDER, MATH_LADDER, ConceptSettings
 
 # A small hand-built corpus: "a" is the most frequent; {a, b, c} always go together; "x" and "y"
 # only ever appear with each other.

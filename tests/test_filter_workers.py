@@ -32,11 +32,11 @@ from pathlib import Path
 import pytest
 from factory_harness import read_records
 
+from promptcot.settings import Settings
 from streams.broker import EmbeddedBroker
 from streams.clients import publish
 from streams.cluster import kafka_python_config
 from streams.records import CandidateProblem, Lineage
-from streams.settings import Settings
 from streams.topics import CANDIDATES, ensure_topics
 
 pytestmark = pytest.mark.slow
@@ -126,7 +126,7 @@ def _worker(settings: Settings, store: Path, log_path: Path) -> subprocess.Popen
         "PROMPTCOT_LOG_LEVEL": "INFO",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "worker", "filter"],
+        [sys.executable, "-m", "promptcot", "worker", "filter"],
         env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 
@@ -195,7 +195,7 @@ def test_two_filter_workers_let_no_near_duplicate_through(tmp_path, benchmark_ca
             assert all(w.poll() is None for w in workers), tail()
 
             cands = candidates()
-            publish(settings, broker.bootstrap_servers, CANDIDATES, cands)
+            publish(settings.kafka, broker.bootstrap_servers, CANDIDATES, cands)
             ids = {c.id for c in cands}
             assert len(ids) == len(cands) == len(PROBLEMS) * VERSIONS
 

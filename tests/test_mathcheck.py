@@ -6,9 +6,10 @@ import json
 import random
 import threading
 import time
-from pathlib import Path
 
 import pytest
+
+import corpora
 
 from workers.mathcheck import (
     EquivalenceOracle,
@@ -19,7 +20,7 @@ from workers.mathcheck import (
     vote,
 )
 
-GSM8K = Path(__file__).resolve().parents[1] / "workers" / "data" / "gsm8k" / "test.jsonl"
+GSM8K = corpora.path("gsm8k", "test.jsonl")
 ROWS = [json.loads(line) for line in GSM8K.read_text().splitlines() if line.strip()]
 
 

@@ -17,12 +17,13 @@ from collections import defaultdict
 import pytest
 from factory_harness import factory_settings, read_records, wait_until
 
+from promptcot.registry import DATA_STAGES, make_stage
 from streams.broker import EmbeddedBroker
 from streams.clients import publish
 from streams.cluster import kafka_python_config
 from streams.records import ConceptSet, DeadLetter, Problem, Verdict
 from streams.topics import CATALOGUE, SEEDS, ensure_topics
-from workers.pipeline import DEFAULT_UP_STAGES, make_stage, run_stages
+from workers.runtime import run_stages
 from workers.seeds import load_seeds
 from workers.stages.sink import read_problems
 
@@ -58,11 +59,11 @@ def test_factory_end_to_end_with_dead_letters(broker, tmp_path, tiny_model_dir):
     )
     ns = settings.kafka.namespace
     ensure_topics(kafka_python_config(settings.kafka, broker.bootstrap_servers), ns, 2, 1)
-    input_topics = sorted({make_stage(n, settings).input.name for n in DEFAULT_UP_STAGES})
+    input_topics = sorted({make_stage(n, settings).input.name for n in DATA_STAGES})
     for name in input_topics:  # garbage first: the valid records behind it must still flow
         _raw_send(settings, CATALOGUE[name].full_name(ns), GARBAGE)
     seeds = load_seeds("gsm8k", "train", limit=2)
-    publish(settings, broker.bootstrap_servers, SEEDS, seeds)
+    publish(settings.kafka, broker.bootstrap_servers, SEEDS, seeds)
 
     def seed_fates() -> dict[str, str]:
         """seed id -> "rationales" | "rejected:<stage>" for seeds that finished."""
@@ -89,7 +90,8 @@ def test_factory_end_to_end_with_dead_letters(broker, tmp_path, tiny_model_dir):
         await wait_until(done, timeout_s=420)
         await asyncio.sleep(2)  # let sink/pairs drain the last verdicts
 
-    asyncio.run(run_stages(settings, list(DEFAULT_UP_STAGES), broker.bootstrap_servers,
+    asyncio.run(run_stages(settings, [make_stage(n, settings) for n in DATA_STAGES],
+                           broker.bootstrap_servers,
                            app_id=f"{ns}-factory", until=until))
 
     # Every concept set: exactly one verdict (ids dedupe at-least-once repeats).

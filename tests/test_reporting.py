@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from promptcot.settings import Settings
 from streams import metrics
 from streams.records import Problem
-from streams.settings import Settings
 from vectorstore.embedder import Embedder
 from vectorstore.settings import EmbedderSettings
 from workers.diversity_window import DiversityWindow

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from workers.data import data_dir
+import corpora
 from workers.lexicon import annotate_with_lexicon, load_lexicon, score_concepts
 from workers.seeds import build_default_pool, codeforces_statement, gsm8k_final_answer, load_seeds
 
@@ -35,7 +34,7 @@ def test_gsm8k_answer_parsing():
 
 def test_codeforces_seeds_are_bare_statements_with_tests():
     seeds = load_seeds("codeforces")
-    raw = [json.loads(line) for line in (data_dir() / "benchmarks" / "codeforces.jsonl").open()]
+    raw = [json.loads(line) for line in corpora.path("benchmarks", "codeforces.jsonl").open()]
     assert len(seeds) == len(raw) == 408
     for seed, row in zip(seeds, raw):
         assert seed.domain == "code"
@@ -110,9 +109,8 @@ def test_codeforces_rows_get_concepts():
     assert share > 0.8
 
 
-@pytest.mark.skipif(not os.environ.get("PROMPTCOT_SLOW_TESTS"), reason="rebuilds the whole pool (~15 s CPU)")
 def test_shipped_pool_is_up_to_date():
-    """The shipped pool.json is what `python -m workers.seeds build-pool` makes from today's
+    """The shipped pool.json is what `promptcot seeds build-pool` makes from today's
     lexicon: a lexicon edit without a rebuild fails here."""
     from workers.concepts import load_pool
 

@@ -1,19 +1,27 @@
-"""Settings: one typed object from defaults, PROMPTCOT_* env vars and an optional YAML file."""
+"""Settings: one strict typed tree from defaults, PROMPTCOT_* env vars and an optional YAML file."""
+
+from __future__ import annotations
 
 import pytest
+from pydantic import BaseModel
 
-from streams.settings import load_settings
+from promptcot.settings import Settings, SettingsError, load_settings, sources
+from streams.settings import Section
 
 
-def test_defaults_are_the_embedded_factory(monkeypatch):
+@pytest.fixture(autouse=True)
+def _no_config_env(monkeypatch):
     monkeypatch.delenv("PROMPTCOT_CONFIG", raising=False)
+
+
+def test_defaults_are_the_embedded_factory():
     s = load_settings()
     assert s.kafka.bootstrap_servers is None  # -> embedded broker
     assert s.verify.max_pass_rate == 0.5 and s.verify.min_pass_rate == 0.0
+    assert s.stage("em").batch_within_s == 600.0 and s.stage("generate").batch_size == 8
 
 
 def test_env_vars_override_nested_fields(monkeypatch):
-    monkeypatch.delenv("PROMPTCOT_CONFIG", raising=False)
     monkeypatch.setenv("PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS", "k1:9092,k2:9092")
     monkeypatch.setenv("PROMPTCOT_KAFKA__SASL_PASSWORD", "s3cret")
     monkeypatch.setenv("PROMPTCOT_VERIFY__ROLLOUTS", "16")
@@ -23,6 +31,28 @@ def test_env_vars_override_nested_fields(monkeypatch):
     assert "s3cret" not in s.model_dump_json()  # secrets never printed
 
 
+def test_one_nested_env_key_leaves_its_siblings_alone(monkeypatch):
+    monkeypatch.setenv("PROMPTCOT_STAGES__EM__BATCH_SIZE", "8")
+    monkeypatch.setenv("PROMPTCOT_VERIFY__SANDBOX__LIMITS__CPU_SECONDS", "3")
+    s = load_settings()
+    assert s.stage("em").batch_size == 8
+    assert s.stage("em").batch_within_s == 600.0  # em's own default, not the generic 0.5 s
+    assert s.stage("generate").batch_size == 8 and s.stage("filter").batch_size == 32
+    assert s.verify.sandbox.limits.cpu_seconds == 3
+    assert s.verify.sandbox.limits.wall_seconds == Settings().verify.sandbox.limits.wall_seconds
+
+
+def test_yaml_sets_one_key_of_a_mapping(tmp_path):
+    cfg = tmp_path / "factory.yaml"
+    cfg.write_text(
+        "vectorstore:\n  dedup:\n    near_duplicate_threshold_by_domain: {math: 0.7}\n"
+        "stages:\n  dpo: {batch_size: 4}\n"
+    )
+    s = load_settings(cfg)
+    assert s.vectorstore.dedup.near_duplicate_threshold_by_domain == {"code": 0.88, "math": 0.7}
+    assert s.stage("dpo").batch_size == 4 and s.stage("dpo").batch_within_s == 600.0
+
+
 def test_yaml_file_and_env_precedence(tmp_path, monkeypatch):
     cfg = tmp_path / "factory.yaml"
     cfg.write_text("kafka:\n  namespace: team-a\n  partitions: 6\nverify:\n  rollouts: 4\n")
@@ -30,15 +60,90 @@ def test_yaml_file_and_env_precedence(tmp_path, monkeypatch):
     s = load_settings(cfg)
     assert s.kafka.namespace == "team-a" and s.kafka.partitions == 6
     assert s.verify.rollouts == 12  # env beats the file
+    where = sources(cfg)
+    assert where["kafka.namespace"] == f"file {cfg}"
+    assert where["verify.rollouts"] == "env PROMPTCOT_VERIFY__ROLLOUTS"
+    assert "kafka.bootstrap_servers" not in where  # a default
 
 
-def test_missing_config_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config file not found"):
+def test_missing_or_broken_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SettingsError, match="config file not found"):
         load_settings(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kafka: [unclosed\n")
+    with pytest.raises(SettingsError, match="not valid YAML"):
+        load_settings(bad)
 
 
-def test_unknown_keys_are_rejected(tmp_path, monkeypatch):
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text("kafka:\n  bootstrap: oops\n")
-    with pytest.raises(Exception, match="bootstrap"):
-        load_settings(cfg)
+# One typo per section, at every depth: each is rejected with its full path and the nearest name.
+TYPOS = [
+    ({"kafka": {"partitons": 3}}, "kafka.partitons: unknown key; did you mean partitions?"),
+    ({"embedded_broker": {"storag": "x"}}, "embedded_broker.storag: unknown key; did you mean storage?"),
+    ({"stages": {"generat": {}}}, "stages.generat: unknown key; did you mean generate?"),
+    ({"stages": {"em": {"batch_sise": 3}}}, "stages.em.batch_sise: unknown key; did you mean batch_size?"),
+    ({"models": {"solver": {"kindd": "openai"}}}, "models.solver.kindd: unknown key; did you mean kind?"),
+    ({"models": {"solvr": {}}}, "models.solvr: unknown key; did you mean solver?"),
+    ({"concepts": {"set_sise": 4}}, "concepts.set_sise: unknown key; did you mean set_size?"),
+    ({"sampler": {"max_in_flite": 4}}, "sampler.max_in_flite: unknown key; did you mean max_in_flight?"),
+    ({"generation": {"temprature": 1}}, "generation.temprature: unknown key; did you mean temperature?"),
+    ({"verify": {"rolouts": 3}}, "verify.rolouts: unknown key; did you mean rollouts?"),
+    ({"verify": {"math": {"min_agrement": 0.3}}}, "verify.math.min_agrement: unknown key; did you mean min_agreement?"),
+    ({"verify": {"sandbox": {"slotz": 4}}}, "verify.sandbox.slotz: unknown key; did you mean slots?"),
+    ({"verify": {"sandbox": {"limits": {"cpu_second": 1}}}}, "verify.sandbox.limits.cpu_second: unknown key; did you mean cpu_seconds?"),
+    ({"pairs": {"max_pairs_per_problm": 2}}, "pairs.max_pairs_per_problm: unknown key; did you mean max_pairs_per_problem?"),
+    ({"annotate": {"concept_sorce": "model"}}, "annotate.concept_sorce: unknown key; did you mean concept_source?"),
+    ({"rationale": {"sample": 2}}, "rationale.sample: unknown key; did you mean samples?"),
+    ({"vectorstore": {"stor": {}}}, "vectorstore.stor: unknown key; did you mean store?"),
+    ({"vectorstore": {"embedder": {"devise": "cpu"}}}, "vectorstore.embedder.devise: unknown key; did you mean device?"),
+    ({"vectorstore": {"decontam": {"ngram_sise": 9}}}, "vectorstore.decontam.ngram_sise: unknown key; did you mean ngram_size?"),
+    ({"vectorstore": {"dedup": {"near_duplicate_treshold": 0.9}}}, "vectorstore.dedup.near_duplicate_treshold: unknown key; did you mean near_duplicate_threshold?"),
+    ({"trainer": {"keep_lst": 2}}, "trainer.keep_lst: unknown key; did you mean keep_last?"),
+    ({"trainer": {"e_step": {"window": {"min_record": 2}}}}, "trainer.e_step.window.min_record: unknown key; did you mean min_records?"),
+    ({"trainer": {"dpo": {"lora": {"alfa": 8}}}}, "trainer.dpo.lora.alfa: unknown key; did you mean alpha?"),
+    ({"sink": {"output_dr": "x"}}, "sink.output_dr: unknown key; did you mean output_dir?"),
+    ({"metrics": {"prt": 1}}, "metrics.prt: unknown key; did you mean port?"),
+    ({"log_levl": "INFO"}, "log_levl: unknown key; did you mean log_level?"),
+]
+
+
+@pytest.mark.parametrize("values,line", TYPOS, ids=[line.split(":")[0] for _, line in TYPOS])
+def test_a_typo_in_any_section_names_its_path_and_the_nearest_key(values, line):
+    with pytest.raises(SettingsError) as err:
+        Settings(**values)
+    assert err.value.problems == [line]
+
+
+def test_the_typo_cases_cover_every_section():
+    sections = {next(iter(values)) for values, _ in TYPOS}
+    assert sections - {"log_levl"} == set(Settings.model_fields) - {"log_level"}
+
+
+def test_every_section_at_every_depth_is_strict():
+    """A section class that is not a Section would accept typos silently."""
+    seen: set[type] = set()
+
+    def walk(cls: type[BaseModel]) -> None:
+        seen.add(cls)
+        for field in cls.model_fields.values():
+            for arg in _types_in(field.annotation):
+                if isinstance(arg, type) and issubclass(arg, BaseModel) and arg not in seen:
+                    assert issubclass(arg, Section), f"{arg.__qualname__} is not a strict Section"
+                    walk(arg)
+
+    walk(Settings)
+    assert len(seen) > 15
+
+
+def _types_in(annotation):
+    import typing
+
+    yield annotation
+    for arg in typing.get_args(annotation):
+        yield from _types_in(arg)
+
+
+def test_wrong_type_names_the_key_and_the_value():
+    with pytest.raises(SettingsError) as err:
+        Settings(kafka={"partitions": "many"})
+    assert err.value.problems[0].startswith("kafka.partitions: Input should be a valid integer")
+    assert "'many'" in err.value.problems[0]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from promptcot.settings import Settings
 from streams.records import (
     AnnotatedSeed,
     CandidateProblem,
@@ -15,9 +16,9 @@ from streams.records import (
     SeedProblem,
     Verdict,
 )
-from streams.settings import Settings
 from streams.topics import CANDIDATES, CONCEPTS, RATIONALES, SEEDS_ANNOTATED, VERDICTS
 from workers.prompts import SYNTHESIS, synthesis_fields, synthesis_parts
+from workers.roles import Role
 from workers.stages.annotate import AnnotateStage
 from workers.stages.generate import GenerateStage
 from workers.stages.pairs import PairsStage, build_pairs
@@ -82,7 +83,7 @@ def test_generate_settles_every_concept_set_with_lineage(settings):
         settled[key] = r
         if e.topic is CANDIDATES:
             assert isinstance(r, CandidateProblem) and r.problem and r.rationale
-            assert r.lineage.models["prompt_model"] == stage.backend.model_version
+            assert r.lineage.models["prompt_model"] == stage.backend(Role.PROMPT_MODEL).model_version
             assert r.lineage.templates == {"synthesis": SYNTHESIS.hash}
         else:
             assert e.topic is VERDICTS and not r.accepted and r.reason

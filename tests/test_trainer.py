@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # the machine is shared; these models are tiny
 
+from promptcot.settings import Settings
 from streams.records import ModelUpdate, PreferencePair, Rationale
 from streams.topics import MODELS
 from trainer.checkpoints import CheckpointStore, parse_version
-from trainer.config import TrainerSettings
 from trainer.em import (
     EMTrainer,
     SeedItem,
@@ -33,7 +33,7 @@ from trainer.em import (
 )
 from trainer.stages import DPOStage, EStepStage, ModelReloadStage
 from workers import prompts as P
-from workers.backends.base import BackendSettings, ModelRoles
+from workers.backends.base import BackendSettings
 
 # ---------------------------------------------------------------------------------------------
 # A tiny model
@@ -57,7 +57,7 @@ def _build_tiny_model(out: Path) -> Path:
     tok.train_from_iterator(texts, trainer)
     out.mkdir(parents=True)
     tok.save(str(out / "tokenizer.json"))
-    # TokenizersBackend keeps the trained ids (FIELD-NOTES pitfall).
+    # TokenizersBackend keeps the trained ids (docs/models.md, "The tiny test model").
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "TokenizersBackend", "eos_token": "<|im_end|>", "pad_token": "<|pad|>",
         "chat_template": P.CHATML_TEMPLATE, "model_max_length": 2048,
@@ -107,13 +107,10 @@ def _rationales(seed_ids: list[str], k: int = 3) -> list[Rationale]:
     return out
 
 
-def _settings(tmp_path: Path, model: Path, **trainer: object) -> SimpleNamespace:
-    """A stand-in for the global settings: the lead composes ``trainer`` and ``models`` into
-    streams.settings.Settings; the stages only read those two sections."""
-    roles = ModelRoles(**{r: BackendSettings(model=str(model))
-                          for r in ("prompt_model", "rationale_model", "solver")})
-    return SimpleNamespace(trainer=TrainerSettings(checkpoint_dir=tmp_path / "ckpt", **trainer),
-                           models=roles)
+def _settings(tmp_path: Path, model: Path, **trainer: object) -> Settings:
+    roles = ("prompt_model", "rationale_model", "solver")
+    return Settings(trainer={"checkpoint_dir": tmp_path / "ckpt", **trainer},
+                    models={r: {"model": str(model)} for r in roles}, metrics={"port": 0})
 
 
 def _fast(lr: float = 3e-3, epochs: float = 1.0, **extra: object) -> dict:

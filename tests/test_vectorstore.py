@@ -17,7 +17,7 @@ from vectorstore import dedup as d
 from vectorstore.benchmarks import load_benchmarks, resolve_path
 from vectorstore.calibrate import edit_numbers, edit_reorder, load_gsm8k
 from vectorstore.decontam import ContaminationIndex
-from vectorstore.dedup import CandidateText, DedupFilter, ScreenedCandidate
+from vectorstore.dedup import CandidateText, DedupFilter
 from vectorstore.diversity import (
     centroid_distance,
     concept_coverage,
@@ -111,6 +111,11 @@ def dedup(embedder, contamination, tmp_path) -> DedupFilter:
     return DedupFilter(embedder, contamination, store)
 
 
+def check(dedup: DedupFilter, items: list[CandidateText]) -> list[d.FilterDecision]:
+    """Screen and decide in one process, as the filter stage does."""
+    return dedup.decide_and_commit(dedup.embed_and_screen(items))
+
+
 def _clean_gsm8k_train(embedder, contamination: ContaminationIndex, count: int) -> list[str]:
     """Train problems that are not template copies of an indexed test problem (a few are)."""
     texts = [t for t in load_gsm8k("train")[:60] if contamination.ngram_match(t) is None]
@@ -164,7 +169,7 @@ def test_embedder_normalizes_counts_and_truncates(embedder):
 
 def test_distinct_kept_and_paraphrased_duplicates_rejected(dedup, embedder, contamination):
     originals = _clean_gsm8k_train(embedder, contamination, 12) + NOVEL
-    first = dedup.check([CandidateText(f"p{i}", t, "math") for i, t in enumerate(originals)])
+    first = check(dedup, [CandidateText(f"p{i}", t, "math") for i, t in enumerate(originals)])
     assert [x.reason for x in first] == [None] * len(originals)
     assert dedup.store.count() == len(originals)
 
@@ -176,7 +181,7 @@ def test_distinct_kept_and_paraphrased_duplicates_rejected(dedup, embedder, cont
         )
         copies.append(CandidateText(f"nm{i}", edit_numbers(text, rng), "math"))
         copies.append(CandidateText(f"ro{i}", edit_reorder(text, rng), "math"))
-    decisions = {x.id: x for x in dedup.check(copies)}
+    decisions = {x.id: x for x in check(dedup, copies)}
     for i in range(12):
         assert decisions[f"ws{i}"].reason == d.EXACT_DUPLICATE
         assert decisions[f"ws{i}"].nearest_id == f"p{i}"
@@ -193,7 +198,7 @@ def test_near_duplicates_within_one_batch(dedup):
         .replace("30-day", "31-day")
         .replace("lighthouse keeper", "light-house keeper")
     )
-    decisions = dedup.check(
+    decisions = check(dedup, 
         [
             CandidateText("a", text, "math"),
             CandidateText("b", twin, "math"),
@@ -207,8 +212,8 @@ def test_near_duplicates_within_one_batch(dedup):
 
 def test_redelivered_item_is_accepted_once_and_stored_once(dedup):
     item = CandidateText("same-id", NOVEL[1], "math", {"parents": ["cs-1"]})
-    assert dedup.check([item])[0].accepted
-    again = dedup.check([item, item])
+    assert check(dedup, [item])[0].accepted
+    again = check(dedup, [item, item])
     assert [x.accepted for x in again] == [True, True]
     assert dedup.store.count() == 1
     assert dedup.store.get("same-id")["metadata"] == {"parents": ["cs-1"]}
@@ -228,7 +233,7 @@ def test_benchmark_copies_rejected_with_the_benchmark_id(dedup, benchmark_text):
         CandidateText("code", code, "code"),
         CandidateText("chatml", raw_prompt, "math"),
     ]
-    decisions = {x.id: x for x in dedup.check(items)}
+    decisions = {x.id: x for x in check(dedup, items)}
     expected = {
         "exact": "aime24:0",
         "renamed": "aime24:0",
@@ -266,28 +271,12 @@ def test_empty_enormous_and_non_utf8_text(dedup):
         CandidateText("huge", enormous, "math"),
         CandidateText("bytes", NOVEL[3].encode() + b" \xff\xfe", "code"),
     ]
-    decisions = {x.id: x for x in dedup.check(items)}
+    decisions = {x.id: x for x in check(dedup, items)}
     for item_id in ("empty", "blank", "chatml-only"):
         assert decisions[item_id].reason == d.EMPTY_TEXT
     assert decisions["huge"].accepted and decisions["bytes"].accepted
     assert len(dedup.store.get("huge")["text"]) == dedup.embedder.settings.max_chars
     assert "\ufffd" in dedup.store.get("bytes")["text"]
-
-
-def test_screened_candidates_travel_as_json(dedup, benchmark_text):
-    screened = dedup.embed_and_screen(
-        [
-            CandidateText("x", NOVEL[2], "math"),
-            CandidateText("y", benchmark_text["hmmt25:0"], "math"),
-        ]
-    )
-    restored = [ScreenedCandidate.from_dict(json.loads(json.dumps(s.to_dict()))) for s in screened]
-    assert restored[1].ngram_match.benchmark_id == "hmmt25:0"
-    np.testing.assert_allclose(restored[0].vector, screened[0].vector)
-    assert [x.reason for x in dedup.decide_and_commit(restored)] == [
-        None,
-        d.BENCHMARK_NGRAM_OVERLAP,
-    ]
 
 
 def test_single_owner_lets_no_duplicate_through_from_two_concurrent_screeners(

@@ -13,14 +13,13 @@ import time
 from collections import defaultdict
 
 import pytest
+from factory_harness import factory_settings, read_records
 
 from streams.broker import EmbeddedBroker
 from streams.clients import publish
 from streams.cluster import kafka_python_config
 from streams.records import ConceptSet
 from streams.topics import CONCEPTS, ensure_topics
-
-from factory_harness import factory_settings, read_records
 
 pytestmark = pytest.mark.slow
 N_SETS = 40
@@ -39,7 +38,7 @@ def _worker(settings, model_dir, log_path) -> subprocess.Popen:
         "PROMPTCOT_LOG_LEVEL": "INFO",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "worker", "generate"],
+        [sys.executable, "-m", "promptcot", "worker", "generate"],
         env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 
@@ -61,7 +60,7 @@ def _candidates_written(settings) -> int:
     from streams.clients import read_raw
 
     topic = f"{settings.kafka.namespace}.candidates"
-    return sum(1 for _ in read_raw(settings, settings.kafka.bootstrap_servers, topic, idle_s=0.2))
+    return sum(1 for _ in read_raw(settings.kafka, settings.kafka.bootstrap_servers, topic, idle_s=0.2))
 
 
 def _wait(predicate, timeout_s: float, proc: subprocess.Popen, log_path) -> None:
@@ -81,7 +80,7 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(tmp_path, t
         ensure_topics(kafka_python_config(settings.kafka, broker.bootstrap_servers), settings.kafka.namespace, 2, 1)
         sets = [ConceptSet(domain="math", concepts=["ratios", "percent"], difficulty="AMC12", draw=f"t:{i}")
                 for i in range(N_SETS)]
-        publish(settings, broker.bootstrap_servers, CONCEPTS, sets)
+        publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
         log_path = tmp_path / "worker.log"
 
         first = _worker(settings, tiny_model_dir, log_path)

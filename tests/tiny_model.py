@@ -157,7 +157,7 @@ def make_corpus(n: int, seed: int = SEED) -> list[tuple[str, str]]:
             out.append(_pair(P.TEST_WRITER, P.test_completion(f"{a} {b}\n", f"{result}\n"),
                              problem=problem))
         elif task == "concepts":
-            out.append(_pair(P.CONCEPTS, P.concepts_completion(concepts), k=len(concepts),
+            out.append(_pair(P.CONCEPT_ANNOTATION, P.concepts_completion(concepts), k=len(concepts),
                              problem=problem))
         else:
             template = P.RATIONALE_MODEL if task == "rationale" else P.RATIONALE_ANNOTATION

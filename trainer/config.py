@@ -1,4 +1,4 @@
-"""Trainer settings: one pydantic section the lead composes into the global ``Settings``
+"""Trainer settings: one settings section the root settings compose
 (``settings.trainer``), with a config per training step.
 
 Defaults follow the paper (cold start lr 2e-5, EM steps lr 2e-6, DPO lr 1e-6, batch 16) but keep
@@ -10,15 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from streams.settings import Section
 
 
-class _Section(BaseModel):
-    # Unknown keys are typos, and typos are errors (same rule as streams.settings.Section).
-    model_config = ConfigDict(extra="forbid")
-
-
-class LoraConfig(_Section):
+class LoraConfig(Section):
     """peft LoRA shape, used when a step sets ``use_lora``."""
 
     r: int = 16
@@ -27,7 +24,7 @@ class LoraConfig(_Section):
     target_modules: str | list[str] = "all-linear"
 
 
-class StepConfig(_Section):
+class StepConfig(Section):
     """What every training step shares. ``lr`` is for full fine-tuning; LoRA usually wants a
     learning rate ~10-100x higher (set it explicitly when you switch ``use_lora`` on)."""
 
@@ -48,7 +45,7 @@ class StepConfig(_Section):
         return max(1, self.batch_size // max(1, self.per_device_batch_size))
 
 
-class WindowConfig(_Section):
+class WindowConfig(Section):
     """The smallest window worth a training run. The window itself is the runtime's micro-batch
     of the stage: ``settings.stages["em"|"dpo"]`` (batch_size records or batch_within_s)."""
 
@@ -87,7 +84,7 @@ class DPOConfig(StepConfig):
     window: WindowConfig = Field(default_factory=lambda: WindowConfig(min_records=4))
 
 
-class TrainerSettings(_Section):
+class TrainerSettings(Section):
     """``settings.trainer``."""
 
     enabled: bool = True  # master switch: False makes every trainer stage skip its windows

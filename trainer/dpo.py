@@ -25,18 +25,13 @@ from trainer.checkpoints import (
     save_role_model,
 )
 from trainer.config import TrainerSettings
-from trainer.em import (
-    WindowResult,
-    _quiet_datasets,
-    common_training_args,
-    continuation_nll,
-    model_update,
-)
+from trainer.sft import common_training_args, continuation_nll, quiet_datasets
+from trainer.updates import WindowResult, model_update
 from workers.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
+from workers.roles import Role
 
 log = logging.getLogger(__name__)
 
-SOLVER_ROLE = "solver"
 def dpo_prompt(tokenizer: Any, pair: PreferencePair) -> str:
     """The pair's prompt as the solver saw it. A prompt that is already a rendered chat (it
     carries the chat markup) is used as is; a bare problem/user text is rendered with the
@@ -71,7 +66,7 @@ def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettin
     from trl import DPOTrainer
 
     cfg = settings.dpo
-    _quiet_datasets()
+    quiet_datasets()
     with tempfile.TemporaryDirectory(prefix="promptcot-dpo-") as out:
         args = TRLDPOConfig(
             **common_training_args(cfg, len(rows), settings.seed, out),
@@ -98,7 +93,7 @@ class DPOTrainerLoop:
         self.store = CheckpointStore(settings.checkpoint_dir, settings.keep_last)
         self._rm: RoleModel | None = None
         self.seen = SeenRecords()
-        self.seen.load(self.store, [SOLVER_ROLE])
+        self.seen.load(self.store, [Role.SOLVER])
         if settings.torch_threads:
             import torch
 
@@ -108,7 +103,7 @@ class DPOTrainerLoop:
     def solver(self) -> RoleModel:
         if self._rm is None:
             cfg = self.settings.dpo
-            self._rm = load_role_model(self.store, SOLVER_ROLE, self.base_path,
+            self._rm = load_role_model(self.store, Role.SOLVER, self.base_path,
                                        use_lora=cfg.use_lora, lora=cfg.lora)
         return self._rm
 

@@ -1,5 +1,5 @@
 """Cold start and the EM loop for the prompt model p_θ(z, x | c) and the rationale model
-q_φ(z | c, x) (DESIGN §1).
+q_φ(z | c, x) (docs/architecture.md, "The method").
 
 - Cold start: SFT of p_θ on c -> (z, x) and of q_φ on (c, x) -> z from annotated seeds.
 - E-step: the rationale stage already sampled K rationales per seed and scored each with
@@ -9,11 +9,8 @@ q_φ(z | c, x) (DESIGN §1).
 - Convergence signal: mean per-token NLL of x given (c, z) under p_θ, before and after the
   M-step, on seeds that are never trained on (chosen by a hash of the seed id).
 
-Training uses TRL's SFTTrainer on prompt/completion datasets, so the loss is on the completion
-only and TRL handles token merges across the prompt/completion boundary. Its fixed cost is about
-a second per call (measured on the tiny test model), small next to a window of real training on
-SmolLM2, so a hand-written loop would buy nothing. Prompts and completions come from
-workers/prompts.py: the targets are exactly the text the stages generate and score.
+Training goes through trainer/sft.py (TRL). Prompts and completions come from workers/prompts.py:
+the targets are exactly the text the stages generate and score.
 """
 
 from __future__ import annotations
@@ -21,12 +18,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from streams.records import AnnotatedSeed, Lineage, ModelUpdate, Rationale
+from streams.records import AnnotatedSeed, ModelUpdate, Rationale
 from trainer.checkpoints import (
     CheckpointStore,
     RoleModel,
@@ -35,6 +31,8 @@ from trainer.checkpoints import (
     save_role_model,
 )
 from trainer.config import StepConfig, TrainerSettings
+from trainer.sft import continuation_nll, sft, torch_module
+from trainer.updates import WindowResult, model_update
 from workers.prompts import (
     RATIONALE_MODEL,
     SYNTHESIS,
@@ -45,10 +43,10 @@ from workers.prompts import (
     synthesis_fields,
     synthesis_parts,
 )
+from workers.roles import Role
 
 log = logging.getLogger(__name__)
 
-P_ROLE, Q_ROLE = "prompt_model", "rationale_model"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,53 +137,6 @@ def is_heldout(seed_id: str, fraction: float) -> bool:
 # Scoring and decoding with an in-memory HF model
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
-def continuation_nll(
-    model: Any, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str],
-    batch_size: int = 8,
-) -> tuple[float, int]:
-    """(summed NLL, token count) of the continuations given their prompts, teacher-forced.
-    A token straddling the boundary counts as continuation (as in the backends' score())."""
-    from workers.backends.base import continuation_span
-
-    torch = _torch()
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                ps = prompts[start : start + batch_size]
-                cs = continuations[start : start + batch_size]
-                enc = [tokenizer(p + c, add_special_tokens=False, return_offsets_mapping=True)
-                       for p, c in zip(ps, cs)]
-                width = max(len(e["input_ids"]) for e in enc)
-                ids = torch.full((len(enc), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(enc), width), dtype=torch.long)
-                for row, e in enumerate(enc):
-                    ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-                    mask[row, : len(e["input_ids"])] = 1
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-                for row, (e, p) in enumerate(zip(enc, ps)):
-                    first = max(1, continuation_span([tuple(o) for o in e["offset_mapping"]], len(p)))
-                    n = len(e["input_ids"])
-                    if first >= n:
-                        continue
-                    total -= float(picked[row, first - 1 : n - 1].sum())
-                    count += n - first
-    finally:
-        model.train(was_training)
-    return total, count
-
-
 def problem_nll(model: Any, tokenizer: Any, items: Sequence[SeedItem]) -> float:
     """Mean per-token NLL of x given (c, z) under p_θ: the EM convergence signal."""
     prompts, conts = [], []
@@ -205,7 +156,7 @@ def greedy_rationales(
     text, or cut by the token budget before its closing delimiter)."""
     from workers.backends.base import truncate_at_stop
 
-    torch = _torch()
+    torch = torch_module()
     stop = list(RATIONALE_MODEL.stop)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     eos_ids = {i for i in (tokenizer.eos_token_id, eos) if isinstance(i, int) and i >= 0}
@@ -244,94 +195,6 @@ def greedy_rationales(
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# SFT with TRL
-
-
-def common_training_args(cfg: StepConfig, n_examples: int, seed: int, output_dir: str) -> dict[str, Any]:
-    """TrainingArguments shared by SFT and DPO: CPU-safe (no bf16 autocast, no gradient
-    checkpointing: both cost time on CPU and buy nothing at these sizes), no saving by the HF
-    Trainer (checkpoints are ours), and an accumulation that still steps on a tiny window."""
-    per_device = max(1, min(cfg.per_device_batch_size, n_examples))
-    accum = max(1, min(cfg.grad_accum, math.ceil(n_examples / per_device)))
-    import torch
-
-    return {
-        "output_dir": output_dir,
-        "use_cpu": not torch.cuda.is_available(),
-        "report_to": "none",
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "learning_rate": cfg.lr,
-        "per_device_train_batch_size": per_device,
-        "gradient_accumulation_steps": accum,
-        "num_train_epochs": cfg.epochs,
-        "warmup_steps": cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of all steps
-        "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm,
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "disable_tqdm": True,
-        "seed": seed,
-        "data_seed": seed,
-    }
-
-
-def _quiet_datasets() -> None:
-    # Per-window dataset maps would otherwise print progress bars into the worker's log.
-    import datasets
-
-    datasets.disable_progress_bars()
-
-
-def sft(rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig, seed: int = 0) -> float:
-    """Fine-tune ``rm.model`` in place on prompt/completion examples; returns the mean training
-    loss. The completion-only loss is TRL's default for prompt/completion data."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    _quiet_datasets()
-    with tempfile.TemporaryDirectory(prefix="promptcot-sft-") as out:
-        args = SFTConfig(
-            **common_training_args(cfg, len(examples), seed, out),
-            max_length=cfg.max_seq_len,
-            completion_only_loss=True,
-            dataset_num_proc=None,
-        )
-        trainer = SFTTrainer(
-            model=rm.model, args=args, train_dataset=Dataset.from_list(examples),
-            processing_class=rm.tokenizer,
-        )
-        result = trainer.train()
-    rm.model.eval()
-    return float(result.training_loss)
-
-
-# ---------------------------------------------------------------------------------------------
-# The EM trainer
-
-
-@dataclass
-class WindowResult:
-    updates: list[ModelUpdate]
-    skipped: str | None = None  # why nothing was trained, if so
-    metrics: dict[str, float] | None = None
-
-
-def model_update(rm: RoleModel, step: str, metrics: dict[str, float], parent_ids: list[str]) -> ModelUpdate:
-    assert rm.checkpoint is not None
-    version = rm.checkpoint.version_string
-    return ModelUpdate(
-        role=rm.role,
-        version=version,
-        path=str(rm.checkpoint.path),
-        step=step,
-        metrics={k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)},
-        parent_ids=parent_ids,
-        lineage=Lineage(ancestors=list(parent_ids), models={rm.role: version}),
-    )
-
-
 class EMTrainer:
     """Holds p_θ and q_φ in memory between windows (loading SmolLM2 costs seconds; a window
     may be small), resuming from the newest checkpoints of both roles."""
@@ -342,9 +205,9 @@ class EMTrainer:
         self.store = CheckpointStore(settings.checkpoint_dir, settings.keep_last)
         self._models: dict[str, RoleModel] = {}
         self.seen = SeenRecords()
-        self.seen.load(self.store, [Q_ROLE, P_ROLE])
+        self.seen.load(self.store, [Role.RATIONALE_MODEL, Role.PROMPT_MODEL])
         if settings.torch_threads:
-            _torch().set_num_threads(settings.torch_threads)
+            torch_module().set_num_threads(settings.torch_threads)
 
     def model(self, role: str, cfg: StepConfig) -> RoleModel:
         if role not in self._models:
@@ -363,8 +226,8 @@ class EMTrainer:
         if not train:
             return []
         parents = [i.source_id for i in train][:64]
-        p = self.model(P_ROLE, cfg)
-        q = self.model(Q_ROLE, cfg)
+        p = self.model(Role.PROMPT_MODEL, cfg)
+        q = self.model(Role.RATIONALE_MODEL, cfg)
         updates = []
         loss_q = sft(q, [rationale_model_example(q.tokenizer, i) for i in train], cfg, self.settings.seed)
         save_role_model(self.store, q, "cold_start", {"train_loss": loss_q})
@@ -399,7 +262,7 @@ class EMTrainer:
         updates: list[ModelUpdate] = []
 
         # E-step: q_φ learns to write the rationale that best explains each problem.
-        q = self.model(Q_ROLE, s.e_step)
+        q = self.model(Role.RATIONALE_MODEL, s.e_step)
         if s.e_step.enabled:
             loss_q = sft(q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step, s.seed)
             e_metrics = {"train_loss": loss_q, "n_seeds": len(train),
@@ -413,7 +276,7 @@ class EMTrainer:
             return WindowResult(updates)
         # M-step: p_θ learns c -> (z, x) with z from the updated q_φ (greedy). A seed whose
         # decode does not parse keeps its best-of-K z: the sampled z is still a valid rationale.
-        p = self.model(P_ROLE, s.m_step)
+        p = self.model(Role.PROMPT_MODEL, s.m_step)
         decoded = greedy_rationales(q.model, q.tokenizer, train, s.m_step.max_rationale_tokens,
                                     s.m_step.generation_batch_size)
         m_items = [i.with_rationale(z) if z else i for i, z in zip(train, decoded)]

@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
-from streams.records import ModelUpdate, PreferencePair, Rationale, Record
+from streams.records import ModelUpdate, PreferencePair, Rationale
 from streams.topics import MODELS, PAIRS, RATIONALES
 from trainer.checkpoints import parse_version
 from trainer.config import TrainerSettings
-from trainer.em import P_ROLE, Q_ROLE
-from workers.roles import model_path_for
+from workers.backends.base import Backend
+from workers.roles import Role, model_path_for
 from workers.stage import Emit, Stage
 
+if TYPE_CHECKING:
+    from promptcot.settings import Settings
+
 log = logging.getLogger(__name__)
+In = TypeVar("In", PreferencePair, Rationale)
 
 
-class _TrainerStage(Stage):
+class _TrainerStage(Stage[In]):
     outputs = (MODELS,)
 
     @property
@@ -34,7 +38,7 @@ class _TrainerStage(Stage):
         return [self.emit(MODELS, u) for u in updates]
 
 
-class EStepStage(_TrainerStage):
+class EStepStage(_TrainerStage[Rationale]):
     """rationales -> models: best-of-K E-step on q_φ, then the M-step on p_θ, per window."""
 
     name = "em"
@@ -45,13 +49,13 @@ class EStepStage(_TrainerStage):
 
         self.trainer = EMTrainer(
             self.trainer_cfg,
-            {P_ROLE: model_path_for(self.settings, P_ROLE),
-             Q_ROLE: model_path_for(self.settings, Q_ROLE)},
+            {role: model_path_for(self.settings.models, role)
+             for role in (Role.PROMPT_MODEL, Role.RATIONALE_MODEL)},
         )
 
-    def process(self, records: list[Record]) -> list[Emit]:
+    def process(self, records: list[Rationale]) -> list[Emit]:
         cfg = self.trainer_cfg
-        rationales = [r for r in records if isinstance(r, Rationale)]
+        rationales = records
         if not cfg.enabled or not (cfg.e_step.enabled or cfg.m_step.enabled):
             log.info("em: trainer disabled, %d rationales not trained on", len(rationales))
             return []
@@ -66,20 +70,21 @@ class EStepStage(_TrainerStage):
         return self._emit_updates(result.updates)
 
 
-class DPOStage(_TrainerStage):
+class DPOStage(_TrainerStage[PreferencePair]):
     """pairs -> models: DPO of the solver per window."""
 
     name = "dpo"
     input = PAIRS
 
     def setup(self) -> None:
-        from trainer.dpo import SOLVER_ROLE, DPOTrainerLoop
+        from trainer.dpo import DPOTrainerLoop
 
-        self.trainer = DPOTrainerLoop(self.trainer_cfg, model_path_for(self.settings, SOLVER_ROLE))
+        self.trainer = DPOTrainerLoop(
+            self.trainer_cfg, model_path_for(self.settings.models, Role.SOLVER))
 
-    def process(self, records: list[Record]) -> list[Emit]:
+    def process(self, records: list[PreferencePair]) -> list[Emit]:
         cfg = self.trainer_cfg
-        pairs = [r for r in records if isinstance(r, PreferencePair)]
+        pairs = records
         if not cfg.enabled or not cfg.dpo.enabled:
             log.info("dpo: trainer disabled, %d pairs not trained on", len(pairs))
             return []
@@ -94,7 +99,7 @@ class DPOStage(_TrainerStage):
         return self._emit_updates(result.updates)
 
 
-class ModelReloadStage(Stage):
+class ModelReloadStage(Stage[ModelUpdate]):
     """models -> (nothing): every backend of this process that serves the update's role moves
     to the new weights.
 
@@ -111,16 +116,14 @@ class ModelReloadStage(Stage):
     input = MODELS
     outputs = ()
 
-    def __init__(self, settings: Any, backends: dict[str, Any] | None = None):
+    def __init__(self, settings: Settings, backends: dict[str, Backend] | None = None):
         super().__init__(settings)
         self._explicit = backends  # role -> backend (tests, or a process that owns a pool)
         self.applied: dict[str, int] = {}  # role -> version number now served
 
-    def process(self, records: list[Record]) -> list[Emit]:
+    def process(self, records: list[ModelUpdate]) -> list[Emit]:
         newest: dict[str, ModelUpdate] = {}
         for u in records:
-            if not isinstance(u, ModelUpdate):
-                continue
             cur = newest.get(u.role)
             if cur is None or (parse_version(u.version) or 0) >= (parse_version(cur.version) or 0):
                 newest[u.role] = u
@@ -141,7 +144,7 @@ class ModelReloadStage(Stage):
             else:
                 from workers.roles import reload_role
 
-                reloaded = reload_role(self.settings, role, update.path)
+                reloaded = reload_role(self.settings.models, role, update.path)
             if reloaded:
                 log.info("model_reload: %s now serves %s", role, update.version)
             self.applied[role] = number

@@ -1,4 +1,4 @@
-"""Evaluation sets to decontaminate against, loaded from JSONL (shipped ones under workers/data)."""
+"""Evaluation sets to decontaminate against, loaded from JSONL (shipped ones under corpora)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import corpora
 from vectorstore.settings import BenchmarkSetSpec
 from vectorstore.text import clean_problem_text
-from workers.data import data_dir
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class BenchmarkItem:
 
 def resolve_path(path: str | Path) -> Path:
     path = Path(path)
-    return path if path.is_absolute() else data_dir() / path
+    return path if path.is_absolute() else corpora.ROOT / path
 
 
 def load_benchmark_set(spec: BenchmarkSetSpec) -> list[BenchmarkItem]:

@@ -1,4 +1,4 @@
-"""Calibrate the cosine thresholds on data (python -m vectorstore.calibrate [--n 600]).
+"""Calibrate the cosine thresholds on data (``promptcot vectorstore calibrate [--n 600]``).
 
 Near-duplicate pairs: GSM8K test problems vs lightly edited copies (whitespace, renamed people,
 changed numbers, reordered sentences, all at once). Distinct pairs: each test problem vs its
@@ -9,18 +9,17 @@ problems (templated AtCoder/Codeforces statements). Prints tables; docs/vectorst
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
+import corpora
 from vectorstore.benchmarks import load_benchmarks
 from vectorstore.embedder import Embedder
 from vectorstore.settings import DecontamSettings
-from workers.data import data_dir
 
 _NAMES = ["Priya", "Tomasz", "Aiko", "Mateo", "Olu", "Freya", "Dmitri", "Lena", "Kwame", "Ines"]
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -29,7 +28,7 @@ _CAPITALIZED = re.compile(r"\b[A-Z][a-z]{2,}\b")
 
 
 def load_gsm8k(split: str) -> list[str]:
-    with (data_dir() / "gsm8k" / f"{split}.jsonl").open(encoding="utf-8") as lines:
+    with corpora.path("gsm8k", f"{split}.jsonl").open(encoding="utf-8") as lines:
         return [json.loads(line)["question"] for line in lines if line.strip()]
 
 
@@ -99,15 +98,12 @@ def nearest_other(queries: np.ndarray, pool: np.ndarray, same: bool) -> np.ndarr
     return sims.max(axis=1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=600, help="GSM8K test problems to edit")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    rng = random.Random(args.seed)
+def calibrate(n: int = 600, seed: int = 0) -> Iterator[str]:
+    """The report's lines (``promptcot vectorstore calibrate``)."""
+    rng = random.Random(seed)
     test, train = load_gsm8k("test"), load_gsm8k("train")
     names = person_names(train + test)
-    sample = rng.sample(test, args.n)
+    sample = rng.sample(test, n)
     embedder = Embedder()
 
     originals = embedder.embed(sample)
@@ -126,26 +122,23 @@ def main() -> None:
     code_nn = nearest_other(*(2 * [embedder.embed(code)]), same=True)
     math_nn = nearest_other(*(2 * [embedder.embed(math)]), same=True)
 
-    print(f"# {args.n} GSM8K test problems; {len(names)} names detected")
-    print("## near-duplicate pairs (original vs edited copy), cosine")
+    yield f"# {n} GSM8K test problems; {len(names)} names detected"
+    yield "## near-duplicate pairs (original vs edited copy), cosine"
     for kind, sims in edit_sims.items():
-        print(f"{kind:12s} {percentiles(sims)}")
-    print("## distinct problems, cosine")
-    print(f"{'nn_in_train':12s} {percentiles(distinct_nn)}")
-    print(f"{'random':12s} {percentiles(distinct_random)}")
-    print(f"{'code_bench_nn':12s} {percentiles(code_nn)}  (n={len(code)})")
-    print(f"{'math_bench_nn':12s} {percentiles(math_nn)}  (n={len(math)})")
-    print("## threshold sweep: recall on edited copies | share of distinct problems rejected")
+        yield f"{kind:12s} {percentiles(sims)}"
+    yield "## distinct problems, cosine"
+    yield f"{'nn_in_train':12s} {percentiles(distinct_nn)}"
+    yield f"{'random':12s} {percentiles(distinct_random)}"
+    yield f"{'code_bench_nn':12s} {percentiles(code_nn)}  (n={len(code)})"
+    yield f"{'math_bench_nn':12s} {percentiles(math_nn)}  (n={len(math)})"
+    yield "## threshold sweep: recall on edited copies | share of distinct problems rejected"
     all_edits = np.concatenate(list(edit_sims.values()))
     for t in np.arange(0.70, 0.96, 0.02):
         per_kind = " ".join(f"{k}={np.mean(s >= t):.3f}" for k, s in edit_sims.items())
-        print(
+        yield (
             f"t={t:.2f} recall_all={np.mean(all_edits >= t):.3f} ({per_kind}) "
             f"fp_nn_train={np.mean(distinct_nn >= t):.3f} fp_code_nn={np.mean(code_nn >= t):.3f} "
             f"fp_math_nn={np.mean(math_nn >= t):.3f} fp_random={np.mean(distinct_random >= t):.4f}"
         )
-    print(f"embedder: {embedder.texts_embedded} texts, {embedder.tokens_embedded} tokens")
+    yield f"embedder: {embedder.texts_embedded} texts, {embedder.tokens_embedded} tokens"
 
-
-if __name__ == "__main__":
-    main()

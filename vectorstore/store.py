@@ -2,7 +2,7 @@
 periodic compaction, batched nearest-neighbour lookups.
 
 Single writer: concurrent upserts/check-then-insert on LanceDB let duplicates through
-(FIELD-NOTES), so only the dedup owner calls ``add`` (docs/vectorstore.md, "Scaling out").
+(docs/vectorstore.md, "Scaling out"), so only the dedup owner calls ``add``.
 """
 
 from __future__ import annotations

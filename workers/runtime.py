@@ -10,21 +10,25 @@ and ids are content hashes, so a redelivery reproduces the same records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 
 from streams import metrics, serde
 from streams.cluster import faust_credentials
 from streams.records import Record
-from streams.settings import Settings
 from streams.topics import DEAD_LETTERS, TopicSpec
 from workers.stage import Emit, Stage
+
+if TYPE_CHECKING:
+    from promptcot.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ def build_app(settings: Settings, bootstrap: str, app_id: str) -> faust.App:
         broker_credentials=faust_credentials(kafka),
         value_serializer="raw",
         key_serializer="raw",
-        store="memory://",  # stateless workers: no tables to restore (FIELD-NOTES: Tansu offsets)
+        store="memory://",  # stateless workers: no tables to restore (docs/broker.md: end offsets)
         datadir=str(datadir),
         web_enabled=False,
         topic_allow_declare=False,  # topics come from the catalogue (streams.topics.ensure_topics)
@@ -170,3 +174,39 @@ class StageAgent:
             metrics.RECORDS_OUT.labels(stage=self.stage.name, topic=emit.topic.name).inc()
         # Wait for the broker's acks before the input offsets may be committed.
         await asyncio.gather(*futures)
+
+
+async def run_stages(
+    settings: Settings,
+    stages: list[Stage],
+    bootstrap: str,
+    *,
+    app_id: str | None = None,
+    until: Callable[[], Awaitable[None]] | None = None,
+) -> list[Stage]:
+    """Run ``stages`` in one Faust app until ``until()`` returns (default: forever).
+
+    Each process joins one consumer group per app id; a single-stage worker gets its own group,
+    so `promptcot worker generate` on ten machines splits the concept partitions ten ways.
+    """
+    group = app_id or f"{settings.kafka.consumer_group_prefix}-{'-'.join(s.name for s in stages)}"
+    app = build_app(settings, bootstrap, group)
+    # One thread per stage: stages overlap (filter embeds while verify solves); a model shared
+    # by two roles serializes itself with its own lock.
+    executor = ThreadPoolExecutor(max_workers=max(2, len(stages)), thread_name_prefix="stage")
+    for stage in stages:
+        StageAgent(app, stage, settings, executor)
+    await app.start()
+    try:
+        if until is None:
+            await asyncio.Event().wait()
+        else:
+            await until()
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(app.stop(), timeout=30)
+        executor.shutdown(wait=False, cancel_futures=True)
+        for stage in stages:
+            with contextlib.suppress(Exception):
+                stage.close()
+    return stages

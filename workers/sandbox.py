@@ -1,6 +1,6 @@
 """Run untrusted Python programs (model-written solutions) in a sandbox.
 
-How one run is contained (FIELD-NOTES, "Sandboxing generated code"):
+How one run is contained:
 
 - Every parallel slot owns one unprivileged uid (``base_uid + k``, claimed with a lock file so two
   worker processes on one machine never share it). As root we drop to it with ``setpriv`` *before*
@@ -61,7 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal, Self
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+
+from streams.settings import Section
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class SandboxUnavailable(RuntimeError):
     """No sandbox backend can run here and running unsandboxed was not allowed."""
 
 
-class Limits(BaseModel):
+class Limits(Section):
     """Resource limits for one program run (in ``run_tests``: for each test)."""
 
     cpu_seconds: float = Field(2.0, gt=0, description="RLIMIT_CPU per process (rounded up)")
@@ -92,7 +94,7 @@ class Limits(BaseModel):
     max_output_bytes: int = Field(1 << 20, gt=0, description="stdout kept per run; more is cut")
 
 
-class SandboxSettings(BaseModel):
+class SandboxSettings(Section):
     """Settings of the code sandbox (composed into the global Settings as ``sandbox``)."""
 
     backend: Literal["auto", "bwrap", "unshare", "none"] = "auto"

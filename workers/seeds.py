@@ -5,13 +5,12 @@
   ``prompt`` wraps each statement in ChatML and an instruction preamble/trailer; ``text`` is the
   bare statement and ``tests`` the stdin/stdout pairs from ``input_output``.
 - ``build_default_pool(embed=None)``: annotate GSM8K train + Codeforces with the lexicon
-  (no LLM needed) and count concepts. ``python -m workers.seeds build-pool [--embed] [--out P]``
-  regenerates ``workers/data/concepts/pool.json``.
+  (no LLM needed) and count concepts. ``promptcot seeds build-pool [--embed] [--out P]``
+  regenerates ``corpora/concepts/pool.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -20,13 +19,12 @@ from typing import Literal
 
 import numpy as np
 
-from streams.records import Domain, SeedProblem
-from workers.concepts import ConceptPool, default_pool_path
-from workers.data import data_dir
+import corpora
+from streams.records import SeedProblem
+from workers.concepts import ConceptPool
 from workers.lexicon import annotate_with_lexicon
 
 Source = Literal["gsm8k", "codeforces"]
-SOURCE_DOMAIN: dict[str, Domain] = {"gsm8k": "math", "codeforces": "code"}
 
 # The shipped Codeforces prompts all share this wrapper (checked on all 408 rows).
 _CF_QUESTION = re.compile(r"^.*?\bQuestion:\s*", re.DOTALL)
@@ -67,7 +65,7 @@ def codeforces_tests(input_output: str) -> list[dict[str, str]]:
 def _gsm8k(split: str) -> Iterator[SeedProblem]:
     if split not in ("train", "test"):
         raise ValueError(f"gsm8k has splits 'train' and 'test', not {split!r}")
-    for index, row in enumerate(_read_jsonl(data_dir() / "gsm8k" / f"{split}.jsonl")):
+    for index, row in enumerate(_read_jsonl(corpora.path("gsm8k", f"{split}.jsonl"))):
         yield SeedProblem(
             source="gsm8k",
             source_id=f"{split}-{index}",
@@ -81,7 +79,7 @@ def _codeforces(split: str) -> Iterator[SeedProblem]:
     # One shipped file; "train" is accepted because callers ask every source for its train split.
     if split not in ("train", "all"):
         raise ValueError(f"codeforces ships one split ('train' or 'all'), not {split!r}")
-    for index, row in enumerate(_read_jsonl(data_dir() / "benchmarks" / "codeforces.jsonl")):
+    for index, row in enumerate(_read_jsonl(corpora.path("benchmarks", "codeforces.jsonl"))):
         yield SeedProblem(
             source="codeforces",
             source_id=str(index),
@@ -118,30 +116,3 @@ def build_default_pool(
     """The cold-start pool: GSM8K train (math) + Codeforces (code), annotated by the lexicon."""
     seeds = load_seeds("gsm8k", "train") + load_seeds("codeforces", "train")
     return ConceptPool.from_annotated(lexicon_annotations(seeds, k), embed=embed, embedder_name=embedder_name)
-
-
-def _main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m workers.seeds")
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build-pool", help="annotate the shipped seeds and write the pool")
-    build.add_argument("--out", type=Path, default=None, help="default: the shipped pool.json")
-    build.add_argument("--embed", action="store_true", help="add all-MiniLM-L6-v2 concept embeddings")
-    build.add_argument("-k", type=int, default=5, help="concepts per seed")
-    args = parser.parse_args(argv)
-
-    embed, name = None, None
-    if args.embed:
-        from vectorstore.embedder import Embedder  # heavy: only when asked
-
-        embedder = Embedder()
-        embed, name = embedder.embed, embedder.model_name
-    pool = build_default_pool(embed=embed, k=args.k, embedder_name=name)
-    out = args.out or default_pool_path()
-    pool.save(out)
-    for domain, stats in pool.summary().items():
-        print(f"{domain}: {json.dumps(stats)}")
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    _main()

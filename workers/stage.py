@@ -1,21 +1,31 @@
 """What a stage is: a small declared class with an input topic, output topics, record types and
-one pure ``process`` method. The Faust agent around it (workers/runtime.py) is thin, so every
-stage is tested without Kafka by calling ``process`` directly.
+one pure ``process`` method. The Faust agent around it (workers/runtime.py) is thin: it decodes
+the input topic's record type, so ``process`` receives typed records, and every stage is tested
+without Kafka by calling ``process`` directly.
+
+``ModelStage`` adds what every model-using stage shares: which roles it uses, the backend
+lookup (per call, so a reload takes effect at once; or backends handed in by a test), the
+preload in ``setup`` and the generate call that counts tokens.
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from streams import metrics
 from streams.records import Record, Verdict
-from streams.settings import Settings
 from streams.topics import VERDICTS, TopicSpec
-from workers.backends.base import Completion
+from workers.backends.base import Backend, Completion
+from workers.roles import Role, backend_for
+
+if TYPE_CHECKING:  # the root settings compose every layer's sections; stages only read them
+    from promptcot.settings import Settings
+
+In = TypeVar("In", bound=Record)
 
 
 @dataclass(frozen=True)
@@ -26,7 +36,7 @@ class Emit:
     record: Record
 
 
-class Stage(ABC):
+class Stage(ABC, Generic[In]):
     name: ClassVar[str]
     input: ClassVar[TopicSpec]
     outputs: ClassVar[tuple[TopicSpec, ...]]
@@ -58,7 +68,7 @@ class Stage(ABC):
         return []
 
     @abstractmethod
-    def process(self, records: list[Record]) -> list[Emit]:
+    def process(self, records: list[In]) -> list[Emit]:
         """Turn one micro-batch of input records into output records. Must not raise for a bad
         record: a bad model output becomes a rejected verdict with a reason."""
 
@@ -77,11 +87,14 @@ class Stage(ABC):
         *,
         models: dict[str, str] | None = None,
         templates: dict[str, str] | None = None,
-        **fields: object,
+        **fields: Any,
     ) -> Emit:
         """A rejected verdict for ``subject`` (a seed, concept set or candidate), with lineage
         that includes the models and templates that judged it."""
-        verdict = Verdict(
+        verdict = Verdict.derived_from(
+            subject,
+            models=models,
+            templates=templates,
             subject_id=subject.id,
             stage=self.name,
             accepted=False,
@@ -91,17 +104,52 @@ class Stage(ABC):
             difficulty=getattr(subject, "difficulty", "") or "",
             concepts=list(getattr(subject, "concepts", []) or []),
             problem=getattr(subject, "problem", "") or "",
-            parent_ids=[subject.id],
-            lineage=subject.lineage.extend(subject.id, models=models, templates=templates),
             **fields,
         )
         metrics.REJECTED.labels(stage=self.name, reason=reason).inc()
         return self.emit(VERDICTS, verdict)
 
-    def count_tokens(self, role: str, completions: Iterable[Completion]) -> None:
+
+class ModelStage(Stage[In]):
+    """A stage that calls models. ``roles`` names the ones it uses; ``backends`` (role ->
+    backend) replaces the process-wide lookup, e.g. a scripted backend in a unit test."""
+
+    roles: ClassVar[tuple[Role, ...]]
+
+    def __init__(self, settings: Settings, backends: Mapping[str, Backend] | None = None):
+        super().__init__(settings)
+        self._backends = dict(backends or {})
+
+    def backend(self, role: Role) -> Backend:
+        if role in self._backends:
+            return self._backends[role]
+        return backend_for(self.settings.models, role)
+
+    def model_versions(self, *roles: Role) -> dict[str, str]:
+        """role -> served model version, for lineage."""
+        return {str(role): self.backend(role).model_version for role in roles or self.roles}
+
+    def setup(self) -> None:
+        for role in self.roles:  # load the models before the first batch
+            self.backend(role)
+
+    def generate(self, role: Role, prompts: list[str], **sampling: Any) -> list[list[Completion]]:
+        """``backend(role).generate`` that counts the role's tokens; no prompts, no call."""
+        if not prompts:
+            return []
+        out = self.backend(role).generate(prompts, **sampling)
+        self.count_tokens(role, (c for completions in out for c in completions))
+        return out
+
+    def generate_one(self, role: Role, prompts: list[str], **sampling: Any) -> list[Completion]:
+        """One completion per prompt."""
+        return [c[0] for c in self.generate(role, prompts, n=1, **sampling)]
+
+    @staticmethod
+    def count_tokens(role: str, completions: Iterable[Completion]) -> None:
         """Prompt and completion tokens of one model call, for the per-role token counters."""
         completions = list(completions)
-        metrics.MODEL_TOKENS.labels(role=role, kind="prompt").inc(
+        metrics.MODEL_TOKENS.labels(role=str(role), kind="prompt").inc(
             sum(c.n_prompt_tokens for c in completions))
-        metrics.MODEL_TOKENS.labels(role=role, kind="completion").inc(
+        metrics.MODEL_TOKENS.labels(role=str(role), kind="completion").inc(
             sum(c.n_completion_tokens for c in completions))

@@ -10,7 +10,6 @@ from workers.backends.base import (
     Completion,
     ContextOverflowError,
     EmptyCompletionError,
-    ModelRoles,
     Score,
     UnreachableError,
 )
@@ -27,7 +26,6 @@ __all__ = [
     "Completion",
     "ContextOverflowError",
     "EmptyCompletionError",
-    "ModelRoles",
     "Score",
     "UnreachableError",
     "clear_cache",

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from workers.prompts import _chatml
+from streams.settings import Section
+from workers.prompts import chatml
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -160,7 +161,7 @@ def weights_version(model_dir: str | Path) -> str:
 # Settings
 
 
-class BackendSettings(BaseModel):
+class BackendSettings(Section):
     """How one model role is served."""
 
     kind: Literal["transformers", "vllm", "openai"] = Field(
@@ -189,21 +190,6 @@ class BackendSettings(BaseModel):
     max_lora_rank: int = Field(16, description="vllm: largest adapter rank")
     gpu_memory_utilization: float = Field(0.85, description="vllm on GPU")
     extra_engine_args: dict = Field(default_factory=dict, description="vllm: passed to LLM()")
-
-
-class ModelRoles(BaseModel):
-    """One backend per role; roles naming the same model share one loaded instance."""
-
-    prompt_model: BackendSettings = Field(default_factory=BackendSettings)  # p_θ
-    rationale_model: BackendSettings = Field(default_factory=BackendSettings)  # q_φ
-    solver: BackendSettings = Field(default_factory=BackendSettings)
-    test_writer: BackendSettings = Field(default_factory=BackendSettings)
-    annotator: BackendSettings = Field(default_factory=BackendSettings)  # cold-start teacher
-
-    def role(self, name: str) -> BackendSettings:
-        if name not in type(self).model_fields:
-            raise KeyError(f"unknown model role {name!r}")
-        return getattr(self, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +225,7 @@ class Backend(ABC):
 
     def render_messages(self, messages: list[dict[str, str]]) -> str:
         """Chat template with a generation prompt. Default: ChatML."""
-        return _chatml(messages)
+        return chatml(messages)
 
     def close(self) -> None:
         """Free the model / connections."""

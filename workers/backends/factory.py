@@ -4,8 +4,9 @@ model, and giving a role its own instance when it moves to new weights."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
-from workers.backends.base import Backend, BackendSettings, ModelRoles
+from workers.backends.base import Backend, BackendSettings
 
 _cache: dict[str, Backend] = {}
 _cache_lock = threading.Lock()
@@ -55,15 +56,15 @@ class BackendPool:
     moves only that role to new weights (copy on write), so when the trainer publishes a new
     p_θ the solver that shared the base model keeps its weights."""
 
-    def __init__(self, roles: ModelRoles):
-        self.roles = roles
+    def __init__(self, roles: Mapping[str, BackendSettings]):
+        self.roles = dict(roles)
         self._by_role: dict[str, Backend] = {}
         self._lock = threading.Lock()
 
     def get(self, role: str) -> Backend:
         with self._lock:
             if role not in self._by_role:
-                self._by_role[role] = make_backend(self.roles.role(role))
+                self._by_role[role] = make_backend(self.roles[role])
             return self._by_role[role]
 
     def versions(self) -> dict[str, str]:
@@ -76,7 +77,7 @@ class BackendPool:
         with self._lock:
             shared = any(b is current for r, b in self._by_role.items() if r != role)
             if shared:
-                settings = self.roles.role(role).model_copy()
+                settings = self.roles[role].model_copy()
                 fresh = _construct(settings)  # private instance, not in the shared cache
                 fresh.reload(model_path)
                 self._by_role[role] = fresh

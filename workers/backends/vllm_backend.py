@@ -4,7 +4,7 @@ it, and the backend raises a clear error when it is missing.
 Scoring uses ``prompt_logprobs`` on our own token ids (we tokenize prompt+continuation, so the
 boundary rule is the same as the transformers backend's). New weights: a LoRA adapter folder is
 attached per request (needs ``enable_lora``); a full model folder restarts the engine (weight
-sync into a live CPU engine does not work, FIELD-NOTES).
+sync into a live CPU engine does not work: docs/models.md, "vLLM on CPU").
 """
 
 from __future__ import annotations

@@ -3,33 +3,26 @@ reverse-engineers the rationale that would lead a designer from them to exactly 
 
 from __future__ import annotations
 
-from streams.records import AnnotatedSeed, Record, SeedProblem
+from streams.records import AnnotatedSeed, SeedProblem
 from streams.topics import SEEDS, SEEDS_ANNOTATED, VERDICTS
+from workers.backends.base import Completion
 from workers.prompts import (
-    CONCEPTS,
+    CONCEPT_ANNOTATION,
     RATIONALE_ANNOTATION,
     ParseError,
     format_concepts,
     parse_concepts,
     parse_rationale,
 )
-from workers.roles import backend_for
-from workers.stage import Emit, Stage
-
-ROLE = "annotator"
+from workers.roles import Role
+from workers.stage import Emit, ModelStage
 
 
-class AnnotateStage(Stage):
+class AnnotateStage(ModelStage[SeedProblem]):
     name = "annotate"
     input = SEEDS
     outputs = (SEEDS_ANNOTATED, VERDICTS)
-
-    @property
-    def backend(self):
-        return backend_for(self.settings, ROLE)
-
-    def setup(self) -> None:
-        self.backend  # noqa: B018 - load the model before the first batch
+    roles = (Role.ANNOTATOR,)
 
     def _concepts(self, seeds: list[SeedProblem]) -> list[list[str] | ParseError]:
         cfg = self.settings.annotate
@@ -41,33 +34,34 @@ class AnnotateStage(Stage):
                 found = annotate_with_lexicon(seed.text, seed.domain, cfg.concepts_per_seed)
                 out.append(found if found else ParseError("missing_concepts", "no lexicon match"))
             return out
-        prompts = [CONCEPTS.render(self.backend, k=cfg.concepts_per_seed, problem=s.text) for s in seeds]
-        completions = self._generate(prompts, cfg.max_tokens, list(CONCEPTS.stop))
+        teacher = self.backend(Role.ANNOTATOR)
+        prompts = [CONCEPT_ANNOTATION.render(teacher, k=cfg.concepts_per_seed, problem=s.text)
+                   for s in seeds]
         out = []
-        for c in completions:
-            if not c.ok:
-                out.append(ParseError(c.error or "generation_failed"))
-                continue
+        for c in self._generate(prompts, list(CONCEPT_ANNOTATION.stop)):
             try:
+                if not c.ok:
+                    raise ParseError(c.error or "generation_failed")
                 out.append(parse_concepts(c.text, cfg.concepts_per_seed, truncated=c.truncated))
             except ParseError as exc:
                 out.append(exc)
         return out
 
-    def process(self, records: list[Record]) -> list[Emit]:
-        seeds = [r for r in records if isinstance(r, SeedProblem)]
+    def process(self, records: list[SeedProblem]) -> list[Emit]:
         emits: list[Emit] = []
         ready: list[tuple[SeedProblem, list[str]]] = []
-        for seed, concepts in zip(seeds, self._concepts(seeds), strict=True):
+        for seed, concepts in zip(records, self._concepts(records), strict=True):
             if isinstance(concepts, ParseError):
                 emits.append(self.reject(seed, concepts.reason, concepts.detail))
             else:
                 ready.append((seed, concepts))
+        teacher = self.backend(Role.ANNOTATOR)
         prompts = [
-            RATIONALE_ANNOTATION.render(self.backend, concepts=format_concepts(c), problem=s.text)
+            RATIONALE_ANNOTATION.render(teacher, concepts=format_concepts(c), problem=s.text)
             for s, c in ready
         ]
-        for (seed, concepts), c in zip(ready, self._generate(prompts, self.settings.annotate.max_tokens, list(RATIONALE_ANNOTATION.stop)), strict=True):
+        completions = self._generate(prompts, list(RATIONALE_ANNOTATION.stop))
+        for (seed, concepts), c in zip(ready, completions, strict=True):
             try:
                 if not c.ok:
                     raise ParseError(c.error or "generation_failed")
@@ -75,30 +69,21 @@ class AnnotateStage(Stage):
             except ParseError as exc:
                 emits.append(self.reject(seed, exc.reason, exc.detail))
                 continue
-            annotated = AnnotatedSeed(
+            emits.append(self.emit(SEEDS_ANNOTATED, AnnotatedSeed.derived_from(
+                seed,
+                models=self.model_versions(),
+                templates={CONCEPT_ANNOTATION.name: CONCEPT_ANNOTATION.hash,
+                           RATIONALE_ANNOTATION.name: RATIONALE_ANNOTATION.hash},
                 seed_id=seed.id,
-                annotator=self.backend.model_version,
+                annotator=teacher.model_version,
                 domain=seed.domain,
                 text=seed.text,
                 concepts=concepts,
                 rationale=rationale,
-                parent_ids=[seed.id],
-                lineage=seed.lineage.extend(
-                    seed.id,
-                    models={ROLE: self.backend.model_version},
-                    templates={CONCEPTS.name: CONCEPTS.hash, RATIONALE_ANNOTATION.name: RATIONALE_ANNOTATION.hash},
-                ),
-            )
-            emits.append(self.emit(SEEDS_ANNOTATED, annotated))
+            )))
         return emits
 
-    def _generate(self, prompts: list[str], max_tokens: int, stop: list[str]):
-        if not prompts:
-            return []
+    def _generate(self, prompts: list[str], stop: list[str]) -> list[Completion]:
         cfg = self.settings.annotate
-        out = [c[0] for c in self.backend.generate(
-            prompts, n=1, temperature=cfg.temperature, max_tokens=max_tokens,
-            stop=stop or None, seed=0,
-        )]
-        self.count_tokens(ROLE, out)
-        return out
+        return self.generate_one(Role.ANNOTATOR, prompts, temperature=cfg.temperature,
+                                 max_tokens=cfg.max_tokens, stop=stop or None, seed=0)

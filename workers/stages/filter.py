@@ -13,14 +13,14 @@ import logging
 import numpy as np
 
 from streams import metrics
-from streams.records import CandidateProblem, Record
+from streams.records import CandidateProblem
 from streams.topics import CANDIDATES, CANDIDATES_UNIQUE, VERDICTS
 from workers.stage import Emit, Stage
 
 log = logging.getLogger(__name__)
 
 
-class FilterStage(Stage):
+class FilterStage(Stage[CandidateProblem]):
     name = "filter"
     input = CANDIDATES
     outputs = (CANDIDATES_UNIQUE, VERDICTS)
@@ -45,10 +45,10 @@ class FilterStage(Stage):
         self._seed_centroid: np.ndarray | None = None  # 128 GSM8K seeds, embedded on first use
         self._pool = None
 
-    def process(self, records: list[Record]) -> list[Emit]:
+    def process(self, records: list[CandidateProblem]) -> list[Emit]:
         from vectorstore.dedup import CandidateText
 
-        candidates = [r for r in records if isinstance(r, CandidateProblem)]
+        candidates = records
         screened = self.dedup.embed_and_screen([
             CandidateText(
                 id=c.id, text=c.problem, domain=c.domain,

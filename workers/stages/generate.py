@@ -20,10 +20,9 @@ from workers.prompts import (
     parse_synthesis,
     synthesis_fields,
 )
-from workers.roles import backend_for
-from workers.stage import Emit, Stage
+from workers.roles import Role
+from workers.stage import Emit, ModelStage
 
-ROLE = "prompt_model"
 BRIDGE = f"\n{RATIONALE_CLOSE}\n{PROBLEM_OPEN}\n"
 
 
@@ -32,30 +31,26 @@ def batch_seed(records: list[Record]) -> int:
     return int(content_hash([r.id for r in records], 8), 16)
 
 
-class GenerateStage(Stage):
+class GenerateStage(ModelStage[ConceptSet]):
     name = "generate"
     input = CONCEPTS
     outputs = (CANDIDATES, VERDICTS)
+    roles = (Role.PROMPT_MODEL,)
 
-    @property
-    def backend(self):  # looked up per batch: a model reload takes effect at once
-        return backend_for(self.settings, ROLE)
-
-    def setup(self) -> None:
-        self.backend  # noqa: B018 - load the model before the first batch
-
-    def process(self, records: list[Record]) -> list[Emit]:
-        gen = self.settings.generation
-        sets: list[ConceptSet] = [r for r in records if isinstance(r, ConceptSet)]
+    def process(self, records: list[ConceptSet]) -> list[Emit]:
+        p_model = self.backend(Role.PROMPT_MODEL)
+        version = p_model.model_version  # stamped on every candidate of this batch
         prompts = [
-            SYNTHESIS.render(self.backend, **synthesis_fields(cs.concepts, cs.difficulty, cs.domain))
-            for cs in sets
+            SYNTHESIS.render(p_model, **synthesis_fields(cs.concepts, cs.difficulty, cs.domain))
+            for cs in records
         ]
-        seed = batch_seed(sets)
-        rationales = self._generate(prompts, gen.max_rationale_tokens, [RATIONALE_CLOSE, PROBLEM_OPEN], seed)
+        seed = batch_seed(records)
+        gen = self.settings.generation
+        rationales = self._generate(prompts, gen.max_rationale_tokens,
+                                    [RATIONALE_CLOSE, PROBLEM_OPEN], seed)
         emits: list[Emit] = []
         pending: list[tuple[ConceptSet, str, Completion]] = []
-        for cs, prompt, z in zip(sets, prompts, rationales, strict=True):
+        for cs, prompt, z in zip(records, prompts, rationales, strict=True):
             if not z.ok:
                 emits.append(self.reject(cs, z.error or "generation_failed", "rationale phase"))
                 continue
@@ -78,32 +73,22 @@ class GenerateStage(Stage):
             except ParseError as exc:
                 emits.append(self.reject(cs, exc.reason, completion[-500:]))
                 continue
-            candidate = CandidateProblem(
+            emits.append(self.emit(CANDIDATES, CandidateProblem.derived_from(
+                cs,
+                models={Role.PROMPT_MODEL: version},
+                templates={SYNTHESIS.name: SYNTHESIS.hash},
                 concept_set_id=cs.id,
-                generator=self.backend.model_version,
+                generator=version,
                 domain=cs.domain,
                 difficulty=cs.difficulty,
                 concepts=cs.concepts,
                 rationale=parsed.rationale,
                 problem=parsed.problem,
-                parent_ids=[cs.id],
-                lineage=cs.lineage.extend(
-                    cs.id,
-                    models={ROLE: self.backend.model_version},
-                    templates={SYNTHESIS.name: SYNTHESIS.hash},
-                ),
-            )
-            emits.append(self.emit(CANDIDATES, candidate))
+            )))
         return emits
 
-    def _generate(self, prompts: list[str], max_tokens: int, stop: list[str], seed: int) -> list[Completion]:
-        if not prompts:
-            return []
+    def _generate(self, prompts: list[str], max_tokens: int, stop: list[str],
+                  seed: int) -> list[Completion]:
         gen = self.settings.generation
-        out = self.backend.generate(
-            prompts, n=1, temperature=gen.temperature, top_p=gen.top_p,
-            max_tokens=max_tokens, stop=stop, seed=seed,
-        )
-        completions = [c[0] for c in out]
-        self.count_tokens(ROLE, completions)
-        return completions
+        return self.generate_one(Role.PROMPT_MODEL, prompts, temperature=gen.temperature,
+                                 top_p=gen.top_p, max_tokens=max_tokens, stop=stop, seed=seed)

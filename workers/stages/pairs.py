@@ -3,8 +3,11 @@ failing one), in the prompt/chosen/rejected shape TRL's DPOTrainer reads."""
 
 from __future__ import annotations
 
-from streams.records import PreferencePair, Record, Verdict
+from collections.abc import Iterable
+
+from streams.records import PreferencePair, Verdict
 from streams.topics import PAIRS, VERDICTS
+from workers.prompts import SOLVER_BY_DOMAIN
 from workers.stage import Emit, Stage
 
 
@@ -14,46 +17,36 @@ def build_pairs(verdict: Verdict, prompt: str, cap: int) -> list[PreferencePair]
     if not verdict.accepted:
         return []
     chosen = _unique(r.text for r in verdict.rollouts if r.passed)
-    rejected = _unique(r.text for r in verdict.rollouts if not r.passed)
-    rejected = [t for t in rejected if t not in set(chosen)]
-    pairs = []
+    rejected = [t for t in _unique(r.text for r in verdict.rollouts if not r.passed)
+                if t not in set(chosen)]
+    pairs: list[PreferencePair] = []
     for good, bad in zip(chosen, rejected, strict=False):  # disjoint: no text reused
         if len(pairs) >= cap:
             break
-        pairs.append(
-            PreferencePair(
-                problem_id=verdict.subject_id,
-                pair_index=len(pairs),
-                domain=verdict.domain,
-                prompt=prompt,
-                chosen=good,
-                rejected=bad,
-                parent_ids=[verdict.id],
-                lineage=verdict.lineage.extend(verdict.id),
-            )
-        )
+        pairs.append(PreferencePair.derived_from(
+            verdict,
+            problem_id=verdict.subject_id,
+            pair_index=len(pairs),
+            domain=verdict.domain,
+            prompt=prompt,
+            chosen=good,
+            rejected=bad,
+        ))
     return pairs
 
 
-def _unique(texts) -> list[str]:
-    seen: dict[str, None] = {}
-    for text in texts:
-        if text.strip():
-            seen.setdefault(text, None)
-    return list(seen)
+def _unique(texts: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(t for t in texts if t.strip()))
 
 
-class PairsStage(Stage):
+class PairsStage(Stage[Verdict]):
     name = "pairs"
     input = VERDICTS
     outputs = (PAIRS,)
 
-    def process(self, records: list[Record]) -> list[Emit]:
-        from workers.prompts import SOLVER_BY_DOMAIN
-
+    def process(self, records: list[Verdict]) -> list[Emit]:
         emits = []
         for verdict in records:
-            assert isinstance(verdict, Verdict)
             if not verdict.accepted:
                 continue
             # The solver's user message; trainers render it with their model's chat template.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streams.records import AnnotatedSeed, Rationale, Record
+from streams.records import AnnotatedSeed, Rationale
 from streams.topics import RATIONALES, SEEDS_ANNOTATED, VERDICTS
 from workers.prompts import (
     RATIONALE_MODEL,
@@ -20,10 +20,8 @@ from workers.prompts import (
     synthesis_fields,
     synthesis_parts,
 )
-from workers.roles import backend_for
-from workers.stage import Emit, Stage
-
-Q_ROLE, P_ROLE = "rationale_model", "prompt_model"
+from workers.roles import Role
+from workers.stage import Emit, ModelStage
 
 
 @dataclass(frozen=True)
@@ -61,36 +59,28 @@ def rewards(backend, seed: AnnotatedSeed, rationales: list[str]) -> list[RewardT
     return out
 
 
-class RationaleStage(Stage):
+class RationaleStage(ModelStage[AnnotatedSeed]):
     name = "rationale"
     input = SEEDS_ANNOTATED
     outputs = (RATIONALES, VERDICTS)
+    roles = (Role.RATIONALE_MODEL, Role.PROMPT_MODEL)
 
-    @property
-    def q_model(self):
-        return backend_for(self.settings, Q_ROLE)
-
-    @property
-    def p_model(self):
-        return backend_for(self.settings, P_ROLE)
-
-    def setup(self) -> None:
-        self.q_model, self.p_model  # noqa: B018 - load the models before the first batch
-
-    def process(self, records: list[Record]) -> list[Emit]:
+    def process(self, records: list[AnnotatedSeed]) -> list[Emit]:
         cfg = self.settings.rationale
-        seeds = [r for r in records if isinstance(r, AnnotatedSeed)]
+        q_model, p_model = self.backend(Role.RATIONALE_MODEL), self.backend(Role.PROMPT_MODEL)
+        versions = {Role.RATIONALE_MODEL: q_model.model_version,
+                    Role.PROMPT_MODEL: p_model.model_version}
         prompts = [
-            RATIONALE_MODEL.render(self.q_model, concepts=format_concepts(s.concepts), problem=s.text)
-            for s in seeds
+            RATIONALE_MODEL.render(q_model, concepts=format_concepts(s.concepts), problem=s.text)
+            for s in records
         ]
-        samples = self.q_model.generate(
-            prompts, n=cfg.samples, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-            stop=list(RATIONALE_MODEL.stop), seed=int(seeds[0].id[-8:], 16) if seeds else 0,
-        ) if prompts else []
+        samples = self.generate(
+            Role.RATIONALE_MODEL, prompts, n=cfg.samples, temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens, stop=list(RATIONALE_MODEL.stop),
+            seed=int(records[0].id[-8:], 16) if records else 0,
+        )
         emits: list[Emit] = []
-        for seed, completions in zip(seeds, samples, strict=True):
-            self.count_tokens(Q_ROLE, completions)
+        for seed, completions in zip(records, samples, strict=True):
             parsed: list[tuple[int, str]] = []
             failures: dict[str, int] = {}
             for i, c in enumerate(completions):
@@ -100,14 +90,18 @@ class RationaleStage(Stage):
                     parsed.append((i, parse_rationale(c.text, truncated=c.truncated)))
                 except ParseError as exc:
                     failures[exc.reason] = failures.get(exc.reason, 0) + 1
-            terms = rewards(self.p_model, seed, [z for _, z in parsed])
+            terms = rewards(p_model, seed, [z for _, z in parsed])
             kept = 0
             for (index, z), term in zip(parsed, terms, strict=True):
                 if isinstance(term, str):
                     failures[term] = failures.get(term, 0) + 1
                     continue
                 kept += 1
-                emits.append(self.emit(RATIONALES, Rationale(
+                emits.append(self.emit(RATIONALES, Rationale.derived_from(
+                    seed,
+                    models=versions,
+                    templates={RATIONALE_MODEL.name: RATIONALE_MODEL.hash,
+                               SYNTHESIS.name: SYNTHESIS.hash},
                     seed_id=seed.seed_id,
                     domain=seed.domain,
                     concepts=seed.concepts,
@@ -118,16 +112,11 @@ class RationaleStage(Stage):
                     reward=term.reward,
                     logp_problem=term.logp_problem,
                     logp_rationale=term.logp_rationale,
-                    rationale_model=self.q_model.model_version,
-                    prompt_model=self.p_model.model_version,
-                    parent_ids=[seed.id],
-                    lineage=seed.lineage.extend(
-                        seed.id,
-                        models={Q_ROLE: self.q_model.model_version, P_ROLE: self.p_model.model_version},
-                        templates={RATIONALE_MODEL.name: RATIONALE_MODEL.hash, SYNTHESIS.name: SYNTHESIS.hash},
-                    ),
+                    rationale_model=versions[Role.RATIONALE_MODEL],
+                    prompt_model=versions[Role.PROMPT_MODEL],
                 )))
             if not kept:  # no usable sample: the seed's fate is still recorded
                 reason = max(failures, key=failures.get) if failures else "no_samples"
-                emits.append(self.reject(seed, reason, f"0 of {len(completions)} rationales usable: {failures}"))
+                emits.append(self.reject(
+                    seed, reason, f"0 of {len(completions)} rationales usable: {failures}"))
         return emits

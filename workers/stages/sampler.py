@@ -8,12 +8,12 @@ import itertools
 import threading
 
 from streams import metrics
-from streams.records import ConceptSet, Record, Verdict
+from streams.records import ConceptSet, Verdict
 from streams.topics import CONCEPTS, VERDICTS
 from workers.stage import Emit, Stage
 
 
-class SamplerStage(Stage):
+class SamplerStage(Stage[Verdict]):
     name = "sampler"
     input = VERDICTS
     outputs = (CONCEPTS,)
@@ -48,11 +48,10 @@ class SamplerStage(Stage):
     def start(self) -> list[Emit]:
         return self._issue(self.settings.sampler.max_in_flight)
 
-    def process(self, records: list[Record]) -> list[Emit]:
+    def process(self, records: list[Verdict]) -> list[Emit]:
         closed = 0
         with self._lock:
             for verdict in records:
-                assert isinstance(verdict, Verdict)
                 root = verdict.lineage.concept_set_id
                 if root in self._open:
                     self._open.discard(root)

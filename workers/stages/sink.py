@@ -11,13 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streams import metrics
-from streams.records import Problem, Record, Verdict, content_hash
+from streams.records import Problem, Verdict, content_hash
 from streams.topics import PROBLEMS, VERDICTS
 from workers.stage import Emit, Stage
 
 
 def problem_from_verdict(verdict: Verdict) -> Problem:
-    return Problem(
+    return Problem.derived_from(
+        verdict,
         candidate_id=verdict.subject_id,
         domain=verdict.domain,
         difficulty=verdict.difficulty,
@@ -28,8 +29,6 @@ def problem_from_verdict(verdict: Verdict) -> Problem:
         tests=verdict.tests,
         pass_rate=verdict.pass_rate or 0.0,
         n_rollouts=len(verdict.rollouts),
-        parent_ids=[verdict.id],
-        lineage=verdict.lineage.extend(verdict.id),
     )
 
 
@@ -50,7 +49,7 @@ def read_problems(directory: Path) -> list[dict]:
     return list(seen.values())
 
 
-class SinkStage(Stage):
+class SinkStage(Stage[Verdict]):
     name = "sink"
     input = VERDICTS
     outputs = (PROBLEMS,)
@@ -63,12 +62,8 @@ class SinkStage(Stage):
         self.directory.mkdir(parents=True, exist_ok=True)
         self._written = {row["id"] for row in read_problems(self.directory)}
 
-    def process(self, records: list[Record]) -> list[Emit]:
-        problems = []
-        for verdict in records:
-            assert isinstance(verdict, Verdict)
-            if verdict.accepted:
-                problems.append(problem_from_verdict(verdict))
+    def process(self, records: list[Verdict]) -> list[Emit]:
+        problems = [problem_from_verdict(v) for v in records if v.accepted]
         fresh = [p for p in problems if p.id not in self._written]
         if fresh:
             name = f"part-{int(time.time() * 1000)}-{content_hash([p.id for p in fresh], 8)}.parquet"

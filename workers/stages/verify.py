@@ -10,14 +10,13 @@ Then validity filters and the difficulty band (default: solved sometimes, at mos
 from __future__ import annotations
 
 from streams import metrics
-from streams.records import CandidateProblem, Record, Rollout, TestCase, Verdict, content_hash
+from streams.records import CandidateProblem, Rollout, TestCase, Verdict, content_hash
 from streams.topics import CANDIDATES_UNIQUE, VERDICTS
 from workers.backends.base import Completion
 from workers.prompts import SOLVER_CODE, SOLVER_MATH, TEST_WRITER
-from workers.roles import backend_for
-from workers.stage import Emit, Stage
+from workers.roles import Role
+from workers.stage import Emit, ModelStage
 
-SOLVER, TEST_WRITER_ROLE = "solver", "test_writer"
 TOO_HARD, TOO_EASY = "too_hard", "too_easy"
 
 
@@ -31,22 +30,19 @@ def difficulty_issue(pass_rate: float, low: float, high: float) -> str | None:
     return None
 
 
-class VerifyStage(Stage):
+class VerifyStage(ModelStage[CandidateProblem]):
     name = "verify"
     input = CANDIDATES_UNIQUE
     outputs = (VERDICTS,)
+    roles = (Role.SOLVER, Role.TEST_WRITER)
 
-    def __init__(self, settings):
-        super().__init__(settings)
+    def __init__(self, settings, backends=None):
+        super().__init__(settings, backends)
         self._oracle = None  # started on the first math batch
         self._sandbox = None  # set up on the first code batch
 
     def setup(self) -> None:
-        self.solver  # noqa: B018 - load the model before the first batch
-
-    @property
-    def solver(self):
-        return backend_for(self.settings, SOLVER)
+        self.backend(Role.SOLVER)  # the test writer loads on the first code batch
 
     @property
     def oracle(self):
@@ -64,19 +60,14 @@ class VerifyStage(Stage):
             self._sandbox = Sandbox(self.settings.verify.sandbox)
         return self._sandbox
 
-    @property
-    def test_writer(self):
-        return backend_for(self.settings, TEST_WRITER_ROLE)
-
     def close(self) -> None:
         for resource in (self._oracle, self._sandbox):
             if resource is not None:
                 resource.close()
 
-    def process(self, records: list[Record]) -> list[Emit]:
-        candidates = [r for r in records if isinstance(r, CandidateProblem)]
-        math = [c for c in candidates if c.domain == "math"]
-        code = [c for c in candidates if c.domain == "code"]
+    def process(self, records: list[CandidateProblem]) -> list[Emit]:
+        math = [c for c in records if c.domain == "math"]
+        code = [c for c in records if c.domain == "code"]
         return self._verify_math(math) + self._verify_code(code)
 
     # --- shared ---------------------------------------------------------------------------------
@@ -85,14 +76,13 @@ class VerifyStage(Stage):
         if not candidates:
             return []
         v = self.settings.verify
-        outs = self.solver.generate(
-            [template.render(self.solver, problem=c.problem) for c in candidates],
+        solver = self.backend(Role.SOLVER)
+        return self.generate(
+            Role.SOLVER,
+            [template.render(solver, problem=c.problem) for c in candidates],
             n=v.rollouts, temperature=v.temperature, top_p=v.top_p, max_tokens=v.max_tokens,
             seed=int(content_hash([c.id for c in candidates], 8), 16),
         )
-        for completions in outs:
-            self.count_tokens(SOLVER, completions)
-        return outs
 
     def _judge(
         self,
@@ -106,9 +96,8 @@ class VerifyStage(Stage):
         tests: list[TestCase] | None = None,
     ) -> Emit:
         v = self.settings.verify
-        models = {SOLVER: self.solver.model_version}
-        if tests is not None:
-            models[TEST_WRITER_ROLE] = self.test_writer.model_version
+        judges = (Role.SOLVER, Role.TEST_WRITER) if tests is not None else (Role.SOLVER,)
+        models = self.model_versions(*judges)
         pass_rate = sum(r.passed for r in rollouts) / len(rollouts) if rollouts else 0.0
         if rejection is None:
             rejection = difficulty_issue(pass_rate, v.min_pass_rate, v.max_pass_rate)
@@ -120,12 +109,11 @@ class VerifyStage(Stage):
         if rejection is not None:
             return self.reject(candidate, rejection, detail, models=models, templates=templates, **fields)
         metrics.PASS_RATE.labels(domain=candidate.domain).observe(pass_rate)
-        return self.emit(VERDICTS, Verdict(
+        return self.emit(VERDICTS, Verdict.derived_from(
+            candidate, models=models, templates=templates,
             subject_id=candidate.id, stage=self.name, accepted=True, reason="accepted",
             domain=candidate.domain, difficulty=candidate.difficulty, concepts=candidate.concepts,
-            problem=candidate.problem, parent_ids=[candidate.id],
-            lineage=candidate.lineage.extend(candidate.id, models=models, templates=templates),
-            **fields,
+            problem=candidate.problem, **fields,
         ))
 
     # --- math -----------------------------------------------------------------------------------
@@ -167,15 +155,17 @@ class VerifyStage(Stage):
 
         v = self.settings.verify
         templates = {SOLVER_CODE.name: SOLVER_CODE.hash, TEST_WRITER.name: TEST_WRITER.hash}
-        tw = self.test_writer
-        test_outs = tw.generate(
+        tw = self.backend(Role.TEST_WRITER)
+        test_outs = self.generate(
+            Role.TEST_WRITER,
             [TEST_WRITER.render(tw, problem=c.problem) for c in candidates],
             n=v.test_rounds, temperature=v.temperature, max_tokens=v.max_tokens,
             stop=list(TEST_WRITER.stop), seed=int(content_hash([c.id for c in candidates], 8), 16),
         )
         emits = []
-        for c, tests_raw, completions in zip(candidates, test_outs, self._rollouts(SOLVER_CODE, candidates), strict=True):
-            self.count_tokens(TEST_WRITER_ROLE, tests_raw)
+        rollouts_by_candidate = self._rollouts(SOLVER_CODE, candidates)
+        for c, tests_raw, completions in zip(candidates, test_outs, rollouts_by_candidate,
+                                             strict=True):
             report = verify_code(
                 [x.text if x.ok else "" for x in completions],
                 [TEST_WRITER.full_output(t.text) + ("\n```" if t.ok else "") for t in tests_raw if t.ok],

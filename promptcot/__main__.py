@@ -1,0 +1,5 @@
+"""``python -m promptcot`` is the ``promptcot`` command."""
+
+from promptcot.cli import main
+
+main()

@@ -1,0 +1,74 @@
+"""The stage registry: every stage of the factory, in the order records flow, with its class and
+its default micro-batching. The one place that names them all (the CLI, ``promptcot up``, the
+``stages`` settings section and the tests read it from here).
+
+Classes are named by import path and imported on demand, so ``promptcot worker sink`` never
+loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from workers.settings import StageRuntime
+
+if TYPE_CHECKING:
+    from promptcot.settings import Settings
+    from workers.stage import Stage
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    target: str  # "module:Class"
+    runtime: StageRuntime = field(default_factory=StageRuntime)  # default micro-batching
+    trainer: bool = False  # part of the training loop rather than the data path
+    doc: str = ""
+
+    def load(self) -> type[Stage]:
+        module, cls = self.target.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+def _rt(batch_size: int, within: float) -> StageRuntime:
+    return StageRuntime(batch_size=batch_size, batch_within_s=within)
+
+
+STAGES: dict[str, StageSpec] = {
+    "annotate": StageSpec("workers.stages.annotate:AnnotateStage", _rt(8, 1.0),
+                          doc="seeds -> concepts + rationale (cold-start data)"),
+    "rationale": StageSpec("workers.stages.rationale:RationaleStage", _rt(4, 1.0),
+                           doc="annotated seeds -> K scored q_φ rationales (E-step sampling)"),
+    "sampler": StageSpec("workers.stages.sampler:SamplerStage",
+                         doc="verdicts -> new concept sets (keeps a window in flight)"),
+    "generate": StageSpec("workers.stages.generate:GenerateStage", _rt(8, 1.0),
+                          doc="concept sets -> candidate problems (p_θ)"),
+    "filter": StageSpec("workers.stages.filter:FilterStage", _rt(32, 0.5),
+                        doc="candidates -> unique, uncontaminated candidates"),
+    "verify": StageSpec("workers.stages.verify:VerifyStage", _rt(4, 1.0),
+                        doc="unique candidates -> verdicts (solve, vote, test, sandbox)"),
+    "pairs": StageSpec("workers.stages.pairs:PairsStage",
+                       doc="accepted verdicts -> DPO preference pairs"),
+    "sink": StageSpec("workers.stages.sink:SinkStage",
+                      doc="accepted verdicts -> problems topic + Parquet"),
+    # Trainer windows are long, or a trickle of records arrives in windows too small to train on.
+    "em": StageSpec("trainer.stages:EStepStage", _rt(64, 600.0), trainer=True,
+                    doc="rationale windows -> E-step (q_φ) + M-step (p_θ)"),
+    "dpo": StageSpec("trainer.stages:DPOStage", _rt(32, 600.0), trainer=True,
+                     doc="pair windows -> DPO of the solver"),
+    "model_reload": StageSpec("trainer.stages:ModelReloadStage", _rt(1, 0.5), trainer=True,
+                              doc="model updates -> this process serves the new weights"),
+}
+TRAINER_STAGES = tuple(name for name, spec in STAGES.items() if spec.trainer)
+DATA_STAGES = tuple(name for name, spec in STAGES.items() if not spec.trainer)
+
+
+def stage_class(name: str) -> type[Stage]:
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return STAGES[name].load()
+
+
+def make_stage(name: str, settings: Settings) -> Stage:
+    return stage_class(name)(settings)

@@ -1,0 +1,125 @@
+"""Settings sections of the workers: how each stage runs, what it samples, how it verifies.
+
+The root settings (promptcot/settings.py) compose these under their section names: ``sampler``,
+``generation``, ``verify``, ``pairs``, ``rationale``, ``annotate``, ``sink``, ``concepts``;
+``models`` (one backend per role) lives with the roles in workers/roles.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from streams.settings import Section
+from workers.mathcheck import MathCheckSettings
+from workers.sandbox import SandboxSettings
+
+MATH_LADDER = ["AMC12", "HMMT-Nov", "HMMT-Feb", "AIME", "USAJMO", "USAMO"]
+# The shipped Codeforces seeds carry no ratings: rating buckets 400 apart (Div. 2 B up to Div. 1
+# D) tell the prompt model more than upstream's single "codeforces" label.
+CODE_LADDER = ["codeforces-1200", "codeforces-1600", "codeforces-2000", "codeforces-2400",
+               "codeforces-2800"]
+
+
+class StageRuntime(Section):
+    """Micro-batching and parallelism of one stage: take up to batch_size records or wait."""
+
+    batch_size: int = Field(8, ge=1)
+    batch_within_s: float = Field(0.5, gt=0)
+    concurrency: int = Field(1, ge=1)
+
+
+class ConceptSettings(Section):
+    """The concept pool and PromptCoT 1.0's concept-set sampler (workers/concepts.py)."""
+
+    set_size: int = Field(5, ge=1)
+    # softmax(score / temperature) over candidates; 0.2 is PromptCoT 1.0's value.
+    temperature: float = Field(0.2, gt=0)
+    # score = cooccurrence_weight * association(candidate, chosen) + embedding_weight * cosine(
+    # candidate, mean of chosen); assoc is in [0, 1], cosine in [-1, 1] (see workers/concepts.py).
+    cooccurrence_weight: float = Field(1.0, ge=0)
+    embedding_weight: float = Field(1.0, ge=0)
+    # log_count: log(1 + n_ij) / log(1 + max n); npmi: positive normalized PMI. log_count gives
+    # the more coherent sets on the shipped pool (measurements in workers/concepts.py).
+    cooccurrence_measure: Literal["log_count", "npmi"] = "log_count"
+    difficulty_ladders: dict[str, list[str]] = Field(
+        default_factory=lambda: {"math": list(MATH_LADDER), "code": list(CODE_LADDER)}
+    )
+    # Optional relative weights per ladder rung (same length as the ladder); None = uniform.
+    difficulty_weights: dict[str, list[float]] | None = None
+    pool_path: Path | None = None  # None: the pool shipped in corpora/concepts/pool.json
+    seed: int = 0  # draw k of a sampler is a pure function of (pool, settings, seed, k)
+
+    @model_validator(mode="after")
+    def _check_ladders(self) -> ConceptSettings:
+        for domain, ladder in self.difficulty_ladders.items():
+            if not ladder:
+                raise ValueError(f"difficulty ladder for {domain!r} is empty")
+        for domain, weights in (self.difficulty_weights or {}).items():
+            ladder = self.difficulty_ladders.get(domain)
+            if ladder is None or len(weights) != len(ladder):
+                raise ValueError(f"difficulty_weights[{domain!r}] must match its ladder's length")
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError(
+                    f"difficulty_weights[{domain!r}] must be non-negative, not all zero"
+                )
+        return self
+
+
+class SamplerSettings(Section):
+    """The concept-set source: how many to issue and how many may be in flight."""
+
+    max_in_flight: int = 8
+    max_issued: int | None = None  # None: run until stopped
+    domains: list[Literal["math", "code"]] = Field(default_factory=lambda: ["math"])
+
+
+class GenerationSettings(Section):
+    """p_θ sampling for synthesis."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_rationale_tokens: int = 160
+    max_problem_tokens: int = 160
+
+
+class VerifySettings(Section):
+    rollouts: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    # Difficulty band on the pass rate (the paper's rule: solved sometimes, at most half the time).
+    min_pass_rate: float = 0.0  # exclusive
+    max_pass_rate: float = 0.5  # inclusive
+    test_rounds: int = 4  # code: test-writer calls per problem
+    math: MathCheckSettings = Field(default_factory=MathCheckSettings)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+
+
+class PairSettings(Section):
+    max_pairs_per_problem: int = 4
+
+
+class RationaleSettings(Section):
+    """E-step sampling: K rationales per seed from q_φ, scored by p_θ."""
+
+    samples: int = 8
+    temperature: float = 1.0
+    max_tokens: int = 192
+
+
+class AnnotateSettings(Section):
+    """Cold start: concepts + rationale for each seed."""
+
+    # The embedded default has no teacher LLM good enough to name concepts: the shipped lexicon
+    # does it; point `models.annotator` at a strong model and set "model" in production.
+    concept_source: Literal["model", "lexicon"] = "lexicon"
+    concepts_per_seed: int = 5
+    temperature: float = 0.0
+    max_tokens: int = 192
+
+
+class SinkSettings(Section):
+    output_dir: Path = Path("promptcot-output")
