@@ -39,8 +39,14 @@ from workers.roles import Role
 
 def bench_prompts(backend: Backend, count: int) -> list[str]:
     """Synthesis prompts with varied concept sets: the generate stage's real workload."""
-    concept_pool = ["addition of whole numbers", "equal groups", "counting objects",
-                    "division as equal sharing", "units of quantity", "whole numbers"]
+    concept_pool = [
+        "addition of whole numbers",
+        "equal groups",
+        "counting objects",
+        "division as equal sharing",
+        "units of quantity",
+        "whole numbers",
+    ]
     out = []
     for i in range(count):
         concepts = [concept_pool[(i + j) % len(concept_pool)] for j in range(3)]
@@ -53,12 +59,18 @@ def run_generation(backend: Backend, prompts: list[str], batch: int, max_tokens:
     started = time.perf_counter()
     tokens = 0
     for i in range(0, len(prompts), batch):
-        for item in backend.generate(prompts[i : i + batch], temperature=0.8, top_p=0.95,
-                                     max_tokens=max_tokens, seed=i):
+        for item in backend.generate(
+            prompts[i : i + batch], temperature=0.8, top_p=0.95, max_tokens=max_tokens, seed=i
+        ):
             tokens += sum(c.n_completion_tokens for c in item)
     seconds = time.perf_counter() - started
-    return {"batch": batch, "prompts": len(prompts), "completion_tokens": tokens,
-            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+    return {
+        "batch": batch,
+        "prompts": len(prompts),
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
 
 
 def case_batched_vs_single(backend: Backend, n_prompts: int, max_tokens: int) -> dict:
@@ -66,15 +78,20 @@ def case_batched_vs_single(backend: Backend, n_prompts: int, max_tokens: int) ->
     backend.generate(prompts[:2], max_tokens=4)  # warm-up
     single = run_generation(backend, prompts, 1, max_tokens)
     batched = run_generation(backend, prompts, 16, max_tokens)
-    return {"single": single, "batched16": batched,
-            "speedup": round(batched["tokens_per_s"] / max(single["tokens_per_s"], 1e-9), 2)}
+    return {
+        "single": single,
+        "batched16": batched,
+        "speedup": round(batched["tokens_per_s"] / max(single["tokens_per_s"], 1e-9), 2),
+    }
 
 
 def stage_settings(model_path: str, max_tokens: int, batch: int):
     from promptcot.settings import Settings
 
     return Settings(
-        models={"prompt_model": {"kind": "transformers", "model": model_path, "max_batch_size": 16}},
+        models={
+            "prompt_model": {"kind": "transformers", "model": model_path, "max_batch_size": 16}
+        },
         metrics={"port": 0},
         generation={"max_rationale_tokens": max_tokens, "max_problem_tokens": max_tokens},
         stages={"generate": {"batch_size": batch}},
@@ -84,11 +101,21 @@ def stage_settings(model_path: str, max_tokens: int, batch: int):
 def bench_concept_sets(count: int) -> list:
     from streams.records import ConceptSet
 
-    concept_pool = ["addition of whole numbers", "equal groups", "counting objects",
-                    "division as equal sharing", "units of quantity", "whole numbers"]
+    concept_pool = [
+        "addition of whole numbers",
+        "equal groups",
+        "counting objects",
+        "division as equal sharing",
+        "units of quantity",
+        "whole numbers",
+    ]
     return [
-        ConceptSet(domain="math", difficulty="AIME", draw=f"bench:{i}",
-                   concepts=[concept_pool[(i + j) % len(concept_pool)] for j in range(3)])
+        ConceptSet(
+            domain="math",
+            difficulty="AIME",
+            draw=f"bench:{i}",
+            concepts=[concept_pool[(i + j) % len(concept_pool)] for j in range(3)],
+        )
         for i in range(count)
     ]
 
@@ -96,9 +123,12 @@ def bench_concept_sets(count: int) -> list:
 def _completion_tokens() -> float:
     from prometheus_client import REGISTRY
 
-    return REGISTRY.get_sample_value(
-        "promptcot_model_tokens_total", {"role": "prompt_model", "kind": "completion"}
-    ) or 0.0
+    return (
+        REGISTRY.get_sample_value(
+            "promptcot_model_tokens_total", {"role": "prompt_model", "kind": "completion"}
+        )
+        or 0.0
+    )
 
 
 def run_stage(stage, sets: list, batch: int) -> dict:
@@ -114,9 +144,14 @@ def run_stage(stage, sets: list, batch: int) -> dict:
                 rejected += 1
     seconds = time.perf_counter() - started
     tokens = int(_completion_tokens() - before)
-    return {"concept_sets": len(sets), "candidates": candidates, "rejected": rejected,
-            "completion_tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1)}
+    return {
+        "concept_sets": len(sets),
+        "candidates": candidates,
+        "rejected": rejected,
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
 
 
 def run_direct(stage, sets: list, batch: int) -> dict:
@@ -129,28 +164,48 @@ def run_direct(stage, sets: list, batch: int) -> dict:
     def call(prompts: list[str], max_tokens: int, stop: list[str], seed: int) -> list:
         if not prompts:
             return []
-        out = backend.generate(prompts, n=1, temperature=gen.temperature, top_p=gen.top_p,
-                               max_tokens=max_tokens, stop=stop, seed=seed)
+        out = backend.generate(
+            prompts,
+            n=1,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            max_tokens=max_tokens,
+            stop=stop,
+            seed=seed,
+        )
         return [c[0] for c in out]
 
     started = time.perf_counter()
     tokens = 0
     for i in range(0, len(sets), batch):
         chunk = sets[i : i + batch]
-        prompts = [P.SYNTHESIS.render(backend, **P.synthesis_fields(cs.concepts, cs.difficulty, cs.domain))
-                   for cs in chunk]
+        prompts = [
+            P.SYNTHESIS.render(backend, **P.synthesis_fields(cs.concepts, cs.difficulty, cs.domain))
+            for cs in chunk
+        ]
         seed = batch_seed(chunk)
-        rationales = call(prompts, gen.max_rationale_tokens, [P.RATIONALE_CLOSE, P.PROBLEM_OPEN], seed)
-        problems = call([p + z.text.rstrip() + BRIDGE for p, z in zip(prompts, rationales) if z.ok],
-                        gen.max_problem_tokens, [P.PROBLEM_CLOSE], seed + 1)
+        rationales = call(
+            prompts, gen.max_rationale_tokens, [P.RATIONALE_CLOSE, P.PROBLEM_OPEN], seed
+        )
+        problems = call(
+            [p + z.text.rstrip() + BRIDGE for p, z in zip(prompts, rationales) if z.ok],
+            gen.max_problem_tokens,
+            [P.PROBLEM_CLOSE],
+            seed + 1,
+        )
         tokens += sum(c.n_completion_tokens for c in (*rationales, *problems))
     seconds = time.perf_counter() - started
-    return {"concept_sets": len(sets), "completion_tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1)}
+    return {
+        "concept_sets": len(sets),
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
 
 
-def case_stage_vs_direct(backend: Backend, n_prompts: int, max_tokens: int,
-                         batch: int = 16, repeats: int = 2) -> dict:
+def case_stage_vs_direct(
+    backend: Backend, n_prompts: int, max_tokens: int, batch: int = 16, repeats: int = 2
+) -> dict:
     from workers.stages.generate import GenerateStage
 
     stage = GenerateStage(stage_settings(backend.settings.model, max_tokens, batch))
@@ -163,13 +218,21 @@ def case_stage_vs_direct(backend: Backend, n_prompts: int, max_tokens: int,
         stage_runs.append(run_stage(stage, sets, batch))
     direct = max(direct_runs, key=lambda r: r["tokens_per_s"])
     staged = max(stage_runs, key=lambda r: r["tokens_per_s"])
-    return {"batch": batch, "direct": direct, "stage": staged,
-            "all_tokens_per_s": {"direct": [r["tokens_per_s"] for r in direct_runs],
-                                 "stage": [r["tokens_per_s"] for r in stage_runs]},
-            "stage_over_direct": round(staged["tokens_per_s"] / max(direct["tokens_per_s"], 1e-9), 3),
-            "stage_over_direct_median": round(
-                statistics.median(r["tokens_per_s"] for r in stage_runs)
-                / max(statistics.median(r["tokens_per_s"] for r in direct_runs), 1e-9), 3)}
+    return {
+        "batch": batch,
+        "direct": direct,
+        "stage": staged,
+        "all_tokens_per_s": {
+            "direct": [r["tokens_per_s"] for r in direct_runs],
+            "stage": [r["tokens_per_s"] for r in stage_runs],
+        },
+        "stage_over_direct": round(staged["tokens_per_s"] / max(direct["tokens_per_s"], 1e-9), 3),
+        "stage_over_direct_median": round(
+            statistics.median(r["tokens_per_s"] for r in stage_runs)
+            / max(statistics.median(r["tokens_per_s"] for r in direct_runs), 1e-9),
+            3,
+        ),
+    }
 
 
 CASES: dict[str, Callable[[Backend, int, int], dict]] = {
@@ -184,8 +247,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--case", choices=sorted(CASES), action="append")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="stage_vs_direct: alternating runs of each side (best and median kept)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="stage_vs_direct: alternating runs of each side (best and median kept)",
+    )
     parser.add_argument("--json", type=Path, help="write results here")
     args = parser.parse_args()
 
@@ -198,8 +265,9 @@ def main() -> None:
         models["smollm2-135m"] = prepare_smollm2()
     results: dict[str, dict] = {}
     for label, path in models.items():
-        backend = make_backend(BackendSettings(kind="transformers", model=str(path),
-                                               max_batch_size=16))
+        backend = make_backend(
+            BackendSettings(kind="transformers", model=str(path), max_batch_size=16)
+        )
         for name in args.case or sorted(CASES):
             extra = {"repeats": args.repeats} if name == "stage_vs_direct" else {}
             result = CASES[name](backend, args.prompts, args.max_tokens, **extra)

@@ -34,27 +34,41 @@ NAMES = ["Ana", "Ben", "Carla", "Dev", "Eva", "Femi", "Gus", "Hana"]
 def rationales(n_seeds: int, k: int) -> list[Rationale]:
     out = []
     for i in range(n_seeds):
-        problem = f"{NAMES[i % 8]} has {i + 2} boxes with {i + 3} pencils in each box. How many pencils?"
+        problem = (
+            f"{NAMES[i % 8]} has {i + 2} boxes with {i + 3} pencils in each box. How many pencils?"
+        )
         for s in range(k):
-            out.append(Rationale(
-                seed_id=f"bench_seed_{i}", domain="math",
-                concepts=["multiplication as repeated addition", "equal groups", "counting"],
-                problem=problem,
-                text=f"Combine equal groups with multiplication: {i + 2} boxes of {i + 3} pencils, "
-                     f"ask for the total (variant {s}).",
-                sample_index=s, reward=-40.0 - s, logp_problem=-25.0, logp_rationale=-15.0 - s,
-                rationale_model="bench", prompt_model="bench",
-            ))
+            out.append(
+                Rationale(
+                    seed_id=f"bench_seed_{i}",
+                    domain="math",
+                    concepts=["multiplication as repeated addition", "equal groups", "counting"],
+                    problem=problem,
+                    text=f"Combine equal groups with multiplication: {i + 2} boxes of {i + 3} "
+                    "pencils, "
+                    f"ask for the total (variant {s}).",
+                    sample_index=s,
+                    reward=-40.0 - s,
+                    logp_problem=-25.0,
+                    logp_rationale=-15.0 - s,
+                    rationale_model="bench",
+                    prompt_model="bench",
+                )
+            )
     return out
 
 
 def pairs(n: int) -> list[PreferencePair]:
-    return [PreferencePair(
-        problem_id=f"bench_prob_{i}", domain="math",
-        prompt=f"{NAMES[i % 8]} has {i + 2} apples and gets {i + 3} more. How many apples?",
-        chosen=f"We add {i + 2} and {i + 3}.\nThe answer is \\boxed{{{2 * i + 5}}}.",
-        rejected=f"Apples are red.\nThe answer is \\boxed{{{i}}}.",
-    ) for i in range(n)]
+    return [
+        PreferencePair(
+            problem_id=f"bench_prob_{i}",
+            domain="math",
+            prompt=f"{NAMES[i % 8]} has {i + 2} apples and gets {i + 3} more. How many apples?",
+            chosen=f"We add {i + 2} and {i + 3}.\nThe answer is \\boxed{{{2 * i + 5}}}.",
+            rejected=f"Apples are red.\nThe answer is \\boxed{{{i}}}.",
+        )
+        for i in range(n)
+    ]
 
 
 def main() -> None:
@@ -83,8 +97,11 @@ def main() -> None:
     results: dict[str, object] = {"model": model, "seeds": args.seeds, "samples": args.samples}
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         settings = TrainerSettings(
-            checkpoint_dir=Path(tmp), heldout_fraction=0.0, torch_threads=args.threads,
-            e_step=step, m_step={**step, "max_rationale_tokens": args.max_rationale_tokens},
+            checkpoint_dir=Path(tmp),
+            heldout_fraction=0.0,
+            torch_threads=args.threads,
+            e_step=step,
+            m_step={**step, "max_rationale_tokens": args.max_rationale_tokens},
             dpo={**step, "window": {"min_records": 1}},
         )
         t0 = time.perf_counter()
@@ -105,8 +122,10 @@ def main() -> None:
         results["dpo_load_s"] = round(t1 - t0, 2)
         results["dpo_window_s"] = round(time.perf_counter() - t1, 2)
         results["dpo_metrics"] = d.updates[0].metrics if d.updates else d.skipped
-        sizes = {u.role: sum(f.stat().st_size for f in Path(u.path).iterdir())
-                 for u in [*window.updates, *d.updates]}
+        sizes = {
+            u.role: sum(f.stat().st_size for f in Path(u.path).iterdir())
+            for u in [*window.updates, *d.updates]
+        }
         results["checkpoint_bytes"] = sizes
     text = json.dumps(results, indent=2)
     print(text)

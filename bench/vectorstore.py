@@ -6,7 +6,8 @@
    batch of 32 queries per call; brute force vs the ANN index (goal: p99 <= 10 ms at 100k).
    Stored vectors are random unit vectors; queries are stored vectors plus noise (cosine ~0.9,
    a near-duplicate), so recall@1 = the query finds the vector it was made from.
-2. Filter-stage throughput: embed_and_screen + decide_and_commit on GSM8K train problems in micro-batches of 32,
+2. Filter-stage throughput: embed_and_screen + decide_and_commit on GSM8K train problems in
+   micro-batches of 32,
    vs raw Embedder.embed on the same texts and batch size (ratio = filter / embed).
 """
 
@@ -97,7 +98,8 @@ def lookup_bench(sizes: list[int], root: Path) -> None:
         for start in range(0, 320, 32):
             indexed.ids_by_hash([f"{i:032x}" for i in range(start, start + 32)])
         print(
-            f"{size:>7} exact-hash lookup, 32 hashes/call: {(time.perf_counter() - t) / 10 * 1000:.2f} ms"
+            f"{size:>7} exact-hash lookup, 32 hashes/call: "
+            f"{(time.perf_counter() - t) / 10 * 1000:.2f} ms"
             f" | fill+index build {build_s:.1f} s"
         )
 
@@ -114,7 +116,8 @@ def filter_bench(n_texts: int, root: Path) -> None:
     contamination = ContaminationIndex.from_settings(embedder, DecontamSettings(cache_dir=None))
     print(f"\n## filter stage ({n_texts} GSM8K train problems, micro-batches of 32)")
     print(
-        f"contamination index build (2.2k benchmark items, embed + n-grams): {time.perf_counter() - t:.1f} s"
+        "contamination index build (2.2k benchmark items, embed + n-grams): "
+        f"{time.perf_counter() - t:.1f} s"
     )
     embedder.embed(texts[:32])  # warm up
     store = ProblemStore(embedder.dim, StoreSettings(uri=str(root / "filter")))

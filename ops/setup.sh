@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create ./.venv with everything the factory needs on a fresh Debian machine (CPU).
 #   bash ops/setup.sh          # run the factory
-#   bash ops/setup.sh --dev    # + test tools
+#   bash ops/setup.sh --dev    # + test tools (pytest, ruff, and Prometheus for the dashboard tests)
 # Idempotent: a second run only checks. Needs only the package registries (apt + PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,8 @@ extras=""
 # System tools: util-linux (setpriv/unshare) backs the sandbox's privilege drop.
 need_apt=()
 command -v setpriv >/dev/null || need_apt+=(util-linux)
-if [[ "${PROMPTCOT_SETUP_PROMETHEUS:-0}" == "1" ]] && ! command -v prometheus >/dev/null; then
+# The dashboard and alert tests run queries against a real Prometheus (and promtool).
+if [[ -n "$extras" ]] && ! command -v prometheus >/dev/null; then
   need_apt+=(prometheus)
 fi
 if (( ${#need_apt[@]} )); then

@@ -65,14 +65,34 @@ class FactoryProgress:
         elapsed = time.monotonic() - self.started
         accepted = self.accepted()
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        lines = [self.table(), Text(f"stopped: {self.stop_reason or 'done'} after {elapsed:,.0f}s; peak RSS {peak_mb:,.0f} MB")]
+        lines = [
+            self.table(),
+            Text(
+                f"stopped: {self.stop_reason or 'done'} after {elapsed:,.0f}s; peak RSS "
+                f"{peak_mb:,.0f} MB"
+            ),
+        ]
         if self.first_accepted_at is not None:
-            lines.append(Text(f"first verified problem after {self.first_accepted_at - self.started:,.0f}s; "
-                              f"{accepted / max(elapsed, 1e-9) * 3600:,.1f} problems/hour"))
+            lines.append(
+                Text(
+                    f"first verified problem after {self.first_accepted_at - self.started:,.0f}s; "
+                    f"{accepted / max(elapsed, 1e-9) * 3600:,.1f} problems/hour"
+                )
+            )
         if accepted:
-            lines.append(Text(f"verified problems: {Path(output_dir, 'problems').resolve()} "
-                              "(Parquet; `promptcot export` for one file or a HF dataset)", style="bold green"))
+            lines.append(
+                Text(
+                    f"verified problems: {Path(output_dir, 'problems').resolve()} "
+                    "(Parquet; `promptcot export` for one file or a HF dataset)",
+                    style="bold green",
+                )
+            )
         else:
-            lines.append(Text("no problem passed verification; the rejections above say why "
-                              "(a 135M model writes mostly unusable problems - see README)", style="bold yellow"))
+            lines.append(
+                Text(
+                    "no problem passed verification; the rejections above say why "
+                    "(a 135M model writes mostly unusable problems - see README)",
+                    style="bold yellow",
+                )
+            )
         return Group(*lines)

@@ -36,29 +36,60 @@ def _rt(batch_size: int, within: float) -> StageRuntime:
 
 
 STAGES: dict[str, StageSpec] = {
-    "annotate": StageSpec("workers.stages.annotate:AnnotateStage", _rt(8, 1.0),
-                          doc="seeds -> concepts + rationale (cold-start data)"),
-    "rationale": StageSpec("workers.stages.rationale:RationaleStage", _rt(4, 1.0),
-                           doc="annotated seeds -> K scored q_φ rationales (E-step sampling)"),
-    "sampler": StageSpec("workers.stages.sampler:SamplerStage",
-                         doc="verdicts -> new concept sets (keeps a window in flight)"),
-    "generate": StageSpec("workers.stages.generate:GenerateStage", _rt(8, 1.0),
-                          doc="concept sets -> candidate problems (p_θ)"),
-    "filter": StageSpec("workers.stages.filter:FilterStage", _rt(32, 0.5),
-                        doc="candidates -> unique, uncontaminated candidates"),
-    "verify": StageSpec("workers.stages.verify:VerifyStage", _rt(4, 1.0),
-                        doc="unique candidates -> verdicts (solve, vote, test, sandbox)"),
-    "pairs": StageSpec("workers.stages.pairs:PairsStage",
-                       doc="accepted verdicts -> DPO preference pairs"),
-    "sink": StageSpec("workers.stages.sink:SinkStage",
-                      doc="accepted verdicts -> problems topic + Parquet"),
+    "annotate": StageSpec(
+        "workers.stages.annotate:AnnotateStage",
+        _rt(8, 1.0),
+        doc="seeds -> concepts + rationale (cold-start data)",
+    ),
+    "rationale": StageSpec(
+        "workers.stages.rationale:RationaleStage",
+        _rt(4, 1.0),
+        doc="annotated seeds -> K scored q_φ rationales (E-step sampling)",
+    ),
+    "sampler": StageSpec(
+        "workers.stages.sampler:SamplerStage",
+        doc="verdicts -> new concept sets (keeps a window in flight)",
+    ),
+    "generate": StageSpec(
+        "workers.stages.generate:GenerateStage",
+        _rt(8, 1.0),
+        doc="concept sets -> candidate problems (p_θ)",
+    ),
+    "filter": StageSpec(
+        "workers.stages.filter:FilterStage",
+        _rt(32, 0.5),
+        doc="candidates -> unique, uncontaminated candidates",
+    ),
+    "verify": StageSpec(
+        "workers.stages.verify:VerifyStage",
+        _rt(4, 1.0),
+        doc="unique candidates -> verdicts (solve, vote, test, sandbox)",
+    ),
+    "pairs": StageSpec(
+        "workers.stages.pairs:PairsStage", doc="accepted verdicts -> DPO preference pairs"
+    ),
+    "sink": StageSpec(
+        "workers.stages.sink:SinkStage", doc="accepted verdicts -> problems topic + Parquet"
+    ),
     # Trainer windows are long, or a trickle of records arrives in windows too small to train on.
-    "em": StageSpec("trainer.stages:EStepStage", _rt(64, 600.0), trainer=True,
-                    doc="rationale windows -> E-step (q_φ) + M-step (p_θ)"),
-    "dpo": StageSpec("trainer.stages:DPOStage", _rt(32, 600.0), trainer=True,
-                     doc="pair windows -> DPO of the solver"),
-    "model_reload": StageSpec("trainer.stages:ModelReloadStage", _rt(1, 0.5), trainer=True,
-                              doc="model updates -> this process serves the new weights"),
+    "em": StageSpec(
+        "trainer.stages:EStepStage",
+        _rt(64, 600.0),
+        trainer=True,
+        doc="rationale windows -> E-step (q_φ) + M-step (p_θ)",
+    ),
+    "dpo": StageSpec(
+        "trainer.stages:DPOStage",
+        _rt(32, 600.0),
+        trainer=True,
+        doc="pair windows -> DPO of the solver",
+    ),
+    "model_reload": StageSpec(
+        "trainer.stages:ModelReloadStage",
+        _rt(1, 0.5),
+        trainer=True,
+        doc="model updates -> this process serves the new weights",
+    ),
 }
 TRAINER_STAGES = tuple(name for name, spec in STAGES.items() if spec.trainer)
 DATA_STAGES = tuple(name for name, spec in STAGES.items() if not spec.trainer)

@@ -93,7 +93,9 @@ class EmbeddedBroker:
         deadline = time.monotonic() + self.settings.startup_timeout_s
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                raise BrokerError(f"embedded broker exited with {self._proc.returncode}: {self.log_tail()}")
+                raise BrokerError(
+                    f"embedded broker exited with {self._proc.returncode}: {self.log_tail()}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     pass

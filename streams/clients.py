@@ -27,16 +27,18 @@ def resolve_topic(kafka: KafkaSettings, name: str) -> tuple[str, TopicSpec]:
     raise KeyError(f"unknown topic {name!r}; topics: {', '.join(CATALOGUE)}")
 
 
-def publish(kafka: KafkaSettings, bootstrap: str, spec: TopicSpec,
-            records: Iterable[Record]) -> int:
+def publish(
+    kafka: KafkaSettings, bootstrap: str, spec: TopicSpec, records: Iterable[Record]
+) -> int:
     producer = KafkaProducer(**kafka_python_config(kafka, bootstrap), acks="all")
     n = 0
     try:
         for record in records:
             key = str(getattr(record, spec.key, record.id) or record.id).encode()
             headers = list(record.headers().items())
-            producer.send(spec.full_name(kafka.namespace), serde.encode(record), key=key,
-                          headers=headers)
+            producer.send(
+                spec.full_name(kafka.namespace), serde.encode(record), key=key, headers=headers
+            )
             n += 1
         producer.flush()
     finally:
@@ -44,8 +46,9 @@ def publish(kafka: KafkaSettings, bootstrap: str, spec: TopicSpec,
     return n
 
 
-def read_raw(kafka: KafkaSettings, bootstrap: str, topic: str, *, idle_s: float = 2.0,
-             follow: bool = False) -> Iterator:
+def read_raw(
+    kafka: KafkaSettings, bootstrap: str, topic: str, *, idle_s: float = 2.0, follow: bool = False
+) -> Iterator:
     """Every message of ``topic`` from the beginning; stops after ``idle_s`` without news unless
     following."""
     consumer = KafkaConsumer(**kafka_python_config(kafka, bootstrap), enable_auto_commit=False)
@@ -64,12 +67,19 @@ def read_raw(kafka: KafkaSettings, bootstrap: str, topic: str, *, idle_s: float 
         consumer.close()
 
 
-def read_topic(kafka: KafkaSettings, name: str, *, bootstrap: str | None = None,
-               follow: bool = False, idle_s: float = 2.0) -> Iterator[Record]:
+def read_topic(
+    kafka: KafkaSettings,
+    name: str,
+    *,
+    bootstrap: str | None = None,
+    follow: bool = False,
+    idle_s: float = 2.0,
+) -> Iterator[Record]:
     """Decoded records of a topic (unreadable ones are skipped: they are the DLQ's business)."""
     full, spec = resolve_topic(kafka, name)
-    for message in read_raw(kafka, bootstrap or kafka.bootstrap_servers or "", full,
-                            idle_s=idle_s, follow=follow):
+    for message in read_raw(
+        kafka, bootstrap or kafka.bootstrap_servers or "", full, idle_s=idle_s, follow=follow
+    ):
         try:
             yield serde.decode(message.value, spec.record)
         except serde.RecordDecodeError:

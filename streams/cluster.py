@@ -46,8 +46,9 @@ def check_reachable(kafka: KafkaSettings, bootstrap: str, timeout_s: float = 10.
 
     ms = int(timeout_s * 1000)
     try:
-        admin = KafkaAdminClient(**kafka_python_config(kafka, bootstrap),
-                                 bootstrap_timeout_ms=ms, request_timeout_ms=ms)
+        admin = KafkaAdminClient(
+            **kafka_python_config(kafka, bootstrap), bootstrap_timeout_ms=ms, request_timeout_ms=ms
+        )
     except (KafkaError, OSError) as exc:
         raise ClusterUnreachable(
             f"cannot reach Kafka at {bootstrap} within {timeout_s:g} s ({type(exc).__name__})"

@@ -20,21 +20,24 @@ REJECTED = Counter(
 )
 ACCEPTED = Counter("promptcot_accepted_total", "Problems accepted by the verifier", ["domain"])
 DEAD_LETTERS = Counter(
-    "promptcot_dead_letters_total", "Unreadable records sent to the dead-letter topic",
+    "promptcot_dead_letters_total",
+    "Unreadable records sent to the dead-letter topic",
     ["stage", "reason"],
 )
 BATCH_SECONDS = Histogram(
-    "promptcot_batch_seconds", "Time to process one micro-batch", ["stage"],
+    "promptcot_batch_seconds",
+    "Time to process one micro-batch",
+    ["stage"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 BATCH_SIZE = Histogram(
     "promptcot_batch_size", "Records per micro-batch", ["stage"], buckets=(1, 2, 4, 8, 16, 32, 64)
 )
-MODEL_TOKENS = Counter(
-    "promptcot_model_tokens_total", "Tokens through a model", ["role", "kind"]
-)
+MODEL_TOKENS = Counter("promptcot_model_tokens_total", "Tokens through a model", ["role", "kind"])
 PASS_RATE = Histogram(
-    "promptcot_pass_rate", "Solver pass rate of verified candidates", ["domain"],
+    "promptcot_pass_rate",
+    "Solver pass rate of verified candidates",
+    ["domain"],
     buckets=(0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
 )
 IN_FLIGHT = Gauge("promptcot_concept_sets_in_flight", "Concept sets issued without a verdict")
@@ -42,6 +45,18 @@ DIVERSITY = Gauge(
     "promptcot_diversity", "Diversity of accepted problems over the last window", ["measure"]
 )
 SANDBOX_RUNS = Counter("promptcot_sandbox_runs_total", "Sandboxed program runs", ["outcome"])
+# Progress of each stage, set by the runtime (workers/runtime.py): what "alive but stuck" alerts
+# and health checks read.
+LAST_PROGRESS = Gauge(
+    "promptcot_stage_last_progress_timestamp_seconds",
+    "Unix time a stage last finished input records (outputs acknowledged, offsets committable)",
+    ["stage"],
+)
+PENDING = Gauge(
+    "promptcot_stage_pending_records",
+    "Input records a stage has received and not finished (in flight or waiting)",
+    ["stage"],
+)
 
 _server_started = False
 

@@ -24,7 +24,9 @@ Domain = Literal["math", "code"]
 
 def content_hash(payload: Any, length: int = 20) -> str:
     """sha256 of canonical JSON: key order and whitespace never change an id."""
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    blob = json.dumps(
+        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
 
 
@@ -47,7 +49,9 @@ class Lineage(BaseModel):
     ) -> Lineage:
         return Lineage(
             concept_set_id=self.concept_set_id,
-            ancestors=[*self.ancestors, parent_id] if parent_id not in self.ancestors else self.ancestors,
+            ancestors=[*self.ancestors, parent_id]
+            if parent_id not in self.ancestors
+            else self.ancestors,
             models={**self.models, **(models or {})},
             templates={**self.templates, **(templates or {})},
         )
@@ -174,7 +178,12 @@ class Rationale(Record):
 
     kind: ClassVar[str] = "rationale"
     id_prefix: ClassVar[str] = "rat"
-    id_fields: ClassVar[tuple[str, ...]] = ("seed_id", "sample_index", "rationale_model", "prompt_model")
+    id_fields: ClassVar[tuple[str, ...]] = (
+        "seed_id",
+        "sample_index",
+        "rationale_model",
+        "prompt_model",
+    )
 
     seed_id: str
     domain: Domain

@@ -35,7 +35,9 @@ def decode(payload: bytes | None, record_type: type[Record]) -> Record:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordDecodeError(UNDECODABLE, str(exc)) from exc
     if not isinstance(data, dict):
-        raise RecordDecodeError(SCHEMA_INVALID, f"expected a JSON object, got {type(data).__name__}")
+        raise RecordDecodeError(
+            SCHEMA_INVALID, f"expected a JSON object, got {type(data).__name__}"
+        )
     try:
         return record_type.model_validate(data)
     except ValidationError as exc:

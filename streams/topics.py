@@ -75,7 +75,9 @@ CATALOGUE: dict[str, TopicSpec] = {
 }
 
 
-def ensure_topics(admin_config: dict, namespace: str, partitions: int, replication: int) -> list[str]:
+def ensure_topics(
+    admin_config: dict, namespace: str, partitions: int, replication: int
+) -> list[str]:
     """Create every catalogue topic that does not exist yet; returns the names created.
 
     Idempotent: existing topics are left alone (TopicAlreadyExists is not an error).

@@ -23,4 +23,3 @@ def tiny_model_dir() -> Path:
     PROMPTCOT_TINY_MODEL_DIR points at a prebuilt one instead."""
     override = os.environ.get("PROMPTCOT_TINY_MODEL_DIR")
     return Path(override) if override else _tiny_model_dir()
-

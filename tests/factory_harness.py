@@ -21,9 +21,15 @@ def factory_settings(tmp_path: Path, bootstrap: str, model_dir: Path, **override
     model = {"kind": "transformers", "model": str(model_dir), "max_model_len": 1024}
     quick = {"batch_size": 4, "batch_within_s": 0.3}
     base = {
-        "kafka": {"bootstrap_servers": bootstrap, "namespace": f"t{uuid.uuid4().hex[:8]}", "partitions": 2},
-        "models": {role: model for role in ("prompt_model", "rationale_model", "solver", "test_writer", "annotator")},
-        "stages": {name: quick for name in ("generate", "verify", "filter", "annotate", "rationale")},
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "namespace": f"t{uuid.uuid4().hex[:8]}",
+            "partitions": 2,
+        },
+        "models": dict.fromkeys(
+            ("prompt_model", "rationale_model", "solver", "test_writer", "annotator"), model
+        ),
+        "stages": dict.fromkeys(("generate", "verify", "filter", "annotate", "rationale"), quick),
         "sink": {"output_dir": str(tmp_path / "out")},
         "vectorstore": {"store": {"uri": str(tmp_path / "lancedb")}},
         "metrics": {"port": 0},
@@ -37,11 +43,18 @@ def factory_settings(tmp_path: Path, bootstrap: str, model_dir: Path, **override
     return Settings(**base)
 
 
-def read_records(settings: Settings, topic: str, idle_s: float = 1.0) -> list[tuple[Record | None, object]]:
+def read_records(
+    settings: Settings, topic: str, idle_s: float = 1.0
+) -> list[tuple[Record | None, object]]:
     """(decoded record or None, raw message) for every message of a catalogue topic."""
     spec: TopicSpec = CATALOGUE[topic]
     out = []
-    for message in read_raw(settings.kafka, settings.kafka.bootstrap_servers, spec.full_name(settings.kafka.namespace), idle_s=idle_s):
+    for message in read_raw(
+        settings.kafka,
+        settings.kafka.bootstrap_servers,
+        spec.full_name(settings.kafka.namespace),
+        idle_s=idle_s,
+    ):
         try:
             out.append((decode(message.value, spec.record), message))
         except RecordDecodeError:

@@ -40,14 +40,22 @@ def backend(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def synth_prompt(backend):
-    return P.SYNTHESIS.render(backend, **P.synthesis_fields(
-        ["addition of whole numbers", "combining two groups", "counting objects"], "AIME", "math"))
+    return P.SYNTHESIS.render(
+        backend,
+        **P.synthesis_fields(
+            ["addition of whole numbers", "combining two groups", "counting objects"],
+            "AIME",
+            "math",
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
 def solve_prompt(backend):
-    return P.SOLVER_MATH.render(backend, problem="Ana has 3 apples. Ana gets 4 more apples. "
-                                                 "How many apples does Ana have now?")
+    return P.SOLVER_MATH.render(
+        backend,
+        problem="Ana has 3 apples. Ana gets 4 more apples. How many apples does Ana have now?",
+    )
 
 
 # -- transformers: generation ------------------------------------------------------------------
@@ -83,7 +91,11 @@ def test_max_tokens_limits_output(backend, synth_prompt):
 
 def test_greedy_batched_equals_one_at_a_time(backend, solve_prompt, synth_prompt):
     # Left padding must not change what the model sees.
-    prompts = [solve_prompt, synth_prompt, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]
+    prompts = [
+        solve_prompt,
+        synth_prompt,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    ]
     batched = backend.generate(prompts, temperature=0, max_tokens=30)
     single = [backend.generate([p], temperature=0, max_tokens=30)[0] for p in prompts]
     assert [x[0].text for x in batched] == [x[0].text for x in single]
@@ -101,8 +113,7 @@ def test_stop_strings_cut_output_and_are_dropped(backend, synth_prompt):
 
 def test_empty_completion_is_flagged(backend, synth_prompt):
     [[full]] = backend.generate([synth_prompt], temperature=0, max_tokens=10)
-    [[empty]] = backend.generate([synth_prompt], temperature=0, max_tokens=10,
-                                 stop=[full.text[:3]])
+    [[empty]] = backend.generate([synth_prompt], temperature=0, max_tokens=10, stop=[full.text[:3]])
     assert empty.text == ""
     assert empty.error == "empty_completion"
     assert not empty.ok
@@ -110,8 +121,9 @@ def test_empty_completion_is_flagged(backend, synth_prompt):
 
 def test_context_overflow_is_per_item(backend, solve_prompt):
     long_prompt = "word " * (MAX_LEN + 50)
-    out = backend.generate([solve_prompt, long_prompt, solve_prompt], n=2, temperature=0,
-                           max_tokens=8)
+    out = backend.generate(
+        [solve_prompt, long_prompt, solve_prompt], n=2, temperature=0, max_tokens=8
+    )
     assert [len(x) for x in out] == [2, 2, 2]
     assert all(c.ok for c in out[0] + out[2])
     assert [c.error for c in out[1]] == ["context_overflow", "context_overflow"]
@@ -122,8 +134,9 @@ def test_context_overflow_is_per_item(backend, solve_prompt):
 
 def test_the_trained_tiny_model_speaks_the_formats(backend, synth_prompt, solve_prompt):
     """The tiny model is what the pipeline tests run on: its outputs must mostly parse."""
-    synth = backend.generate([synth_prompt], n=8, temperature=0.8, max_tokens=160,
-                             stop=list(P.SYNTHESIS.stop), seed=1)[0]
+    synth = backend.generate(
+        [synth_prompt], n=8, temperature=0.8, max_tokens=160, stop=list(P.SYNTHESIS.stop), seed=1
+    )[0]
     ok = 0
     for c in synth:
         try:
@@ -205,8 +218,13 @@ def test_model_version_reload_and_factory(tiny_model_dir, tmp_path, backend):
     clear_cache()
     settings = BackendSettings(model=str(tiny_model_dir))
     assert make_backend(settings) is make_backend(settings.model_copy())
-    pool = BackendPool({"prompt_model": settings, "solver": settings,
-                        "rationale_model": settings.model_copy(update={"max_batch_size": 4})})
+    pool = BackendPool(
+        {
+            "prompt_model": settings,
+            "solver": settings,
+            "rationale_model": settings.model_copy(update={"max_batch_size": 4}),
+        }
+    )
     assert pool.get("prompt_model") is pool.get("solver")
     assert pool.get("rationale_model") is not pool.get("solver")
     moved = pool.reload("prompt_model", str(copy))  # shared -> copy on write
@@ -269,8 +287,15 @@ class CompletionsServer:
     def complete(self, body: dict) -> tuple[int, dict]:
         b = self.backend
         prompt = body["prompt"]
-        overflow = (400, {"error": {"message": f"This model's maximum context length is "
-                                               f"{b.settings.max_model_len} tokens."}})
+        overflow = (
+            400,
+            {
+                "error": {
+                    "message": f"This model's maximum context length is "
+                    f"{b.settings.max_model_len} tokens."
+                }
+            },
+        )
         if body.get("echo") and body.get("logprobs") is not None:
             [(ids, offsets, values)] = b.prompt_logprobs([prompt])
             if len(ids) + 1 > b.settings.max_model_len:
@@ -278,23 +303,43 @@ class CompletionsServer:
             [[gen]] = b.generate([prompt], temperature=0, max_tokens=1)
             tokens = [b.tokenizer.decode([t]) for t in ids] + [gen.text]
             return 200, {
-                "choices": [{"index": 0, "text": prompt + gen.text, "finish_reason": "length",
-                             "logprobs": {"tokens": tokens,
-                                          "token_logprobs": values + [-0.5],
-                                          "text_offset": [s for s, _ in offsets] + [len(prompt)]}}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": prompt + gen.text,
+                        "finish_reason": "length",
+                        "logprobs": {
+                            "tokens": tokens,
+                            "token_logprobs": values + [-0.5],
+                            "text_offset": [s for s, _ in offsets] + [len(prompt)],
+                        },
+                    }
+                ],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": 1},
             }
-        [items] = [b.generate([prompt], n=body.get("n", 1), temperature=body["temperature"],
-                              top_p=body.get("top_p", 1.0), max_tokens=body["max_tokens"],
-                              stop=body.get("stop"), seed=body.get("seed"))]
+        [items] = [
+            b.generate(
+                [prompt],
+                n=body.get("n", 1),
+                temperature=body["temperature"],
+                top_p=body.get("top_p", 1.0),
+                max_tokens=body["max_tokens"],
+                stop=body.get("stop"),
+                seed=body.get("seed"),
+            )
+        ]
         completions = items[0]
         if completions and completions[0].error == "context_overflow":
             return overflow
         return 200, {
-            "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason}
-                        for i, c in enumerate(completions)],
-            "usage": {"prompt_tokens": completions[0].n_prompt_tokens,
-                      "completion_tokens": sum(c.n_completion_tokens for c in completions)},
+            "choices": [
+                {"index": i, "text": c.text, "finish_reason": c.finish_reason}
+                for i, c in enumerate(completions)
+            ],
+            "usage": {
+                "prompt_tokens": completions[0].n_prompt_tokens,
+                "completion_tokens": sum(c.n_completion_tokens for c in completions),
+            },
         }
 
     def close(self) -> None:
@@ -310,8 +355,15 @@ def server(backend):
 
 
 def http_backend(url: str, model: str = "tiny", **kw) -> OpenAIBackend:
-    settings = {"kind": "openai", "model": model, "base_url": url, "timeout_s": 10,
-                "max_retries": 2, "backoff_s": 0.05, "concurrency": 4}
+    settings = {
+        "kind": "openai",
+        "model": model,
+        "base_url": url,
+        "timeout_s": 10,
+        "max_retries": 2,
+        "backoff_s": 0.05,
+        "concurrency": 4,
+    }
     settings.update(kw)
     return OpenAIBackend(BackendSettings(**settings))
 

@@ -19,8 +19,20 @@ runner = CliRunner()
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["up"], ["worker"], ["broker"], ["topics"], ["tail"], ["export"], ["schemas"],
-     ["config"], ["models", "prepare"], ["seeds", "load"], ["report"]],
+    [
+        [],
+        ["up"],
+        ["worker"],
+        ["broker"],
+        ["topics"],
+        ["tail"],
+        ["export"],
+        ["schemas"],
+        ["config"],
+        ["models", "prepare"],
+        ["seeds", "load"],
+        ["report"],
+    ],
 )
 def test_every_command_has_help(args):
     result = runner.invoke(app, [*args, "--help"])
@@ -50,7 +62,13 @@ def test_topics_lists_the_catalogue_under_the_namespace(monkeypatch):
     monkeypatch.setenv("PROMPTCOT_KAFKA__NAMESPACE", "ns1")
     result = runner.invoke(app, ["topics"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for name in ("ns1.concepts", "ns1.candidates", "ns1.verdicts", "ns1.problems", "ns1.deadletter"):
+    for name in (
+        "ns1.concepts",
+        "ns1.candidates",
+        "ns1.verdicts",
+        "ns1.problems",
+        "ns1.deadletter",
+    ):
         assert name in result.output
 
 
@@ -72,9 +90,19 @@ def test_export_writes_each_problem_once(tmp_path, monkeypatch):
 
     sink = SinkStage(load_settings())
     sink.ensure_ready()
-    verdict = Verdict(subject_id="cand_1", stage="verify", accepted=True, reason="accepted",
-                      domain="math", problem="What is 6*7?", reference_answer="42", pass_rate=0.25)
-    rejected = Verdict(subject_id="cand_2", stage="verify", accepted=False, reason="too_easy", domain="math")
+    verdict = Verdict(
+        subject_id="cand_1",
+        stage="verify",
+        accepted=True,
+        reason="accepted",
+        domain="math",
+        problem="What is 6*7?",
+        reference_answer="42",
+        pass_rate=0.25,
+    )
+    rejected = Verdict(
+        subject_id="cand_2", stage="verify", accepted=False, reason="too_easy", domain="math"
+    )
     sink.process([verdict, rejected])
     sink.process([verdict])  # a redelivery
     out = tmp_path / "problems.parquet"
@@ -86,7 +114,11 @@ def test_export_writes_each_problem_once(tmp_path, monkeypatch):
 
 
 def test_durations():
-    assert parse_duration("90s") == 90 and parse_duration("25m") == 1500 and parse_duration("1h30m") == 5400
+    assert (
+        parse_duration("90s") == 90
+        and parse_duration("25m") == 1500
+        and parse_duration("1h30m") == 5400
+    )
     assert parse_duration("12") == 12
     with pytest.raises(typer.BadParameter):
         parse_duration("ten minutes")

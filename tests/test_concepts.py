@@ -38,11 +38,26 @@ def test_pool_counts_frequencies_and_cooccurrence():
 
 def test_annotated_seed_records_and_name_cleanup_merge():
     seeds = [
-        AnnotatedSeed(seed_id="s1", domain="math", text="t", concepts=["Modular  arithmetic.", "primes"], rationale="r"),
-        AnnotatedSeed(seed_id="s2", domain="math", text="t", concepts=["modular arithmetic", "Primes"], rationale="r"),
+        AnnotatedSeed(
+            seed_id="s1",
+            domain="math",
+            text="t",
+            concepts=["Modular  arithmetic.", "primes"],
+            rationale="r",
+        ),
+        AnnotatedSeed(
+            seed_id="s2",
+            domain="math",
+            text="t",
+            concepts=["modular arithmetic", "Primes"],
+            rationale="r",
+        ),
     ]
     dp = ConceptPool.from_annotated(seeds).domain("math")
-    assert dp.concepts == ["Modular arithmetic", "primes"]  # first spelling kept, merged by casefold
+    assert dp.concepts == [
+        "Modular arithmetic",
+        "primes",
+    ]  # first spelling kept, merged by casefold
     assert dp.counts.tolist() == [2, 2] and dp.cooccurrence[0, 1] == 2
 
 
@@ -93,9 +108,13 @@ def test_cooccurring_concepts_preferred_at_low_temperature(measure):
     settings = ConceptSettings(set_size=2, temperature=0.05, cooccurrence_measure=measure)
     sampler = ConceptSampler(pool(), settings, rng=np.random.default_rng(0))
     dp = pool().domain("math")
-    partners = Counter(dp.concepts[sampler.grow("math", sampler.rng, first=dp.index["x"])[1]] for _ in range(400))
+    partners = Counter(
+        dp.concepts[sampler.grow("math", sampler.rng, first=dp.index["x"])[1]] for _ in range(400)
+    )
     assert partners["y"] / 400 > 0.95  # y is x's only co-occurring concept
-    partners = Counter(dp.concepts[sampler.grow("math", sampler.rng, first=dp.index["b"])[1]] for _ in range(400))
+    partners = Counter(
+        dp.concepts[sampler.grow("math", sampler.rng, first=dp.index["b"])[1]] for _ in range(400)
+    )
     assert (partners["a"] + partners["c"]) / 400 > 0.95
     assert partners["x"] + partners["y"] + partners["e"] + partners["f"] < 10
 
@@ -104,8 +123,12 @@ def test_embedding_term_decides_when_cooccurrence_is_flat():
     # Every concept appears alone: no co-occurrence at all, so only embeddings can steer growth.
     names = ["p0", "p1", "p2", "q0", "q1", "q2"]
     vectors = {  # two tight clusters on orthogonal axes
-        "p0": [1, 0.1, 0], "p1": [1, -0.1, 0], "p2": [1, 0, 0.1],
-        "q0": [0, 1, 0.1], "q1": [0.1, 1, 0], "q2": [0, 1, -0.1],
+        "p0": [1, 0.1, 0],
+        "p1": [1, -0.1, 0],
+        "p2": [1, 0, 0.1],
+        "q0": [0, 1, 0.1],
+        "q1": [0.1, 1, 0],
+        "q2": [0, 1, -0.1],
     }
     embed = lambda texts: np.array([vectors[t] for t in texts], dtype=np.float32)
     flat = ConceptPool.from_annotated([("math", [n]) for n in names], embed=embed)
@@ -119,8 +142,13 @@ def test_embedding_term_decides_when_cooccurrence_is_flat():
         same_cluster += len({c[0] for c in cs.concepts}) == 1
     # Uniform growth would keep a set in one cluster with probability (2/5)(1/4) = 10%.
     assert same_cluster / 300 > 0.8
-    no_embeddings = ConceptSampler(ConceptPool.from_annotated([("math", [n]) for n in names]), settings)
-    uniform_share = sum(len({c[0] for c in no_embeddings.sample("math").concepts}) == 1 for _ in range(300)) / 300
+    no_embeddings = ConceptSampler(
+        ConceptPool.from_annotated([("math", [n]) for n in names]), settings
+    )
+    uniform_share = (
+        sum(len({c[0] for c in no_embeddings.sample("math").concepts}) == 1 for _ in range(300))
+        / 300
+    )
     assert uniform_share < 0.25
 
 

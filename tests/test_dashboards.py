@@ -29,7 +29,7 @@ DASHBOARD = ROOT / "ops/grafana/promptcot.json"
 PROM_DIR = ROOT / "ops/prometheus"
 needs_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
-    reason="Debian prometheus not installed (ops/setup.sh installs it with PROMPTCOT_SETUP_PROMETHEUS=1)",
+    reason="Debian prometheus not installed (bash ops/setup.sh --dev installs it)",
 )
 
 # One realistic value per label; the dashboard's label matchers must find these.
@@ -58,10 +58,14 @@ def _exprs(dashboard: dict) -> list[tuple[str, str]]:
 
 
 def test_dashboard_json_is_what_the_builder_writes():
-    spec = importlib.util.spec_from_file_location("build_dashboard", ROOT / "ops/grafana/build_dashboard.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_dashboard", ROOT / "ops/grafana/build_dashboard.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert json.loads(DASHBOARD.read_text()) == module.dashboard(), "run ops/grafana/build_dashboard.py"
+    assert json.loads(DASHBOARD.read_text()) == module.dashboard(), (
+        "run ops/grafana/build_dashboard.py"
+    )
 
 
 def test_every_panel_has_a_query_and_names_only_defined_metrics():
@@ -106,8 +110,14 @@ def openmetrics_fixture(end: int, minutes: int = 30, step: int = 15) -> str:
                 else:
                     buckets = [*c._upper_bounds[:-1]]
                     for j, le in enumerate(buckets):
-                        lines.append(f'{name}_bucket{_fmt({**labels, "le": str(float(le))})} {i * (j + 1)} {ts}')
-                    lines.append(f'{name}_bucket{_fmt({**labels, "le": "+Inf"})} {i * (len(buckets) + 1)} {ts}')
+                        lines.append(
+                            f"{name}_bucket{_fmt({**labels, 'le': str(float(le))})} "
+                            f"{i * (j + 1)} {ts}"
+                        )
+                    lines.append(
+                        f"{name}_bucket{_fmt({**labels, 'le': '+Inf'})} "
+                        f"{i * (len(buckets) + 1)} {ts}"
+                    )
                     lines.append(f"{name}_sum{_fmt(labels)} {i * 2.5} {ts}")
                     lines.append(f"{name}_count{_fmt(labels)} {i * (len(buckets) + 1)} {ts}")
     # OpenMetrics wants each family's samples contiguous and in time order per series: sort by
@@ -141,15 +151,29 @@ def prometheus(tmp_path_factory):
     end = int(time.time()) - 120
     (work / "fixture.om").write_text(openmetrics_fixture(end))
     subprocess.run(
-        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(work / "fixture.om"), str(work / "data")],
-        check=True, capture_output=True,
+        [
+            "promtool",
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            str(work / "fixture.om"),
+            str(work / "data"),
+        ],
+        check=True,
+        capture_output=True,
     )
     (work / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\nscrape_configs: []\n")
     port = _free_port()
     proc = subprocess.Popen(
-        ["prometheus", f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=30d"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "prometheus",
+            f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=30d",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
@@ -194,8 +218,15 @@ def test_a_misspelled_metric_returns_nothing(prometheus):
 
 @needs_prometheus
 def test_alert_rules_check_and_unit_tests_pass():
-    subprocess.run(["promtool", "check", "rules", str(PROM_DIR / "alerts.yml")], check=True, capture_output=True)
+    subprocess.run(
+        ["promtool", "check", "rules", str(PROM_DIR / "alerts.yml")],
+        check=True,
+        capture_output=True,
+    )
     result = subprocess.run(
-        ["promtool", "test", "rules", "alerts_test.yml"], cwd=PROM_DIR, capture_output=True, text=True
+        ["promtool", "test", "rules", "alerts_test.yml"],
+        cwd=PROM_DIR,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr

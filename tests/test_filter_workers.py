@@ -48,31 +48,105 @@ GROUP_ID = "promptcot-filter"  # consumer_group_prefix + stage: what `promptcot 
 # (template, first name, second name, number). GSM8K-style, but written for this test: none is
 # in the GSM8K test split or any other benchmark set, so decontamination accepts them.
 PROBLEMS = [
-    (("{name} runs a bakery that sells {n} loaves of bread every week. Each loaf costs $3 to make "
-     "and sells for $5. How much profit does {name} make in four weeks?"), "Maria", "Keisha", 1200),
-    (("A library had {n} books on its shelves. {name} the librarian donated a quarter of them to a "
-     "school and then bought 150 new ones. How many books does the library have now?"),
-     "Tom", "Priya", 2400),
-    (("A beekeeper named {name} keeps 6 hives, and each hive gives {n} grams of honey per season. "
-     "{name} fills jars that hold 250 grams each. How many jars can be filled in one season?"),
-     "Lena", "Fatima", 1000),
-    (("A farmer named {name} plants {n} tomato seeds. Only 80% of the seeds sprout, and rabbits eat "
-     "one tenth of the sprouted plants. How many tomato plants survive?"), "Joe", "Carlos", 1500),
-    (("{name} drives a delivery truck {n} miles every month. The truck uses one gallon of fuel per "
-     "12 miles and fuel costs $4 per gallon. What does {name} spend on fuel in a month?"),
-     "Sam", "Omar", 3600),
-    (("A swimming pool holds {n} gallons of water. {name} fills it with a hose that pours 25 "
-     "gallons per minute. How many hours does it take to fill the empty pool?"),
-     "Rachel", "Yuki", 9000),
-    (("{name} bought {n} stickers and shared them equally among 8 friends, keeping 40 for "
-     "herself first. How many stickers did each friend get?"), "Emma", "Sofia", 1000),
-    (("A concert hall has {n} seats. On Friday 85% of the seats were sold at $30 each. How much "
-     "money did {name}, the manager, collect from ticket sales on Friday?"), "David", "Kwame", 2000),
-    (("{name} reads {n} pages of a novel in 20 days, reading the same number of pages each day. "
-     "At that rate, how many pages will {name} read in the next 6 days?"), "Noah", "Liam", 1100),
-    (("A factory makes {n} toy cars per day. One in every 50 cars is defective and thrown away. "
-     "{name} packs the good cars in boxes of 12. How many full boxes does {name} pack each day?"),
-     "Grace", "Ines", 4800),
+    (
+        (
+            "{name} runs a bakery that sells {n} loaves of bread every week. Each loaf costs "
+            "$3 to make "
+            "and sells for $5. How much profit does {name} make in four weeks?"
+        ),
+        "Maria",
+        "Keisha",
+        1200,
+    ),
+    (
+        (
+            "A library had {n} books on its shelves. {name} the librarian donated a quarter "
+            "of them to a "
+            "school and then bought 150 new ones. How many books does the library have now?"
+        ),
+        "Tom",
+        "Priya",
+        2400,
+    ),
+    (
+        (
+            "A beekeeper named {name} keeps 6 hives, and each hive gives {n} grams of honey "
+            "per season. "
+            "{name} fills jars that hold 250 grams each. How many jars can be filled in one season?"
+        ),
+        "Lena",
+        "Fatima",
+        1000,
+    ),
+    (
+        (
+            "A farmer named {name} plants {n} tomato seeds. Only 80% of the seeds sprout, and "
+            "rabbits eat "
+            "one tenth of the sprouted plants. How many tomato plants survive?"
+        ),
+        "Joe",
+        "Carlos",
+        1500,
+    ),
+    (
+        (
+            "{name} drives a delivery truck {n} miles every month. The truck uses one gallon "
+            "of fuel per "
+            "12 miles and fuel costs $4 per gallon. What does {name} spend on fuel in a month?"
+        ),
+        "Sam",
+        "Omar",
+        3600,
+    ),
+    (
+        (
+            "A swimming pool holds {n} gallons of water. {name} fills it with a hose that pours 25 "
+            "gallons per minute. How many hours does it take to fill the empty pool?"
+        ),
+        "Rachel",
+        "Yuki",
+        9000,
+    ),
+    (
+        (
+            "{name} bought {n} stickers and shared them equally among 8 friends, keeping 40 for "
+            "herself first. How many stickers did each friend get?"
+        ),
+        "Emma",
+        "Sofia",
+        1000,
+    ),
+    (
+        (
+            "A concert hall has {n} seats. On Friday 85% of the seats were sold at $30 each. "
+            "How much "
+            "money did {name}, the manager, collect from ticket sales on Friday?"
+        ),
+        "David",
+        "Kwame",
+        2000,
+    ),
+    (
+        (
+            "{name} reads {n} pages of a novel in 20 days, reading the same number of pages "
+            "each day. "
+            "At that rate, how many pages will {name} read in the next 6 days?"
+        ),
+        "Noah",
+        "Liam",
+        1100,
+    ),
+    (
+        (
+            "A factory makes {n} toy cars per day. One in every 50 cars is defective and "
+            "thrown away. "
+            "{name} packs the good cars in boxes of 12. How many full boxes does {name} pack "
+            "each day?"
+        ),
+        "Grace",
+        "Ines",
+        4800,
+    ),
 ]
 VERSIONS = 3
 
@@ -92,17 +166,19 @@ def candidates() -> list[CandidateProblem]:
     for version in range(VERSIONS):
         for group, (template, name, other, n) in enumerate(PROBLEMS):
             concept_set_id = f"cs-{group}-{version}"
-            out.append(CandidateProblem(
-                concept_set_id=concept_set_id,
-                generator="test-filter-workers",
-                domain="math",
-                difficulty="GSM8K",
-                concepts=["arithmetic", "percent"],
-                rationale="",
-                problem=_text(template, name, other, n, version),
-                parent_ids=[concept_set_id],
-                lineage=Lineage(concept_set_id=concept_set_id),
-            ))
+            out.append(
+                CandidateProblem(
+                    concept_set_id=concept_set_id,
+                    generator="test-filter-workers",
+                    domain="math",
+                    difficulty="GSM8K",
+                    concepts=["arithmetic", "percent"],
+                    rationale="",
+                    problem=_text(template, name, other, n, version),
+                    parent_ids=[concept_set_id],
+                    lineage=Lineage(concept_set_id=concept_set_id),
+                )
+            )
     return out
 
 
@@ -127,7 +203,10 @@ def _worker(settings: Settings, store: Path, log_path: Path) -> subprocess.Popen
     }
     return subprocess.Popen(
         [sys.executable, "-m", "promptcot", "worker", "filter"],
-        env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -174,17 +253,27 @@ def test_two_filter_workers_let_no_near_duplicate_through(tmp_path, benchmark_ca
 
     with EmbeddedBroker() as broker:
         settings = Settings(
-            kafka={"bootstrap_servers": broker.bootstrap_servers, "namespace": f"t{os.urandom(4).hex()}"},
+            kafka={
+                "bootstrap_servers": broker.bootstrap_servers,
+                "namespace": f"t{os.urandom(4).hex()}",
+            },
             metrics={"port": 0},
         )
-        ensure_topics(kafka_python_config(settings.kafka, broker.bootstrap_servers), settings.kafka.namespace, 2, 1)
+        ensure_topics(
+            kafka_python_config(settings.kafka, broker.bootstrap_servers),
+            settings.kafka.namespace,
+            2,
+            1,
+        )
         store = tmp_path / "lancedb"
         try:
             workers = [_worker(settings, store, log) for log in logs]
             # Both must be alive and joined to the group (aiokafka logs the join at INFO, after
             # the rebalance that includes the last member) before anything is published.
             deadline = time.monotonic() + 60
-            while not all(log.exists() and JOINED in log.read_text(errors="replace") for log in logs):
+            while not all(
+                log.exists() and JOINED in log.read_text(errors="replace") for log in logs
+            ):
                 for w in workers:
                     if w.poll() is not None:
                         pytest.fail(f"a filter worker exited with {w.returncode}:\n{tail()}")
@@ -202,7 +291,9 @@ def test_two_filter_workers_let_no_near_duplicate_through(tmp_path, benchmark_ca
             deadline = time.monotonic() + 180
             while not ids <= set(outcomes := _outcomes(settings)):
                 if time.monotonic() > deadline:
-                    pytest.fail(f"{len(ids - set(outcomes))} candidate(s) without an outcome:\n{tail()}")
+                    pytest.fail(
+                        f"{len(ids - set(outcomes))} candidate(s) without an outcome:\n{tail()}"
+                    )
                 if any(w.poll() is not None for w in workers):
                     pytest.fail(f"a filter worker died mid-stream:\n{tail()}")
                 time.sleep(1)
@@ -222,14 +313,19 @@ def test_two_filter_workers_let_no_near_duplicate_through(tmp_path, benchmark_ca
                     w.wait(timeout=10)
 
     assert set(outcomes) == ids, "outcomes only for the published candidates"
-    assert all(len(o) == 1 for o in outcomes.values()), {k: v for k, v in outcomes.items() if len(v) != 1}
+    assert all(len(o) == 1 for o in outcomes.values()), {
+        k: v for k, v in outcomes.items() if len(v) != 1
+    }
     accepted_by_group: dict[int, list[str]] = defaultdict(list)
     for c in cands:
         if outcomes[c.id][0][0] == "unique":
             accepted_by_group[_group(c)].append(c.id)
-    assert all(len(a) <= 1 for a in accepted_by_group.values()), f"near-duplicates accepted: {dict(accepted_by_group)}"
+    assert all(len(a) <= 1 for a in accepted_by_group.values()), (
+        f"near-duplicates accepted: {dict(accepted_by_group)}"
+    )
     assert sorted(accepted_by_group) == list(range(len(PROBLEMS))), (
-        f"every problem has one accepted version: {dict(accepted_by_group)}; outcomes: {dict(outcomes)}"
+        f"every problem has one accepted version: {dict(accepted_by_group)}; outcomes: "
+        f"{dict(outcomes)}"
     )
     rejections = {reason for o in outcomes.values() for topic, reason in o if topic == "verdicts"}
     assert rejections <= {"near_duplicate", "exact_duplicate"}, rejections

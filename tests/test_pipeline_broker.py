@@ -42,7 +42,9 @@ def broker():
 def _raw_send(settings, topic: str, payloads: list[bytes]) -> None:
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(**kafka_python_config(settings.kafka, settings.kafka.bootstrap_servers))
+    producer = KafkaProducer(
+        **kafka_python_config(settings.kafka, settings.kafka.bootstrap_servers)
+    )
     for payload in payloads:
         producer.send(topic, payload, key=b"garbage")
     producer.flush()
@@ -51,7 +53,9 @@ def _raw_send(settings, topic: str, payloads: list[bytes]) -> None:
 
 def test_factory_end_to_end_with_dead_letters(broker, tmp_path, tiny_model_dir):
     settings = factory_settings(
-        tmp_path, broker.bootstrap_servers, tiny_model_dir,
+        tmp_path,
+        broker.bootstrap_servers,
+        tiny_model_dir,
         sampler={"max_in_flight": 3, "max_issued": N_SETS, "domains": ["math", "code"]},
         # The tiny model answers at random: widen the band so some problems pass and the
         # product path is exercised (the band itself is unit-tested in test_verify_stage).
@@ -83,16 +87,28 @@ def test_factory_end_to_end_with_dead_letters(broker, tmp_path, tiny_model_dir):
     def done() -> bool:
         concept_ids = {r.id for r, _ in read_records(settings, "concepts") if r}
         judged = {r.lineage.concept_set_id for r, _ in read_records(settings, "verdicts") if r}
-        print(f"progress: {len(concept_ids)} sets, {len(concept_ids & judged)} judged, seeds {seed_fates()}", flush=True)
-        return len(concept_ids) == N_SETS and concept_ids <= judged and len(seed_fates()) == len(seeds)
+        print(
+            f"progress: {len(concept_ids)} sets, {len(concept_ids & judged)} judged, seeds "
+            f"{seed_fates()}",
+            flush=True,
+        )
+        return (
+            len(concept_ids) == N_SETS and concept_ids <= judged and len(seed_fates()) == len(seeds)
+        )
 
     async def until() -> None:
         await wait_until(done, timeout_s=420)
         await asyncio.sleep(2)  # let sink/pairs drain the last verdicts
 
-    asyncio.run(run_stages(settings, [make_stage(n, settings) for n in DATA_STAGES],
-                           broker.bootstrap_servers,
-                           app_id=f"{ns}-factory", until=until))
+    asyncio.run(
+        run_stages(
+            settings,
+            [make_stage(n, settings) for n in DATA_STAGES],
+            broker.bootstrap_servers,
+            app_id=f"{ns}-factory",
+            until=until,
+        )
+    )
 
     # Every concept set: exactly one verdict (ids dedupe at-least-once repeats).
     concept_sets = [r for r, _ in read_records(settings, "concepts") if isinstance(r, ConceptSet)]
@@ -104,7 +120,9 @@ def test_factory_end_to_end_with_dead_letters(broker, tmp_path, tiny_model_dir):
         if isinstance(r, Verdict) and r.lineage.concept_set_id in {c.id for c in concept_sets}:
             verdicts_by_set[r.lineage.concept_set_id].add(r.id)
             verdicts[r.id] = r
-    assert {c.id: len(verdicts_by_set[c.id]) for c in concept_sets} == {c.id: 1 for c in concept_sets}
+    assert {c.id: len(verdicts_by_set[c.id]) for c in concept_sets} == {
+        c.id: 1 for c in concept_sets
+    }
     for v in verdicts.values():
         assert v.reason and (v.accepted == (v.reason == "accepted")), v
 
@@ -123,7 +141,9 @@ def test_factory_end_to_end_with_dead_letters(broker, tmp_path, tiny_model_dir):
         assert "synthesis" in lineage.templates
         assert headers["x-concept-set-id"] == lineage.concept_set_id.encode()
         assert json.loads(headers["x-models"]) == lineage.models
-    assert {row["candidate_id"] for row in read_problems(tmp_path / "out" / "problems")} == set(accepted)
+    assert {row["candidate_id"] for row in read_problems(tmp_path / "out" / "problems")} == set(
+        accepted
+    )
 
     # Every seed was annotated and scored by q_φ/p_θ, or rejected by a stage with a reason.
     assert set(seed_fates()) == {s.id for s in seeds}

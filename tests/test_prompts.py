@@ -45,8 +45,9 @@ def test_every_template_renders_with_its_fields():
 
 
 def test_synthesis_prompt_prefills_the_opening_delimiter():
-    text = P.SYNTHESIS.render(None, **P.synthesis_fields(["primes", "modular arithmetic"],
-                                                          "HMMT-Feb", "math"))
+    text = P.SYNTHESIS.render(
+        None, **P.synthesis_fields(["primes", "modular arithmetic"], "HMMT-Feb", "math")
+    )
     assert text.startswith("<|im_start|>system\n")
     assert "1. primes\n2. modular arithmetic" in text
     assert "Difficulty: HMMT-Feb" in text
@@ -62,8 +63,10 @@ def test_render_chat_uses_a_tokenizer_template_when_given():
             return "|".join(m["content"] for m in messages) + "|A:"
 
     assert P.render_chat(FakeTokenizer(), "sys", "hello", "pre") == "sys|hello|A:pre"
-    assert P.render_chat(None, "", "hello") == "<|im_start|>user\nhello<|im_end|>\n" \
+    assert (
+        P.render_chat(None, "", "hello") == "<|im_start|>user\nhello<|im_end|>\n"
         "<|im_start|>assistant\n"
+    )
 
 
 def test_synthesis_parts_roundtrip_through_the_parser():
@@ -128,5 +131,3 @@ def test_parse_concepts():
 
 
 # -- solvers -----------------------------------------------------------------------------------
-
-

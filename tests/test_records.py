@@ -36,13 +36,25 @@ def test_concept_set_is_the_root_of_its_lineage_and_children_extend_it():
     cs = _concepts()
     assert cs.lineage.concept_set_id == cs.id
     cand = CandidateProblem(
-        concept_set_id=cs.id, domain="math", difficulty="AMC12", concepts=cs.concepts,
-        rationale="combine", problem="What is 2+2?", parent_ids=[cs.id],
-        lineage=cs.lineage.extend(cs.id, models={"prompt_model": "tiny@abc"}, templates={"synth": "h1"}),
+        concept_set_id=cs.id,
+        domain="math",
+        difficulty="AMC12",
+        concepts=cs.concepts,
+        rationale="combine",
+        problem="What is 2+2?",
+        parent_ids=[cs.id],
+        lineage=cs.lineage.extend(
+            cs.id, models={"prompt_model": "tiny@abc"}, templates={"synth": "h1"}
+        ),
     )
     verdict = Verdict(
-        subject_id=cand.id, stage="verify", accepted=True, reason="accepted", domain="math",
-        parent_ids=[cand.id], lineage=cand.lineage.extend(cand.id, models={"solver": "tiny@abc"}),
+        subject_id=cand.id,
+        stage="verify",
+        accepted=True,
+        reason="accepted",
+        domain="math",
+        parent_ids=[cand.id],
+        lineage=cand.lineage.extend(cand.id, models={"solver": "tiny@abc"}),
     )
     assert verdict.lineage.concept_set_id == cs.id
     assert verdict.lineage.ancestors == [cs.id, cand.id]
@@ -66,7 +78,10 @@ def test_round_trip_through_json_keeps_the_id():
         (b"{not json", serde.UNDECODABLE),
         (b"[1, 2]", serde.SCHEMA_INVALID),
         (b'{"domain": "physics", "concepts": [], "difficulty": "x"}', serde.SCHEMA_INVALID),
-        (b'{"domain": "math", "concepts": ["a"], "difficulty": "x", "surprise": 1}', serde.SCHEMA_INVALID),
+        (
+            b'{"domain": "math", "concepts": ["a"], "difficulty": "x", "surprise": 1}',
+            serde.SCHEMA_INVALID,
+        ),
         (None, serde.UNDECODABLE),
     ],
 )
@@ -80,11 +95,23 @@ def test_dead_letter_keeps_the_raw_payload_and_origin():
     import base64
 
     err = serde.RecordDecodeError(serde.UNDECODABLE, "boom")
-    dl = serde.dead_letter(stage="generate", error=err, topic="promptcot.concepts", partition=1,
-                           offset=42, key=b"k", payload=b"\xff raw")
+    dl = serde.dead_letter(
+        stage="generate",
+        error=err,
+        topic="promptcot.concepts",
+        partition=1,
+        offset=42,
+        key=b"k",
+        payload=b"\xff raw",
+    )
     assert isinstance(dl, DeadLetter)
     assert base64.b64decode(dl.payload_b64) == b"\xff raw"
-    assert (dl.source_topic, dl.partition, dl.offset, dl.reason) == ("promptcot.concepts", 1, 42, "undecodable")
+    assert (dl.source_topic, dl.partition, dl.offset, dl.reason) == (
+        "promptcot.concepts",
+        1,
+        42,
+        "undecodable",
+    )
 
 
 def test_every_record_type_has_a_json_schema_and_a_unique_kind():

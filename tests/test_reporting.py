@@ -21,11 +21,13 @@ from workers.reporting import write_report
 from workers.stages.sink import problems_table
 
 VARIED_MATH = [
-    "A shop sells pens at $3 each. If Maria buys 7 pens and pays with a $50 bill, how much change does she get?",
+    "A shop sells pens at $3 each. If Maria buys 7 pens and pays with a $50 bill, how much "
+    "change does she get?",
     "A train leaves at 9:40 and arrives at 13:15. How many minutes does the trip take?",
     "Find the number of positive divisors of 360.",
     "The area of a circle is 49 pi square centimeters. What is its circumference?",
-    "How many ways can 5 different books be arranged on a shelf if two particular books must be adjacent?",
+    "How many ways can 5 different books be arranged on a shelf if two particular books must "
+    "be adjacent?",
     "Solve for x: 3x^2 - 12x + 9 = 0.",
     "A recipe needs 2/3 cup of sugar per batch. How much sugar do 9 batches need?",
     "What is the probability of rolling a sum of 8 with two fair six-sided dice?",
@@ -35,8 +37,10 @@ NEAR_IDENTICAL_MATH = [
     for a, b in [(3, 4), (5, 2), (7, 6), (8, 1), (2, 9), (4, 4), (6, 3), (9, 5)]
 ]
 CODE = [
-    "Given an array of n integers, print the length of the longest strictly increasing contiguous subarray.",
-    "You are given a string s. Determine whether it can be rearranged into a palindrome; print YES or NO.",
+    "Given an array of n integers, print the length of the longest strictly increasing "
+    "contiguous subarray.",
+    "You are given a string s. Determine whether it can be rearranged into a palindrome; "
+    "print YES or NO.",
 ]
 MATH_CONCEPTS = [
     ["unit price", "profit and revenue"],

@@ -38,8 +38,15 @@ def test_codeforces_seeds_are_bare_statements_with_tests():
     assert len(seeds) == len(raw) == 408
     for seed, row in zip(seeds, raw):
         assert seed.domain == "code"
-        for marker in ("<|im_start|>", "<|im_end|>", "<think>", "You will be given a question", "Question:",
-                       "Read the inputs from stdin", "# YOUR CODE HERE"):
+        for marker in (
+            "<|im_start|>",
+            "<|im_end|>",
+            "<think>",
+            "You will be given a question",
+            "Question:",
+            "Read the inputs from stdin",
+            "# YOUR CODE HERE",
+        ):
             assert marker not in seed.text
         assert len(seed.text) > 50
         io = json.loads(row["input_output"])
@@ -48,13 +55,16 @@ def test_codeforces_seeds_are_bare_statements_with_tests():
     first = seeds[0]
     assert first.text.startswith("You are given two integers $x$ and $y$.")
     assert first.text.endswith("the maximum of $x$ and $y$.")
-    assert first.tests[0]["input"].startswith("10\n1 9") and first.tests[0]["output"].startswith("1 9\n4 8")
+    assert first.tests[0]["input"].startswith("10\n1 9") and first.tests[0]["output"].startswith(
+        "1 9\n4 8"
+    )
     assert sum(len(s.tests) for s in seeds) > 408  # some problems carry several tests
 
 
 def test_codeforces_statement_strips_wrapper():
     prompt = (
-        "<|im_start|>user\nYou will be given a question (problem specification) and will generate ...\n\n"
+        "<|im_start|>user\nYou will be given a question (problem specification) and will "
+        "generate ...\n\n"
         "Question: Print 42.\n\nRead the inputs from stdin solve the problem ...\n```python\n```\n"
         "<|im_end|>\n<|im_start|>assistant\n<think>\n"
     )
@@ -87,7 +97,9 @@ def test_lexicon_annotates_most_gsm8k_rows_with_two_or_more_concepts():
 
 
 def test_lexicon_scores_and_ranking():
-    text = "A shirt costs $40 and is on sale at 25% off. What is the sale price after an 8% sales tax?"
+    text = (
+        "A shirt costs $40 and is on sale at 25% off. What is the sale price after an 8% sales tax?"
+    )
     scored = dict(score_concepts(text, "math"))
     assert scored["discounts and sale prices"] > 0 and scored["percent of a quantity"] > 0
     assert scored["sales tax and tips"] > 0
@@ -95,7 +107,9 @@ def test_lexicon_scores_and_ranking():
     assert "discounts and sale prices" in top
     assert annotate_with_lexicon("zzz qqq", "math", 5) == []
     assert "graph traversal (DFS/BFS)" in annotate_with_lexicon(
-        "You are given an undirected graph with n vertices and m edges. Find the shortest path.", "code", 5
+        "You are given an undirected graph with n vertices and m edges. Find the shortest path.",
+        "code",
+        5,
     )
     with pytest.raises(ValueError):
         annotate_with_lexicon("text", "physics", 5)

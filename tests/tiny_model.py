@@ -76,8 +76,11 @@ CODE_OPS = {
     "sum": (["reading integers from input", "addition"], "a + b", lambda a, b: a + b),
     "product": (["reading integers from input", "multiplication"], "a * b", lambda a, b: a * b),
     "max": (["reading integers from input", "comparison"], "max(a, b)", lambda a, b: max(a, b)),
-    "difference": (["reading integers from input", "absolute value"], "abs(a - b)",
-                   lambda a, b: abs(a - b)),
+    "difference": (
+        ["reading integers from input", "absolute value"],
+        "abs(a - b)",
+        lambda a, b: abs(a - b),
+    ),
 }
 
 
@@ -135,8 +138,16 @@ def make_corpus(n: int, seed: int = SEED) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for _ in range(n):
         task = rng.choices(
-            ["synth_math", "synth_code", "solve_math", "solve_code", "test", "concepts",
-             "rationale", "annotation"],
+            [
+                "synth_math",
+                "synth_code",
+                "solve_math",
+                "solve_code",
+                "test",
+                "concepts",
+                "rationale",
+                "annotation",
+            ],
             weights=[20, 8, 18, 16, 16, 8, 9, 5],  # code formats need more exposure
         )[0]
         if task in ("synth_math", "solve_math", "concepts", "rationale", "annotation"):
@@ -147,22 +158,42 @@ def make_corpus(n: int, seed: int = SEED) -> list[tuple[str, str]]:
             domain, difficulty = "code", "codeforces"
         if task.startswith("synth"):
             z, x = P.synthesis_parts(rationale, problem)
-            out.append(_pair(P.SYNTHESIS, z + x, **P.synthesis_fields(concepts, difficulty, domain)))
+            out.append(
+                _pair(P.SYNTHESIS, z + x, **P.synthesis_fields(concepts, difficulty, domain))
+            )
         elif task == "solve_math":
-            work = f"We work with the numbers in the problem step by step.\nThe answer is \\boxed{{{answer}}}."
+            work = (
+                "We work with the numbers in the problem step by step.\n"
+                f"The answer is \\boxed{{{answer}}}."
+            )
             out.append(_pair(P.SOLVER_MATH, work, problem=problem))
         elif task == "solve_code":
             out.append(_pair(P.SOLVER_CODE, f"```python\n{code}\n```", problem=problem))
         elif task == "test":
-            out.append(_pair(P.TEST_WRITER, P.test_completion(f"{a} {b}\n", f"{result}\n"),
-                             problem=problem))
+            out.append(
+                _pair(
+                    P.TEST_WRITER, P.test_completion(f"{a} {b}\n", f"{result}\n"), problem=problem
+                )
+            )
         elif task == "concepts":
-            out.append(_pair(P.CONCEPT_ANNOTATION, P.concepts_completion(concepts), k=len(concepts),
-                             problem=problem))
+            out.append(
+                _pair(
+                    P.CONCEPT_ANNOTATION,
+                    P.concepts_completion(concepts),
+                    k=len(concepts),
+                    problem=problem,
+                )
+            )
         else:
             template = P.RATIONALE_MODEL if task == "rationale" else P.RATIONALE_ANNOTATION
-            out.append(_pair(template, P.rationale_completion(rationale),
-                             concepts=P.format_concepts(concepts), problem=problem))
+            out.append(
+                _pair(
+                    template,
+                    P.rationale_completion(rationale),
+                    concepts=P.format_concepts(concepts),
+                    problem=problem,
+                )
+            )
     return out
 
 
@@ -267,8 +298,10 @@ def build_tiny_model(out_dir: Path, steps: int = TRAIN_STEPS, log: bool = True) 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if log and (step % 20 == 0 or step == steps - 1):
-            print(f"tiny model step {step} loss {loss.item():.3f} "
-                  f"({time.time() - started:.0f}s)", flush=True)
+            print(
+                f"tiny model step {step} loss {loss.item():.3f} ({time.time() - started:.0f}s)",
+                flush=True,
+            )
     model.eval()
     model.generation_config = GenerationConfig(
         eos_token_id=[im_end, eot], pad_token_id=pad, bos_token_id=eot

@@ -146,7 +146,9 @@ class CheckpointStore:
         removed = []
         ckpts = self.list(role)
         # An adapter's base folder stays as long as the adapter does.
-        needed = {str(c.metadata.get("base_model")) for c in ckpts[-keep:] if c.metadata.get("adapter")}
+        needed = {
+            str(c.metadata.get("base_model")) for c in ckpts[-keep:] if c.metadata.get("adapter")
+        }
         for ckpt in ckpts[:-keep]:
             if str(ckpt.path) in needed:
                 continue
@@ -257,8 +259,11 @@ def apply_lora_setting(model: Any, use_lora: bool, lora: Any) -> Any:
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
         )
         return get_peft_model(model, cfg)
     if not use_lora and isinstance(model, PeftModel):

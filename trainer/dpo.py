@@ -32,6 +32,7 @@ from workers.roles import Role
 
 log = logging.getLogger(__name__)
 
+
 def dpo_prompt(tokenizer: Any, pair: PreferencePair) -> str:
     """The pair's prompt as the solver saw it. A prompt that is already a rendered chat (it
     carries the chat markup) is used as is; a bare problem/user text is rendered with the
@@ -44,8 +45,11 @@ def dpo_prompt(tokenizer: Any, pair: PreferencePair) -> str:
 
 
 def dpo_rows(tokenizer: Any, pairs: Sequence[PreferencePair]) -> list[dict[str, str]]:
-    return [{"prompt": dpo_prompt(tokenizer, p), "chosen": p.chosen, "rejected": p.rejected}
-            for p in pairs if p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected]
+    return [
+        {"prompt": dpo_prompt(tokenizer, p), "chosen": p.chosen, "rejected": p.rejected}
+        for p in pairs
+        if p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected
+    ]
 
 
 def preference_margin(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]]) -> float:
@@ -76,7 +80,9 @@ def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettin
             dataset_num_proc=None,
         )
         trainer = DPOTrainer(
-            model=rm.model, args=args, train_dataset=Dataset.from_list(rows),
+            model=rm.model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
             processing_class=rm.tokenizer,
         )
         result = trainer.train()
@@ -103,8 +109,9 @@ class DPOTrainerLoop:
     def solver(self) -> RoleModel:
         if self._rm is None:
             cfg = self.settings.dpo
-            self._rm = load_role_model(self.store, Role.SOLVER, self.base_path,
-                                       use_lora=cfg.use_lora, lora=cfg.lora)
+            self._rm = load_role_model(
+                self.store, Role.SOLVER, self.base_path, use_lora=cfg.use_lora, lora=cfg.lora
+            )
         return self._rm
 
     def run_window(self, pairs: Sequence[PreferencePair]) -> WindowResult:
@@ -114,17 +121,27 @@ class DPOTrainerLoop:
         rm = self.solver
         rows = dpo_rows(rm.tokenizer, pairs)
         if len(rows) < self.settings.dpo.window.min_records:
-            return WindowResult([], f"{len(rows)} usable pairs < min_records "
-                                    f"{self.settings.dpo.window.min_records}")
+            return WindowResult(
+                [], f"{len(rows)} usable pairs < min_records {self.settings.dpo.window.min_records}"
+            )
         before = preference_margin(rm.model, rm.tokenizer, rows)
         loss = dpo_train(rm, rows, self.settings)
         after = preference_margin(rm.model, rm.tokenizer, rows)
-        metrics = {"train_loss": loss, "n_pairs": len(rows),
-                   "margin_before": before, "margin_after": after}
+        metrics = {
+            "train_loss": loss,
+            "n_pairs": len(rows),
+            "margin_before": before,
+            "margin_after": after,
+        }
         save_role_model(self.store, rm, "dpo", metrics, [p.id for p in pairs])
         self.seen.add([p.id for p in pairs])
         log.info("DPO window: %d pairs, margin %.3f -> %.3f", len(rows), before, after)
         parents = [p.id for p in pairs][:256]
-        return WindowResult([model_update(rm, "dpo", {k: v for k, v in metrics.items()
-                                                      if math.isfinite(v)}, parents)],
-                            metrics=metrics)
+        return WindowResult(
+            [
+                model_update(
+                    rm, "dpo", {k: v for k, v in metrics.items() if math.isfinite(v)}, parents
+                )
+            ],
+            metrics=metrics,
+        )

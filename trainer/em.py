@@ -48,7 +48,6 @@ from workers.roles import Role
 log = logging.getLogger(__name__)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Training examples
 
@@ -67,8 +66,15 @@ class SeedItem:
 
     @classmethod
     def from_annotated(cls, seed: AnnotatedSeed) -> SeedItem:
-        return cls(seed.seed_id, seed.domain, list(seed.concepts), seed.difficulty or "",
-                   seed.text, seed.rationale, seed.id)
+        return cls(
+            seed.seed_id,
+            seed.domain,
+            list(seed.concepts),
+            seed.difficulty or "",
+            seed.text,
+            seed.rationale,
+            seed.id,
+        )
 
     @classmethod
     def from_rationale(cls, r: Rationale) -> SeedItem:
@@ -79,8 +85,15 @@ class SeedItem:
         return cls(r.seed_id, r.domain, list(r.concepts), difficulty, r.problem, r.text, r.id)
 
     def with_rationale(self, rationale: str) -> SeedItem:
-        return SeedItem(self.seed_id, self.domain, self.concepts, self.difficulty, self.problem,
-                        rationale, self.source_id)
+        return SeedItem(
+            self.seed_id,
+            self.domain,
+            self.concepts,
+            self.difficulty,
+            self.problem,
+            rationale,
+            self.source_id,
+        )
 
 
 def synthesis_prompt(tokenizer: Any, item: SeedItem) -> str:
@@ -103,8 +116,10 @@ def rationale_prompt(tokenizer: Any, item: SeedItem) -> str:
 
 def rationale_model_example(tokenizer: Any, item: SeedItem) -> dict[str, str]:
     """q_φ: (c, x) -> z."""
-    return {"prompt": rationale_prompt(tokenizer, item),
-            "completion": rationale_completion(item.rationale)}
+    return {
+        "prompt": rationale_prompt(tokenizer, item),
+        "completion": rationale_completion(item.rationale),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +134,11 @@ def best_of_k(rationales: Iterable[Rationale]) -> dict[str, Rationale]:
         if not math.isfinite(r.reward):
             continue
         cur = best.get(r.seed_id)
-        if cur is None or (-r.reward, r.sample_index, r.id) < (-cur.reward, cur.sample_index, cur.id):
+        if cur is None or (-r.reward, r.sample_index, r.id) < (
+            -cur.reward,
+            cur.sample_index,
+            cur.id,
+        ):
             best[r.seed_id] = r
     return best
 
@@ -149,7 +168,10 @@ def problem_nll(model: Any, tokenizer: Any, items: Sequence[SeedItem]) -> float:
 
 
 def greedy_rationales(
-    model: Any, tokenizer: Any, items: Sequence[SeedItem], max_new_tokens: int,
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[SeedItem],
+    max_new_tokens: int,
     batch_size: int = 8,
 ) -> list[str | None]:
     """z decoded greedily from q_φ for each (c, x); None where the output does not parse (no
@@ -168,8 +190,12 @@ def greedy_rationales(
         with torch.no_grad():
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
-                enc = [tokenizer(rationale_prompt(tokenizer, it), add_special_tokens=False)["input_ids"]
-                       for it in chunk]
+                enc = [
+                    tokenizer(rationale_prompt(tokenizer, it), add_special_tokens=False)[
+                        "input_ids"
+                    ]
+                    for it in chunk
+                ]
                 width = max(len(e) for e in enc)
                 ids = torch.full((len(enc), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(enc), width), dtype=torch.long)
@@ -177,15 +203,24 @@ def greedy_rationales(
                     ids[row, width - len(e) :] = torch.tensor(e)
                     mask[row, width - len(e) :] = 1
                 gen = model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                    do_sample=False, temperature=None, top_p=None, top_k=None,
-                    eos_token_id=sorted(eos_ids), pad_token_id=pad,
-                    stop_strings=stop, tokenizer=tokenizer,
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    eos_token_id=sorted(eos_ids),
+                    pad_token_id=pad,
+                    stop_strings=stop,
+                    tokenizer=tokenizer,
                 )
                 for row in gen[:, width:].tolist():
                     ended = any(t in eos_ids for t in row)
                     body = [t for t in row if t not in eos_ids and t != pad]
-                    text, hit = truncate_at_stop(tokenizer.decode(body, skip_special_tokens=True), stop)
+                    text, hit = truncate_at_stop(
+                        tokenizer.decode(body, skip_special_tokens=True), stop
+                    )
                     try:
                         out.append(parse_rationale(text, truncated=not (hit or ended)))
                     except ParseError:
@@ -229,14 +264,24 @@ class EMTrainer:
         p = self.model(Role.PROMPT_MODEL, cfg)
         q = self.model(Role.RATIONALE_MODEL, cfg)
         updates = []
-        loss_q = sft(q, [rationale_model_example(q.tokenizer, i) for i in train], cfg, self.settings.seed)
+        loss_q = sft(
+            q, [rationale_model_example(q.tokenizer, i) for i in train], cfg, self.settings.seed
+        )
         save_role_model(self.store, q, "cold_start", {"train_loss": loss_q})
-        updates.append(model_update(q, "cold_start", {"train_loss": loss_q, "n_seeds": len(train)}, parents))
+        updates.append(
+            model_update(q, "cold_start", {"train_loss": loss_q, "n_seeds": len(train)}, parents)
+        )
         before = problem_nll(p.model, p.tokenizer, train)
-        loss_p = sft(p, [prompt_model_example(p.tokenizer, i) for i in train], cfg, self.settings.seed)
+        loss_p = sft(
+            p, [prompt_model_example(p.tokenizer, i) for i in train], cfg, self.settings.seed
+        )
         after = problem_nll(p.model, p.tokenizer, train)
-        metrics = {"train_loss": loss_p, "n_seeds": len(train),
-                   "train_problem_nll_before": before, "train_problem_nll_after": after}
+        metrics = {
+            "train_loss": loss_p,
+            "n_seeds": len(train),
+            "train_problem_nll_before": before,
+            "train_problem_nll_after": after,
+        }
         save_role_model(self.store, p, "cold_start", metrics)
         updates.append(model_update(p, "cold_start", metrics, parents))
         return updates
@@ -256,7 +301,9 @@ class EMTrainer:
         train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
         heldout = [i for i in items if is_heldout(i.seed_id, s.heldout_fraction)]
         if len(train) < s.e_step.min_seeds:
-            return WindowResult([], f"{len(train)} trainable seeds < min_seeds {s.e_step.min_seeds}")
+            return WindowResult(
+                [], f"{len(train)} trainable seeds < min_seeds {s.e_step.min_seeds}"
+            )
         parents = [best[i.seed_id].id for i in items]
         rewards = [best[i.seed_id].reward for i in items]
         updates: list[ModelUpdate] = []
@@ -264,10 +311,15 @@ class EMTrainer:
         # E-step: q_φ learns to write the rationale that best explains each problem.
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
         if s.e_step.enabled:
-            loss_q = sft(q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step, s.seed)
-            e_metrics = {"train_loss": loss_q, "n_seeds": len(train),
-                         "n_rationales": len(rationales),
-                         "mean_best_reward": sum(rewards) / len(rewards)}
+            loss_q = sft(
+                q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step, s.seed
+            )
+            e_metrics = {
+                "train_loss": loss_q,
+                "n_seeds": len(train),
+                "n_rationales": len(rationales),
+                "mean_best_reward": sum(rewards) / len(rewards),
+            }
             save_role_model(self.store, q, "e_step", e_metrics, window_ids)
             updates.append(model_update(q, "e_step", e_metrics, parents))
 
@@ -277,8 +329,13 @@ class EMTrainer:
         # M-step: p_θ learns c -> (z, x) with z from the updated q_φ (greedy). A seed whose
         # decode does not parse keeps its best-of-K z: the sampled z is still a valid rationale.
         p = self.model(Role.PROMPT_MODEL, s.m_step)
-        decoded = greedy_rationales(q.model, q.tokenizer, train, s.m_step.max_rationale_tokens,
-                                    s.m_step.generation_batch_size)
+        decoded = greedy_rationales(
+            q.model,
+            q.tokenizer,
+            train,
+            s.m_step.max_rationale_tokens,
+            s.m_step.generation_batch_size,
+        )
         m_items = [i.with_rationale(z) if z else i for i, z in zip(train, decoded)]
         fallbacks = sum(z is None for z in decoded)
         signal = heldout or train  # no held-out seed in this window: report the train NLL
@@ -286,12 +343,23 @@ class EMTrainer:
         before = problem_nll(p.model, p.tokenizer, signal)
         loss_p = sft(p, [prompt_model_example(p.tokenizer, i) for i in m_items], s.m_step, s.seed)
         after = problem_nll(p.model, p.tokenizer, signal)
-        m_metrics = {"train_loss": loss_p, "n_seeds": len(train), "n_heldout": len(heldout),
-                     "greedy_fallbacks": fallbacks,
-                     f"{label}_problem_nll_before": before, f"{label}_problem_nll_after": after}
+        m_metrics = {
+            "train_loss": loss_p,
+            "n_seeds": len(train),
+            "n_heldout": len(heldout),
+            "greedy_fallbacks": fallbacks,
+            f"{label}_problem_nll_before": before,
+            f"{label}_problem_nll_after": after,
+        }
         save_role_model(self.store, p, "m_step", m_metrics, window_ids)
         self.seen.add(window_ids)
         updates.append(model_update(p, "m_step", m_metrics, parents))
-        log.info("EM window: %d seeds (%d held out), %s NLL %.4f -> %.4f",
-                 len(train), len(heldout), label, before, after)
+        log.info(
+            "EM window: %d seeds (%d held out), %s NLL %.4f -> %.4f",
+            len(train),
+            len(heldout),
+            label,
+            before,
+            after,
+        )
         return WindowResult(updates, metrics=m_metrics)

@@ -71,13 +71,14 @@ def sft(rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig, seed: in
             dataset_num_proc=None,
         )
         trainer = SFTTrainer(
-            model=rm.model, args=args, train_dataset=Dataset.from_list(examples),
+            model=rm.model,
+            args=args,
+            train_dataset=Dataset.from_list(examples),
             processing_class=rm.tokenizer,
         )
         result = trainer.train()
     rm.model.eval()
     return float(result.training_loss)
-
 
 
 def torch_module():
@@ -87,7 +88,10 @@ def torch_module():
 
 
 def continuation_nll(
-    model: Any, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[str],
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
     batch_size: int = 8,
 ) -> tuple[float, int]:
     """(summed NLL, token count) of the continuations given their prompts, teacher-forced.
@@ -104,8 +108,10 @@ def continuation_nll(
             for start in range(0, len(prompts), batch_size):
                 ps = prompts[start : start + batch_size]
                 cs = continuations[start : start + batch_size]
-                enc = [tokenizer(p + c, add_special_tokens=False, return_offsets_mapping=True)
-                       for p, c in zip(ps, cs)]
+                enc = [
+                    tokenizer(p + c, add_special_tokens=False, return_offsets_mapping=True)
+                    for p, c in zip(ps, cs)
+                ]
                 width = max(len(e["input_ids"]) for e in enc)
                 ids = torch.full((len(enc), width), pad, dtype=torch.long)
                 mask = torch.zeros((len(enc), width), dtype=torch.long)
@@ -116,7 +122,9 @@ def continuation_nll(
                 logp = torch.log_softmax(logits[:, :-1], dim=-1)
                 picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
                 for row, (e, p) in enumerate(zip(enc, ps)):
-                    first = max(1, continuation_span([tuple(o) for o in e["offset_mapping"]], len(p)))
+                    first = max(
+                        1, continuation_span([tuple(o) for o in e["offset_mapping"]], len(p))
+                    )
                     n = len(e["input_ids"])
                     if first >= n:
                         continue
@@ -125,4 +133,3 @@ def continuation_nll(
     finally:
         model.train(was_training)
     return total, count
-

@@ -2,7 +2,8 @@
 preference pairs -> DPO -> a solver update; model updates -> generators reload.
 
 Windows are the runtime's micro-batches; these stages get long ones (``settings.stages``), or a
-trickle of records would arrive in windows too small to train on. A window under ``min_records`` is skipped with a log line. Models load on first use,
+trickle of records would arrive in windows too small to train on. A window under
+``min_records`` is skipped with a log line. Models load on first use,
 in the worker thread, and torch is imported only then.
 """
 
@@ -49,8 +50,10 @@ class EStepStage(_TrainerStage[Rationale]):
 
         self.trainer = EMTrainer(
             self.trainer_cfg,
-            {role: model_path_for(self.settings.models, role)
-             for role in (Role.PROMPT_MODEL, Role.RATIONALE_MODEL)},
+            {
+                role: model_path_for(self.settings.models, role)
+                for role in (Role.PROMPT_MODEL, Role.RATIONALE_MODEL)
+            },
         )
 
     def process(self, records: list[Rationale]) -> list[Emit]:
@@ -60,8 +63,11 @@ class EStepStage(_TrainerStage[Rationale]):
             log.info("em: trainer disabled, %d rationales not trained on", len(rationales))
             return []
         if len(rationales) < cfg.e_step.window.min_records:
-            log.info("em: window of %d rationales < min_records %d, skipped",
-                     len(rationales), cfg.e_step.window.min_records)
+            log.info(
+                "em: window of %d rationales < min_records %d, skipped",
+                len(rationales),
+                cfg.e_step.window.min_records,
+            )
             return []
         self.ensure_ready()
         result = self.trainer.run_window(rationales)
@@ -80,7 +86,8 @@ class DPOStage(_TrainerStage[PreferencePair]):
         from trainer.dpo import DPOTrainerLoop
 
         self.trainer = DPOTrainerLoop(
-            self.trainer_cfg, model_path_for(self.settings.models, Role.SOLVER))
+            self.trainer_cfg, model_path_for(self.settings.models, Role.SOLVER)
+        )
 
     def process(self, records: list[PreferencePair]) -> list[Emit]:
         cfg = self.trainer_cfg
@@ -89,8 +96,11 @@ class DPOStage(_TrainerStage[PreferencePair]):
             log.info("dpo: trainer disabled, %d pairs not trained on", len(pairs))
             return []
         if len(pairs) < cfg.dpo.window.min_records:
-            log.info("dpo: window of %d pairs < min_records %d, skipped",
-                     len(pairs), cfg.dpo.window.min_records)
+            log.info(
+                "dpo: window of %d pairs < min_records %d, skipped",
+                len(pairs),
+                cfg.dpo.window.min_records,
+            )
             return []
         self.ensure_ready()
         result = self.trainer.run_window(pairs)
@@ -130,12 +140,20 @@ class ModelReloadStage(Stage[ModelUpdate]):
         for role, update in newest.items():
             number = parse_version(update.version) or parse_version(update.path) or 0
             if number <= self.applied.get(role, 0):
-                log.info("model_reload: %s %s is not newer than v%04d, ignored",
-                         role, update.version, self.applied[role])
+                log.info(
+                    "model_reload: %s %s is not newer than v%04d, ignored",
+                    role,
+                    update.version,
+                    self.applied[role],
+                )
                 continue
             if not Path(update.path).is_dir():
-                log.warning("model_reload: %s %s: %s is gone (pruned?), ignored",
-                            role, update.version, update.path)
+                log.warning(
+                    "model_reload: %s %s: %s is gone (pruned?), ignored",
+                    role,
+                    update.version,
+                    update.path,
+                )
                 continue
             if self._explicit is not None:
                 reloaded = role in self._explicit

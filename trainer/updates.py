@@ -30,4 +30,3 @@ def model_update(
         parent_ids=parent_ids,
         lineage=Lineage(ancestors=list(parent_ids), models={rm.role: version}),
     )
-

@@ -141,4 +141,3 @@ def calibrate(n: int = 600, seed: int = 0) -> Iterator[str]:
             f"fp_math_nn={np.mean(math_nn >= t):.3f} fp_random={np.mean(distinct_random >= t):.4f}"
         )
     yield f"embedder: {embedder.texts_embedded} texts, {embedder.tokens_embedded} tokens"
-

@@ -142,7 +142,10 @@ def _cached_embeddings(
         return np.zeros((0, embedder.dim), dtype=np.float32)
     if cache_dir is None:
         return embedder.embed([item.text for item in items])
-    model = f"{_model_identity(embedder.model_path)}|{embedder.max_seq_length}|{embedder.settings.max_chars}"
+    model = (
+        f"{_model_identity(embedder.model_path)}|{embedder.max_seq_length}"
+        f"|{embedder.settings.max_chars}"
+    )
     key = hashlib.sha256(model.encode())
     for spec in specs:
         key.update(spec.model_dump_json().encode())

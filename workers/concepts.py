@@ -134,7 +134,9 @@ class DomainPool:
             "pairs_seen": pairs,
             # Share of all concept pairs seen together at least once.
             "cooccurrence_density": round(pairs / (n * (n - 1) / 2), 4) if n > 1 else 0.0,
-            "mean_concepts_per_seed": round(float(self.counts.sum()) / self.n_seeds, 3) if self.n_seeds else 0.0,
+            "mean_concepts_per_seed": round(float(self.counts.sum()) / self.n_seeds, 3)
+            if self.n_seeds
+            else 0.0,
             "embeddings": self.embeddings is not None,
         }
 
@@ -188,7 +190,9 @@ class ConceptPool:
         """Count concepts per domain from AnnotatedSeed records or (domain, concepts) pairs."""
         by_domain: dict[str, list[list[str]]] = {}
         for seed in seeds:
-            domain, concepts = (seed.domain, seed.concepts) if isinstance(seed, AnnotatedSeed) else seed
+            domain, concepts = (
+                (seed.domain, seed.concepts) if isinstance(seed, AnnotatedSeed) else seed
+            )
             by_domain.setdefault(domain, []).append(list(concepts))
         pool = cls({d: _count_domain(a) for d, a in sorted(by_domain.items())})
         return pool.with_embeddings(embed, embedder_name) if embed is not None else pool
@@ -199,9 +203,14 @@ class ConceptPool:
         for name, dp in self.domains.items():
             vectors = np.asarray(embed(list(dp.concepts)), dtype=np.float32) if len(dp) else None
             if vectors is not None and vectors.shape[0] != len(dp):
-                raise ValueError(f"embedder returned {vectors.shape[0]} vectors for {len(dp)} concepts")
+                raise ValueError(
+                    f"embedder returned {vectors.shape[0]} vectors for {len(dp)} concepts"
+                )
             domains[name] = DomainPool(
-                dp.concepts, dp.counts, dp.cooccurrence, dp.n_seeds,
+                dp.concepts,
+                dp.counts,
+                dp.cooccurrence,
+                dp.n_seeds,
                 _unit_rows(vectors) if vectors is not None else None,
             )
         return ConceptPool(domains, embedder_name)
@@ -260,8 +269,11 @@ class ConceptPool:
                 embeddings = flat.reshape(n, spec["dim"]).astype(np.float32)
                 embedder_name = spec.get("model") or embedder_name
             domains[name] = DomainPool(
-                list(body["concepts"]), np.asarray(body["counts"], dtype=np.int64), cooc,
-                int(body["n_seeds"]), embeddings,
+                list(body["concepts"]),
+                np.asarray(body["counts"], dtype=np.int64),
+                cooc,
+                int(body["n_seeds"]),
+                embeddings,
             )
         return cls(domains, embedder_name)
 
@@ -269,7 +281,9 @@ class ConceptPool:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+        tmp.write_text(
+            json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")), encoding="utf-8"
+        )
         tmp.replace(path)  # atomic: a reader never sees half a pool
         return path
 
@@ -307,7 +321,9 @@ class ConceptSampler:
         self.draws = first_draw
 
     def _generator(self, draw: int) -> np.random.Generator:
-        return self.rng if self.rng is not None else np.random.default_rng([self.settings.seed, draw])
+        return (
+            self.rng if self.rng is not None else np.random.default_rng([self.settings.seed, draw])
+        )
 
     def grow(self, domain: str, rng: np.random.Generator, first: int | None = None) -> list[int]:
         """Indices of one concept set: a frequency-drawn first concept, then softmax growth."""

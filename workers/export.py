@@ -23,8 +23,9 @@ def _from_topic(settings: Settings) -> list[dict]:
     return problems_table(list(problems.values())).to_pylist() if problems else []
 
 
-def export_problems(settings: Settings, out: Path, *, fmt: str = "parquet",
-                    source: str = "sink") -> int:
+def export_problems(
+    settings: Settings, out: Path, *, fmt: str = "parquet", source: str = "sink"
+) -> int:
     """Write the problems to ``out``; returns how many. Raises FileNotFoundError when the sink
     folder does not exist (a wrong ``sink.output_dir`` must not yield an empty file)."""
     if fmt not in ("parquet", "hf"):
@@ -32,8 +33,10 @@ def export_problems(settings: Settings, out: Path, *, fmt: str = "parquet",
     if source == "sink":
         folder = Path(settings.sink.output_dir) / "problems"
         if not folder.is_dir():
-            raise FileNotFoundError(f"no problems folder at {folder} (sink.output_dir is "
-                                    f"{settings.sink.output_dir}); nothing to export")
+            raise FileNotFoundError(
+                f"no problems folder at {folder} (sink.output_dir is "
+                f"{settings.sink.output_dir}); nothing to export"
+            )
         rows = read_problems(folder)
     elif source == "topic":
         if not settings.kafka.bootstrap_servers:

@@ -70,7 +70,9 @@ def parse_lexicon(raw: dict) -> dict[str, tuple[LexiconConcept, ...]]:
             triggers += [Trigger(re.compile(r, re.IGNORECASE)) for r in entry.get("regex", [])]
             if not triggers:
                 raise ValueError(f"lexicon concept {entry['name']!r} has no trigger")
-            concepts.append(LexiconConcept(entry["name"], float(entry.get("weight", 1.0)), tuple(triggers)))
+            concepts.append(
+                LexiconConcept(entry["name"], float(entry.get("weight", 1.0)), tuple(triggers))
+            )
         names = [c.name for c in concepts]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate concept names in lexicon domain {domain!r}")
@@ -85,7 +87,9 @@ def load_lexicon(path: str | None = None) -> dict[str, tuple[LexiconConcept, ...
     return parse_lexicon(json.loads(source.read_text(encoding="utf-8")))
 
 
-def score_concepts(text: str, domain: str, lexicon_path: str | None = None) -> list[tuple[str, float]]:
+def score_concepts(
+    text: str, domain: str, lexicon_path: str | None = None
+) -> list[tuple[str, float]]:
     """Every concept that fired, best first (ties keep lexicon order: the sort is stable)."""
     concepts = load_lexicon(lexicon_path).get(domain)
     if concepts is None:
@@ -95,6 +99,8 @@ def score_concepts(text: str, domain: str, lexicon_path: str | None = None) -> l
     return sorted((pair for pair in scored if pair[1] > 0), key=lambda pair: -pair[1])
 
 
-def annotate_with_lexicon(text: str, domain: str, k: int = 5, lexicon_path: str | None = None) -> list[str]:
+def annotate_with_lexicon(
+    text: str, domain: str, k: int = 5, lexicon_path: str | None = None
+) -> list[str]:
     """At most ``k`` concept names for ``text`` (empty when nothing fires)."""
     return [name for name, _ in score_concepts(text, domain, lexicon_path)[:k]]

@@ -191,8 +191,8 @@ TEST_WRITER = Template(
     name="test_writer",
     version=1,
     system="You write unit tests for programming problems.",
-    user="Write one test case for the problem below: a JSON object with the keys \"input\" "
-    "(the exact standard input) and \"output\" (the exact expected standard output), in one "
+    user='Write one test case for the problem below: a JSON object with the keys "input" '
+    '(the exact standard input) and "output" (the exact expected standard output), in one '
     "```json fenced block.\n\nProblem:\n{problem}",
     assistant_prefix="```json\n",
     stop=("\n```",),
@@ -217,8 +217,7 @@ SOLVER_BY_DOMAIN: dict[str, Template] = {"math": SOLVER_MATH, "code": SOLVER_COD
 # What the SYNTHESIS template's {kind} field says for each domain.
 KIND_BY_DOMAIN = {
     "math": "competition mathematics problem with a single final answer",
-    "code": "competitive programming problem that reads standard input and writes standard "
-    "output",
+    "code": "competitive programming problem that reads standard input and writes standard output",
 }
 
 

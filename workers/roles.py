@@ -65,12 +65,14 @@ class RoleBackends:
         key = models.model_dump_json()
         with cls._lock:
             if key not in cls._pools:
-                cls._pools[key] = BackendPool({
-                    role: models.role(role).model_copy(
-                        update={"model": model_path_for(models, role)}
-                    )
-                    for role in Role
-                })
+                cls._pools[key] = BackendPool(
+                    {
+                        role: models.role(role).model_copy(
+                            update={"model": model_path_for(models, role)}
+                        )
+                        for role in Role
+                    }
+                )
             return cls._pools[key]
 
 

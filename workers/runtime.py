@@ -116,7 +116,9 @@ class StageAgent:
             dead: list[Emit] = []
             for event in events:
                 try:
-                    decoded.append((serde.decode(event.value, self.stage.input_type), event.message))
+                    decoded.append(
+                        (serde.decode(event.value, self.stage.input_type), event.message)
+                    )
                 except serde.RecordDecodeError as exc:
                     dead.append(self._dead_letter(exc, event.message))
             metrics.RECORDS_IN.labels(stage=self.stage.name).inc(len(events))
@@ -125,7 +127,9 @@ class StageAgent:
                 emits += await loop.run_in_executor(self.executor, self._process_safely, decoded)
             await self._send(emits)
             metrics.BATCH_SIZE.labels(stage=self.stage.name).observe(len(events))
-            metrics.BATCH_SECONDS.labels(stage=self.stage.name).observe(time.perf_counter() - started)
+            metrics.BATCH_SECONDS.labels(stage=self.stage.name).observe(
+                time.perf_counter() - started
+            )
 
     def _process_safely(self, decoded: list[tuple[Record, Any]]) -> list[Emit]:
         """process() must not raise; if it does anyway (a bug, a dead backend), retry record by
@@ -135,7 +139,9 @@ class StageAgent:
             return self._call(self.stage.process, [record for record, _ in decoded])
         except Exception:
             log.exception(
-                "stage %s failed on a batch of %d; retrying one by one", self.stage.name, len(decoded)
+                "stage %s failed on a batch of %d; retrying one by one",
+                self.stage.name,
+                len(decoded),
             )
         emits: list[Emit] = []
         for record, msg in decoded:

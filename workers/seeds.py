@@ -89,7 +89,9 @@ def _codeforces(split: str) -> Iterator[SeedProblem]:
         )
 
 
-def load_seeds(source: Source | str, split: str = "train", limit: int | None = None) -> list[SeedProblem]:
+def load_seeds(
+    source: Source | str, split: str = "train", limit: int | None = None
+) -> list[SeedProblem]:
     """Seed problems from a shipped corpus, in file order (``limit`` takes the first N)."""
     readers = {"gsm8k": _gsm8k, "codeforces": _codeforces}
     if source not in readers:
@@ -115,4 +117,6 @@ def build_default_pool(
 ) -> ConceptPool:
     """The cold-start pool: GSM8K train (math) + Codeforces (code), annotated by the lexicon."""
     seeds = load_seeds("gsm8k", "train") + load_seeds("codeforces", "train")
-    return ConceptPool.from_annotated(lexicon_annotations(seeds, k), embed=embed, embedder_name=embedder_name)
+    return ConceptPool.from_annotated(
+        lexicon_annotations(seeds, k), embed=embed, embedder_name=embedder_name
+    )

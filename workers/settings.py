@@ -19,8 +19,13 @@ from workers.sandbox import SandboxSettings
 MATH_LADDER = ["AMC12", "HMMT-Nov", "HMMT-Feb", "AIME", "USAJMO", "USAMO"]
 # The shipped Codeforces seeds carry no ratings: rating buckets 400 apart (Div. 2 B up to Div. 1
 # D) tell the prompt model more than upstream's single "codeforces" label.
-CODE_LADDER = ["codeforces-1200", "codeforces-1600", "codeforces-2000", "codeforces-2400",
-               "codeforces-2800"]
+CODE_LADDER = [
+    "codeforces-1200",
+    "codeforces-1600",
+    "codeforces-2000",
+    "codeforces-2400",
+    "codeforces-2800",
+]
 
 
 class StageRuntime(Section):

@@ -150,6 +150,8 @@ class ModelStage(Stage[In]):
         """Prompt and completion tokens of one model call, for the per-role token counters."""
         completions = list(completions)
         metrics.MODEL_TOKENS.labels(role=str(role), kind="prompt").inc(
-            sum(c.n_prompt_tokens for c in completions))
+            sum(c.n_prompt_tokens for c in completions)
+        )
         metrics.MODEL_TOKENS.labels(role=str(role), kind="completion").inc(
-            sum(c.n_completion_tokens for c in completions))
+            sum(c.n_completion_tokens for c in completions)
+        )

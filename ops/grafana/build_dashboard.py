@@ -16,8 +16,16 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 RI = "$__rate_interval"
 
 
-def panel(title: str, exprs: dict[str, str], *, unit: str = "short", kind: str = "timeseries",
-          w: int = 12, h: int = 8, description: str = "") -> dict:
+def panel(
+    title: str,
+    exprs: dict[str, str],
+    *,
+    unit: str = "short",
+    kind: str = "timeseries",
+    w: int = 12,
+    h: int = 8,
+    description: str = "",
+) -> dict:
     return {
         "type": kind,
         "title": title,
@@ -33,54 +41,114 @@ def panel(title: str, exprs: dict[str, str], *, unit: str = "short", kind: str =
 
 
 def row(title: str) -> dict:
-    return {"type": "row", "title": title, "collapsed": False, "gridPos": {"w": 24, "h": 1}, "panels": []}
+    return {
+        "type": "row",
+        "title": title,
+        "collapsed": False,
+        "gridPos": {"w": 24, "h": 1},
+        "panels": [],
+    }
 
 
 PANELS = [
     row("Output"),
-    panel("Verified problems per hour", {
-        "{{domain}}": f"sum by (domain) (rate(promptcot_accepted_total[{RI}])) * 3600",
-    }, w=8, description="Problems that passed dedup, decontamination and verification."),
-    panel("Acceptance ratio", {
-        "accepted / candidates": f"sum(rate(promptcot_accepted_total[{RI}])) / "
-        f"clamp_min(sum(rate(promptcot_records_out_total{{stage=\"generate\",topic=\"candidates\"}}[{RI}])), 1e-9)",
-    }, unit="percentunit", w=8),
+    panel(
+        "Verified problems per hour",
+        {
+            "{{domain}}": f"sum by (domain) (rate(promptcot_accepted_total[{RI}])) * 3600",
+        },
+        w=8,
+        description="Problems that passed dedup, decontamination and verification.",
+    ),
+    panel(
+        "Acceptance ratio",
+        {
+            "accepted / candidates": f"sum(rate(promptcot_accepted_total[{RI}])) / "
+            "clamp_min(sum(rate(promptcot_records_out_total"
+            f'{{stage="generate",topic="candidates"}}[{RI}])), 1e-9)',
+        },
+        unit="percentunit",
+        w=8,
+    ),
     panel("Concept sets in flight", {"in flight": "sum(promptcot_concept_sets_in_flight)"}, w=8),
     row("Flow"),
-    panel("Records out per second", {
-        "{{stage}} -> {{topic}}": f"sum by (stage, topic) (rate(promptcot_records_out_total[{RI}]))",
-    }),
-    panel("Records in per second", {
-        "{{stage}}": f"sum by (stage) (rate(promptcot_records_in_total[{RI}]))",
-    }),
-    panel("Rejections by reason", {
-        "{{stage}}: {{reason}}": f"sum by (stage, reason) (rate(promptcot_rejected_total[{RI}]))",
-    }, w=16),
-    panel("Dead letters", {
-        "{{stage}}: {{reason}}": f"sum by (stage, reason) (increase(promptcot_dead_letters_total[{RI}]))",
-    }, w=8, description="Unreadable records; each is on the dead-letter topic with its payload."),
+    panel(
+        "Records out per second",
+        {
+            "{{stage}} -> {{topic}}": (
+                f"sum by (stage, topic) (rate(promptcot_records_out_total[{RI}]))"
+            ),
+        },
+    ),
+    panel(
+        "Records in per second",
+        {
+            "{{stage}}": f"sum by (stage) (rate(promptcot_records_in_total[{RI}]))",
+        },
+    ),
+    panel(
+        "Rejections by reason",
+        {
+            "{{stage}}: {{reason}}": (
+                f"sum by (stage, reason) (rate(promptcot_rejected_total[{RI}]))"
+            ),
+        },
+        w=16,
+    ),
+    panel(
+        "Dead letters",
+        {
+            "{{stage}}: {{reason}}": (
+                f"sum by (stage, reason) (increase(promptcot_dead_letters_total[{RI}]))"
+            ),
+        },
+        w=8,
+        description="Unreadable records; each is on the dead-letter topic with its payload.",
+    ),
     row("Latency and models"),
-    panel("Batch latency p50 / p95", {
-        "p50 {{stage}}": f"histogram_quantile(0.5, sum by (le, stage) (rate(promptcot_batch_seconds_bucket[{RI}])))",
-        "p95 {{stage}}": f"histogram_quantile(0.95, sum by (le, stage) (rate(promptcot_batch_seconds_bucket[{RI}])))",
-    }, unit="s"),
-    panel("Mean micro-batch size", {
-        "{{stage}}": f"sum by (stage) (rate(promptcot_batch_size_sum[{RI}])) / "
-        f"clamp_min(sum by (stage) (rate(promptcot_batch_size_count[{RI}])), 1e-9)",
-    }),
-    panel("Model tokens per second", {
-        "{{role}} {{kind}}": f"sum by (role, kind) (rate(promptcot_model_tokens_total[{RI}]))",
-    }),
-    panel("Solver pass rate (median)", {
-        "{{domain}}": f"histogram_quantile(0.5, sum by (le, domain) (rate(promptcot_pass_rate_bucket[{RI}])))",
-    }, unit="percentunit"),
+    panel(
+        "Batch latency p50 / p95",
+        {
+            f"p{pct} {{{{stage}}}}": f"histogram_quantile({q}, sum by (le, stage) "
+            f"(rate(promptcot_batch_seconds_bucket[{RI}])))"
+            for pct, q in (("50", "0.5"), ("95", "0.95"))
+        },
+        unit="s",
+    ),
+    panel(
+        "Mean micro-batch size",
+        {
+            "{{stage}}": f"sum by (stage) (rate(promptcot_batch_size_sum[{RI}])) / "
+            f"clamp_min(sum by (stage) (rate(promptcot_batch_size_count[{RI}])), 1e-9)",
+        },
+    ),
+    panel(
+        "Model tokens per second",
+        {
+            "{{role}} {{kind}}": f"sum by (role, kind) (rate(promptcot_model_tokens_total[{RI}]))",
+        },
+    ),
+    panel(
+        "Solver pass rate (median)",
+        {
+            "{{domain}}": "histogram_quantile(0.5, sum by (le, domain) "
+            f"(rate(promptcot_pass_rate_bucket[{RI}])))",
+        },
+        unit="percentunit",
+    ),
     row("Verification and diversity"),
-    panel("Sandbox runs by outcome", {
-        "{{outcome}}": f"sum by (outcome) (rate(promptcot_sandbox_runs_total[{RI}]))",
-    }),
-    panel("Diversity of accepted problems", {
-        "{{measure}}": "avg by (measure) (promptcot_diversity)",
-    }),
+    panel(
+        "Sandbox runs by outcome",
+        {
+            "{{outcome}}": f"sum by (outcome) (rate(promptcot_sandbox_runs_total[{RI}]))",
+        },
+    ),
+    panel(
+        "Diversity of accepted problems",
+        {
+            "{{measure}}": "avg by (measure) (promptcot_diversity)",
+        },
+    ),
 ]
 
 
@@ -113,10 +181,18 @@ def dashboard() -> dict:
         "editable": True,
         "time": {"from": "now-6h", "to": "now"},
         "refresh": "30s",
-        "templating": {"list": [{
-            "name": "datasource", "type": "datasource", "query": "prometheus",
-            "label": "Prometheus", "current": {}, "hide": 0,
-        }]},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "label": "Prometheus",
+                    "current": {},
+                    "hide": 0,
+                }
+            ]
+        },
         "panels": layout(PANELS),
     }
 

@@ -29,8 +29,9 @@ ConfigOpt = Annotated[
 ]
 BootstrapOpt = Annotated[
     str | None,
-    typer.Option("--bootstrap",
-                 help="Kafka bootstrap servers (PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS)."),
+    typer.Option(
+        "--bootstrap", help="Kafka bootstrap servers (PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS)."
+    ),
 ]
 
 

@@ -60,8 +60,10 @@ def up(
     with console.status("starting broker and topics..."):
         cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
     where = "embedded broker" if cluster.broker else "cluster"
-    console.print(f"[bold]PromptCoT factory[/] on {where} [cyan]{cluster.bootstrap}[/], "
-                  f"stages: {', '.join(names)}")
+    console.print(
+        f"[bold]PromptCoT factory[/] on {where} [cyan]{cluster.bootstrap}[/], "
+        f"stages: {', '.join(names)}"
+    )
     if settings.metrics.port:
         console.print(f"metrics: http://{settings.metrics.host}:{settings.metrics.port}/metrics")
     if seeds and "annotate" in names:
@@ -75,8 +77,7 @@ def up(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        with Live(progress.table(), console=console, refresh_per_second=2,
-                  transient=True) as live:
+        with Live(progress.table(), console=console, refresh_per_second=2, transient=True) as live:
             while not stop.is_set():
                 live.update(progress.table())
                 if progress.accepted() >= max_problems:
@@ -92,8 +93,15 @@ def up(
             live.update(progress.table())
 
     try:
-        asyncio.run(run_stages(settings, [make_stage(n, settings) for n in names],
-                               cluster.bootstrap, app_id="promptcot-factory", until=until))
+        asyncio.run(
+            run_stages(
+                settings,
+                [make_stage(n, settings) for n in names],
+                cluster.bootstrap,
+                app_id="promptcot-factory",
+                until=until,
+            )
+        )
     finally:
         cluster.close()
     console.print(progress.summary(Path(settings.sink.output_dir)))
@@ -122,8 +130,11 @@ def worker(
     cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
     console.print(f"worker [bold]{stage}[/] on {cluster.bootstrap}")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_stages(settings, [make_stage(stage, settings)], cluster.bootstrap,
-                               until=until_signal))
+        asyncio.run(
+            run_stages(
+                settings, [make_stage(stage, settings)], cluster.bootstrap, until=until_signal
+            )
+        )
 
 
 async def until_signal() -> None:

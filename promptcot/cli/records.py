@@ -31,8 +31,7 @@ def topics(config: ConfigOpt = None, bootstrap: BootstrapOpt = None) -> None:
         ensure_topics(kcfg, ns, settings.kafka.partitions, settings.kafka.replication_factor)
         consumer = KafkaConsumer(**kcfg)
         for spec in CATALOGUE.values():
-            live[spec.full_name(ns)] = len(consumer.partitions_for_topic(spec.full_name(ns))
-                                           or ())
+            live[spec.full_name(ns)] = len(consumer.partitions_for_topic(spec.full_name(ns)) or ())
         consumer.close()
     table = Table("topic", "record", "key", "partitions", "what")
     for spec in CATALOGUE.values():
@@ -58,11 +57,10 @@ def tail(
     settings = load(config, bootstrap)
     resolve_topic(settings.kafka, topic)  # an unknown topic fails before any connection
     bootstrap = require_cluster(settings)
-    shown = 0
-    for record in read_topic(settings.kafka, topic, bootstrap=bootstrap, follow=follow):
+    records = read_topic(settings.kafka, topic, bootstrap=bootstrap, follow=follow)
+    for shown, record in enumerate(records, start=1):
         console.rule(f"{record.kind} {record.id}")
         console.print_json(record.model_dump_json())
-        shown += 1
         if not follow and shown >= n:
             break
 
@@ -75,9 +73,7 @@ def export(
     fmt: Annotated[
         str, typer.Option("--format", help="parquet or hf (datasets.save_to_disk).")
     ] = "parquet",
-    source: Annotated[
-        str, typer.Option(help="sink (the local Parquet folder) or topic.")
-    ] = "sink",
+    source: Annotated[str, typer.Option(help="sink (the local Parquet folder) or topic.")] = "sink",
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
@@ -93,9 +89,9 @@ def export(
 
 @app.command()
 def schemas(
-    out: Annotated[
-        Path, typer.Option(help="Folder for one JSON Schema per record type.")
-    ] = Path("schemas"),
+    out: Annotated[Path, typer.Option(help="Folder for one JSON Schema per record type.")] = Path(
+        "schemas"
+    ),
 ) -> None:
     """Write the JSON Schema of every record type: the contract for downstream consumers."""
     from streams.records import RECORD_TYPES

@@ -10,10 +10,12 @@ import typer
 
 from promptcot.cli.app import BootstrapOpt, ConfigOpt, app, console, load, require_cluster
 
-models_app = typer.Typer(help="Prepare and inspect the models the factory runs.",
-                         no_args_is_help=True)
-seeds_app = typer.Typer(help="Seed problems and the concept pool built from them.",
-                        no_args_is_help=True)
+models_app = typer.Typer(
+    help="Prepare and inspect the models the factory runs.", no_args_is_help=True
+)
+seeds_app = typer.Typer(
+    help="Seed problems and the concept pool built from them.", no_args_is_help=True
+)
 vectorstore_app = typer.Typer(help="The dedup / decontamination store.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(seeds_app, name="seeds")
@@ -28,12 +30,14 @@ def show_config(config: ConfigOpt = None) -> None:
 
     settings = load(config)
     data = json.loads(settings.model_dump_json())
-    console.print(render_with_sources(data, sources(config)), highlight=False, markup=False,
-                  soft_wrap=True)
+    console.print(
+        render_with_sources(data, sources(config)), highlight=False, markup=False, soft_wrap=True
+    )
 
 
-def render_with_sources(data: dict[str, Any], where: dict[str, str], prefix: str = "",
-                        indent: int = 0) -> str:
+def render_with_sources(
+    data: dict[str, Any], where: dict[str, str], prefix: str = "", indent: int = 0
+) -> str:
     """YAML of ``data`` with ``# <source>`` after every value whose key path is in ``where``."""
     import yaml
 
@@ -48,7 +52,8 @@ def render_with_sources(data: dict[str, Any], where: dict[str, str], prefix: str
         text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
         text = text.removesuffix("\n...").removesuffix("...").strip()
         source = where.get(path) or next(
-            (src for k, src in where.items() if k.startswith(path + ".")), None)
+            (src for k, src in where.items() if k.startswith(path + ".")), None
+        )
         lines.append(f"{pad}{key}: {text}" + (f"  # {source}" if source else ""))
     return "\n".join(lines)
 

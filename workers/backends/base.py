@@ -114,8 +114,13 @@ def failed_score(reason: str) -> Score:
 def mark_empty(c: Completion) -> Completion:
     """Flag a completion with no visible text (a model that emits EOS at once)."""
     if c.error is None and not c.text.strip():
-        return Completion(c.text, c.n_prompt_tokens, c.n_completion_tokens, c.finish_reason,
-                          EmptyCompletionError.reason)
+        return Completion(
+            c.text,
+            c.n_prompt_tokens,
+            c.n_completion_tokens,
+            c.finish_reason,
+            EmptyCompletionError.reason,
+        )
     return c
 
 
@@ -153,7 +158,7 @@ def hash_files(paths: list[Path], length: int = 12) -> str:
 def weights_version(model_dir: str | Path) -> str:
     """``<folder name>@<sha256 of its weight files>`` (adapter folders included)."""
     path = Path(model_dir)
-    files = [p for p in path.glob("*.safetensors")] + [p for p in path.glob("*.bin")]
+    files = [*path.glob("*.safetensors"), *path.glob("*.bin")]
     return f"{path.name}@{hash_files(files) if files else 'noweights'}"
 
 

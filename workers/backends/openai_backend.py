@@ -34,8 +34,14 @@ from workers.backends.base import (
 )
 
 _RETRY_STATUS = {429, 500, 502, 503, 504}
-_OVERFLOW_HINTS = ("context length", "maximum context", "max_model_len", "too long",
-                   "context_length", "longer than")
+_OVERFLOW_HINTS = (
+    "context length",
+    "maximum context",
+    "max_model_len",
+    "too long",
+    "context_length",
+    "longer than",
+)
 
 
 class _ItemOverflow(Exception):
@@ -51,8 +57,9 @@ class OpenAIBackend(Backend):
             headers={"Authorization": f"Bearer {settings.api_key}"},
             limits=httpx.Limits(max_connections=settings.concurrency),
         )
-        self._pool = ThreadPoolExecutor(max_workers=settings.concurrency,
-                                        thread_name_prefix="openai-backend")
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.concurrency, thread_name_prefix="openai-backend"
+        )
         self._lock = threading.Lock()
         self._served_model = settings.model
         self.model_version = f"openai:{settings.model}@{settings.base_url}"
@@ -60,8 +67,9 @@ class OpenAIBackend(Backend):
         if settings.tokenizer:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer,
-                                                            local_files_only=True)
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                settings.tokenizer, local_files_only=True
+            )
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -138,8 +146,9 @@ class OpenAIBackend(Backend):
                 finish = "length" if choice.get("finish_reason") == "length" else "stop"
                 # Servers report tokens for the whole response; spread them when n > 1.
                 n_tokens = total_completion // max(1, len(choices))
-                out.append(mark_empty(Completion(choice.get("text", ""), n_prompt, n_tokens,
-                                                 finish)))
+                out.append(
+                    mark_empty(Completion(choice.get("text", ""), n_prompt, n_tokens, finish))
+                )
             return out
 
         return self._map(one, prompts)
@@ -165,8 +174,9 @@ class OpenAIBackend(Backend):
             except _ItemOverflow:
                 return failed_score(ContextOverflowError.reason)
             logprobs = data["choices"][0]["logprobs"]
-            n_prompt = int((data.get("usage") or {}).get("prompt_tokens",
-                                                          len(logprobs["tokens"]) - 1))
+            n_prompt = int(
+                (data.get("usage") or {}).get("prompt_tokens", len(logprobs["tokens"]) - 1)
+            )
             tokens = logprobs["tokens"][:n_prompt]  # drop the one generated token
             values = logprobs["token_logprobs"][:n_prompt]
             starts = logprobs["text_offset"][:n_prompt]
@@ -188,8 +198,9 @@ class OpenAIBackend(Backend):
 
     def render_messages(self, messages: list[dict[str, str]]) -> str:
         if self._tokenizer is not None and getattr(self._tokenizer, "chat_template", None):
-            return self._tokenizer.apply_chat_template(messages, tokenize=False,
-                                                       add_generation_prompt=True)
+            return self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
         return super().render_messages(messages)
 
     def close(self) -> None:

@@ -173,9 +173,7 @@ class TransformersBackend(Backend):
         for row, (_, ids, own_budget) in enumerate(chunk):
             completions = []
             for k in range(n):
-                completions.append(
-                    self._finish(generated[row * n + k], len(ids), own_budget, stop)
-                )
+                completions.append(self._finish(generated[row * n + k], len(ids), own_budget, stop))
             results.append(completions)
         return results
 
@@ -214,8 +212,7 @@ class TransformersBackend(Backend):
         """For each text: token ids, character offsets, and each token's log-prob given the
         tokens before it (None for the first). One right-padded forward pass per micro-batch."""
         encoded = [
-            self.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
-            for t in texts
+            self.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts
         ]
         out: list[tuple[list[int], list[tuple[int, int]], list[float | None]]] = []
         bs = self.settings.max_batch_size
@@ -237,7 +234,11 @@ class TransformersBackend(Backend):
                     length = len(e["input_ids"])
                     values: list[float | None] = [None] + picked[row, : length - 1].tolist()
                     out.append(
-                        (list(e["input_ids"]), [tuple(o) for o in e["offset_mapping"]], values[:length])
+                        (
+                            list(e["input_ids"]),
+                            [tuple(o) for o in e["offset_mapping"]],
+                            values[:length],
+                        )
                     )
         return out
 

@@ -101,8 +101,9 @@ class VLLMBackend(Backend):
 
     def render_messages(self, messages: list[dict[str, str]]) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
         return super().render_messages(messages)
 
     def _encode(self, text: str) -> list[int]:
@@ -130,27 +131,34 @@ class VLLMBackend(Backend):
                 results[i] = failed_completions(n, ContextOverflowError.reason, len(ids))
                 continue
             requests.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(SamplingParams(
-                n=n,
-                temperature=temperature,
-                top_p=top_p if temperature > 0 else 1.0,
-                max_tokens=min(max_tokens, limit - len(ids)),
-                stop=list(stop) if stop else None,
-                # One seed per prompt: results then do not depend on batch composition.
-                seed=None if seed is None else seed + i,
-            ))
+            params.append(
+                SamplingParams(
+                    n=n,
+                    temperature=temperature,
+                    top_p=top_p if temperature > 0 else 1.0,
+                    max_tokens=min(max_tokens, limit - len(ids)),
+                    stop=list(stop) if stop else None,
+                    # One seed per prompt: results then do not depend on batch composition.
+                    seed=None if seed is None else seed + i,
+                )
+            )
             index.append(i)
         if requests:
             with self._lock:
-                outputs = self.llm.generate(requests, params, use_tqdm=False,
-                                            lora_request=self._lora)
+                outputs = self.llm.generate(
+                    requests, params, use_tqdm=False, lora_request=self._lora
+                )
             for i, out in zip(index, outputs):
                 n_prompt = len(out.prompt_token_ids)
                 results[i] = [
-                    mark_empty(Completion(
-                        c.text, n_prompt, len(c.token_ids),
-                        "length" if c.finish_reason == "length" else "stop",
-                    ))
+                    mark_empty(
+                        Completion(
+                            c.text,
+                            n_prompt,
+                            len(c.token_ids),
+                            "length" if c.finish_reason == "length" else "stop",
+                        )
+                    )
                     for c in out.outputs
                 ]
         return [r or [] for r in results]
@@ -177,7 +185,9 @@ class VLLMBackend(Backend):
             with self._lock:
                 outputs = self.llm.generate(
                     [TokensPrompt(prompt_token_ids=ids) for _, ids, _ in todo],
-                    params, use_tqdm=False, lora_request=self._lora,
+                    params,
+                    use_tqdm=False,
+                    lora_request=self._lora,
                 )
             for (i, ids, first), out in zip(todo, outputs):
                 lps, toks = [], []

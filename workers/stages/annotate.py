@@ -35,8 +35,10 @@ class AnnotateStage(ModelStage[SeedProblem]):
                 out.append(found if found else ParseError("missing_concepts", "no lexicon match"))
             return out
         teacher = self.backend(Role.ANNOTATOR)
-        prompts = [CONCEPT_ANNOTATION.render(teacher, k=cfg.concepts_per_seed, problem=s.text)
-                   for s in seeds]
+        prompts = [
+            CONCEPT_ANNOTATION.render(teacher, k=cfg.concepts_per_seed, problem=s.text)
+            for s in seeds
+        ]
         out = []
         for c in self._generate(prompts, list(CONCEPT_ANNOTATION.stop)):
             try:
@@ -69,21 +71,34 @@ class AnnotateStage(ModelStage[SeedProblem]):
             except ParseError as exc:
                 emits.append(self.reject(seed, exc.reason, exc.detail))
                 continue
-            emits.append(self.emit(SEEDS_ANNOTATED, AnnotatedSeed.derived_from(
-                seed,
-                models=self.model_versions(),
-                templates={CONCEPT_ANNOTATION.name: CONCEPT_ANNOTATION.hash,
-                           RATIONALE_ANNOTATION.name: RATIONALE_ANNOTATION.hash},
-                seed_id=seed.id,
-                annotator=teacher.model_version,
-                domain=seed.domain,
-                text=seed.text,
-                concepts=concepts,
-                rationale=rationale,
-            )))
+            emits.append(
+                self.emit(
+                    SEEDS_ANNOTATED,
+                    AnnotatedSeed.derived_from(
+                        seed,
+                        models=self.model_versions(),
+                        templates={
+                            CONCEPT_ANNOTATION.name: CONCEPT_ANNOTATION.hash,
+                            RATIONALE_ANNOTATION.name: RATIONALE_ANNOTATION.hash,
+                        },
+                        seed_id=seed.id,
+                        annotator=teacher.model_version,
+                        domain=seed.domain,
+                        text=seed.text,
+                        concepts=concepts,
+                        rationale=rationale,
+                    ),
+                )
+            )
         return emits
 
     def _generate(self, prompts: list[str], stop: list[str]) -> list[Completion]:
         cfg = self.settings.annotate
-        return self.generate_one(Role.ANNOTATOR, prompts, temperature=cfg.temperature,
-                                 max_tokens=cfg.max_tokens, stop=stop or None, seed=0)
+        return self.generate_one(
+            Role.ANNOTATOR,
+            prompts,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            stop=stop or None,
+            seed=0,
+        )

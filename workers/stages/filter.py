@@ -49,13 +49,17 @@ class FilterStage(Stage[CandidateProblem]):
         from vectorstore.dedup import CandidateText
 
         candidates = records
-        screened = self.dedup.embed_and_screen([
-            CandidateText(
-                id=c.id, text=c.problem, domain=c.domain,
-                metadata={"concept_set_id": c.lineage.concept_set_id, "concepts": c.concepts},
-            )
-            for c in candidates
-        ])
+        screened = self.dedup.embed_and_screen(
+            [
+                CandidateText(
+                    id=c.id,
+                    text=c.problem,
+                    domain=c.domain,
+                    metadata={"concept_set_id": c.lineage.concept_set_id, "concepts": c.concepts},
+                )
+                for c in candidates
+            ]
+        )
         decisions = self.dedup.decide_and_commit(screened)
         self._update_diversity(candidates, screened, decisions)
         emits = []
@@ -63,10 +67,14 @@ class FilterStage(Stage[CandidateProblem]):
             if decision.accepted:
                 emits.append(self.emit(CANDIDATES_UNIQUE, candidate))
             else:
-                emits.append(self.reject(
-                    candidate, decision.reason or "filtered",
-                    nearest_id=decision.nearest_id, similarity=decision.similarity,
-                ))
+                emits.append(
+                    self.reject(
+                        candidate,
+                        decision.reason or "filtered",
+                        nearest_id=decision.nearest_id,
+                        similarity=decision.similarity,
+                    )
+                )
         return emits
 
     def _update_diversity(self, candidates, screened, decisions) -> None:

@@ -46,8 +46,9 @@ class GenerateStage(ModelStage[ConceptSet]):
         ]
         seed = batch_seed(records)
         gen = self.settings.generation
-        rationales = self._generate(prompts, gen.max_rationale_tokens,
-                                    [RATIONALE_CLOSE, PROBLEM_OPEN], seed)
+        rationales = self._generate(
+            prompts, gen.max_rationale_tokens, [RATIONALE_CLOSE, PROBLEM_OPEN], seed
+        )
         emits: list[Emit] = []
         pending: list[tuple[ConceptSet, str, Completion]] = []
         for cs, prompt, z in zip(records, prompts, rationales, strict=True):
@@ -73,22 +74,35 @@ class GenerateStage(ModelStage[ConceptSet]):
             except ParseError as exc:
                 emits.append(self.reject(cs, exc.reason, completion[-500:]))
                 continue
-            emits.append(self.emit(CANDIDATES, CandidateProblem.derived_from(
-                cs,
-                models={Role.PROMPT_MODEL: version},
-                templates={SYNTHESIS.name: SYNTHESIS.hash},
-                concept_set_id=cs.id,
-                generator=version,
-                domain=cs.domain,
-                difficulty=cs.difficulty,
-                concepts=cs.concepts,
-                rationale=parsed.rationale,
-                problem=parsed.problem,
-            )))
+            emits.append(
+                self.emit(
+                    CANDIDATES,
+                    CandidateProblem.derived_from(
+                        cs,
+                        models={Role.PROMPT_MODEL: version},
+                        templates={SYNTHESIS.name: SYNTHESIS.hash},
+                        concept_set_id=cs.id,
+                        generator=version,
+                        domain=cs.domain,
+                        difficulty=cs.difficulty,
+                        concepts=cs.concepts,
+                        rationale=parsed.rationale,
+                        problem=parsed.problem,
+                    ),
+                )
+            )
         return emits
 
-    def _generate(self, prompts: list[str], max_tokens: int, stop: list[str],
-                  seed: int) -> list[Completion]:
+    def _generate(
+        self, prompts: list[str], max_tokens: int, stop: list[str], seed: int
+    ) -> list[Completion]:
         gen = self.settings.generation
-        return self.generate_one(Role.PROMPT_MODEL, prompts, temperature=gen.temperature,
-                                 top_p=gen.top_p, max_tokens=max_tokens, stop=stop, seed=seed)
+        return self.generate_one(
+            Role.PROMPT_MODEL,
+            prompts,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            max_tokens=max_tokens,
+            stop=stop,
+            seed=seed,
+        )

@@ -17,21 +17,24 @@ def build_pairs(verdict: Verdict, prompt: str, cap: int) -> list[PreferencePair]
     if not verdict.accepted:
         return []
     chosen = _unique(r.text for r in verdict.rollouts if r.passed)
-    rejected = [t for t in _unique(r.text for r in verdict.rollouts if not r.passed)
-                if t not in set(chosen)]
+    rejected = [
+        t for t in _unique(r.text for r in verdict.rollouts if not r.passed) if t not in set(chosen)
+    ]
     pairs: list[PreferencePair] = []
     for good, bad in zip(chosen, rejected, strict=False):  # disjoint: no text reused
         if len(pairs) >= cap:
             break
-        pairs.append(PreferencePair.derived_from(
-            verdict,
-            problem_id=verdict.subject_id,
-            pair_index=len(pairs),
-            domain=verdict.domain,
-            prompt=prompt,
-            chosen=good,
-            rejected=bad,
-        ))
+        pairs.append(
+            PreferencePair.derived_from(
+                verdict,
+                problem_id=verdict.subject_id,
+                pair_index=len(pairs),
+                domain=verdict.domain,
+                prompt=prompt,
+                chosen=good,
+                rejected=bad,
+            )
+        )
     return pairs
 
 

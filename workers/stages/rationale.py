@@ -34,9 +34,13 @@ class RewardTerms:
         return self.logp_rationale + self.logp_problem
 
 
-def reward_inputs(backend, seed: AnnotatedSeed, rationale: str) -> tuple[tuple[str, str], tuple[str, str]]:
+def reward_inputs(
+    backend, seed: AnnotatedSeed, rationale: str
+) -> tuple[tuple[str, str], tuple[str, str]]:
     """(prompt, continuation) pairs for the two terms, on p_θ's own synthesis format."""
-    prompt = SYNTHESIS.render(backend, **synthesis_fields(seed.concepts, seed.difficulty or "", seed.domain))
+    prompt = SYNTHESIS.render(
+        backend, **synthesis_fields(seed.concepts, seed.difficulty or "", seed.domain)
+    )
     z_part, x_part = synthesis_parts(rationale, seed.text)
     return (prompt, z_part), (prompt + z_part, x_part)
 
@@ -68,15 +72,21 @@ class RationaleStage(ModelStage[AnnotatedSeed]):
     def process(self, records: list[AnnotatedSeed]) -> list[Emit]:
         cfg = self.settings.rationale
         q_model, p_model = self.backend(Role.RATIONALE_MODEL), self.backend(Role.PROMPT_MODEL)
-        versions = {Role.RATIONALE_MODEL: q_model.model_version,
-                    Role.PROMPT_MODEL: p_model.model_version}
+        versions = {
+            Role.RATIONALE_MODEL: q_model.model_version,
+            Role.PROMPT_MODEL: p_model.model_version,
+        }
         prompts = [
             RATIONALE_MODEL.render(q_model, concepts=format_concepts(s.concepts), problem=s.text)
             for s in records
         ]
         samples = self.generate(
-            Role.RATIONALE_MODEL, prompts, n=cfg.samples, temperature=cfg.temperature,
-            max_tokens=cfg.max_tokens, stop=list(RATIONALE_MODEL.stop),
+            Role.RATIONALE_MODEL,
+            prompts,
+            n=cfg.samples,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            stop=list(RATIONALE_MODEL.stop),
             seed=int(records[0].id[-8:], 16) if records else 0,
         )
         emits: list[Emit] = []
@@ -97,26 +107,36 @@ class RationaleStage(ModelStage[AnnotatedSeed]):
                     failures[term] = failures.get(term, 0) + 1
                     continue
                 kept += 1
-                emits.append(self.emit(RATIONALES, Rationale.derived_from(
-                    seed,
-                    models=versions,
-                    templates={RATIONALE_MODEL.name: RATIONALE_MODEL.hash,
-                               SYNTHESIS.name: SYNTHESIS.hash},
-                    seed_id=seed.seed_id,
-                    domain=seed.domain,
-                    concepts=seed.concepts,
-                    difficulty=seed.difficulty or "",
-                    problem=seed.text,
-                    text=z,
-                    sample_index=index,
-                    reward=term.reward,
-                    logp_problem=term.logp_problem,
-                    logp_rationale=term.logp_rationale,
-                    rationale_model=versions[Role.RATIONALE_MODEL],
-                    prompt_model=versions[Role.PROMPT_MODEL],
-                )))
+                emits.append(
+                    self.emit(
+                        RATIONALES,
+                        Rationale.derived_from(
+                            seed,
+                            models=versions,
+                            templates={
+                                RATIONALE_MODEL.name: RATIONALE_MODEL.hash,
+                                SYNTHESIS.name: SYNTHESIS.hash,
+                            },
+                            seed_id=seed.seed_id,
+                            domain=seed.domain,
+                            concepts=seed.concepts,
+                            difficulty=seed.difficulty or "",
+                            problem=seed.text,
+                            text=z,
+                            sample_index=index,
+                            reward=term.reward,
+                            logp_problem=term.logp_problem,
+                            logp_rationale=term.logp_rationale,
+                            rationale_model=versions[Role.RATIONALE_MODEL],
+                            prompt_model=versions[Role.PROMPT_MODEL],
+                        ),
+                    )
+                )
             if not kept:  # no usable sample: the seed's fate is still recorded
                 reason = max(failures, key=failures.get) if failures else "no_samples"
-                emits.append(self.reject(
-                    seed, reason, f"0 of {len(completions)} rationales usable: {failures}"))
+                emits.append(
+                    self.reject(
+                        seed, reason, f"0 of {len(completions)} rationales usable: {failures}"
+                    )
+                )
         return emits

@@ -21,7 +21,9 @@ class SamplerStage(Stage[Verdict]):
     def setup(self) -> None:
         from workers.concepts import ConceptSampler, load_pool
 
-        self.sampler = ConceptSampler(load_pool(self.settings.concepts.pool_path), self.settings.concepts)
+        self.sampler = ConceptSampler(
+            load_pool(self.settings.concepts.pool_path), self.settings.concepts
+        )
         self._domains = itertools.cycle(self.settings.sampler.domains)
         self._open: set[str] = set()
         self._issued = 0

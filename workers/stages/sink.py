@@ -66,7 +66,9 @@ class SinkStage(Stage[Verdict]):
         problems = [problem_from_verdict(v) for v in records if v.accepted]
         fresh = [p for p in problems if p.id not in self._written]
         if fresh:
-            name = f"part-{int(time.time() * 1000)}-{content_hash([p.id for p in fresh], 8)}.parquet"
+            name = (
+                f"part-{int(time.time() * 1000)}-{content_hash([p.id for p in fresh], 8)}.parquet"
+            )
             tmp = self.directory / f".{name}.tmp"
             pq.write_table(problems_table(fresh), tmp)
             tmp.rename(self.directory / name)  # readers never see a half-written file

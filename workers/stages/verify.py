@@ -80,7 +80,10 @@ class VerifyStage(ModelStage[CandidateProblem]):
         return self.generate(
             Role.SOLVER,
             [template.render(solver, problem=c.problem) for c in candidates],
-            n=v.rollouts, temperature=v.temperature, top_p=v.top_p, max_tokens=v.max_tokens,
+            n=v.rollouts,
+            temperature=v.temperature,
+            top_p=v.top_p,
+            max_tokens=v.max_tokens,
             seed=int(content_hash([c.id for c in candidates], 8), 16),
         )
 
@@ -101,20 +104,40 @@ class VerifyStage(ModelStage[CandidateProblem]):
         pass_rate = sum(r.passed for r in rollouts) / len(rollouts) if rollouts else 0.0
         if rejection is None:
             rejection = difficulty_issue(pass_rate, v.min_pass_rate, v.max_pass_rate)
-            detail = detail or (f"pass rate {pass_rate:.3f} outside ({v.min_pass_rate}, {v.max_pass_rate}]" if rejection else "")
+            detail = detail or (
+                f"pass rate {pass_rate:.3f} outside ({v.min_pass_rate}, {v.max_pass_rate}]"
+                if rejection
+                else ""
+            )
         fields = dict(
-            rationale=candidate.rationale, reference_answer=reference, tests=tests or [],
-            pass_rate=pass_rate, rollouts=rollouts,
+            rationale=candidate.rationale,
+            reference_answer=reference,
+            tests=tests or [],
+            pass_rate=pass_rate,
+            rollouts=rollouts,
         )
         if rejection is not None:
-            return self.reject(candidate, rejection, detail, models=models, templates=templates, **fields)
+            return self.reject(
+                candidate, rejection, detail, models=models, templates=templates, **fields
+            )
         metrics.PASS_RATE.labels(domain=candidate.domain).observe(pass_rate)
-        return self.emit(VERDICTS, Verdict.derived_from(
-            candidate, models=models, templates=templates,
-            subject_id=candidate.id, stage=self.name, accepted=True, reason="accepted",
-            domain=candidate.domain, difficulty=candidate.difficulty, concepts=candidate.concepts,
-            problem=candidate.problem, **fields,
-        ))
+        return self.emit(
+            VERDICTS,
+            Verdict.derived_from(
+                candidate,
+                models=models,
+                templates=templates,
+                subject_id=candidate.id,
+                stage=self.name,
+                accepted=True,
+                reason="accepted",
+                domain=candidate.domain,
+                difficulty=candidate.difficulty,
+                concepts=candidate.concepts,
+                problem=candidate.problem,
+                **fields,
+            ),
+        )
 
     # --- math -----------------------------------------------------------------------------------
 
@@ -135,15 +158,31 @@ class VerifyStage(ModelStage[CandidateProblem]):
             result = vote(answers, self.oracle, self.settings.verify.math.min_agreement)
             rollouts = [
                 Rollout(
-                    text=x.text, answer=a, passed=ok, n_tokens=x.n_completion_tokens,
-                    failure=None if ok else (x.error or ("no_answer" if a is None else "disagrees")),
+                    text=x.text,
+                    answer=a,
+                    passed=ok,
+                    n_tokens=x.n_completion_tokens,
+                    failure=None
+                    if ok
+                    else (x.error or ("no_answer" if a is None else "disagrees")),
                 )
                 for x, a, ok in zip(completions, answers, result.agree, strict=True)
             ]
             rejection = result.reason or validity_issue(c.problem, result.reference)
-            detail = f"{result.n_clusters} answer clusters, {result.n_missing} missing, majority share {result.share:.2f}"
-            emits.append(self._judge(c, rollouts, templates, rejection=rejection, detail=detail,
-                                     reference=result.reference))
+            detail = (
+                f"{result.n_clusters} answer clusters, {result.n_missing} missing, "
+                f"majority share {result.share:.2f}"
+            )
+            emits.append(
+                self._judge(
+                    c,
+                    rollouts,
+                    templates,
+                    rejection=rejection,
+                    detail=detail,
+                    reference=result.reference,
+                )
+            )
         return emits
 
     # --- code -----------------------------------------------------------------------------------
@@ -159,32 +198,48 @@ class VerifyStage(ModelStage[CandidateProblem]):
         test_outs = self.generate(
             Role.TEST_WRITER,
             [TEST_WRITER.render(tw, problem=c.problem) for c in candidates],
-            n=v.test_rounds, temperature=v.temperature, max_tokens=v.max_tokens,
-            stop=list(TEST_WRITER.stop), seed=int(content_hash([c.id for c in candidates], 8), 16),
+            n=v.test_rounds,
+            temperature=v.temperature,
+            max_tokens=v.max_tokens,
+            stop=list(TEST_WRITER.stop),
+            seed=int(content_hash([c.id for c in candidates], 8), 16),
         )
         emits = []
         rollouts_by_candidate = self._rollouts(SOLVER_CODE, candidates)
-        for c, tests_raw, completions in zip(candidates, test_outs, rollouts_by_candidate,
-                                             strict=True):
+        for c, tests_raw, completions in zip(
+            candidates, test_outs, rollouts_by_candidate, strict=True
+        ):
             report = verify_code(
                 [x.text if x.ok else "" for x in completions],
-                [TEST_WRITER.full_output(t.text) + ("\n```" if t.ok else "") for t in tests_raw if t.ok],
+                [
+                    TEST_WRITER.full_output(t.text) + ("\n```" if t.ok else "")
+                    for t in tests_raw
+                    if t.ok
+                ],
                 self.sandbox,
             )
             rollouts = [
                 Rollout(text=x.text, passed=passed, failure=failure, n_tokens=x.n_completion_tokens)
-                for x, passed, failure in zip(completions, report.passed, report.failure_reasons, strict=True)
+                for x, passed, failure in zip(
+                    completions, report.passed, report.failure_reasons, strict=True
+                )
             ]
             for failure in report.failure_reasons:
                 metrics.SANDBOX_RUNS.labels(outcome=failure or "passed").inc()
             tests = [
-                TestCase(input=t.input.decode("utf-8", "replace"), output=(t.output or b"").decode("utf-8", "replace"))
+                TestCase(
+                    input=t.input.decode("utf-8", "replace"),
+                    output=(t.output or b"").decode("utf-8", "replace"),
+                )
                 for t in report.tests_kept
             ]
             detail = (
                 f"{len(tests)} tests kept, {len(report.tests_suspect)} suspect, "
                 f"{report.duplicates_dropped} duplicates, writer errors: {report.test_parse_errors}"
             )
-            emits.append(self._judge(c, rollouts, templates, rejection=report.rejection,
-                                     detail=detail, tests=tests))
+            emits.append(
+                self._judge(
+                    c, rollouts, templates, rejection=report.rejection, detail=detail, tests=tests
+                )
+            )
         return emits
