@@ -1,0 +1,312 @@
+"""The equivalence oracle: are two final answers mathematically the same?
+
+Equivalence is decided by math-verify. It bounds its own time with ``signal.alarm`` (main thread
+only) and raises when called from other threads, and some inputs make sympy run for ever
+(``2^{2^{2^{100}}}`` compared with a number). So math-verify runs with its timeouts disabled in a
+separate worker *process*; the parent bounds every call and kills/restarts the worker when a
+call overruns. A timeout counts as "not equivalent".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from fractions import Fraction
+from multiprocessing.connection import Connection
+from typing import Self
+
+from workers.mathcheck.answers import PLAIN_NUMBER_RE, as_text, normalize_answer
+from workers.mathcheck.settings import MathCheckSettings
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# The exact fast path
+
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_FRAC_RE = re.compile(r"^([+-]?)\\frac\{([+-]?\d+)\}\{(\d+)\}$|^([+-]?\d+)/(\d+)$")
+
+
+def _exact_value(s: str) -> Fraction | None:
+    """Exact value of a plain number or integer fraction; None for anything else."""
+    if len(s) > 64:  # Fraction of a huge literal is cheap, but keep the fast path trivial
+        return None
+    if PLAIN_NUMBER_RE.match(s):
+        return Fraction(s)
+    m = _FRAC_RE.match(s)
+    if m:
+        sign, num, den = (
+            (m.group(1), m.group(2), m.group(3)) if m.group(2) else ("", m.group(4), m.group(5))
+        )
+        if int(den) == 0:
+            return None
+        value = Fraction(int(num), int(den))
+        return -value if sign == "-" else value
+    return None
+
+
+def _fast_verdict(a: str, b: str) -> bool | None:
+    """Decide without math-verify when the answer is certain; None means 'ask the worker'."""
+    if a == b:
+        return True
+    va, vb = _exact_value(a), _exact_value(b)
+    if va is None or vb is None:
+        return None
+    if va == vb:
+        return True
+    # Distinct integers are certainly different; for decimals math-verify's rounding
+    # (0.333333 == 1/3) decides, so those still go to the worker.
+    if _INT_RE.match(a) and _INT_RE.match(b):
+        return False
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Worker process (runs math-verify with its own timeouts disabled)
+
+
+_WARMUP_PAIRS = (
+    ("\\frac{1}{2}", "0.5"),
+    ("t^2+2t+1", "(t+1)^2"),
+    ("t^3-1", "(t-1)(t^2+t+1)"),
+    ("(1,2)", "\\{1,2\\}"),
+    ("[0,1)", "(0,1]"),
+    ("t=3", "3"),
+    ("\\sqrt{8}", "2\\sqrt{2}"),
+    ("10\\%", "0.1"),
+    ("\\pi", "3"),
+    ("\\begin{pmatrix}1&2\\end{pmatrix}", "(1,2)"),
+    ("7\\text{ cm}", "\\$7"),
+)
+
+
+def _worker_main(fd: int) -> None:
+    """Child entry point: answer ('pairs', [(a, b), ...]) with one (index, bool) per pair."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings
+    from functools import lru_cache
+
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+    @lru_cache(maxsize=8192)
+    def parsed(answer: str) -> tuple:
+        # Boxing makes the whole answer the extraction target, not some number inside it.
+        return tuple(
+            parse("\\boxed{" + answer + "}", extraction_config=config, parsing_timeout=None)
+        )
+
+    def same(a: str, b: str) -> bool:
+        try:
+            pa, pb = list(parsed(a)), list(parsed(b))
+            if not pa or not pb:
+                return False
+            # verify() is asymmetric (gold vs prediction); equivalence here is symmetric.
+            return bool(
+                verify(pa, pb, timeout_seconds=None) or verify(pb, pa, timeout_seconds=None)
+            )
+        except Exception:  # noqa: BLE001 -- sympy raises a zoo of types on odd input
+            return False
+
+    # Warm-up: sympy imports simplification, sets, intervals... lazily; cold, the first check of
+    # each kind takes 0.1-1.2 s and would eat the per-check budget. Startup has its own bound.
+    for a, b in _WARMUP_PAIRS:
+        same(a, b)
+    conn = Connection(fd)
+    conn.send(("ready",))
+    while True:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            return  # parent went away
+        if kind == "pairs":
+            for index, (a, b) in enumerate(payload):
+                conn.send((index, same(a, b)))
+
+
+class WorkerStartError(RuntimeError):
+    """The math-verify worker process could not be started."""
+
+
+class _Worker:
+    """One child process and its socket; not thread-safe (the oracle holds a lock)."""
+
+    def __init__(self, start_timeout_s: float) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        package_root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        code = (
+            "import sys; from workers.mathcheck.oracle import _worker_main;"
+            " _worker_main(int(sys.argv[1]))"
+        )
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, str(child_sock.fileno())],
+                pass_fds=(child_sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError as exc:
+            parent_sock.close()
+            raise WorkerStartError(f"cannot spawn the math-verify worker: {exc}") from exc
+        finally:
+            child_sock.close()
+        self.conn = Connection(parent_sock.detach())
+        if not self.conn.poll(start_timeout_s):
+            self.close()
+            raise WorkerStartError(f"math-verify worker not ready after {start_timeout_s} s")
+        try:
+            ready = self.conn.recv()
+        except (EOFError, OSError) as exc:
+            self.close()
+            raise WorkerStartError("math-verify worker died while starting") from exc
+        if ready != ("ready",):
+            self.close()
+            raise WorkerStartError(f"unexpected worker greeting {ready!r}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.conn.close()
+
+
+class EquivalenceOracle:
+    """Mathematical equivalence of answers, bounded per check, cached, safe to share by threads.
+
+    >>> with EquivalenceOracle() as oracle:
+    ...     oracle.equivalent("0.5", "\\\\frac{1}{2}")
+    True
+
+    The worker process starts lazily on the first check that needs math-verify (identical
+    normalized text and exact plain numbers never do). Each check may take at most
+    ``equivalence_timeout_s``; on overrun the worker is killed (and restarted on the next need)
+    and the pair counts as not equivalent. Verdicts, timeouts included, are cached.
+    """
+
+    def __init__(self, settings: MathCheckSettings | None = None) -> None:
+        self.settings = settings or MathCheckSettings()
+        self._lock = threading.Lock()
+        self._worker: _Worker | None = None
+        self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        self.timeouts = 0  # checks that hit equivalence_timeout_s (a metric for the stage)
+        self.worker_starts = 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._worker is not None:
+                self._worker.close()
+                self._worker = None
+
+    def equivalent(self, a: str, b: str) -> bool:
+        return self.equivalent_many([(a, b)])[0]
+
+    def equivalent_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """Verdicts for many pairs with one round trip to the worker (results stream back).
+
+        Raises WorkerStartError only if a needed worker cannot start (an infrastructure
+        failure the caller should retry, not a verdict).
+        """
+        verdicts: list[bool | None] = []
+        pending: dict[tuple[str, str], list[int]] = {}
+        with self._lock:
+            for i, (a, b) in enumerate(pairs):
+                key = self._key(a, b)
+                verdict = _fast_verdict(*key)
+                if verdict is None:
+                    verdict = self._cache_get(key)
+                if verdict is None and max(map(len, key)) > self.settings.max_answer_chars:
+                    verdict = False  # too long to be a final answer: identical text only
+                verdicts.append(verdict)
+                if verdict is None:
+                    pending.setdefault(key, []).append(i)
+            if pending:
+                keys = list(pending)
+                for key, verdict in zip(keys, self._ask_worker(keys), strict=True):
+                    self._cache_put(key, verdict)
+                    for i in pending[key]:
+                        verdicts[i] = verdict
+        return [bool(v) for v in verdicts]
+
+    @staticmethod
+    def _key(a: str, b: str) -> tuple[str, str]:
+        na, nb = normalize_answer(as_text(a)), normalize_answer(as_text(b))
+        return (na, nb) if na <= nb else (nb, na)  # equivalence is symmetric: one cache entry
+
+    def _cache_get(self, key: tuple[str, str]) -> bool | None:
+        verdict = self._cache.get(key)
+        if verdict is not None:
+            self._cache.move_to_end(key)
+        return verdict
+
+    def _cache_put(self, key: tuple[str, str], verdict: bool) -> None:
+        if self.settings.cache_size <= 0:
+            return
+        self._cache[key] = verdict
+        if len(self._cache) > self.settings.cache_size:
+            self._cache.popitem(last=False)
+
+    def _ask_worker(self, keys: list[tuple[str, str]]) -> list[bool]:
+        """Send the pairs; wait for each verdict at most the timeout; kill and resume on overrun."""
+        results: list[bool] = []
+        try:
+            while len(results) < len(keys):
+                remaining = keys[len(results) :]
+                worker = self._ensure_worker()
+                if worker.proc.poll() is not None:  # died since the last call (e.g. OOM-killed)
+                    self._drop_worker()
+                    worker = self._ensure_worker()
+                worker.conn.send(("pairs", remaining))
+                for offset in range(len(remaining)):
+                    verdict = self._receive(worker, offset)
+                    if verdict is None:  # overran or crashed: this pair is "not equivalent"
+                        log.warning(
+                            "equivalence check abandoned: %.80r vs %.80r", *remaining[offset]
+                        )
+                        self.timeouts += 1
+                        self._drop_worker()
+                        results.append(False)
+                        break
+                    results.append(verdict)
+        except BaseException:
+            # Interrupted mid-exchange (KeyboardInterrupt, a send error...): unread verdicts
+            # would be taken for the next batch's, so this worker cannot be reused.
+            self._drop_worker()
+            raise
+        return results
+
+    def _receive(self, worker: _Worker, expected_index: int) -> bool | None:
+        try:
+            if not worker.conn.poll(self.settings.equivalence_timeout_s):
+                return None
+            index, verdict = worker.conn.recv()
+        except (EOFError, OSError):
+            return None
+        if index != expected_index:  # protocol desync should be impossible; be safe
+            return None
+        return bool(verdict)
+
+    def _ensure_worker(self) -> _Worker:
+        if self._worker is None:
+            self._worker = _Worker(self.settings.worker_start_timeout_s)
+            self.worker_starts += 1
+        return self._worker
+
+    def _drop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
