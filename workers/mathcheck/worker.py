@@ -3,17 +3,18 @@
 math-verify bounds its time with ``signal.alarm`` (main thread only) and raises when called
 from other threads, so both of its timeouts are off here (``parsing_timeout=None``,
 ``timeout_seconds=None``); the parent bounds every call at the process level instead
-(``oracle.py``, docs/verification.md). Functions here are called by the pebble pool: ``start``
-once per worker process, then ``ready`` and ``equivalent`` as tasks.
+(``oracle.py``, docs/verification.md).
+
+Protocol on the socket inherited as ``fd``: the worker sends ``("ready",)`` once warmed up, then
+answers each ``("pairs", [(a, b), ...])`` with one ``(index, bool)`` message per pair, in order.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from collections.abc import Callable
 from functools import lru_cache
+from multiprocessing.connection import Connection
 
 # One pair per kind of math sympy imports lazily (simplification, sets, intervals, matrices,
 # units...): cold, the first check of each kind takes 0.1-1.2 s and would eat the per-check
@@ -32,15 +33,9 @@ WARMUP_PAIRS = (
     ("7\\text{ cm}", "\\$7"),
 )
 
-_same: Callable[[str, str], bool] | None = None
 
-
-def start() -> None:
-    """Pool initializer: import math-verify and warm sympy up (once per worker process)."""
-    global _same
-    # pebble stops an overrunning worker with SIGTERM and waits 3 s before SIGKILL; its Python
-    # handler cannot run while sympy is inside one long C call, the default action ends us now.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def equivalence_check() -> Callable[[str, str], bool]:
+    """math-verify's symmetric equivalence of two answers, parses cached; never raises."""
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -65,18 +60,21 @@ def start() -> None:
         except Exception:  # noqa: BLE001 -- sympy raises a zoo of types on odd input
             return False
 
+    return same
+
+
+def main(fd: int) -> None:
+    """Child entry point: warm up, say ready, then answer pairs until the parent goes away."""
+    same = equivalence_check()
     for a, b in WARMUP_PAIRS:
         same(a, b)
-    _same = same
-
-
-def ready() -> int:
-    """The worker's pid, once ``start`` has run: the parent's startup probe."""
-    return os.getpid()
-
-
-def equivalent(a: str, b: str) -> tuple[int, bool]:
-    """(pid of this worker, whether a and b are mathematically equivalent)."""
-    if _same is None:  # not started by a pool initializer (direct use)
-        start()
-    return os.getpid(), _same(a, b)
+    conn = Connection(fd)
+    conn.send(("ready",))
+    while True:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            return  # parent went away
+        if kind == "pairs":
+            for index, (a, b) in enumerate(payload):
+                conn.send((index, same(a, b)))
