@@ -178,3 +178,30 @@ def test_garbage_does_not_crash(oracle, garbage):
     assert oracle.equivalent(garbage, garbage) is True  # identical text, never parsed
     assert validity_issue(garbage, garbage) in {None, "trivial_answer", "proof_problem"}
     assert isinstance(vote([garbage, garbage, None], oracle, 0.25).agree, list)
+
+
+def test_cache_evicts_the_least_recently_used_pair(monkeypatch):
+    o = EquivalenceOracle(MathCheckSettings(cache_size=2))
+    asked: list[tuple[str, str]] = []
+
+    def worker(keys):  # stands in for math-verify: records what reaches it
+        asked.extend(keys)
+        return [True] * len(keys)
+
+    monkeypatch.setattr(o, "_ask_worker", worker)
+    assert o.equivalent("x", "a") and o.equivalent("y", "b")
+    assert o.equivalent("a", "x")  # a hit (keys are symmetric): (a, x) is now the most recent
+    assert o.equivalent("z", "c")  # a third pair: (b, y), the least recently used, goes
+    assert asked == [("a", "x"), ("b", "y"), ("c", "z")]
+    assert o.equivalent("x", "a") and o.equivalent("c", "z")  # still cached
+    assert len(asked) == 3
+    assert o.equivalent("y", "b")  # evicted: asked again
+    assert asked[3:] == [("b", "y")]
+
+
+def test_cache_size_zero_remembers_nothing(monkeypatch):
+    o = EquivalenceOracle(MathCheckSettings(cache_size=0))
+    asked: list[tuple[str, str]] = []
+    monkeypatch.setattr(o, "_ask_worker", lambda keys: asked.extend(keys) or [False] * len(keys))
+    assert not o.equivalent("x", "a") and not o.equivalent("x", "a")
+    assert asked == [("a", "x"), ("a", "x")]

@@ -16,11 +16,12 @@ import socket
 import subprocess
 import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from fractions import Fraction
 from multiprocessing.connection import Connection
 from typing import Self
+
+from cachetools import LRUCache
 
 from workers.mathcheck.answers import PLAIN_NUMBER_RE, as_text, normalize_answer
 from workers.mathcheck.settings import MathCheckSettings
@@ -135,7 +136,10 @@ class EquivalenceOracle:
         self.settings = settings or MathCheckSettings()
         self._lock = threading.Lock()
         self._worker: _Worker | None = None
-        self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        # Normalized pair -> verdict; guarded by _lock (LRUCache is not thread-safe).
+        self._cache: LRUCache[tuple[str, str], bool] | None = (
+            LRUCache(maxsize=self.settings.cache_size) if self.settings.cache_size else None
+        )
         self.timeouts = 0  # checks that hit equivalence_timeout_s (a metric for the stage)
         self.worker_starts = 0
 
@@ -187,17 +191,11 @@ class EquivalenceOracle:
         return (na, nb) if na <= nb else (nb, na)  # equivalence is symmetric: one cache entry
 
     def _cache_get(self, key: tuple[str, str]) -> bool | None:
-        verdict = self._cache.get(key)
-        if verdict is not None:
-            self._cache.move_to_end(key)
-        return verdict
+        return None if self._cache is None else self._cache.get(key)
 
     def _cache_put(self, key: tuple[str, str], verdict: bool) -> None:
-        if self.settings.cache_size <= 0:
-            return
-        self._cache[key] = verdict
-        if len(self._cache) > self.settings.cache_size:
-            self._cache.popitem(last=False)
+        if self._cache is not None:
+            self._cache[key] = verdict  # evicts the least recently used beyond cache_size
 
     def _ask_worker(self, keys: list[tuple[str, str]]) -> list[bool]:
         """Send the pairs; wait for each verdict at most the timeout; kill and resume on overrun."""
