@@ -42,6 +42,16 @@ DIVERSITY = Gauge(
     "promptcot_diversity", "Diversity of accepted problems over the last window", ["measure"]
 )
 SANDBOX_RUNS = Counter("promptcot_sandbox_runs_total", "Sandboxed program runs", ["outcome"])
+MATH_ORACLE_TIMEOUTS = Counter(
+    "promptcot_math_oracle_timeouts_total",
+    "Math equivalence checks abandoned at the per-check time bound (verdict: not equivalent)",
+)
+MATH_ORACLE_CALLS = Counter(
+    "promptcot_math_oracle_calls_total",
+    "Math equivalence checks by how the verdict was reached "
+    "(text, cache, too_long, math_verify, timeout, crashed)",
+    ["outcome"],
+)
 
 _server_started = False
 

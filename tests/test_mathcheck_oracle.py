@@ -8,13 +8,16 @@ import time
 import pytest
 from mathcheck_data import sample_golds
 
+from streams import metrics
 from workers.mathcheck import (
     EquivalenceOracle,
     MathCheckSettings,
+    WorkerStartError,
     extract_answer,
     validity_issue,
     vote,
 )
+from workers.mathcheck.oracle import MATH_VERIFY
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,7 @@ def test_exact_fast_path_agrees_with_math_verify(oracle):
         ("12", "-12"),
     ]
     fast = oracle.equivalent_many(pairs)
-    slow = oracle._ask_worker(pairs)  # the worker's verdict on the same pairs
+    slow = [v for v, _ in oracle._ask_worker(pairs)]  # the worker's verdicts on the same pairs
     assert fast == slow == [True, True, True, False, True, False]
 
 
@@ -186,7 +189,7 @@ def test_cache_evicts_the_least_recently_used_pair(monkeypatch):
 
     def worker(keys):  # stands in for math-verify: records what reaches it
         asked.extend(keys)
-        return [True] * len(keys)
+        return [(True, MATH_VERIFY)] * len(keys)
 
     monkeypatch.setattr(o, "_ask_worker", worker)
     assert o.equivalent("x", "a") and o.equivalent("y", "b")
@@ -202,6 +205,73 @@ def test_cache_evicts_the_least_recently_used_pair(monkeypatch):
 def test_cache_size_zero_remembers_nothing(monkeypatch):
     o = EquivalenceOracle(MathCheckSettings(cache_size=0))
     asked: list[tuple[str, str]] = []
-    monkeypatch.setattr(o, "_ask_worker", lambda keys: asked.extend(keys) or [False] * len(keys))
+    monkeypatch.setattr(
+        o, "_ask_worker", lambda keys: asked.extend(keys) or [(False, MATH_VERIFY)] * len(keys)
+    )
     assert not o.equivalent("x", "a") and not o.equivalent("x", "a")
     assert asked == [("a", "x"), ("a", "x")]
+
+
+def calls(outcome: str) -> float:
+    return metrics.counter_value(metrics.MATH_ORACLE_CALLS, outcome=outcome)
+
+
+def test_a_hanging_check_is_bounded_counted_and_the_oracle_goes_on():
+    settings = MathCheckSettings(equivalence_timeout_s=0.5)
+    with EquivalenceOracle(settings) as o:
+        assert o.equivalent("(2)", "2 + 0")  # worker up and warm
+        first_worker = o._worker.proc.pid
+        exported = metrics.counter_value(metrics.MATH_ORACLE_TIMEOUTS)
+        timeouts, answered = calls("timeout"), calls("math_verify")
+        t0 = time.monotonic()
+        # The tower hangs sympy; in one batch with pairs before and after it.
+        verdicts = o.equivalent_many(
+            [("a+a", "2a"), ("2^{2^{2^{2^{100}}}}", "3"), ("b+b", "2b"), ("c-c", "0")]
+        )
+        elapsed = time.monotonic() - t0
+        assert verdicts == [True, False, True, True]
+        assert elapsed < 20.0  # its timeout and a new worker's start; the tower never ends
+        assert o.timeouts == 1 and o.crashes == 0
+        assert metrics.counter_value(metrics.MATH_ORACLE_TIMEOUTS) == exported + 1
+        assert calls("timeout") == timeouts + 1 and calls("math_verify") == answered + 3
+        assert o._worker.proc.pid != first_worker and o.worker_starts == 2  # respawned
+        assert o.equivalent("(z+1)^2", "z^2+2z+1") is True  # and it keeps answering
+        cached = calls("cache")
+        assert o.equivalent("3", "2^{2^{2^{2^{100}}}}") is False  # remembered, not re-run
+        assert calls("cache") == cached + 1 and o.timeouts == 1
+
+
+def test_a_worker_dying_under_a_check_is_a_crash_not_a_timeout():
+    with EquivalenceOracle(MathCheckSettings(equivalence_timeout_s=30)) as o:
+        assert o.equivalent("(2)", "2 + 0")
+        crashed, exported = calls("crashed"), metrics.counter_value(metrics.MATH_ORACLE_TIMEOUTS)
+        victim = o._worker.proc
+        killer = threading.Timer(0.5, victim.kill)  # mid-check, as the OOM killer would
+        killer.start()
+        t0 = time.monotonic()
+        assert o.equivalent("2^{2^{2^{2^{100}}}}", "7") is False
+        assert time.monotonic() - t0 < 10.0  # noticed at once, not after the 30 s bound
+        killer.join()
+        assert o.crashes == 1 and o.timeouts == 0
+        assert calls("crashed") == crashed + 1
+        assert metrics.counter_value(metrics.MATH_ORACLE_TIMEOUTS) == exported
+        assert o.equivalent("y^2+2y+1", "(y+1)^2") is True and o.worker_starts == 2
+
+
+def test_calls_are_counted_by_outcome(monkeypatch):
+    o = EquivalenceOracle(MathCheckSettings(max_answer_chars=10))
+    monkeypatch.setattr(o, "_ask_worker", lambda keys: [(True, MATH_VERIFY)] * len(keys))
+    before = {k: calls(k) for k in ("text", "cache", "too_long", "math_verify")}
+    o.equivalent_many([("18", "18.0"), ("x", "y"), ("x", "y"), ("x" * 11, "y"), ("y", "x")])
+    after = {k: calls(k) - before[k] for k in before}
+    # (x, y) three times in one batch: one question to the worker, three checks answered by it
+    assert after == {"text": 1, "cache": 0, "too_long": 1, "math_verify": 3}
+    o.equivalent("y", "x")
+    assert calls("cache") - before["cache"] == 1
+
+
+def test_worker_that_cannot_start_in_time_is_an_error_not_a_verdict():
+    with EquivalenceOracle(MathCheckSettings(worker_start_timeout_s=0.01)) as o:
+        with pytest.raises(WorkerStartError):
+            o.equivalent("x^2", "x \\cdot x")
+        assert o._worker is None  # nothing left running

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
 from multiprocessing.connection import Connection
@@ -23,10 +24,23 @@ from typing import Self
 
 from cachetools import LRUCache
 
+from streams import metrics
 from workers.mathcheck.answers import PLAIN_NUMBER_RE, as_text, normalize_answer
 from workers.mathcheck.settings import MathCheckSettings
 
 log = logging.getLogger(__name__)
+
+# How a check's verdict was reached (the outcome label of promptcot_math_oracle_calls_total):
+# normalized text or exact numbers, the cache, too long to parse, math-verify in the worker, or
+# "not equivalent" because the worker overran the timeout or died under the pair.
+TEXT, CACHE, TOO_LONG, MATH_VERIFY, TIMEOUT, CRASHED = (
+    "text",
+    "cache",
+    "too_long",
+    "math_verify",
+    "timeout",
+    "crashed",
+)
 
 # --------------------------------------------------------------------------------------------
 # The exact fast path
@@ -130,6 +144,9 @@ class EquivalenceOracle:
     normalized text and exact plain numbers never do). Each check may take at most
     ``equivalence_timeout_s``; on overrun the worker is killed (and restarted on the next need)
     and the pair counts as not equivalent. Verdicts, timeouts included, are cached.
+
+    Every check counts in ``promptcot_math_oracle_calls_total{outcome}``, every overrun in
+    ``promptcot_math_oracle_timeouts_total`` (streams/metrics.py) and in ``timeouts``.
     """
 
     def __init__(self, settings: MathCheckSettings | None = None) -> None:
@@ -140,7 +157,8 @@ class EquivalenceOracle:
         self._cache: LRUCache[tuple[str, str], bool] | None = (
             LRUCache(maxsize=self.settings.cache_size) if self.settings.cache_size else None
         )
-        self.timeouts = 0  # checks that hit equivalence_timeout_s (a metric for the stage)
+        self.timeouts = 0  # checks that hit equivalence_timeout_s
+        self.crashes = 0  # checks whose worker died under them
         self.worker_starts = 0
 
     def __enter__(self) -> Self:
@@ -165,24 +183,32 @@ class EquivalenceOracle:
         failure the caller should retry, not a verdict).
         """
         verdicts: list[bool | None] = []
+        outcomes: Counter[str] = Counter()
         pending: dict[tuple[str, str], list[int]] = {}
-        with self._lock:
-            for i, (a, b) in enumerate(pairs):
-                key = self._key(a, b)
-                verdict = _fast_verdict(*key)
-                if verdict is None:
-                    verdict = self._cache_get(key)
-                if verdict is None and max(map(len, key)) > self.settings.max_answer_chars:
-                    verdict = False  # too long to be a final answer: identical text only
-                verdicts.append(verdict)
-                if verdict is None:
-                    pending.setdefault(key, []).append(i)
-            if pending:
-                keys = list(pending)
-                for key, verdict in zip(keys, self._ask_worker(keys), strict=True):
-                    self._cache_put(key, verdict)
-                    for i in pending[key]:
-                        verdicts[i] = verdict
+        try:
+            with self._lock:
+                for i, (a, b) in enumerate(pairs):
+                    key = self._key(a, b)
+                    verdict, outcome = _fast_verdict(*key), TEXT
+                    if verdict is None:
+                        verdict, outcome = self._cache_get(key), CACHE
+                    if verdict is None and max(map(len, key)) > self.settings.max_answer_chars:
+                        verdict, outcome = False, TOO_LONG  # not a final answer: identical only
+                    verdicts.append(verdict)
+                    if verdict is None:
+                        pending.setdefault(key, []).append(i)
+                    else:
+                        outcomes[outcome] += 1
+                if pending:
+                    keys = list(pending)
+                    for key, (verdict, outcome) in zip(keys, self._ask_worker(keys), strict=True):
+                        self._cache_put(key, verdict)
+                        outcomes[outcome] += len(pending[key])
+                        for i in pending[key]:
+                            verdicts[i] = verdict
+        finally:
+            for outcome, n in outcomes.items():
+                metrics.MATH_ORACLE_CALLS.labels(outcome=outcome).inc(n)
         return [bool(v) for v in verdicts]
 
     @staticmethod
@@ -197,9 +223,10 @@ class EquivalenceOracle:
         if self._cache is not None:
             self._cache[key] = verdict  # evicts the least recently used beyond cache_size
 
-    def _ask_worker(self, keys: list[tuple[str, str]]) -> list[bool]:
-        """Send the pairs; wait for each verdict at most the timeout; kill and resume on overrun."""
-        results: list[bool] = []
+    def _ask_worker(self, keys: list[tuple[str, str]]) -> list[tuple[bool, str]]:
+        """(verdict, outcome) per pair: each verdict awaited at most the timeout; on overrun or
+        crash the worker is killed and the remaining pairs go to a new one."""
+        results: list[tuple[bool, str]] = []
         try:
             while len(results) < len(keys):
                 remaining = keys[len(results) :]
@@ -209,16 +236,21 @@ class EquivalenceOracle:
                     worker = self._ensure_worker()
                 worker.conn.send(("pairs", remaining))
                 for offset in range(len(remaining)):
-                    verdict = self._receive(worker, offset)
-                    if verdict is None:  # overran or crashed: this pair is "not equivalent"
+                    verdict, outcome = self._receive(worker, offset)
+                    results.append((verdict, outcome))
+                    if outcome != MATH_VERIFY:  # this pair is "not equivalent"
                         log.warning(
-                            "equivalence check abandoned: %.80r vs %.80r", *remaining[offset]
+                            "equivalence check abandoned (%s): %.80r vs %.80r",
+                            outcome,
+                            *remaining[offset],
                         )
-                        self.timeouts += 1
+                        if outcome == TIMEOUT:
+                            self.timeouts += 1
+                            metrics.MATH_ORACLE_TIMEOUTS.inc()
+                        else:
+                            self.crashes += 1
                         self._drop_worker()
-                        results.append(False)
                         break
-                    results.append(verdict)
         except BaseException:
             # Interrupted mid-exchange (KeyboardInterrupt, a send error...): unread verdicts
             # would be taken for the next batch's, so this worker cannot be reused.
@@ -226,16 +258,16 @@ class EquivalenceOracle:
             raise
         return results
 
-    def _receive(self, worker: _Worker, expected_index: int) -> bool | None:
+    def _receive(self, worker: _Worker, expected_index: int) -> tuple[bool, str]:
         try:
             if not worker.conn.poll(self.settings.equivalence_timeout_s):
-                return None
+                return False, TIMEOUT
             index, verdict = worker.conn.recv()
         except (EOFError, OSError):
-            return None
+            return False, CRASHED
         if index != expected_index:  # protocol desync should be impossible; be safe
-            return None
-        return bool(verdict)
+            return False, CRASHED
+        return bool(verdict), MATH_VERIFY
 
     def _ensure_worker(self) -> _Worker:
         if self._worker is None:
