@@ -6,10 +6,12 @@ One concern per module:
   (``normalize_answer``);
 - ``validity``: why a (problem, reference) is unfit for the dataset (``validity_issue``);
 - ``oracle``: mathematical equivalence by math-verify in a bounded worker process, cached
-  (``EquivalenceOracle``);
+  (``EquivalenceOracle``); ``worker``: what runs in that process;
 - ``voting``: the majority answer by equivalence (``vote``, ``VoteResult``);
 - ``settings``: the knobs (``MathCheckSettings``).
 
+How answers are extracted and compared, the process model and the voting rules:
+docs/verification.md.
 """
 
 from workers.mathcheck.answers import extract_answer, normalize_answer

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from workers.mathcheck.answers import as_text, normalize_answer
-from workers.mathcheck.oracle import EquivalenceOracle
+
+if TYPE_CHECKING:
+    from workers.mathcheck.oracle import EquivalenceOracle
 
 
 @dataclass(frozen=True)
