@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
 from multiprocessing.connection import Connection
@@ -41,6 +40,11 @@ TEXT, CACHE, TOO_LONG, MATH_VERIFY, TIMEOUT, CRASHED = (
     "timeout",
     "crashed",
 )
+# Children bound once: .labels() per check would cost more than a cache hit's lookup.
+_CALLS = {
+    outcome: metrics.MATH_ORACLE_CALLS.labels(outcome=outcome)
+    for outcome in (TEXT, CACHE, TOO_LONG, MATH_VERIFY, TIMEOUT, CRASHED)
+}
 
 # --------------------------------------------------------------------------------------------
 # The exact fast path
@@ -183,7 +187,7 @@ class EquivalenceOracle:
         failure the caller should retry, not a verdict).
         """
         verdicts: list[bool | None] = []
-        outcomes: Counter[str] = Counter()
+        outcomes: dict[str, int] = {}
         pending: dict[tuple[str, str], list[int]] = {}
         try:
             with self._lock:
@@ -198,17 +202,17 @@ class EquivalenceOracle:
                     if verdict is None:
                         pending.setdefault(key, []).append(i)
                     else:
-                        outcomes[outcome] += 1
+                        outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if pending:
                     keys = list(pending)
                     for key, (verdict, outcome) in zip(keys, self._ask_worker(keys), strict=True):
                         self._cache_put(key, verdict)
-                        outcomes[outcome] += len(pending[key])
+                        outcomes[outcome] = outcomes.get(outcome, 0) + len(pending[key])
                         for i in pending[key]:
                             verdicts[i] = verdict
         finally:
             for outcome, n in outcomes.items():
-                metrics.MATH_ORACLE_CALLS.labels(outcome=outcome).inc(n)
+                _CALLS[outcome].inc(n)
         return [bool(v) for v in verdicts]
 
     @staticmethod
