@@ -4,7 +4,7 @@
 
 Every pair is distinct and needs math-verify (no exact fast path), so the figure includes the
 worker's parse of both sides plus the IPC; the extraction share over the whole test split is
-printed too.
+printed too, and the round trip to the worker for a pair it has already parsed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ import json
 import time
 
 import corpora
-from workers.mathcheck import EquivalenceOracle, extract_answer, normalize_answer
+from workers.mathcheck import (
+    EquivalenceOracle,
+    MathCheckSettings,
+    extract_answer,
+    normalize_answer,
+)
 
 GSM8K = corpora.path("gsm8k", "test.jsonl")
 
@@ -44,7 +49,8 @@ def main() -> None:
     )
     t_extract = time.perf_counter() - t0
     print(
-        f"extraction: {hits}/{len(rows)} = {hits / len(rows):.4f} ({len(rows) / t_extract:.0f} rows/s)"
+        f"extraction: {hits}/{len(rows)} = {hits / len(rows):.4f} "
+        f"({len(rows) / t_extract:.0f} rows/s)"
     )
 
     pairs = [p for g in golds[: args.rows] for p in worker_pairs(g)]
@@ -72,6 +78,22 @@ def main() -> None:
             oracle.equivalent(a, b)
         single = time.perf_counter() - t0
     print(f"equivalence one call per pair: {len(one_by_one) / single:.0f} pairs/s")
+
+    # The same pair again and again without the oracle's cache: the worker has it parsed, so
+    # this is the cost of one trip to the worker process (verify on parsed input + IPC).
+    with EquivalenceOracle(MathCheckSettings(cache_size=0)) as oracle:
+        a, b = pairs[0]
+        oracle.equivalent(a, b)
+        trips = []
+        for _ in range(500):
+            t0 = time.perf_counter()
+            oracle.equivalent(a, b)
+            trips.append(time.perf_counter() - t0)
+    trips.sort()
+    print(
+        f"worker round trip (parsed pair, no cache): median {trips[250] * 1e3:.3f} ms, "
+        f"p90 {trips[450] * 1e3:.3f} ms"
+    )
 
 
 if __name__ == "__main__":

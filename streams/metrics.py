@@ -57,6 +57,16 @@ PENDING = Gauge(
     "Input records a stage has received and not finished (in flight or waiting)",
     ["stage"],
 )
+MATH_ORACLE_TIMEOUTS = Counter(
+    "promptcot_math_oracle_timeouts_total",
+    "Math equivalence checks abandoned at the per-check time bound (verdict: not equivalent)",
+)
+MATH_ORACLE_CALLS = Counter(
+    "promptcot_math_oracle_calls_total",
+    "Math equivalence checks by how the verdict was reached "
+    "(text, cache, too_long, math_verify, timeout, crashed)",
+    ["outcome"],
+)
 
 _server_started = False
 

@@ -1,0 +1,33 @@
+"""Math verification knobs (composed into the global Settings as ``verify.math``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from streams.settings import Section
+
+
+class MathCheckSettings(Section):
+    """Math verification knobs (composed into the global Settings by the lead)."""
+
+    min_agreement: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Share of ALL rollouts the majority cluster needs to become the reference.",
+    )
+    equivalence_timeout_s: float = Field(
+        2.0, gt=0.0, description="Wall-clock bound on one equivalence check in the worker process."
+    )
+    worker_start_timeout_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="Bound on starting the worker (imports sympy; slow on busy hosts).",
+    )
+    max_answer_chars: int = Field(
+        512,
+        ge=1,
+        description="Longer answers are equal only to identical text (never parsed): final "
+        "answers are short, long ones are derivation spill-over and slow to parse.",
+    )
+    cache_size: int = Field(100_000, ge=0, description="Normalized pairs remembered per oracle.")
