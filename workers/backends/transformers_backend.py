@@ -33,12 +33,20 @@ _DTYPES = {
 
 
 class TransformersBackend(Backend):
+    # One generate() holds the model (and torch's RNG) for its whole batch: concurrent calls
+    # queue on the lock, so the runtime should send whole micro-batches, one at a time.
+    continuous_batching = False
+
     def __init__(self, settings: BackendSettings):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
         self.settings = settings
         self._lock = threading.RLock()  # generate() samples from torch's global RNG
         self._base_path = settings.model
         self._load(settings.model, adapter=None)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.settings.max_batch_size
 
     # -- loading ------------------------------------------------------------------------------
 
