@@ -31,8 +31,11 @@ MAX_LEN = 512
 
 
 def venv_python() -> Path | None:
-    candidates = [os.environ.get("VLLM_VENV"), Path.home() / ".cache/promptcot/venv-vllm",
-                  ROOT / ".venv-vllm"]
+    candidates = [
+        os.environ.get("VLLM_VENV"),
+        Path.home() / ".cache/promptcot/venv-vllm",
+        ROOT / ".venv-vllm",
+    ]
     for venv in filter(None, candidates):
         python = Path(venv) / "bin" / "python"
         if python.is_file():
@@ -43,14 +46,22 @@ def venv_python() -> Path | None:
 def measure(quick: bool = False) -> list[Row]:
     python = venv_python()
     if python is None:
-        return [not_run(CASE, "no vLLM venv ($VLLM_VENV, ~/.cache/promptcot/venv-vllm or "
-                              ".venv-vllm); build it with: bash ops/vllm-venv.sh --no-test")]
+        return [
+            not_run(
+                CASE,
+                "no vLLM venv ($VLLM_VENV, ~/.cache/promptcot/venv-vllm or "
+                ".venv-vllm); build it with: bash ops/vllm-venv.sh --no-test",
+            )
+        ]
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-               "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        }
         argv = [str(python), "-m", "bench.saturation_vllm", out.name]
-        proc = subprocess.run(argv + (["--quick"] if quick else []), cwd=ROOT, env=env,
-                              check=False)
+        proc = subprocess.run(argv + (["--quick"] if quick else []), cwd=ROOT, env=env, check=False)
         text = Path(out.name).read_text()
     if proc.returncode != 0 or not text:
         return [not_run(CASE, f"failed in the vLLM venv (exit {proc.returncode})")]
@@ -72,8 +83,14 @@ def inside_venv(quick: bool) -> list[Row]:
     n_records, runs, max_tokens = (48, 3, 32) if quick else (192, 3, 48)
     model = str(tiny_model_dir())
     settings = Settings(
-        models={"prompt_model": {"kind": "vllm", "model": model, "max_model_len": MAX_LEN,
-                                 "dtype": "float32"}},
+        models={
+            "prompt_model": {
+                "kind": "vllm",
+                "model": model,
+                "max_model_len": MAX_LEN,
+                "dtype": "float32",
+            }
+        },
         metrics={"port": 0},
         generation={"max_rationale_tokens": max_tokens, "max_problem_tokens": max_tokens},
     )
@@ -82,8 +99,14 @@ def inside_venv(quick: bool) -> list[Row]:
     backend = stage.backend(Role.PROMPT_MODEL)
     threads = min(backend.max_in_flight, n_records)
     # The same engine arguments as the backend's (workers/backends/vllm_backend.py).
-    offline = LLM(model=model, dtype="float32", max_model_len=MAX_LEN, enforce_eager=True,
-                  seed=0, enable_chunked_prefill=False)
+    offline = LLM(
+        model=model,
+        dtype="float32",
+        max_model_len=MAX_LEN,
+        enforce_eager=True,
+        seed=0,
+        enable_chunked_prefill=False,
+    )
     tokenizer = offline.get_tokenizer()
     gen = settings.generation
 
@@ -91,8 +114,9 @@ def inside_venv(quick: bool) -> list[Row]:
         return TokensPrompt(prompt_token_ids=tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def params(seed: int, tokens: int, stop: list[str]) -> SamplingParams:
-        return SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_tokens=tokens,
-                              stop=stop, seed=seed)
+        return SamplingParams(
+            temperature=gen.temperature, top_p=gen.top_p, max_tokens=tokens, stop=stop, seed=seed
+        )
 
     def run_offline(sets) -> float:
         started = time.perf_counter()
@@ -100,15 +124,22 @@ def inside_venv(quick: bool) -> list[Row]:
         seeds = [batch_seed([cs]) for cs in sets]
         first = offline.generate(
             [encode(p) for p in prompts],
-            [params(s, gen.max_rationale_tokens, [P.RATIONALE_CLOSE, P.PROBLEM_OPEN])
-             for s in seeds],
+            [
+                params(s, gen.max_rationale_tokens, [P.RATIONALE_CLOSE, P.PROBLEM_OPEN])
+                for s in seeds
+            ],
             use_tqdm=False,
         )
-        second = [(p + o.outputs[0].text.rstrip() + BRIDGE, s + 1)
-                  for p, o, s in zip(prompts, first, seeds) if o.outputs[0].text.strip()]
-        offline.generate([encode(p) for p, _ in second],
-                         [params(s, gen.max_problem_tokens, [P.PROBLEM_CLOSE]) for _, s in second],
-                         use_tqdm=False)
+        second = [
+            (p + o.outputs[0].text.rstrip() + BRIDGE, s + 1)
+            for p, o, s in zip(prompts, first, seeds)
+            if o.outputs[0].text.strip()
+        ]
+        offline.generate(
+            [encode(p) for p, _ in second],
+            [params(s, gen.max_problem_tokens, [P.PROBLEM_CLOSE]) for _, s in second],
+            use_tqdm=False,
+        )
         return len(sets) / (time.perf_counter() - started)
 
     def run_stage(sets) -> float:
@@ -126,10 +157,14 @@ def inside_venv(quick: bool) -> list[Row]:
         staged.append(run_stage(sets))
     setup = f"{n_records} concept sets, 2 x {max_tokens} tokens, {threads} threads"
     return [
-        timing(CASE, f"generate stage / offline vLLM, records/s ({setup})", ratios(staged, off),
-               "x", at_least=0.9),
-        timing(CASE, "generate stage, one record per call from many threads", staged,
-               "records/s"),
+        timing(
+            CASE,
+            f"generate stage / offline vLLM, records/s ({setup})",
+            ratios(staged, off),
+            "x",
+            at_least=0.9,
+        ),
+        timing(CASE, "generate stage, one record per call from many threads", staged, "records/s"),
         timing(CASE, "offline LLM.generate, one call per phase", off, "records/s"),
     ]
 
