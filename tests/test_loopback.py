@@ -174,3 +174,16 @@ def test_the_cli_serves_until_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_bad_requests_get_a_clear_400():
+    with LoopbackServer(LoopbackSettings()) as server:
+        post = lambda body: httpx.post(f"{server.url}/completions", json=body, timeout=10)
+        for body, says in [
+            ({"model": "loopback", "prompt": "x", "max_tokens": "many"}, "must be numbers"),
+            ({"model": "loopback", "prompt": 3}, "prompt must be a string"),
+            ({"model": "loopback", "prompt": "x", "n": 0}, "n must be >= 1"),
+        ]:
+            reply = post(body)
+            assert reply.status_code == 400 and says in reply.json()["error"]["message"]
+        assert server.stats()["requests"] == 0

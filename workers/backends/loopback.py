@@ -182,7 +182,11 @@ class _Completions:
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not prompts or not all(isinstance(p, str) for p in prompts):
             return _error(400, "prompt must be a string or a list of strings")
-        n, max_tokens = int(body.get("n", 1)), int(body.get("max_tokens", 16))
+        try:
+            n, max_tokens = int(body.get("n", 1)), int(body.get("max_tokens", 16))
+            float(body.get("temperature", 1.0))
+        except (TypeError, ValueError):
+            return _error(400, "n, max_tokens and temperature must be numbers")
         if n < 1 or max_tokens < 0:
             return _error(400, "n must be >= 1 and max_tokens >= 0")
         self._ids += 1
