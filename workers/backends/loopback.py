@@ -180,7 +180,11 @@ class _Completions:
             return _error(404, f"The model `{body.get('model')}` does not exist.")
         prompts = body.get("prompt")
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        if not prompts or not all(isinstance(p, str) for p in prompts):
+        if (
+            not isinstance(prompts, list)
+            or not prompts
+            or not all(isinstance(p, str) for p in prompts)
+        ):
             return _error(400, "prompt must be a string or a list of strings")
         try:
             n, max_tokens = int(body.get("n", 1)), int(body.get("max_tokens", 16))
