@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import Row, ratios, row, timing
+from bench.harness import Row, not_run, ratios, row, timing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -213,7 +213,8 @@ def measure(quick: bool = False) -> list[Row]:
     root = Path(tempfile.mkdtemp(prefix="bench-vectorstore-"))
     try:
         if quick:
-            return lookup_rows([10_000], passes=3, root=root)
+            reason = "the 100k goal (p99 <= 10 ms, recall >= 0.98) in --quick: 100k takes minutes"
+            return [*lookup_rows([10_000], passes=3, root=root), not_run(CASE, reason)]
         return lookup_rows([10_000, 100_000], passes=3, root=root) + filter_rows(320, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
