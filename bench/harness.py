@@ -118,7 +118,7 @@ def ratios(numerators: list[float], denominators: list[float]) -> list[float]:
 
 def load_average() -> float | None:
     try:
-        return os.getloadavg()[0]
+        return round(os.getloadavg()[0], 2)
     except OSError:
         return None
 
