@@ -63,7 +63,16 @@ def measure(quick: bool = False) -> list[Row]:
         gen = settings.generation
         figures: dict[str, list[float]] = {
             k: []
-            for k in ("stage", "direct", "busy_stage", "busy_direct", "mean_stage", "mean_direct")
+            for k in (
+                "stage",
+                "direct",
+                "busy_stage",
+                "busy_direct",
+                "mean_stage",
+                "mean_direct",
+                "full_stage",
+                "full_direct",
+            )
         }
 
         def direct(sets) -> float:
@@ -83,6 +92,7 @@ def measure(quick: bool = False) -> list[Row]:
                 figures["direct"].append(n_records / seconds)
                 figures["busy_direct"].append(100 * served["busy"])
                 figures["mean_direct"].append(served["mean_running"])
+                figures["full_direct"].append(100 * served["full"])
 
                 sets = bench_concept_sets(n_records, tag=f"stage{r}")
                 before = await loop.run_in_executor(None, stats)
@@ -91,6 +101,7 @@ def measure(quick: bool = False) -> list[Row]:
                 figures["stage"].append(n_records / seconds)
                 figures["busy_stage"].append(100 * served["busy"])
                 figures["mean_stage"].append(served["mean_running"])
+                figures["full_stage"].append(100 * served["full"])
 
         run_stage(settings, stage, body)
 
@@ -114,6 +125,8 @@ def measure(quick: bool = False) -> list[Row]:
             figures["mean_direct"],
             "requests",
         ),
+        timing(CASE, "time at full capacity, stage", figures["full_stage"], "%"),
+        timing(CASE, "time at full capacity, direct", figures["full_direct"], "%"),
         row(
             CASE,
             "requests in flight the backend asks for (max_in_flight)",
