@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from workers.sandbox import Limits, Sandbox, SandboxSettings, TestCase
+from workers.sandbox import Limits, ProgramTest, Sandbox, SandboxSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CODEFORCES = ROOT / "workers/data/benchmarks/codeforces.jsonl"
@@ -33,15 +33,15 @@ PROGRAMS = {
 }
 
 
-def load_tests(row: int, count: int) -> list[TestCase]:
+def load_tests(row: int, count: int) -> list[ProgramTest]:
     with CODEFORCES.open() as f:
         line = f.readlines()[row]
     io = json.loads(json.loads(line)["input_output"])
-    shipped = [TestCase(a.encode(), b.encode()) for a, b in zip(io["inputs"], io["outputs"])]
+    shipped = [ProgramTest(a.encode(), b.encode()) for a, b in zip(io["inputs"], io["outputs"])]
     return [shipped[i % len(shipped)] for i in range(count)]  # repeat to `count` tests
 
 
-def plain(python: str, program: str, tests: list[TestCase]) -> bool:
+def plain(python: str, program: str, tests: list[ProgramTest]) -> bool:
     with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
         f.write(program)
         f.flush()
@@ -53,7 +53,7 @@ def plain(python: str, program: str, tests: list[TestCase]) -> bool:
         return ok
 
 
-def per_test(sb: Sandbox, program: str, tests: list[TestCase]) -> bool:
+def per_test(sb: Sandbox, program: str, tests: list[ProgramTest]) -> bool:
     ok = True
     for test in tests:
         result = sb.run(program, test.input)
@@ -63,7 +63,7 @@ def per_test(sb: Sandbox, program: str, tests: list[TestCase]) -> bool:
     return ok
 
 
-def shared(sb: Sandbox, program: str, tests: list[TestCase]) -> bool:
+def shared(sb: Sandbox, program: str, tests: list[ProgramTest]) -> bool:
     outcomes = sb.run_tests(program, tests)
     for outcome in outcomes:
         if not outcome.passed:

