@@ -6,6 +6,7 @@ Every containment test also asserts that no live process of the slot uids remain
 
 from __future__ import annotations
 
+import ast
 import os
 import secrets
 import socket
@@ -194,4 +195,136 @@ def test_huge_stdout_is_truncated(sandbox: Sandbox) -> None:
     [outcome] = sandbox.run_tests(program, [(b"", b"x")], limits=limits)
     assert outcome.output_truncated and outcome.passed is False
     assert len(outcome.stdout) == 1 << 20
+    assert_no_leftovers(sandbox)
+
+
+# --- the sandbox must not see the host (issue 10, item 7) ----------------------------------------
+
+# Top-level entries of the sandbox's root: the interpreter's prefix, the merged-/usr symlinks,
+# and the sandbox's own /tmp, /dev and /proc. No /home, /root, /work, /etc, /var, /run, /opt ...
+ALLOWED_ROOT = {"usr", "lib", "lib64", "lib32", "libx32", "bin", "sbin", "tmp", "dev", "proc"}
+HOST_VIEW_FIX = "issue 10: the sandbox still sees the host"
+
+
+@pytest.fixture
+def host_secrets() -> Iterator[list[Path]]:
+    """World-readable files where a program could look: the host's /tmp, this checkout, the
+    sandbox work dir (other runs' outputs)."""
+    token = secrets.token_hex(8)
+    paths = [Path("/tmp") / f"promptcot-secret-{token}",
+             Path(__file__).resolve().parent / f".promptcot-secret-{token}",
+             Path("/tmp/promptcot-sandbox") / f"secret-{token}"]
+    for path in paths:
+        path.write_text("secret " + token)
+        path.chmod(0o644)
+    yield paths
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+@pytest.mark.xfail(strict=True, reason=HOST_VIEW_FIX)
+def test_host_files_are_invisible(sandbox: Sandbox, host_secrets: list[Path]) -> None:
+    here = Path(__file__).resolve()
+    targets = [*map(str, host_secrets), str(here), str(here.parent.parent / "README.md"),
+               "/etc/passwd", "/etc/hostname", "/root", "/home", "/work", "/var/log",
+               "/tmp/promptcot-sandbox", "/proc/1/root/etc/passwd", "/sys/class/net"]
+    program = (
+        f"targets = {targets!r}\n"
+        "import os\nfor t in targets:\n"
+        "    try:\n        data = os.listdir(t) if os.path.isdir(t) else open(t).read()\n"
+        "        print('READ', t, repr(data)[:80])\n"
+        "    except OSError as exc:\n        print('absent', t, type(exc).__name__)\n"
+        "print('root', sorted(os.listdir('/')))\n"
+    )
+    result = sandbox.run(program)
+    assert result.exit_code == 0, result.stderr
+    assert b"READ" not in result.stdout, result.stdout.decode()
+    root = ast.literal_eval(result.stdout.decode().splitlines()[-1].removeprefix("root "))
+    assert set(root) <= ALLOWED_ROOT, root
+    assert_no_leftovers(sandbox)
+
+
+@pytest.mark.xfail(strict=True, reason=HOST_VIEW_FIX)
+def test_dev_shm_is_a_small_private_tmpfs(sandbox: Sandbox) -> None:
+    token = secrets.token_hex(8)
+    program = (
+        "import os\nwritten = 0\nchunk = b'x' * (1 << 20)\n"
+        "try:\n"
+        "    for i in range(256):\n"  # files of 4 MB each: RLIMIT_FSIZE caps one file only
+        f"        with open(f'/dev/shm/{token}-{{i}}', 'wb') as f:\n"
+        "            for _ in range(4):\n                f.write(chunk)\n"
+        "                f.flush()\n                written += len(chunk)\n"
+        "except OSError as exc:\n    print('stopped', type(exc).__name__)\n"
+        "st = os.statvfs('/dev/shm')\nprint(written, st.f_blocks * st.f_frsize)\n"
+    )
+    result = sandbox.run(program)
+    written, size = map(int, result.stdout.split()[-2:])
+    cap = 4 * FAST.max_file_mb << 20
+    assert size <= cap and written <= cap, (written, size)
+    assert not list(Path("/dev/shm").glob(f"{token}-*")), "files reached the host's /dev/shm"
+    assert_no_leftovers(sandbox)
+
+
+def test_writes_never_reach_the_host(sandbox: Sandbox, request: pytest.FixtureRequest) -> None:
+    if sandbox.backend == "unshare":  # bwrap already writes into its own tmpfs
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=HOST_VIEW_FIX))
+    token = secrets.token_hex(8)
+    dirs = ["/dev/shm", "/tmp", "/var/tmp", "/run/lock", "/run/shm", "/dev/mqueue"]
+    program = (
+        f"import os\nfor d in {dirs!r}:\n"
+        f"    try:\n        open(os.path.join(d, 'promptcot-{token}'), 'w').write('x')\n"
+        "        print('wrote', d)\n"
+        "    except OSError as exc:\n        print('denied', d, type(exc).__name__)\n"
+    )
+    result = sandbox.run(program)
+    assert result.exit_code == 0, result.stderr
+    leaked = [d for d in dirs if (Path(d) / f"promptcot-{token}").exists()]
+    for d in leaked:
+        (Path(d) / f"promptcot-{token}").unlink()
+    assert leaked == []
+    assert_no_leftovers(sandbox)
+
+
+@pytest.mark.xfail(strict=True, reason=HOST_VIEW_FIX)
+def test_every_writable_mount_is_a_capped_private_tmpfs(sandbox: Sandbox) -> None:
+    program = "print(open('/proc/self/mountinfo').read())"
+    result = sandbox.run(program)
+    assert result.exit_code == 0, result.stderr
+    cap = 4 * FAST.max_file_mb << 20
+    for line in result.stdout.decode().splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        mount_point, options = fields[4], fields[5].split(",")
+        fstype, super_options = line.split(" - ")[1].split()[0], line.split(" - ")[1].split()[2]
+        if "ro" in options or fstype in ("proc", "devpts"):
+            continue
+        if fstype == "devtmpfs" or mount_point.startswith("/dev/") and fstype != "tmpfs":
+            assert mount_point in {"/dev/null", "/dev/zero", "/dev/full", "/dev/random",
+                                   "/dev/urandom", "/dev/tty"}, line  # device nodes only
+            continue
+        assert fstype == "tmpfs", line
+        size = [o for o in super_options.split(",") if o.startswith("size=")]
+        assert size, f"uncapped tmpfs: {line}"
+        value = size[0].removeprefix("size=")
+        units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+        number = int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+        assert number <= cap, line
+    assert_no_leftovers(sandbox)
+
+
+@pytest.mark.xfail(strict=True, reason=HOST_VIEW_FIX)
+def test_nested_user_namespace_is_refused(sandbox: Sandbox) -> None:
+    program = (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x20000\n"
+        "if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:\n"
+        "    print('refused', os.strerror(ctypes.get_errno()))\n"
+        "else:\n"
+        "    print('uid', os.getuid())\n"
+        "    ok = libc.mount(b'tmpfs', b'/tmp', b'tmpfs', 0, b'size=100g') == 0\n"
+        "    print('mounted 100g tmpfs' if ok else 'mount refused')\n"
+    )
+    result = sandbox.run(program)
+    assert result.stdout.startswith(b"refused"), result.stdout
     assert_no_leftovers(sandbox)
