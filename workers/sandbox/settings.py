@@ -23,7 +23,8 @@ class Limits(BaseModel):
     wall_seconds: float = Field(4.0, gt=0, description="wall clock per program run")
     memory_mb: int = Field(512, gt=0, description="RLIMIT_AS per process")
     max_processes: int = Field(16, gt=0, description="RLIMIT_NPROC for the program (+ overhead)")
-    max_file_mb: int = Field(16, gt=0, description="RLIMIT_FSIZE; /tmp tmpfs is 4x this")
+    max_file_mb: int = Field(16, gt=0, description="RLIMIT_FSIZE; the private /tmp tmpfs is 4x "
+                             "this, /dev/shm 1x")
     max_output_bytes: int = Field(1 << 20, gt=0, description="stdout kept per run; more is cut")
 
 
@@ -40,6 +41,9 @@ class SandboxSettings(BaseModel):
     python_args: list[str] = Field(
         default_factory=lambda: ["-S"],  # no site: stdlib only, like a judge; ~2x faster start
     )
-    work_dir: str = "/tmp/promptcot-sandbox"  # host dir for task dirs and uid lock files
+    # host paths bound read-only into the sandbox besides what the interpreter needs (e.g. the
+    # system libraries of extension modules in site-packages when python_args drops -S)
+    extra_ro_paths: list[str] = Field(default_factory=list)
+    work_dir: str = "/tmp/promptcot-sandbox"  # host dir for uid lock files (and "none" scratch)
     use_cgroup: bool = True  # a pids cgroup per slot when the machine allows it
     limits: Limits = Field(default_factory=Limits)
