@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
-    from sandbox_helpers import BACKENDS, FAST, assert_no_leftovers, make_sandbox
+    from sandbox_helpers import BACKENDS, FAST, IS_ROOT, assert_no_leftovers, make_sandbox
 except ImportError:  # pragma: no cover
-    from tests.sandbox_helpers import BACKENDS, FAST, assert_no_leftovers, make_sandbox
+    from tests.sandbox_helpers import BACKENDS, FAST, IS_ROOT, assert_no_leftovers, make_sandbox
 
 from workers.sandbox import Sandbox
 
@@ -342,4 +342,39 @@ def test_program_has_no_capabilities_and_cannot_mount(sandbox: Sandbox) -> None:
     assert lines["NoNewPrivs"].strip() == "1"
     for attempt in (b"mount -1", b"remount -1", b"unshare -1"):
         assert attempt in result.stdout, result.stdout
+    assert_no_leftovers(sandbox)
+
+
+# Memory that no rlimit counts: SysV shared memory outlives its mapping (RLIMIT_AS counts it only
+# while attached) and a memfd is a file of the kernel's internal tmpfs (RLIMIT_FSIZE caps each one,
+# not their number). Only the slot's memory cgroup bounds them.
+SHM_FLOOD = (
+    "import ctypes, os, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "libc.shmat.restype = ctypes.c_void_p\nheld, size = 0, 32 << 20\n"
+    "for _ in range(40):\n"
+    "    sid = libc.shmget(0, size, 0o1000 | 0o600)\n"  # IPC_PRIVATE, IPC_CREAT
+    "    if sid < 0:\n        print('refused', ctypes.get_errno()); break\n"
+    "    addr = libc.shmat(sid, None, 0)\n"
+    "    if addr in (None, 2 ** 64 - 1):\n        print('refused', ctypes.get_errno()); break\n"
+    "    ctypes.memset(addr, 1, size)\n    libc.shmdt(ctypes.c_void_p(addr))\n"
+    "    held += size\n    print(held >> 20, flush=True)\n"
+)
+MEMFD_FLOOD = (
+    "import os\nheld, fds, chunk = 0, [], b'x' * (1 << 20)\n"
+    "try:\n    for _ in range(160):\n        fd = os.memfd_create('x')\n        fds.append(fd)\n"
+    "        for _ in range(8):\n            os.write(fd, chunk)\n"
+    "        held += 8 << 20\n        print(held >> 20, flush=True)\n"
+    "except OSError as exc:\n    print('refused', exc.errno)\n"
+)
+
+
+@pytest.mark.xfail(strict=True, reason="no memory cgroup yet")
+@pytest.mark.parametrize("flood", [SHM_FLOOD, MEMFD_FLOOD], ids=["sysv_shm", "memfd"])
+def test_memory_outside_rlimits_is_capped(sandbox: Sandbox, flood: str) -> None:
+    if not IS_ROOT:
+        pytest.skip("the memory cgroup needs root")
+    result = sandbox.run(flood)
+    held = [int(line) for line in result.stdout.split() if line.isdigit()]
+    # the cgroup holds the program's memory_mb, the two tmpfs, and the harness
+    assert max(held, default=0) < FAST.memory_mb + 5 * FAST.max_file_mb + 128, result.stdout
     assert_no_leftovers(sandbox)
