@@ -368,7 +368,6 @@ MEMFD_FLOOD = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason="no memory cgroup yet")
 @pytest.mark.parametrize("flood", [SHM_FLOOD, MEMFD_FLOOD], ids=["sysv_shm", "memfd"])
 def test_memory_outside_rlimits_is_capped(sandbox: Sandbox, flood: str) -> None:
     if not IS_ROOT:

@@ -32,6 +32,7 @@ import time
 SIGKILL = 9  # not the signal module: it imports enum (~10 ms)
 SPAWN_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 PROGRAM = "/tmp/task/prog.py"
+READ_ONLY_PROC = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")  # as bwrap does
 
 # <linux/sched.h>, <linux/mount.h>, <linux/prctl.h>, <linux/keyctl.h>
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
@@ -226,7 +227,7 @@ def confine(k: Kernel, init: dict) -> None:
     k.mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     with open(root + "/proc/sys/user/max_user_namespaces", "w") as f:
         f.write("0")  # this namespace may create no further user namespaces
-    for path in ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"):
+    for path in READ_ONLY_PROC:
         if os.path.exists(root + path):
             _bind(k, root + path, root + path, read_only=True)
     os.mkdir(root + "/.old-root")
@@ -338,6 +339,13 @@ def _run_one(argv: list, test_input: bytes, workdir: str, wall: float, cap: int,
                                        (os.POSIX_SPAWN_DUP2, err_w, 2)], setsid=True)
     for fd in (stdin, out_w, err_w):
         os.close(fd)
+    try:
+        # the program is the first victim when the slot's memory cgroup is full, not the
+        # harness; it has exec'd but not started yet (posix_spawn returns after the exec)
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     chunks, errs, size, err_size = [], [], 0, 0
     truncated, timed_out, status = False, False, None
     poller = select.poll()
@@ -388,12 +396,22 @@ def _run_one(argv: list, test_input: bytes, workdir: str, wall: float, cap: int,
     return status, b"".join(chunks)[:cap], stderr, truncated, timed_out, wall_time
 
 
+def _fresh_proc(k: Kernel) -> None:
+    """A /proc of the solution's own pid namespace (we are its pid 1): programs see their own
+    processes only, and pids from posix_spawn name the same processes in /proc."""
+    k.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for path in READ_ONLY_PROC:
+        if os.path.exists(path):
+            _bind(k, path, path, read_only=True)
+
+
 def runner(k, request: dict, scratch: str, program: str, own_pid_ns: bool) -> None:
     """Process "runner" (pid 1 of the solution's pid namespace): drop privileges, set the
     limits, run every test, write one result line each."""
     import resource
 
     if k is not None:
+        _fresh_proc(k)
         k.set_capabilities(0)
     for name, (soft, hard) in request["rlimits"].items():
         resource.setrlimit(getattr(resource, "RLIMIT_" + name), (soft, hard))

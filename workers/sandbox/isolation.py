@@ -1,5 +1,5 @@
 """Host-side isolation of sandbox slots: one unprivileged uid per slot (claimed with a lock file),
-a pids cgroup per slot, listing and killing a uid's processes, and reaping their zombies.
+pids and memory cgroups per slot, listing and killing a uid's processes, and reaping zombies.
 
 Why each piece exists (measured facts): ``docs/sandbox.md``.
 """
@@ -13,7 +13,7 @@ import os
 import signal
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -82,40 +82,72 @@ def reap_zombies(uid: int) -> None:
                 os.waitpid(pid, os.WNOHANG)
 
 
-class PidsCgroup:
-    """One pids cgroup (v1 ``pids`` hierarchy or delegated v2) for one slot."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
-    def __init__(self, path: Path):
+
+def _own_cgroup(controller: str) -> str:
+    """This process's cgroup path for a v1 ``controller`` ("" for v2's single hierarchy)."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controller in controllers.split(","):
+                return path
+    except OSError:
+        pass
+    return "/"
+
+
+class Cgroup:
+    """One cgroup directory of a slot: a v1 hierarchy's (one controller) or the v2 hierarchy's
+    (several controllers). Created below this process's own cgroup, so the sandbox stays inside
+    whatever limits the worker itself runs under (a container's memory limit)."""
+
+    def __init__(self, path: Path, controllers: tuple[str, ...]):
         self.path = path
+        self.controllers = controllers
 
     @classmethod
-    def create(cls, name: str) -> PidsCgroup | None:
-        v1 = Path("/sys/fs/cgroup/pids")
-        v2 = Path("/sys/fs/cgroup")
-        try:
-            if (v1 / "cgroup.procs").exists():
-                path = v1 / "promptcot-sandbox" / name
-            elif "pids" in (v2 / "cgroup.controllers").read_text().split():
-                parent = v2 / "promptcot-sandbox"
-                parent.mkdir(exist_ok=True)
-                (v2 / "cgroup.subtree_control").write_text("+pids")
-                (parent / "cgroup.subtree_control").write_text("+pids")
-                path = parent / name
-            else:
-                return None
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "pids.max").write_text("max")
-            return cls(path)
-        except OSError as exc:
-            log.warning("no pids cgroup for the sandbox (%s); relying on RLIMIT_NPROC", exc)
-            return None
+    def create_for_slot(cls, name: str, wanted: tuple[str, ...] = ("pids", "memory"),
+                        ) -> list[Cgroup]:
+        """The slot's cgroups for the ``wanted`` controllers this machine lets us use."""
+        groups = []
+        if (CGROUP_ROOT / "cgroup.controllers").exists():  # v2 (delegated or root)
+            try:
+                available = (CGROUP_ROOT / "cgroup.controllers").read_text().split()
+                controllers = tuple(c for c in wanted if c in available)
+                if controllers:
+                    parent = CGROUP_ROOT / "promptcot-sandbox"
+                    parent.mkdir(exist_ok=True)
+                    enable = " ".join("+" + c for c in controllers)
+                    (CGROUP_ROOT / "cgroup.subtree_control").write_text(enable)
+                    (parent / "cgroup.subtree_control").write_text(enable)
+                    groups.append(cls(parent / name, controllers))
+            except OSError as exc:
+                log.warning("no cgroup for the sandbox (%s)", exc)
+        else:
+            for controller in wanted:
+                hierarchy = CGROUP_ROOT / controller
+                if not (hierarchy / "cgroup.procs").exists():
+                    continue
+                own = _own_cgroup(controller).strip("/")
+                groups.append(cls(hierarchy / own / "promptcot-sandbox" / name, (controller,)))
+        created = []
+        for group in groups:
+            try:
+                group.path.mkdir(parents=True, exist_ok=True)
+                created.append(group)
+            except OSError as exc:
+                log.warning("no %s cgroup for the sandbox (%s)", "+".join(group.controllers),
+                            exc)
+        missing = set(wanted) - {c for g in created for c in g.controllers}
+        if missing:
+            log.warning("sandbox slots have no %s cgroup: relying on rlimits",
+                        " and no ".join(sorted(missing)))
+        return created
 
     @property
     def procs_file(self) -> str:
         return str(self.path / "cgroup.procs")
-
-    def set_max(self, n: int) -> None:
-        (self.path / "pids.max").write_text(str(n))
 
     def pids(self) -> list[int]:
         try:
@@ -123,20 +155,54 @@ class PidsCgroup:
         except OSError:
             return []
 
+    def set_pids_max(self, n: int) -> None:
+        if "pids" in self.controllers:
+            (self.path / "pids.max").write_text(str(n))
+
+    def set_memory_max(self, n_bytes: int) -> None:
+        """Cap the memory of everything in the cgroup: process memory, tmpfs and shared memory
+        pages, memfds, kernel memory. Swap is not allowed."""
+        if "memory" not in self.controllers:
+            return
+        if (self.path / "memory.max").exists():  # v2
+            (self.path / "memory.max").write_text(str(n_bytes))
+            with contextlib.suppress(OSError):
+                (self.path / "memory.swap.max").write_text("0")
+            return
+        files = [self.path / "memory.limit_in_bytes"]
+        if (self.path / "memory.memsw.limit_in_bytes").exists():
+            files.append(self.path / "memory.memsw.limit_in_bytes")  # memory + swap >= memory
+        try:
+            for file in files:
+                file.write_text(str(n_bytes))
+        except OSError:  # raising: memory+swap first, then memory
+            for file in reversed(files):
+                file.write_text(str(n_bytes))
+
     def remove(self) -> None:
         with contextlib.suppress(OSError):
             self.path.rmdir()
+        with contextlib.suppress(OSError):
+            self.path.parent.rmdir()  # promptcot-sandbox, when no other slot uses it
 
 
 @dataclass
 class Slot:
     """One parallel run slot: its uid (None when not root: run as the caller), the lock that
-    owns that uid machine-wide, and its cgroup."""
+    owns that uid machine-wide, and its cgroups (pids and memory, when available)."""
 
     index: int
     uid: int | None
     lock_fd: int | None = None
-    cgroup: PidsCgroup | None = None
+    cgroups: list[Cgroup] = field(default_factory=list)
+
+    def cgroup_pids(self) -> list[int]:
+        return [pid for group in self.cgroups for pid in group.pids()]
+
+    def set_limits(self, processes: int, memory_bytes: int) -> None:
+        for group in self.cgroups:
+            group.set_pids_max(processes)
+            group.set_memory_max(memory_bytes)
 
 
 def claim_slot(index: int, lock_dir: Path, base_uid: int, uid_range: int, taken: set[int],
@@ -155,14 +221,14 @@ def claim_slot(index: int, lock_dir: Path, base_uid: int, uid_range: int, taken:
             continue  # another worker process owns this uid
         slot = Slot(index, uid, fd)
         if use_cgroup:
-            slot.cgroup = PidsCgroup.create(f"uid-{uid}")
+            slot.cgroups = Cgroup.create_for_slot(f"uid-{uid}")
         return slot
     return None
 
 
 def release_slot(slot: Slot) -> None:
-    if slot.cgroup is not None:
-        slot.cgroup.remove()
+    for group in slot.cgroups:
+        group.remove()
     if slot.lock_fd is not None:
         os.close(slot.lock_fd)
         slot.lock_fd = None
@@ -179,8 +245,7 @@ def kill_slot_processes(slot: Slot, subreaper: bool, timeout: float = 5.0,
         if subreaper:
             reap_zombies(slot.uid)
         pids = set(processes_of_uid(slot.uid))
-        if slot.cgroup is not None:
-            pids.update(slot.cgroup.pids())
+        pids.update(slot.cgroup_pids())
         pids -= keep
         if not pids:
             return

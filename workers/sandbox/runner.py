@@ -54,6 +54,7 @@ _PROCESS_OVERHEAD = 8  # incl. zombies awaiting reaping
 _STARTUP_SLACK_S = 3.0
 _STDERR_CAP = 64 * 1024  # stderr tail kept by run()
 _TEST_STDERR_CAP = 4096  # stderr tail kept per test by run_tests()
+_HARNESS_MEMORY = 64 << 20  # the zygote, "solution" and "runner" processes, kernel memory
 _ZYGOTE_TMPFS = 64 * 1024  # the zygote's own /tmp and /dev/shm (each solution gets fresh ones)
 _CHAIN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
               "LANG": "C.UTF-8"}
@@ -156,7 +157,7 @@ class Sandbox:
         self.is_root = os.geteuid() == 0
         self.isolated_uids = self.is_root
         if not self.is_root:
-            log.warning("sandbox not started as root: all slots share uid %d, no pids cgroup, "
+            log.warning("sandbox not started as root: all slots share uid %d, no cgroups, "
                         "leftovers are removed by the pid namespace only", os.getuid())
         self._subreaper = self.is_root and become_subreaper()
         self._work = Path(self.settings.work_dir)
@@ -320,6 +321,7 @@ class Sandbox:
         fsize = limits.max_file_mb << 20
         cpu = math.ceil(limits.cpu_seconds)
         memory = limits.memory_mb << 20
+        tmp_size, shm_size = 4 * fsize, fsize
         python = self.view.python if kind != "none" else self.python
         with self._slot() as slot:
             nproc = self._nproc(slot, limits)
@@ -338,12 +340,14 @@ class Sandbox:
                 "rlimits": {"AS": (memory, memory), "CPU": (cpu, cpu + 1),
                             "NPROC": (nproc, nproc), "FSIZE": (fsize, fsize), "CORE": (0, 0),
                             "NOFILE": (256, 256)},
-                "tmp_size": 4 * fsize,
-                "shm_size": fsize,
+                "tmp_size": tmp_size,
+                "shm_size": shm_size,
             }
             wall = len(cases) * (limits.wall_seconds + 0.2) + _STARTUP_SLACK_S
             # base64 grows output by 4/3, plus the per-line record
             cap = len(cases) * ((limits.max_output_bytes + stderr_cap) * 4 // 3 + 1024) + 4096
+            # the memory cgroup holds the program, its two tmpfs and the harness
+            slot.set_limits(nproc, memory + tmp_size + shm_size + _HARNESS_MEMORY)
             argv = self._command(kind, slot, nproc)
             with tempfile.TemporaryFile() as stdin_file:  # a file, so no writer can block
                 stdin_file.write(frame(self._init(kind, slot)) + frame(request))
@@ -392,10 +396,9 @@ class Sandbox:
 
     def _command(self, kind: IsolationKind, slot: Slot, nproc: int) -> list[str]:
         chain: list[str] = []
-        if slot.cgroup is not None:
-            slot.cgroup.set_max(nproc)
+        for group in slot.cgroups:
             # join the cgroup before anything forks; every descendant inherits it
-            chain += ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', slot.cgroup.procs_file]
+            chain += ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', group.procs_file]
         # the harness sets the per-solution limits; these bound the sandbox's own processes
         chain += ["prlimit", f"--nproc={nproc}", "--core=0", "--nofile=256", "--"]
         if slot.uid is not None:

@@ -45,5 +45,5 @@ class SandboxSettings(BaseModel):
     # system libraries of extension modules in site-packages when python_args drops -S)
     extra_ro_paths: list[str] = Field(default_factory=list)
     work_dir: str = "/tmp/promptcot-sandbox"  # host dir for uid lock files (and "none" scratch)
-    use_cgroup: bool = True  # a pids cgroup per slot when the machine allows it
+    use_cgroup: bool = True  # pids and memory cgroups per slot when the machine allows them
     limits: Limits = Field(default_factory=Limits)
