@@ -14,7 +14,7 @@ try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
 except ImportError:  # pragma: no cover
     from tests.sandbox_helpers import BACKENDS, IS_ROOT, assert_no_leftovers, make_sandbox
 
-from workers.sandbox import Sandbox, SandboxSettings, SandboxUnavailable
+from workers.sandbox import Sandbox, SandboxSettings, SandboxUnavailable, runner
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -38,9 +38,32 @@ def test_refuses_to_run_unsandboxed_by_default() -> None:
 
 
 def test_missing_backend_is_refused_not_bypassed(tmp_path: Path) -> None:
+    # the default work_dir: its uid locks are shared by every sandbox on the machine
     with pytest.raises(SandboxUnavailable, match="allow_unsandboxed"):
-        Sandbox(SandboxSettings(backend="bwrap", bwrap_path=str(tmp_path / "no-bwrap"),
-                                work_dir=str(tmp_path / "work")))
+        Sandbox(SandboxSettings(backend="bwrap", bwrap_path=str(tmp_path / "no-bwrap")))
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="uids and cgroups need root")
+def test_a_refused_sandbox_releases_its_uids_and_cgroups(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    claimed, released = [], []
+    real_claim, real_release = runner.claim_slot, runner.release_slot
+
+    def claim(*args, **kwargs):
+        slot = real_claim(*args, **kwargs)
+        claimed.append((slot.uid, [g.path for g in slot.cgroups]))
+        return slot
+
+    def release(slot):
+        released.append(slot.uid)
+        real_release(slot)
+
+    monkeypatch.setattr(runner, "claim_slot", claim)
+    monkeypatch.setattr(runner, "release_slot", release)
+    with pytest.raises(SandboxUnavailable):
+        Sandbox(SandboxSettings(backend="bwrap", bwrap_path=str(tmp_path / "no-bwrap")))
+    assert len(claimed) == 2 and sorted(released) == sorted(uid for uid, _ in claimed)
+    assert not any(path.exists() for _, paths in claimed for path in paths)
 
 
 def test_unsandboxed_only_when_allowed() -> None:

@@ -168,11 +168,15 @@ class Sandbox:
         self._view: InterpreterView | None = None
         self._slots: queue.Queue[Slot] = queue.Queue()
         self._all_slots: list[Slot] = []
-        for k in range(self.settings.slots):
-            self._all_slots.append(self._claim_slot(k))
-        for slot in self._all_slots:
-            self._slots.put(slot)
-        self.backend: IsolationKind = self._choose_backend()
+        try:
+            for k in range(self.settings.slots):
+                self._all_slots.append(self._claim_slot(k))
+            for slot in self._all_slots:
+                self._slots.put(slot)
+            self.backend: IsolationKind = self._choose_backend()
+        except BaseException:
+            self.close()  # the uids and cgroups claimed so far
+            raise
         log.info("sandbox backend %s, python %s, slots %s", self.backend, self.python,
                  [s.uid for s in self._all_slots])
 
