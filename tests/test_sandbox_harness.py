@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
-    from sandbox_helpers import FAST, assert_no_leftovers, make_sandbox
+    from sandbox_helpers import FAST, assert_no_leftovers, sandbox_fixture
 except ImportError:  # pragma: no cover
-    from tests.sandbox_helpers import FAST, assert_no_leftovers, make_sandbox
+    from tests.sandbox_helpers import FAST, assert_no_leftovers, sandbox_fixture
 
 import workers.sandbox as sandbox_pkg
 from workers.sandbox import ProgramTest, Sandbox, harness, normalize_output
@@ -20,9 +20,7 @@ from workers.sandbox import ProgramTest, Sandbox, harness, normalize_output
 
 @pytest.fixture(scope="module")
 def bwrap_box() -> Iterator[Sandbox]:
-    sb = make_sandbox("bwrap")
-    yield sb
-    sb.close()
+    yield from sandbox_fixture("bwrap")
 
 
 def test_normalize_output_has_one_definition() -> None:

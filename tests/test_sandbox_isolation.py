@@ -13,18 +13,28 @@ from pathlib import Path
 import pytest
 
 try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
-    from sandbox_helpers import BACKENDS, IS_ROOT, assert_no_leftovers, make_sandbox
+    from sandbox_helpers import (
+        BACKENDS,
+        IS_ROOT,
+        assert_no_leftovers,
+        make_sandbox,
+        sandbox_fixture,
+    )
 except ImportError:  # pragma: no cover
-    from tests.sandbox_helpers import BACKENDS, IS_ROOT, assert_no_leftovers, make_sandbox
+    from tests.sandbox_helpers import (
+        BACKENDS,
+        IS_ROOT,
+        assert_no_leftovers,
+        make_sandbox,
+        sandbox_fixture,
+    )
 
 from workers.sandbox import Sandbox, processes_of_uid
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
-    sb = make_sandbox(request.param)
-    yield sb
-    sb.close()
+    yield from sandbox_fixture(request.param)
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="distinct slot uids need root")

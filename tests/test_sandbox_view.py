@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
-    from sandbox_helpers import BACKENDS, assert_no_leftovers, make_sandbox
+    from sandbox_helpers import BACKENDS, assert_no_leftovers, sandbox_fixture
 except ImportError:  # pragma: no cover
-    from tests.sandbox_helpers import BACKENDS, assert_no_leftovers, make_sandbox
+    from tests.sandbox_helpers import BACKENDS, assert_no_leftovers, sandbox_fixture
 
 from workers.sandbox import Sandbox
 from workers.sandbox.view import _elf_interpreter, _resolve, interpreter_view
@@ -21,9 +21,7 @@ PYTHON = "/usr/bin/python3"
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
-    sb = make_sandbox(request.param, slots=1)
-    yield sb
-    sb.close()
+    yield from sandbox_fixture(request.param, slots=1)
 
 
 def test_view_is_the_interpreter_and_its_libraries() -> None:

@@ -41,6 +41,7 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
+IPC_RMID = 0
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
 CAP_SETPCAP, CAP_SYS_ADMIN = 8, 21
@@ -438,6 +439,29 @@ def runner(k, request: dict, scratch: str, program: str, own_pid_ns: bool) -> No
         _write_all(1, nonce + binascii.b2a_base64(marshal.dumps(result)))
         if failed and request["stop_on_failure"]:
             break
+    if own_pid_ns:
+        _remove_sysv_ipc()
+
+
+def _remove_sysv_ipc() -> None:
+    """Remove the solution's SysV shared memory, semaphores and message queues. Its IPC
+    namespace dies with it anyway, but the kernel frees a dead namespace later, from a work
+    queue: its pages would still count against the slot's memory cgroup when the next solution
+    starts. Nothing is attached any more (every program was killed), so this frees them now."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    remove = {"shm": lambda ident: libc.shmctl(ident, IPC_RMID, None),
+              "sem": lambda ident: libc.semctl(ident, 0, IPC_RMID),
+              "msg": lambda ident: libc.msgctl(ident, IPC_RMID, None)}
+    for kind in ("shm", "sem", "msg"):
+        try:
+            with open("/proc/sysvipc/" + kind) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            remove[kind](int(row.split()[1]))  # the second column is the id
 
 
 # --- the zygote ------------------------------------------------------------------------------

@@ -235,12 +235,13 @@ def release_slot(slot: Slot) -> None:
 
 
 def kill_slot_processes(slot: Slot, subreaper: bool, timeout: float = 5.0,
-                        keep: frozenset[int] = frozenset()) -> None:
-    """SIGKILL everything in the slot's cgroup and under its uid (but ``keep``) until nothing
-    remains."""
+                        keep: frozenset[int] = frozenset()) -> bool:
+    """SIGKILL everything in the slot's cgroups and under its uid (but ``keep``) until nothing
+    remains; True when there was something to kill."""
     if slot.uid is None:
-        return  # shared uid: the pid namespace teardown is all we can rely on
+        return False  # shared uid: the pid namespace teardown is all we can rely on
     deadline = time.monotonic() + timeout
+    found = False
     while True:
         if subreaper:
             reap_zombies(slot.uid)
@@ -248,11 +249,12 @@ def kill_slot_processes(slot: Slot, subreaper: bool, timeout: float = 5.0,
         pids.update(slot.cgroup_pids())
         pids -= keep
         if not pids:
-            return
+            return found
+        found = True
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         if time.monotonic() > deadline:
             log.error("sandbox uid %d still has processes %s", slot.uid, sorted(pids))
-            return
+            return found
         time.sleep(0.005)

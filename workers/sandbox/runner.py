@@ -1,9 +1,10 @@
 """The Sandbox: a pool of slots that runs untrusted Python programs (model-written solutions).
 
-``run`` runs a program once; ``run_tests`` runs all tests of one solution inside ONE sandboxed
-process (``harness.py``), which streams one result line per test, tagged with a per-run nonce; a
-line without the nonce means tampering and fails every test. How a run is contained, and why:
-``docs/sandbox.md``.
+Each slot owns an unprivileged uid, cgroups, and one zygote: the sandboxed harness
+(``harness.py``), started once per slot and then sent every solution. ``run`` runs a program
+once; ``run_tests`` runs all tests of one solution in one request. The harness answers one result
+line per test, tagged with a per-solution nonce; a line without the nonce means tampering and
+fails every test. How a run is contained, and why: ``docs/sandbox.md``.
 """
 
 from __future__ import annotations
@@ -17,17 +18,13 @@ import math
 import os
 import queue
 import secrets
-import selectors
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Self
+from typing import Self
 
 from workers.sandbox import harness
 from workers.sandbox.harness import frame, normalize_output
@@ -37,12 +34,14 @@ from workers.sandbox.isolation import (
     claim_slot,
     kill_slot_processes,
     processes_of_uid,
+    reap_zombies,
     release_slot,
     usable_by_others,
 )
 from workers.sandbox.runs import ProgramTest, RunResult, SandboxUnavailable, TestOutcome
 from workers.sandbox.settings import IsolationKind, Limits, SandboxSettings
 from workers.sandbox.view import DEVICES, InterpreterView, interpreter_view
+from workers.sandbox.zygote import Exchange, Zygote
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +49,13 @@ HARNESS_SOURCE = Path(harness.__file__).read_text()
 
 # Processes of the slot uid besides the program: bwrap, the zygote, "solution", "runner".
 _PROCESS_OVERHEAD = 8  # incl. zombies awaiting reaping
-# Extra wall time for sandbox start-up and harness start on top of the programs' own budget.
-_STARTUP_SLACK_S = 3.0
+# Extra wall time for the harness's own work on top of the programs' budget.
+_SLACK_S = 3.0
 _STDERR_CAP = 64 * 1024  # stderr tail kept by run()
 _TEST_STDERR_CAP = 4096  # stderr tail kept per test by run_tests()
 _HARNESS_MEMORY = 64 << 20  # the zygote, "solution" and "runner" processes, kernel memory
 _ZYGOTE_TMPFS = 64 * 1024  # the zygote's own /tmp and /dev/shm (each solution gets fresh ones)
-_CHAIN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-              "LANG": "C.UTF-8"}
-_GRACE_AFTER_EXIT_S = 0.5
+_ZYGOTE_NPROC = 4096  # the zygote's own RLIMIT_NPROC; the runner lowers it per solution
 
 
 def output_digest(data: bytes, salt: bytes) -> str:
@@ -89,26 +86,13 @@ def _find_python(configured: str | None, need_others: bool) -> str:
                              "SandboxSettings.python")
 
 
-@dataclass
-class _Captured:
-    stdout: bytes = b""
-    stderr: bytes = b""
-    stdout_truncated: bool = False
-    timed_out: bool = False
-    exit_code: int | None = None
-    killed: int | None = None
-    wall_time: float = 0.0
-
-
-def _outcomes(kind: IsolationKind, lines: list[bytes], raw: _Captured, cases: list[ProgramTest],
-              nonce: bytes, stop_on_failure: bool) -> list[TestOutcome]:
+def _outcomes(kind: IsolationKind, raw: Exchange, cases: list[ProgramTest], nonce: bytes,
+              stop_on_failure: bool) -> list[TestOutcome]:
     """The outcome of every test from the harness's result lines; fails closed on anything
     forged."""
     outcomes: dict[int, TestOutcome] = {}
     tampered = False
-    for line in lines:
-        if line.startswith(nonce + b" end "):
-            continue
+    for line in raw.lines:
         if not line.startswith(nonce):
             tampered = True
             break
@@ -166,6 +150,7 @@ class Sandbox:
         self._bwrap = self._prepare_bwrap()
         self.python = _find_python(self.settings.python, need_others=self.is_root)
         self._view: InterpreterView | None = None
+        self._zygotes: dict[int, Zygote] = {}  # by slot index
         self._slots: queue.Queue[Slot] = queue.Queue()
         self._all_slots: list[Slot] = []
         try:
@@ -268,10 +253,36 @@ class Sandbox:
         return None
 
     def close(self) -> None:
-        """Release the claimed uids (lock files) and remove the cgroups."""
+        """Stop the zygotes, kill everything of the slot uids, release the uids (lock files) and
+        remove the cgroups."""
         for slot in self._all_slots:
+            zygote = self._zygotes.pop(slot.index, None)
+            if zygote is not None:
+                zygote.close()
             self._kill_leftovers(slot)
             release_slot(slot)
+
+    def leftovers(self) -> dict[int, list[int]]:
+        """Processes of the slot uids (or in their cgroups) that are not an idle zygote: always
+        empty between runs. Root only (otherwise the uid is the caller's)."""
+        found = {}
+        for slot in self._all_slots:
+            if slot.uid is None:
+                continue
+            if self._subreaper:
+                reap_zombies(slot.uid)
+            zygote = self._zygotes.get(slot.index)
+            keep = zygote.pids if zygote is not None else frozenset()
+            pids = (set(processes_of_uid(slot.uid)) | set(slot.cgroup_pids())) - keep
+            if pids:
+                found[slot.uid] = sorted(pids)
+        return found
+
+    def zygote_pids(self) -> dict[int, frozenset[int]]:
+        """Host pids of each slot's idle zygote (the outer process and the harness), by uid."""
+        return {slot.uid if slot.uid is not None else slot.index:
+                self._zygotes[slot.index].pids
+                for slot in self._all_slots if slot.index in self._zygotes}
 
     def __enter__(self) -> Self:
         return self
@@ -319,7 +330,7 @@ class Sandbox:
 
     def _solution(self, kind: IsolationKind, program: str, cases: list[ProgramTest],
                   limits: Limits, stop_on_failure: bool,
-                  stderr_cap: int) -> tuple[list[TestOutcome], _Captured]:
+                  stderr_cap: int) -> tuple[list[TestOutcome], Exchange]:
         nonce = secrets.token_hex(16).encode()
         salt = secrets.token_bytes(16)
         fsize = limits.max_file_mb << 20
@@ -347,20 +358,20 @@ class Sandbox:
                 "tmp_size": tmp_size,
                 "shm_size": shm_size,
             }
-            wall = len(cases) * (limits.wall_seconds + 0.2) + _STARTUP_SLACK_S
+            deadline = time.monotonic() + len(cases) * (limits.wall_seconds + 0.2) + _SLACK_S
             # base64 grows output by 4/3, plus the per-line record
             cap = len(cases) * ((limits.max_output_bytes + stderr_cap) * 4 // 3 + 1024) + 4096
             # the memory cgroup holds the program, its two tmpfs and the harness
-            slot.set_limits(nproc, memory + tmp_size + shm_size + _HARNESS_MEMORY)
-            argv = self._command(kind, slot, nproc)
-            with tempfile.TemporaryFile() as stdin_file:  # a file, so no writer can block
-                stdin_file.write(frame(self._init(kind, slot)) + frame(request))
-                stdin_file.seek(0)
-                captured = self._execute(argv, stdin_file, wall, cap, str(self._work))
-        lines = captured.stdout.splitlines()
-        if lines[:1] == [b"ready"]:
-            lines = lines[1:]
-        return _outcomes(kind, lines, captured, cases, nonce, stop_on_failure), captured
+            slot.set_limits(max(nproc, _PROCESS_OVERHEAD),
+                            memory + tmp_size + shm_size + _HARNESS_MEMORY)
+            zygote = self._zygote(slot, kind)
+            exchange = zygote.request(frame(request), nonce, deadline, cap)
+            if not exchange.complete:
+                log.warning("sandbox slot %s: zygote %s (%s); restarting it", slot.uid,
+                            "timed out" if exchange.timed_out else "overflowed"
+                            if exchange.overflow else "died", exchange.stderr[-500:])
+                self._stop_zygote(slot)
+        return _outcomes(kind, exchange, cases, nonce, stop_on_failure), exchange
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[Slot]:
@@ -369,7 +380,13 @@ class Sandbox:
             yield slot
         finally:
             try:
-                self._kill_leftovers(slot)
+                zygote = self._zygotes.get(slot.index)
+                # nothing of the solution survives its pid namespace; this is the safety net
+                keep = zygote.pids if zygote is not None else frozenset()
+                if self._kill_leftovers(slot, keep):
+                    log.error("sandbox slot %s: processes outlived their solution; restarting "
+                              "its zygote", slot.uid)
+                    self._stop_zygote(slot)
             finally:
                 self._slots.put(slot)
 
@@ -398,13 +415,13 @@ class Sandbox:
             init["scratch"] = str(self._scratch(slot))
         return init
 
-    def _command(self, kind: IsolationKind, slot: Slot, nproc: int) -> list[str]:
+    def _command(self, kind: IsolationKind, slot: Slot) -> list[str]:
         chain: list[str] = []
         for group in slot.cgroups:
             # join the cgroup before anything forks; every descendant inherits it
             chain += ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', group.procs_file]
-        # the harness sets the per-solution limits; these bound the sandbox's own processes
-        chain += ["prlimit", f"--nproc={nproc}", "--core=0", "--nofile=256", "--"]
+        # the runner sets each solution's limits; these bound the sandbox's own processes
+        chain += ["prlimit", f"--nproc={_ZYGOTE_NPROC}", "--core=0", "--nofile=256", "--"]
         if slot.uid is not None:
             chain += ["setpriv", f"--reuid={slot.uid}", f"--regid={slot.uid}", "--clear-groups",
                       "--no-new-privs", "--"]
@@ -426,73 +443,28 @@ class Sandbox:
             return chain + [self.view.python, *harness]
         return chain + ["env", "-i", "PATH=/usr/bin:/bin", "LANG=C.UTF-8", self.python, *harness]
 
-    def _execute(self, argv: list[str], stdin: IO[bytes], wall: float, cap: int,
-                 cwd: str) -> _Captured:
-        """Start ``argv`` in its own process group; read both pipes with caps until exit or the
-        deadline; kill the group on timeout or overflow. Never blocks past the deadline."""
-        start = time.monotonic()
-        # A clean environment for the whole chain, not only the program: bwrap's pid-1 reaper
-        # keeps the environment it was started with, and the program can read /proc/1/environ.
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, start_new_session=True, close_fds=True, env=_CHAIN_ENV)
-        out = _Captured()
-        chunks: list[bytes] = []
-        errs: list[bytes] = []
-        size = err_size = 0
-        deadline = start + wall
-        sel = selectors.DefaultSelector()
-        assert proc.stdout is not None and proc.stderr is not None
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        sel.register(proc.stderr, selectors.EVENT_READ)
-        try:
-            while sel.get_map():
-                now = time.monotonic()
-                if proc.poll() is not None:
-                    # the sandbox is gone; a leaked holder of the pipe must not keep us here
-                    deadline = min(deadline, now + _GRACE_AFTER_EXIT_S)
-                left = deadline - now
-                if left <= 0:
-                    out.timed_out = proc.poll() is None
-                    break
-                for key, _ in sel.select(min(left, 0.1)):
-                    data = os.read(key.fd, 65536)
-                    if not data:
-                        sel.unregister(key.fileobj)
-                    elif key.fileobj is proc.stdout:
-                        size += len(data)
-                        if size > cap:
-                            out.stdout_truncated = True
-                            chunks.append(data[: max(0, cap - (size - len(data)))])
-                        else:
-                            chunks.append(data)
-                    elif err_size < _STDERR_CAP:
-                        errs.append(data[: _STDERR_CAP - err_size])
-                        err_size += len(data)
-                if out.stdout_truncated:
-                    break
-        finally:
-            sel.close()
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            try:
-                code = proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # unkillable: report and move on
-                log.error("sandbox process %d did not die after SIGKILL", proc.pid)
-                code = -signal.SIGKILL
-            proc.stdout.close()
-            proc.stderr.close()
-        out.wall_time = time.monotonic() - start
-        out.stdout = b"".join(chunks)
-        out.stderr = b"".join(errs)
-        # bwrap and unshare report a signal-killed child as exit 128+n
-        if code < 0:
-            out.killed = -code
-        elif code > 128 and code - 128 < signal.NSIG:
-            out.killed = code - 128
-        else:
-            out.exit_code = code
-        return out
+    def _zygote(self, slot: Slot, kind: IsolationKind) -> Zygote:
+        """The slot's running zygote of this kind, started when there is none."""
+        zygote = self._zygotes.get(slot.index)
+        if zygote is not None and (zygote.kind != kind or not zygote.alive):
+            self._stop_zygote(slot)
+            zygote = None
+        if zygote is None:
+            self._kill_leftovers(slot)
+            zygote = Zygote(self._command(kind, slot), self._init(kind, slot), kind,
+                            str(self._work))
+            if slot.uid is not None:  # its idle processes: everything of the uid right now
+                zygote.pids = frozenset(processes_of_uid(slot.uid)) | frozenset(
+                    slot.cgroup_pids())
+            self._zygotes[slot.index] = zygote
+        return zygote
 
-    def _kill_leftovers(self, slot: Slot) -> None:
-        kill_slot_processes(slot, self._subreaper)
+    def _stop_zygote(self, slot: Slot) -> None:
+        zygote = self._zygotes.pop(slot.index, None)
+        if zygote is not None:
+            zygote.kill()
+        self._kill_leftovers(slot)
+
+    def _kill_leftovers(self, slot: Slot, keep: frozenset[int] = frozenset()) -> bool:
+        """Kill every process of the slot but ``keep``; True when there was one."""
+        return kill_slot_processes(slot, self._subreaper, keep=keep)
