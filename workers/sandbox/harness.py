@@ -105,6 +105,15 @@ class Kernel:
         self.libc.syscall.restype = ctypes.c_long
         self.numbers = SYSCALLS.get(os.uname().machine, {})
 
+        class Header(ctypes.Structure):  # struct __user_cap_header_struct
+            _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+        class Data(ctypes.Structure):  # struct __user_cap_data_struct
+            _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                        ("inheritable", ctypes.c_uint32))
+
+        self.cap_header, self.cap_data = Header, Data * 2
+
     def check(self, result: int, what: str) -> int:
         if result < 0:
             errno = self.ctypes.get_errno()
@@ -141,25 +150,16 @@ class Kernel:
     def set_capabilities(self, keep: int) -> None:
         """Effective = permitted = ``keep`` (a bit mask), nothing inheritable or ambient, and
         every other capability out of the bounding set."""
-        ctypes = self.ctypes
         self.libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
         for cap in range(64):
             if not keep & (1 << cap):
                 self.libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the last cap
-
-        class Header(ctypes.Structure):
-            _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-        class Data(ctypes.Structure):
-            _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                        ("inheritable", ctypes.c_uint32))
-
-        data = (Data * 2)()
+        data = self.cap_data()
         for word in (0, 1):
             bits = (keep >> (32 * word)) & 0xFFFFFFFF
             data[word].effective = data[word].permitted = bits
-        header = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
-        self.check(self.libc.capset(ctypes.byref(header), data), "capset")
+        header = self.cap_header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+        self.check(self.libc.capset(self.ctypes.byref(header), data), "capset")
 
 
 # --- the view of the "unshare" kind (bwrap builds the same from its arguments) ----------------
@@ -406,6 +406,14 @@ def _fresh_proc(k: Kernel) -> None:
             _bind(k, path, path, read_only=True)
 
 
+def _sha256():
+    try:
+        from _sha256 import sha256
+    except ImportError:
+        from hashlib import sha256
+    return sha256
+
+
 def runner(k, request: dict, scratch: str, program: str, own_pid_ns: bool) -> None:
     """Process "runner" (pid 1 of the solution's pid namespace): drop privileges, set the
     limits, run every test, write one result line each."""
@@ -416,10 +424,7 @@ def runner(k, request: dict, scratch: str, program: str, own_pid_ns: bool) -> No
         k.set_capabilities(0)
     for name, (soft, hard) in request["rlimits"].items():
         resource.setrlimit(getattr(resource, "RLIMIT_" + name), (soft, hard))
-    try:
-        from _sha256 import sha256
-    except ImportError:
-        from hashlib import sha256
+    sha256 = _sha256()
     nonce, salt, cap = request["nonce"], request["salt"], request["max_output"]
     argv = request["argv"] + [program]
     for index, test in enumerate(request["tests"]):
@@ -472,6 +477,8 @@ def zygote() -> None:
     isolated = init["kind"] != "none"
     k = Kernel() if isolated else None
     import resource  # noqa: F401 - loaded once here, used by every runner
+
+    _sha256()  # likewise
 
     if init["kind"] == "unshare":
         confine(k, init)
