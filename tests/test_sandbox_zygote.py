@@ -170,3 +170,18 @@ def test_a_stuck_zygote_is_killed_at_the_deadline_and_replaced(sandbox: Sandbox)
     assert sandbox.run("print(2)").stdout == b"2\n"
     assert zygote(sandbox).isdisjoint(stuck)
     assert_no_leftovers(sandbox)
+
+
+def test_a_zygote_that_cannot_start_fails_the_solution_closed(
+        sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """E.g. the machine is out of processes: the solution fails (sandbox_failed), the caller
+    does not get an exception, and the next solution starts a zygote again."""
+    for slot in sandbox._all_slots:
+        sandbox._stop_zygote(slot)
+    monkeypatch.setattr(sandbox, "_command", lambda kind, slot: ["/nonexistent/sandbox"])
+    [outcome] = sandbox.run_tests("print(1)", [(b"", b"1")])
+    assert outcome.error == "sandbox_failed" and outcome.passed is False
+    assert b"nonexistent" in outcome.stderr
+    monkeypatch.undo()
+    assert sandbox.run("print(2)").stdout == b"2\n"
+    assert_no_leftovers(sandbox)

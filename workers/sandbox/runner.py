@@ -364,7 +364,12 @@ class Sandbox:
             # the memory cgroup holds the program, its two tmpfs and the harness
             slot.set_limits(max(nproc, _PROCESS_OVERHEAD),
                             memory + tmp_size + shm_size + _HARNESS_MEMORY)
-            zygote = self._zygote(slot, kind)
+            try:
+                zygote = self._zygote(slot, kind)
+            except (OSError, SandboxUnavailable) as exc:  # fail this solution closed
+                log.error("sandbox slot %s: cannot start its zygote: %s", slot.uid, exc)
+                failed = Exchange(stderr=str(exc).encode())
+                return _outcomes(kind, failed, cases, nonce, stop_on_failure), failed
             exchange = zygote.request(frame(request), nonce, deadline, cap)
             if not exchange.complete:
                 log.warning("sandbox slot %s: zygote %s (%s); restarting it", slot.uid,
