@@ -133,13 +133,10 @@ def modes_side_by_side(slots: int, solutions: int, tests: int, rounds: int,
     return out
 
 
-def _median_ms(argv: list[str], stdin: bytes, samples: int) -> float:
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        subprocess.run(argv, input=stdin, capture_output=True, check=False, timeout=30)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+def _run_ms(argv: list[str], stdin: bytes) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, input=stdin, capture_output=True, check=False, timeout=30)
+    return (time.perf_counter() - start) * 1000
 
 
 def breakdown(samples: int) -> list[dict[str, object]]:
@@ -173,31 +170,31 @@ def breakdown(samples: int) -> list[dict[str, object]]:
                 "old": (chain + old_view + bare, b""), "new": (chain + new_view + bare, b"")}
         runs.update({name: (argv + bare, b"") for name, argv in links})
         sb.run("pass")  # the zygote is up
-        medians: dict[str, list[float]] = {name: [] for name in [*runs, "zygote"]}
-        for _ in range(3):  # interleaved thirds, so load drifts hit every piece alike
-            for name, (argv, stdin) in runs.items():
-                medians[name].append(_median_ms(argv, stdin, max(1, samples // 3)))
-            zygote = []
-            for _ in range(max(1, samples // 3)):
-                start = time.perf_counter()
-                sb.run("pass")
-                zygote.append(time.perf_counter() - start)
-            medians["zygote"].append(statistics.median(zygote) * 1000)
-    ms = {name: statistics.median(values) for name, values in medians.items()}
-    out = [row(case, "python -S start (plain subprocess)", ms["bare"], "ms")]
-    previous = ms["bare"]
+        samples_ms: list[dict[str, float]] = []
+        for _ in range(samples):  # every piece back to back in each sample (paired design)
+            sample = {name: _run_ms(argv, stdin) for name, (argv, stdin) in runs.items()}
+            start = time.perf_counter()
+            sb.run("pass")
+            sample["zygote"] = (time.perf_counter() - start) * 1000
+            samples_ms.append(sample)
+
+    def diff(a: str, b: str | None = None) -> float:
+        """Median over samples of a - b within each sample: slow load drifts cancel out."""
+        return statistics.median(x[a] - (x[b] if b else 0.0) for x in samples_ms)
+
+    out = [row(case, "python -S start (plain subprocess)", diff("bare"), "ms")]
+    previous = "bare"
     for name, _ in links:
-        out.append(row(case, f"+ {name}", ms[name] - previous, "ms"))
-        previous = ms[name]
-    out.append(row(case, "+ bwrap set-up, old view (--ro-bind / /)", ms["old"] - previous, "ms"))
-    out.append(row(case, "+ bwrap set-up, interpreter-only view", ms["new"] - previous, "ms"))
-    out.append(row(case, "harness start over a bare interpreter", ms["harness"] - ms["bare"],
-                   "ms"))
-    before = ms["new"] - ms["bare"] + ms["harness"] - ms["bare"]
+        out.append(row(case, f"+ {name}", diff(name, previous), "ms"))
+        previous = name
+    out.append(row(case, "+ bwrap set-up, old view (--ro-bind / /)", diff("old", previous), "ms"))
+    out.append(row(case, "+ bwrap set-up, interpreter-only view", diff("new", previous), "ms"))
+    out.append(row(case, "harness start over a bare interpreter", diff("harness", "bare"), "ms"))
+    before = statistics.median(x["new"] + x["harness"] - 2 * x["bare"] for x in samples_ms)
     out.append(row(case, "sandbox start per solution before the zygote (chain + bwrap + "
                    "harness)", before, "ms"))
-    out.append(row(case, "per solution with the zygote (fork, namespaces, tmpfs, /proc, "
-                   "host round trip)", ms["zygote"] - ms["bare"], "ms"))
+    out.append(row(case, "per solution with the zygote (fork, namespaces, tmpfs, /proc, host "
+                   "round trip)", diff("zygote", "bare"), "ms"))
     return out
 
 
