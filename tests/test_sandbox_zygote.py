@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +186,21 @@ def test_a_zygote_that_cannot_start_fails_the_solution_closed(
     monkeypatch.undo()
     assert sandbox.run("print(2)").stdout == b"2\n"
     assert_no_leftovers(sandbox)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the zygote's host pids are listed for root only")
+def test_the_zygote_keeps_two_capabilities_and_is_not_dumpable(sandbox: Sandbox) -> None:
+    sandbox.run("print(1)")
+    [zygote_process] = sandbox._zygotes.values()
+    [harness] = zygote(sandbox) - {zygote_process.proc.pid}  # the other one is bwrap / outside
+    text = Path(f"/proc/{harness}/status").read_text()
+    status = dict(line.split(":", 1) for line in text.splitlines())
+    for name in ("CapEff", "CapPrm", "CapBnd"):
+        assert int(status[name], 16) == (1 << 21) | (1 << 8), name  # CAP_SYS_ADMIN, CAP_SETPCAP
+    assert int(status["CapAmb"], 16) == 0 and int(status["CapInh"], 16) == 0
+    assert int(status["Uid"].split()[0]) in sandbox.uids
+    for private in ("environ", "fd", "mem"):  # non-dumpable: these are root's, not the uid's
+        assert os.stat(f"/proc/{harness}/{private}").st_uid == 0
+    if sandbox.backend == "unshare":  # the outer process, waiting in the host's pid namespace
+        outer = Path(f"/proc/{zygote_process.proc.pid}/status").read_text()
+        assert "CapEff:\t0000000000000000" in outer and "CapPrm:\t0000000000000000" in outer

@@ -197,8 +197,10 @@ def confine(k: Kernel, init: dict) -> None:
         with open("/proc/self/" + name, "w") as f:
             f.write(text)
     pid = os.fork()
-    if pid:  # outside: wait for the namespace's pid 1 and exit like it
+    if pid:  # outside: wait for the namespace's pid 1 and exit like it, holding nothing
         os.close(0)
+        k.set_capabilities(0)
+        k.prctl(PR_SET_DUMPABLE, 0)
         status = os.waitpid(pid, 0)[1]
         code = os.waitstatus_to_exitcode(status)
         os._exit(code if code >= 0 else 128 - code)
@@ -484,6 +486,8 @@ def zygote() -> None:
         confine(k, init)
     os.chdir("/" if isolated else init["scratch"])
     if k is not None:
+        # only what the per-solution namespaces need (bwrap also passes them as ambient)
+        k.set_capabilities((1 << CAP_SYS_ADMIN) | (1 << CAP_SETPCAP))
         k.prctl(PR_SET_DUMPABLE, 0)  # no process of the slot uid may read our memory or fds
     else:
         import ctypes
