@@ -7,8 +7,8 @@ Modes, each running every solution against all its tests:
 Goal: shared <= 1.5x plain per solution. Each round times every mode once, interleaved, so
 machine load hits them alike; figures are the median over rounds, with the spread.
 
-The breakdown times each piece of a sandbox start on its own (median of many runs): the exec
-chain links, bwrap with the old (--ro-bind / /) and the interpreter-only view, the harness
+The breakdown times each piece of a sandbox start on its own (difference of medians over many
+interleaved runs in shuffled order): the exec chain links, bwrap with the old (--ro-bind / /) and the interpreter-only view, the harness
 start, and what a solution costs on top of its programs once a slot's zygote runs.
 
 measure(quick) returns the figures for the project's benchmark harness; run as a script it
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -140,62 +141,84 @@ def _run_ms(argv: list[str], stdin: bytes) -> float:
 
 
 def breakdown(samples: int) -> list[dict[str, object]]:
-    """What one sandbox start costs, piece by piece (root: the chain needs the slot uid)."""
+    """What one sandbox start costs, piece by piece, each piece over its simplest baseline
+    (root: the chain needs the slot uid)."""
     case = "sandbox start, per piece"
     with Sandbox(SandboxSettings(backend="bwrap", slots=1)) as sb:
         slot = sb._all_slots[0]
         python = sb.view.python
         bare = [python, "-S", "-c", "pass"]
-        links: list[tuple[str, list[str]]] = []
-        chain: list[str] = []
-        if slot.cgroups:
-            chain += [x for g in slot.cgroups
-                      for x in ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', g.procs_file]]
-            links.append((f"cgroup join ({len(slot.cgroups)} sh exec)", list(chain)))
-        chain += ["prlimit", "--nproc=4096", "--core=0", "--nofile=256", "--"]
-        links.append(("prlimit", list(chain)))
-        if slot.uid is not None:
-            chain += ["setpriv", f"--reuid={slot.uid}", f"--regid={slot.uid}",
-                      "--clear-groups", "--no-new-privs", "--"]
-            links.append(("setpriv (privilege drop)", list(chain)))
+        cgroup = [x for g in slot.cgroups
+                  for x in ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', g.procs_file]]
+        prlimit = ["prlimit", "--nproc=4096", "--core=0", "--nofile=256", "--"]
+        setpriv = (["setpriv", f"--reuid={slot.uid}", f"--regid={slot.uid}", "--clear-groups",
+                    "--no-new-privs", "--"] if slot.uid is not None else [])
         old_view = [str(sb._bwrap), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
                     "--tmpfs", "/tmp", "--unshare-all", "--die-with-parent", "--new-session",
                     "--cap-drop", "ALL", "--clearenv", "--"]
         command = sb._command("bwrap", slot)
         bwrap_at = command.index(str(sb._bwrap))
         new_view = command[bwrap_at:command.index("--", bwrap_at) + 1]
-        init = frame({"kind": "none", "scratch": "/", "tmp_size": 1, "shm_size": 1,
-                      "devices": []})
-        runs = {"bare": (bare, b""), "harness": ([python, "-S", "-c", HARNESS_SOURCE], init),
-                "old": (chain + old_view + bare, b""), "new": (chain + new_view + bare, b"")}
-        runs.update({name: (argv + bare, b"") for name, argv in links})
+        nonce = b"0" * 32
+        one_solution = frame(sb._init("bwrap", slot)) + frame({
+            "nonce": nonce, "salt": b"", "program": b"pass", "argv": bare[:2],
+            "tests": [{"input": b"", "digest": None}], "wall": 5.0, "max_output": 1 << 20,
+            "stderr_cap": 4096, "stop_on_failure": False, "rlimits": {}, "tmp_size": 1 << 20,
+            "shm_size": 1 << 20})
+        runs = {
+            "bare": (bare, b""),
+            "cgroup": (cgroup + bare, b""),
+            "prlimit": (prlimit + bare, b""),
+            "setpriv": (setpriv + bare, b""),
+            "old": (setpriv + old_view + bare, b""),
+            "new": (setpriv + new_view + bare, b""),
+            "harness": ([python, "-S", "-c", HARNESS_SOURCE],
+                        frame({"kind": "none", "scratch": "/", "tmp_size": 1, "shm_size": 1,
+                               "devices": []})),
+            # the design before the zygote: all of it, for a solution running `pass` once
+            "sandbox per solution": (command, one_solution),
+        }
         sb.run("pass")  # the zygote is up
         samples_ms: list[dict[str, float]] = []
-        for _ in range(samples):  # every piece back to back in each sample (paired design)
-            sample = {name: _run_ms(argv, stdin) for name, (argv, stdin) in runs.items()}
-            start = time.perf_counter()
-            sb.run("pass")
-            sample["zygote"] = (time.perf_counter() - start) * 1000
+        order = [*runs, "zygote"]
+        shuffle = random.Random(12).shuffle
+        for _ in range(samples):
+            # every piece once per sample, interleaved, in a new order each time: load drifts
+            # hit every piece alike, and so does the slower run right after a sandbox's teardown
+            shuffle(order)
+            sample = {}
+            for name in order:
+                if name == "zygote":
+                    start = time.perf_counter()
+                    sb.run("pass")
+                    sample[name] = (time.perf_counter() - start) * 1000
+                else:
+                    sample[name] = _run_ms(*runs[name])
             samples_ms.append(sample)
 
-    def diff(a: str, b: str | None = None) -> float:
-        """Median over samples of a - b within each sample: slow load drifts cancel out."""
-        return statistics.median(x[a] - (x[b] if b else 0.0) for x in samples_ms)
+    def median(name: str) -> float:
+        return statistics.median(x[name] for x in samples_ms)
 
-    out = [row(case, "python -S start (plain subprocess)", diff("bare"), "ms")]
-    previous = "bare"
-    for name, _ in links:
-        out.append(row(case, f"+ {name}", diff(name, previous), "ms"))
-        previous = name
-    out.append(row(case, "+ bwrap set-up, old view (--ro-bind / /)", diff("old", previous), "ms"))
-    out.append(row(case, "+ bwrap set-up, interpreter-only view", diff("new", previous), "ms"))
-    out.append(row(case, "harness start over a bare interpreter", diff("harness", "bare"), "ms"))
-    before = statistics.median(x["new"] + x["harness"] - 2 * x["bare"] for x in samples_ms)
-    out.append(row(case, "sandbox start per solution before the zygote (chain + bwrap + "
-                   "harness)", before, "ms"))
-    out.append(row(case, "per solution with the zygote (fork, namespaces, tmpfs, /proc, host "
-                   "round trip)", diff("zygote", "bare"), "ms"))
-    return out
+    def over(a: str, b: str) -> float:
+        """Difference of the medians (the times are heavy-tailed on a busy machine: a median of
+        per-sample differences would not be the difference of the typical costs)."""
+        return median(a) - median(b)
+
+    return [
+        row(case, "python -S start (plain subprocess)", median("bare"), "ms"),
+        row(case, f"cgroup join ({len(slot.cgroups)} sh exec + cgroup.procs write)",
+            over("cgroup", "bare"), "ms"),
+        row(case, "prlimit exec", over("prlimit", "bare"), "ms"),
+        row(case, "setpriv exec (privilege drop)", over("setpriv", "bare"), "ms"),
+        row(case, "bwrap set-up, old view (--ro-bind / /)", over("old", "setpriv"), "ms"),
+        row(case, "bwrap set-up, interpreter-only view, zygote flags", over("new", "setpriv"),
+            "ms"),
+        row(case, "harness start over a bare interpreter", over("harness", "bare"), "ms"),
+        row(case, "a sandbox per solution (chain + bwrap + harness + its namespaces), over a "
+            "bare interpreter", over("sandbox per solution", "bare"), "ms"),
+        row(case, "per solution with the zygote (fork, namespaces, tmpfs, /proc, host round "
+            "trip), over a bare interpreter", over("zygote", "bare"), "ms"),
+    ]
 
 
 def measure(quick: bool = False) -> list[dict[str, object]]:
@@ -206,7 +229,7 @@ def measure(quick: bool = False) -> list[dict[str, object]]:
     out = modes_side_by_side(1, solutions, tests, rounds, with_per_test=not quick)
     out += modes_side_by_side(2, 2 * solutions if quick else solutions, tests, rounds,
                               with_per_test=False)
-    out += breakdown(samples=9 if quick else 30)
+    out += breakdown(samples=9 if quick else 60)
     return out
 
 
