@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +73,10 @@ class KafkaSettings(Section):
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 2.0
     consumer_group_prefix: str = "promptcot"
+    # Largest record a worker reads or writes. Kafka's default message limit is 1 MB (producer
+    # max_request_size, broker message.max.bytes); bigger input is dead-lettered with a
+    # truncated copy and its coordinates, never a crash.
+    max_record_bytes: int = Field(900_000, ge=1024)
 
 
 class EmbeddedBrokerSettings(Section):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from workers.sandbox import Limits, Sandbox, TestCase, TestOutcome, normalize_output
+from workers.sandbox import Limits, ProgramTest, Sandbox, TestOutcome, normalize_output
 
 # Parse errors (CodeParseError.reason).
 NO_CODE_BLOCK = "no_code_block"
@@ -82,17 +82,17 @@ def extract_program(completion: str) -> str:
     return program
 
 
-def _test_from_json(item: object) -> TestCase:
+def _test_from_json(item: object) -> ProgramTest:
     if not isinstance(item, dict):
         raise CodeParseError(MALFORMED_TESTS, f"a test is a {type(item).__name__}, not an object")
     if set(item) != {"input", "output"}:
         raise CodeParseError(MALFORMED_TESTS, f"keys {sorted(item)} != ['input', 'output']")
     if not isinstance(item["input"], str) or not isinstance(item["output"], str):
         raise CodeParseError(MALFORMED_TESTS, "input and output must be strings")
-    return TestCase(item["input"].encode(), item["output"].encode())
+    return ProgramTest(item["input"].encode(), item["output"].encode())
 
 
-def parse_tests(completion: str) -> list[TestCase]:
+def parse_tests(completion: str) -> list[ProgramTest]:
     """The tests of one test-writer call: its single ```json block (object or list)."""
     blocks = _fenced_blocks(_answer_part(completion), {"json"})
     if not blocks:
@@ -109,11 +109,11 @@ def parse_tests(completion: str) -> list[TestCase]:
     return [_test_from_json(item) for item in items]
 
 
-def dedup_tests(tests: Sequence[TestCase]) -> tuple[list[TestCase], int]:
+def dedup_tests(tests: Sequence[ProgramTest]) -> tuple[list[ProgramTest], int]:
     """Drop repeated tests (same whitespace-normalized input). When repeats disagree on the
     normalized output the writer contradicted itself and every copy is dropped. Returns the kept
     tests in first-seen order and how many were dropped."""
-    by_input: dict[bytes, list[TestCase]] = {}
+    by_input: dict[bytes, list[ProgramTest]] = {}
     for test in tests:
         by_input.setdefault(normalize_output(test.input), []).append(test)
     kept = []
@@ -124,7 +124,9 @@ def dedup_tests(tests: Sequence[TestCase]) -> tuple[list[TestCase], int]:
     return kept, len(tests) - len(kept)
 
 
-def suspect_tests(expected: Sequence[bytes], observed: Sequence[Sequence[bytes | None]]) -> set[int]:
+def suspect_tests(
+    expected: Sequence[bytes], observed: Sequence[Sequence[bytes | None]]
+) -> set[int]:
     """Indices of tests that are probably wrong.
 
     ``observed[r][t]`` is rollout r's stdout on test t, or None when that run did not finish
@@ -159,8 +161,8 @@ class CodeReport:
 
     passed: list[bool]  # per rollout: every kept test passed
     failure_reasons: list[str | None]  # per rollout: None when it passed
-    tests_kept: list[TestCase]
-    tests_suspect: list[TestCase] = field(default_factory=list)
+    tests_kept: list[ProgramTest]
+    tests_suspect: list[ProgramTest] = field(default_factory=list)
     duplicates_dropped: int = 0
     test_parse_errors: list[str] = field(default_factory=list)  # reason per bad writer call
     rejection: str | None = None  # the problem cannot be verified
@@ -186,15 +188,19 @@ def _clean_stdout(outcome: TestOutcome) -> bytes | None:
     return outcome.stdout if outcome.ok else None
 
 
-def verify_code(rollouts: Sequence[str], test_completions: Sequence[str], sandbox: Sandbox,
-                limits: Limits | None = None) -> CodeReport:
+def verify_code(
+    rollouts: Sequence[str],
+    test_completions: Sequence[str],
+    sandbox: Sandbox,
+    limits: Limits | None = None,
+) -> CodeReport:
     """Verify one code problem from its solver rollouts and test-writer outputs.
 
     Rollouts run with at most ``sandbox.settings.slots`` at a time, each rollout's tests inside
     one sandboxed process. A rollout without a parsable program fails with its parse reason.
     """
     n = len(rollouts)
-    tests: list[TestCase] = []
+    tests: list[ProgramTest] = []
     parse_errors = []
     for completion in test_completions:
         try:
@@ -202,8 +208,13 @@ def verify_code(rollouts: Sequence[str], test_completions: Sequence[str], sandbo
         except CodeParseError as exc:
             parse_errors.append(exc.reason)
     tests, duplicates = dedup_tests(tests)
-    report = CodeReport(passed=[False] * n, failure_reasons=[None] * n, tests_kept=tests,
-                        duplicates_dropped=duplicates, test_parse_errors=parse_errors)
+    report = CodeReport(
+        passed=[False] * n,
+        failure_reasons=[None] * n,
+        tests_kept=tests,
+        duplicates_dropped=duplicates,
+        test_parse_errors=parse_errors,
+    )
 
     programs: dict[int, str] = {}
     for index, completion in enumerate(rollouts):
@@ -225,8 +236,10 @@ def verify_code(rollouts: Sequence[str], test_completions: Sequence[str], sandbo
         outcomes = {i: f.result() for i, f in futures.items()}
 
     # unparsable rollouts were "run" too: they count against agreement in the suspect rule
-    observed = [[_clean_stdout(o) for o in outcomes[i]] if i in outcomes else [None] * len(tests)
-                for i in range(n)]
+    observed = [
+        [_clean_stdout(o) for o in outcomes[i]] if i in outcomes else [None] * len(tests)
+        for i in range(n)
+    ]
     suspects = suspect_tests([t.output or b"" for t in tests], observed)
     report.tests_kept = [t for k, t in enumerate(tests) if k not in suspects]
     report.tests_suspect = [t for k, t in enumerate(tests) if k in suspects]

@@ -35,7 +35,7 @@ def up(
         str | None, typer.Option(help="Comma-separated stages (default: the data path).")
     ] = None,
     train: Annotated[
-        bool, typer.Option(help="Also run the trainer stages (em, dpo, model_reload).")
+        bool, typer.Option(help="Also run the trainer stages (em, dpo).")
     ] = False,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
@@ -135,6 +135,11 @@ def worker(
                 settings, [make_stage(stage, settings)], cluster.bootstrap, until=until_signal
             )
         )
+    # Records still inside a model call were not committed: the next worker redoes them. A
+    # thread stuck in such a call must not hold the exit past the grace period.
+    console.print(f"worker [bold]{stage}[/] stopped")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 async def until_signal() -> None:
