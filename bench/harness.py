@@ -134,27 +134,7 @@ def measure_case(case: Case, quick: bool) -> list[Row]:
     measure: Callable[..., list[Row]] | None = getattr(module, "measure", None)
     if measure is not None:
         return list(measure(quick=quick))
-    if case.name == "sandbox" and hasattr(module, "main"):
-        return legacy_sandbox(quick)
     return [not_run(case.name, f"bench/{case.module}.py has no measure()")]
-
-
-def legacy_sandbox(quick: bool) -> list[Row]:
-    """bench/sandbox.py before it had measure(): run its main and read its closing line,
-    ``... shared/plain = 1.23x (goal <= 1.5x)``."""
-    import re
-
-    argv = [sys.executable, str(ROOT / "bench" / "sandbox.py"), "--rounds", "3"]
-    if quick:
-        argv += ["--solutions", "2", "--tests", "5"]
-    proc = subprocess.run(argv, cwd=ROOT, env=_child_env(), capture_output=True, text=True)
-    sys.stderr.write(proc.stdout + proc.stderr)
-    found = re.search(r"shared/plain = ([0-9.]+)x \(goal <= ([0-9.]+)x\)", proc.stdout)
-    if proc.returncode != 0 or not found:
-        return [not_run("sandbox", f"bench/sandbox.py failed (exit {proc.returncode})")]
-    value, goal = float(found[1]), float(found[2])
-    name = "one process per solution vs plain subprocess (best of 3; bench/sandbox.py main)"
-    return [row("sandbox", name, value, "x", f"<= {goal:g}x", value <= goal)]
 
 
 def run_case_process(case: Case, quick: bool) -> list[Row]:
