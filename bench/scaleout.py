@@ -25,7 +25,7 @@ import httpx
 
 from bench.generation import bench_concept_sets
 from bench.harness import ROOT, Row, ratios, timing
-from bench.stagerun import bench_settings, create_topics, loopback_process
+from bench.stagerun import JOURNALS, bench_settings, create_topics, loopback_process
 
 CASE = "scale-out (generate workers, loopback server)"
 PARTITIONS = 4
@@ -71,6 +71,7 @@ class Workers:
                     }
                 }
             ),
+            "PROMPTCOT_WORKER__JOURNAL_DIR": str(JOURNALS),
             "PROMPTCOT_GENERATION__MAX_RATIONALE_TOKENS": "16",
             "PROMPTCOT_GENERATION__MAX_PROBLEM_TOKENS": "16",
         }

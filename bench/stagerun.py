@@ -6,15 +6,19 @@ records and times them until the stage's outputs are acknowledged (the stage's o
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +26,11 @@ import httpx
 from bench.harness import ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The runtime journals every decision (workers/journal.py): keep a benchmark's out of the
+# working folder and gone after it.
+JOURNALS = Path(tempfile.mkdtemp(prefix="bench-journal-"))
+atexit.register(shutil.rmtree, JOURNALS, True)
 
 
 def bench_settings(bootstrap: str, partitions: int = 2, **sections: Any):
@@ -34,6 +43,7 @@ def bench_settings(bootstrap: str, partitions: int = 2, **sections: Any):
             "partitions": partitions,
         },
         "metrics": {"port": 0},
+        "worker": {"journal_dir": str(JOURNALS)},
     }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value

@@ -187,3 +187,69 @@ def test_bad_requests_get_a_clear_400():
             reply = post(body)
             assert reply.status_code == 400 and says in reply.json()["error"]["message"]
         assert server.stats()["requests"] == 0
+
+
+@pytest.mark.slow
+def test_the_generate_stage_keeps_the_server_at_its_backends_in_flight(tmp_path):
+    """Runtime + OpenAI backend + loopback server through the real broker: the stage keeps as
+    many requests in flight as the backend asks for (max_in_flight = concurrency), not one
+    micro-batch of batch_size."""
+    import asyncio
+    import uuid
+
+    from factory_harness import read_records, wait_until
+
+    from promptcot.settings import Settings
+    from streams.broker import EmbeddedBroker
+    from streams.clients import publish
+    from streams.cluster import kafka_python_config
+    from streams.records import ConceptSet
+    from streams.topics import CONCEPTS, ensure_topics
+    from workers.runtime import run_stages
+    from workers.stages.generate import GenerateStage
+
+    concurrency, n_sets = 6, 24
+    with (
+        LoopbackServer(LoopbackSettings(latency_s=0.3, capacity=64)) as server,
+        EmbeddedBroker() as broker,
+    ):
+        settings = Settings(
+            kafka={
+                "bootstrap_servers": broker.bootstrap_servers,
+                "namespace": f"lb{uuid.uuid4().hex[:8]}",
+                "partitions": 2,
+            },
+            models={
+                "prompt_model": {
+                    "kind": "openai",
+                    "model": "loopback",
+                    "base_url": server.url,
+                    "concurrency": concurrency,
+                }
+            },
+            stages={"generate": {"batch_size": 2, "batch_within_s": 0.2}},
+            worker={"journal_dir": str(tmp_path / "journal")},
+            metrics={"port": 0},
+            generation={"max_rationale_tokens": 8, "max_problem_tokens": 8},
+        )
+        ns = settings.kafka.namespace
+        ensure_topics(kafka_python_config(settings.kafka, broker.bootstrap_servers), ns, 2, 1)
+        sets = [
+            ConceptSet(domain="math", difficulty="AIME", draw=f"t:{i}", concepts=["counting"])
+            for i in range(n_sets)
+        ]
+        publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
+
+        def settled() -> bool:
+            done = {r.subject_id for r, _ in read_records(settings, "verdicts", 0.5) if r}
+            done |= {r.concept_set_id for r, _ in read_records(settings, "candidates", 0.5) if r}
+            return {cs.id for cs in sets} <= done
+
+        async def until() -> None:
+            await wait_until(settled, timeout_s=300, poll_s=1.0)
+
+        stage = GenerateStage(settings)
+        asyncio.run(run_stages(settings, [stage], broker.bootstrap_servers, until=until))
+        stats = server.stats()
+    assert stats["completed"] >= 2 * n_sets  # a rationale and a problem call per concept set
+    assert stats["peak_running"] == concurrency  # not batch_size (2): records ran side by side
