@@ -219,9 +219,10 @@ class Backend(ABC):
     continuous_batching: ClassVar[bool] = False
 
     @property
-    @abstractmethod
     def max_in_flight(self) -> int:
-        """Prompts this backend wants in flight at once."""
+        """Prompts this backend wants in flight at once. Default: one batch of
+        ``max_batch_size``, what a backend that batches within one call takes at a time."""
+        return self.settings.max_batch_size
 
     @abstractmethod
     def generate(

@@ -44,10 +44,6 @@ class TransformersBackend(Backend):
         self._base_path = settings.model
         self._load(settings.model, adapter=None)
 
-    @property
-    def max_in_flight(self) -> int:
-        return self.settings.max_batch_size
-
     # -- loading ------------------------------------------------------------------------------
 
     def _load(self, base_path: str, adapter: str | None) -> None:
