@@ -25,6 +25,7 @@ from streams import metrics, serde
 from streams.cluster import faust_credentials
 from streams.records import Record
 from streams.topics import DEAD_LETTERS, TopicSpec
+from workers import monitoring
 from workers.stage import Emit, Stage
 
 if TYPE_CHECKING:
@@ -203,12 +204,14 @@ async def run_stages(
     for stage in stages:
         StageAgent(app, stage, settings, executor)
     await app.start()
+    monitor = asyncio.create_task(monitoring.monitor(settings, bootstrap, group, stages))
     try:
         if until is None:
             await asyncio.Event().wait()
         else:
             await until()
     finally:
+        monitor.cancel()  # lag and health (workers/monitoring.py)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(app.stop(), timeout=30)
         executor.shutdown(wait=False, cancel_futures=True)
