@@ -84,6 +84,17 @@ def test_compose_runs_every_stage_with_valid_settings(monkeypatch):
         settings = _settings_with(monkeypatch, COMPOSE_DIR / "factory.yaml", env)
         assert settings.kafka.bootstrap_servers == "kafka:9092", name
         assert settings.metrics.host == "0.0.0.0" and settings.metrics.port == 9464
+        _check_models(name, settings)
+
+
+def _check_models(name: str, settings) -> None:
+    """Workers call the vLLM servers by role name; the trainer loads weight folders itself."""
+    for role in ("prompt_model", "rationale_model", "solver"):
+        cfg = settings.models.role(role)
+        if name in TRAINER_STAGES and cfg.kind != "openai":
+            assert cfg.model.startswith("/models/"), (name, role)
+        else:
+            assert cfg.kind == "openai" and cfg.model == role, (name, role)
 
 
 def test_compose_filter_trainer_and_grace_period():
@@ -142,6 +153,7 @@ def test_k8s_runs_every_stage_with_valid_settings(monkeypatch, tmp_path):
             if any(ref["secretRef"]["name"] == "promptcot-secrets" for ref in container["envFrom"]):
                 env.update(secret["stringData"])
             settings = _settings_with(monkeypatch, config, env)
+            _check_models(name, settings)
             assert settings.vectorstore.store.uri.startswith("s3://"), name
             assert settings.kafka.sasl_password is not None, name
     assert stages == WORKER_STAGES

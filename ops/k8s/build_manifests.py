@@ -46,15 +46,14 @@ kafka:
   session_timeout_s: 45
   heartbeat_interval_s: 10
 models:
-  # vLLM servers (30-model-servers.yaml) serve each model under its path.
+  # vLLM servers (30-model-servers.yaml), each serving its model under the role's name.
   prompt_model:
-    {kind: openai, model: /models/p_theta, base_url: "http://vllm-prompt-model:8000/v1"}
+    {kind: openai, model: prompt_model, base_url: "http://vllm-prompt-model:8000/v1"}
   rationale_model:
-    {kind: openai, model: /models/q_phi, base_url: "http://vllm-rationale-model:8000/v1"}
-  solver:
-    {kind: openai, model: /models/solver, base_url: "http://vllm-solver:8000/v1", concurrency: 128}
-  test_writer: {kind: openai, model: /models/solver, base_url: "http://vllm-solver:8000/v1"}
-  annotator: {kind: openai, model: /models/teacher, base_url: "http://vllm-annotator:8000/v1"}
+    {kind: openai, model: rationale_model, base_url: "http://vllm-rationale-model:8000/v1"}
+  solver: {kind: openai, model: solver, base_url: "http://vllm-solver:8000/v1", concurrency: 128}
+  test_writer: {kind: openai, model: solver, base_url: "http://vllm-solver:8000/v1"}
+  annotator: {kind: openai, model: annotator, base_url: "http://vllm-annotator:8000/v1"}
 annotate:
   concept_source: model
 vectorstore:
@@ -260,12 +259,14 @@ def trainer() -> list[dict]:
     """One em and one dpo, each on a GPU: one writer of checkpoints per role. The trainer loads
     the base weights itself (models.*.kind transformers on cuda), from the models volume."""
     out = []
-    roles = {"em": ("PROMPT_MODEL", "RATIONALE_MODEL"), "dpo": ("SOLVER",)}
-    for stage, upper_roles in roles.items():
+    roles = {"em": ("prompt_model", "rationale_model"), "dpo": ("solver",)}
+    for stage, stage_roles in roles.items():
         env = {"PROMPTCOT_METRICS__STALL_AFTER_S": "7200"}  # windows are long by design
-        for role in upper_roles:
-            env[f"PROMPTCOT_MODELS__{role}__KIND"] = "transformers"
-            env[f"PROMPTCOT_MODELS__{role}__DEVICE"] = "cuda"
+        for role in stage_roles:
+            key = f"PROMPTCOT_MODELS__{role.upper()}__"
+            env[key + "KIND"] = "transformers"
+            env[key + "MODEL"] = MODEL_SERVERS[SERVER_OF[role]][0]
+            env[key + "DEVICE"] = "cuda"
         container = factory_container(
             stage,
             ["worker", stage],
@@ -298,23 +299,27 @@ def trainer() -> list[dict]:
     return out
 
 
-# Model server -> (base model folder on the models volume, replicas, LoRA for new versions).
+# Model server -> (base model folder on the models volume, served name, replicas). The served
+# name never changes: a new version is the server restarted on another folder (MODEL_PATH),
+# `kubectl set env deploy/vllm-prompt-model MODEL_PATH=/ckpt/prompt_model/v0007-m_step`.
 MODEL_SERVERS = {
-    "vllm-prompt-model": ("/models/p_theta", 2, True),
-    "vllm-rationale-model": ("/models/q_phi", 1, True),
-    "vllm-solver": ("/models/solver", 2, True),
-    "vllm-annotator": ("/models/teacher", 1, False),
+    "vllm-prompt-model": ("/models/p_theta", "prompt_model", 2),
+    "vllm-rationale-model": ("/models/q_phi", "rationale_model", 1),
+    "vllm-solver": ("/models/solver", "solver", 2),
+    "vllm-annotator": ("/models/teacher", "annotator", 1),
+}
+SERVER_OF = {  # the roles the trainer trains -> the server of their base weights
+    "prompt_model": "vllm-prompt-model",
+    "rationale_model": "vllm-rationale-model",
+    "solver": "vllm-solver",
 }
 
 
 def model_servers() -> list[dict]:
     out = []
-    for name, (model, replicas, lora) in MODEL_SERVERS.items():
-        args = ["--model", model, "--port", "8000"]
-        env = [{"name": "HF_HUB_OFFLINE", "value": "1"}]
-        if lora:  # new versions load as adapters at run time (README: rolling out a version)
-            args += ["--enable-lora", "--max-lora-rank", "64"]
-            env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
+    for name, (model, served, replicas) in MODEL_SERVERS.items():
+        args = ["--model", "$(MODEL_PATH)", "--served-model-name", served, "--port", "8000"]
+        env = [{"name": "MODEL_PATH", "value": model}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
         container = {
             "name": "vllm",
             "image": VLLM_IMAGE,
