@@ -4,8 +4,9 @@ lag = true end offset - committed offset of the group (the log start when the gr
 nothing: workers read from the earliest offset). Tansu reports a wrong end offset, the first
 offset of the partition's last batch + 1 (docs/broker.md): ten records produced in one batch at
 offsets 0..9 report an end of 1. So the true end is found by reading forward from the reported
-end until the log is exhausted; that read covers at most the rest of the last batch, and on a
-broker with correct end offsets it returns nothing at once.
+end until a fetch comes back empty: the rest of the last batch, plus whatever is produced
+meanwhile (bounded by _READ_BUDGET_S); on a broker with correct end offsets and no producer
+running, nothing.
 
 ``watch`` is the background task each worker process runs for its own group and input topics
 (the runtime starts it); ``LagReader.read`` is the measurement, usable from tools and tests.
