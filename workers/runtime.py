@@ -519,6 +519,8 @@ async def run_stages(
         follower = ModelFollower(settings, bootstrap)
         follower.start()
     await app.start()
+    for stage in stages:  # a stage stuck from its start is a stall too (ops/prometheus/alerts.yml)
+        metrics.LAST_PROGRESS.labels(stage=stage.name).set(time.time())
     monitor = asyncio.create_task(monitoring.monitor(settings, bootstrap, group, stages))
     try:
         if until is None:
