@@ -60,6 +60,9 @@ class ScriptedStage(Stage[ConceptSet]):
     def default_in_flight(self, batch_size: int) -> int:
         return self._in_flight or batch_size
 
+    def concurrent(self) -> bool:  # a chunk of one stands for a continuous-batching server
+        return self._chunk == 1
+
     def process(self, records: list[ConceptSet]) -> list[Emit]:
         with self._lock:
             self.calls.append([r.id for r in records])

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-Outputs = list[tuple[str, str]]  # (topic short name, record JSON)
+Outputs = list[list]  # per output: [topic short name, key, record JSON, headers]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -62,7 +62,7 @@ class Journal:
                 f"SELECT input_id, outputs FROM decisions WHERE input_id IN ({marks})", chunk
             )
             for input_id, outputs in rows:
-                found[input_id] = [tuple(o) for o in json.loads(outputs)]
+                found[input_id] = json.loads(outputs)
         return found
 
     def record(self, decisions: dict[str, Outputs]) -> dict[str, Outputs]:
@@ -75,14 +75,18 @@ class Journal:
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
+            before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO decisions (input_id, outputs, created_at) VALUES (?, ?, ?)",
                 [(i, json.dumps(outputs), now) for i, outputs in decisions.items()],
             )
+            inserted = db.total_changes - before
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        if inserted == len(decisions):  # nobody decided any of them first
+            return dict(decisions)
         return self.get(decisions)
 
     def prune(self) -> int:

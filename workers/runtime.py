@@ -157,6 +157,25 @@ class _Outcome:
     loose: list[Emit] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """One output, encoded once: what is sent, and what the journal keeps."""
+
+    topic: str  # catalogue short name
+    key: bytes
+    value: bytes
+    headers: dict[str, str]
+    dead_letter_reason: str | None = None
+
+    def journal_entry(self) -> list:
+        return [self.topic, self.key.decode(), self.value.decode(), self.headers]
+
+    @classmethod
+    def from_journal(cls, entry: list) -> Outgoing:
+        topic, key, value, headers = entry
+        return cls(topic, key.encode(), value.encode(), headers)
+
+
 class StageAgent:
     """Runs one stage inside a Faust app."""
 
@@ -171,8 +190,10 @@ class StageAgent:
             self.chunk_size,
             self.runtime.in_flight or stage.default_in_flight(self.runtime.batch_size),
         )
-        workers = max(1, math.ceil(self.in_flight / self.chunk_size))
-        self.executor = ThreadPoolExecutor(workers + 1, thread_name_prefix=f"stage-{stage.name}")
+        # Threads that run process(): one (calls in order, never two at once) unless the stage
+        # says its process may run concurrently (a continuous-batching model server).
+        workers = math.ceil(self.in_flight / self.chunk_size) if stage.concurrent() else 1
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix=f"stage-{stage.name}")
         ns = settings.kafka.namespace
         self.journal = (
             Journal(
@@ -188,8 +209,6 @@ class StageAgent:
         self._capacity_changed = asyncio.Condition()
         self.tasks: set[asyncio.Task] = set()
         self._topics: dict[str, faust.TopicT] = {}
-        for spec in (*stage.outputs, DEAD_LETTERS):
-            self._topic(spec)
         self.input_topic = self._topic(stage.input)
         app.agent(self.input_topic, name=f"{ns}.{stage.name}")(self._run)
         if type(stage).start is not Stage.start:
@@ -212,7 +231,7 @@ class StageAgent:
     async def _prime(self) -> None:
         loop = asyncio.get_running_loop()
         emits = await loop.run_in_executor(self.executor, self.stage.start)
-        await self._send(emits)
+        await self._send([self._outgoing(e) for e in emits])
 
     async def _run(self, stream: faust.StreamT) -> None:
         name = self.stage.name
@@ -248,13 +267,14 @@ class StageAgent:
             self._capacity_changed.notify_all()
 
     async def _handle(self, events: list[Any]) -> None:
+        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         backoff = self.settings.worker.retry_backoff_s
         try:
             while True:  # a broker that is away, a journal disk that is full: wait and retry
                 try:
-                    emits = await self._outputs(events)
-                    await self._send(emits)
+                    outgoing = await loop.run_in_executor(self.executor, self._outputs, events)
+                    await self._send(outgoing)
                     break
                 except (_Stopped, asyncio.CancelledError):
                     return  # not finished: never acknowledged, redelivered
@@ -282,67 +302,59 @@ class StageAgent:
 
     # -- one chunk -----------------------------------------------------------------------------
 
-    async def _outputs(self, events: list[Any]) -> list[Emit]:
-        loop = asyncio.get_running_loop()
+    def _outputs(self, events: list[Any]) -> list[Outgoing]:
+        """In the stage's thread (the event loop stays free for the consumer and producer):
+        decode, answer from the journal or process, fit to the size limit, record in the
+        journal, and return what to send, encoded."""
         items: list[_Item] = []
-        emits: list[Emit] = []
+        out: list[Outgoing] = []
         for event in events:
             try:
                 record = serde.decode(event.value, self.stage.input_type, self.max_bytes)
             except serde.RecordDecodeError as exc:
-                emits.append(self._dead_letter(exc, event.message))
+                out.append(self._outgoing(self._dead_letter(exc, event.message)))
                 continue
             items.append(_Item(record, event.message))
         if not items:
-            return emits
-        recorded = (
-            await loop.run_in_executor(
-                self.executor, self.journal.get, [i.record.id for i in items]
-            )
-            if self.journal is not None
-            else {}
-        )
+            return out
+        recorded = self.journal.get([i.record.id for i in items]) if self.journal else {}
         todo = list({i.record.id: i for i in items if i.record.id not in recorded}.values())
+        replayed: set[str] = set()
         for item in items:
-            if item.record.id in recorded:
-                emits += _replay(recorded.pop(item.record.id))
-                recorded[item.record.id] = []  # a duplicate in the same chunk replays once
+            if item.record.id in recorded and item.record.id not in replayed:
+                out += [Outgoing.from_journal(entry) for entry in recorded[item.record.id]]
+                replayed.add(item.record.id)  # a duplicate in the same chunk replays once
         if todo:
-            emits += await loop.run_in_executor(self.executor, self._decide, todo)
-        return emits
+            out += self._decide(todo)
+        return out
 
-    def _decide(self, items: list[_Item]) -> list[Emit]:
-        """In a worker thread: process, fit the outputs to the size limit, record them in the
-        journal, and return what to send (the journal's winner where another process decided
-        an id first)."""
+    def _decide(self, items: list[_Item]) -> list[Outgoing]:
+        """Process, fit the outputs to the size limit, record them in the journal; the journal's
+        winner is what is sent where another process decided an id first."""
         outcome = self._process(items)
         by_id = {i.record.id: i for i in items}
-        for input_id, emits in outcome.by_input.items():
-            outcome.by_input[input_id] = [self._fit(e, by_id[input_id].message) for e in emits]
+        decided: dict[str, list[Outgoing]] = {
+            input_id: [self._fit(e, by_id[input_id].message) for e in emits]
+            for input_id, emits in outcome.by_input.items()
+        }
         loose = [self._fit(e, items[0].message) for e in outcome.loose]
         if self.journal is None:
-            return [e for emits in outcome.by_input.values() for e in emits] + loose
+            return [o for outs in decided.values() for o in outs] + loose
         # An input that ended in a dead letter is not decided: a replay after a fix runs again.
-        failed = {
-            input_id: emits
-            for input_id, emits in outcome.by_input.items()
-            if any(e.topic is DEAD_LETTERS for e in emits)
-        }
-        decided = self.journal.record(
-            {
-                input_id: [(e.topic.name, serde.encode(e.record).decode()) for e in emits]
-                for input_id, emits in outcome.by_input.items()
-                if input_id not in failed
-            }
+        failed = {i for i, outs in decided.items() if any(o.dead_letter_reason for o in outs)}
+        winners = self.journal.record(
+            {i: [o.journal_entry() for o in outs] for i, outs in decided.items() if i not in failed}
         )
         return (
-            [e for outputs in decided.values() for e in _replay(outputs)]
-            + [e for emits in failed.values() for e in emits]
+            [Outgoing.from_journal(entry) for entries in winners.values() for entry in entries]
+            + [o for i in failed for o in decided[i]]
             + loose
         )
 
     def _process(self, items: list[_Item]) -> _Outcome:
         """``stage.process`` with the failure policy; never raises but ``_Stopped``."""
+        if self.stopping.is_set():  # queued behind the chunk in process when the stop came
+            raise _Stopped()
         self.stage.ensure_ready()
         attempts = 0
         backoff = self.settings.worker.retry_backoff_s
@@ -401,13 +413,30 @@ class StageAgent:
                 outcome.by_input[owner].append(emit)
         return outcome
 
-    def _fit(self, emit: Emit, source: Any) -> Emit:
+    def _fit(self, emit: Emit, source: Any) -> Outgoing:
         """An output over the size limit becomes a dead letter of the input that produced it."""
-        size = len(serde.encode(emit.record))
-        if size <= self.max_bytes:
-            return emit
-        error = f"stage {self.stage.name} produced a {size:,}-byte {emit.record.kind} record"
-        return self._dead_letter(ValueError(error), source, reason=serde.OUTPUT_TOO_LARGE)
+        out = self._outgoing(emit)
+        if len(out.value) <= self.max_bytes:
+            return out
+        error = (
+            f"stage {self.stage.name} produced a {len(out.value):,}-byte {emit.record.kind} record"
+        )
+        return self._outgoing(
+            self._dead_letter(ValueError(error), source, reason=serde.OUTPUT_TOO_LARGE)
+        )
+
+    def _outgoing(self, emit: Emit) -> Outgoing:
+        record = emit.record
+        key = str(getattr(record, emit.topic.key, record.id) or record.id)
+        return Outgoing(
+            topic=emit.topic.name,
+            key=key.encode(),
+            value=serde.encode(record),
+            headers={k: v.decode() for k, v in record.headers().items()},
+            dead_letter_reason=getattr(record, "reason", None)
+            if emit.topic is DEAD_LETTERS
+            else None,
+        )
 
     def _dead_letter(self, exc: Exception, message: Any, reason: str | None = None) -> Emit:
         record = serde.dead_letter(
@@ -425,26 +454,30 @@ class StageAgent:
         )
         return Emit(DEAD_LETTERS, record)
 
-    async def _send(self, emits: list[Emit]) -> None:
-        """Send and wait for the broker's acknowledgement of every record."""
-        if not emits:
+    async def _send(self, outgoing: list[Outgoing]) -> None:
+        """Send and wait for the broker's acknowledgement of every record. Straight to the
+        producer: Faust's topic.send layers cost more than the send itself (docs/runtime.md)."""
+        if not outgoing:
             return
-        futures = []
-        for emit in emits:
-            topic = self._topic(emit.topic)
-            key = str(getattr(emit.record, emit.topic.key, emit.record.id) or emit.record.id)
-            futures.append(
-                await topic.send(
-                    key=key.encode(), value=serde.encode(emit.record), headers=emit.record.headers()
-                )
+        ns = self.settings.kafka.namespace
+        producer = self.app.producer
+        futures = [
+            await producer.send(
+                CATALOGUE[o.topic].full_name(ns),
+                o.key,
+                o.value,
+                None,
+                None,
+                [(k, v.encode()) for k, v in o.headers.items()],
             )
+            for o in outgoing
+        ]
         await asyncio.gather(*futures)
-        for emit in emits:
-            metrics.RECORDS_OUT.labels(stage=self.stage.name, topic=emit.topic.name).inc()
-            if emit.topic is DEAD_LETTERS:
+        for o in outgoing:
+            metrics.RECORDS_OUT.labels(stage=self.stage.name, topic=o.topic).inc()
+            if o.dead_letter_reason:
                 metrics.DEAD_LETTERS.labels(
-                    stage=self.stage.name,
-                    reason=emit.record.reason,  # type: ignore[attr-defined]
+                    stage=self.stage.name, reason=o.dead_letter_reason
                 ).inc()
 
     async def drain(self, grace_s: float) -> int:
@@ -461,14 +494,6 @@ class StageAgent:
         self.executor.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(Exception):
             self.stage.close()
-
-
-def _replay(outputs: list[tuple[str, str]]) -> list[Emit]:
-    emits = []
-    for topic_name, value in outputs:
-        spec = CATALOGUE[topic_name]
-        emits.append(Emit(spec, spec.record.model_validate_json(value)))
-    return emits
 
 
 def _merge(outcomes) -> _Outcome:

@@ -77,9 +77,16 @@ class Stage(ABC, Generic[In]):
         """Records handed to one ``process`` call. Default: the whole micro-batch."""
         return batch_size
 
+    def concurrent(self) -> bool:
+        """May ``process`` run in several threads at once? Default: no. One call at a time keeps
+        stateful stages simple (the filter's single-owner decisions, the sink's files); the
+        runtime still overlaps one chunk's processing with the sending of earlier chunks."""
+        return False
+
     def default_in_flight(self, batch_size: int) -> int:
-        """Records in process at once when settings don't say. Default: one micro-batch."""
-        return batch_size
+        """Records between input and acknowledged output when settings don't say. Default: four
+        micro-batches, so sends and broker acknowledgements overlap the next batch's work."""
+        return 4 * batch_size
 
     @abstractmethod
     def process(self, records: list[In]) -> list[Emit]:
@@ -173,11 +180,14 @@ class ModelStage(Stage[In]):
         soon as its own completion is back; the in-process model gets whole micro-batches."""
         return 1 if self._continuous() else batch_size
 
+    def concurrent(self) -> bool:
+        return self._continuous()
+
     def default_in_flight(self, batch_size: int) -> int:
         """As many records as the backends want in flight (a continuous-batching server's
-        concurrency); one micro-batch for an in-process model."""
+        concurrency); for an in-process model, the default pipeline of micro-batches."""
         if not self._continuous():
-            return batch_size
+            return super().default_in_flight(batch_size)
         return min(int(getattr(self.backend(r), "max_in_flight", batch_size)) for r in self.roles)
 
     def generate(self, role: Role, prompts: list[str], **sampling: Any) -> list[list[Completion]]:
