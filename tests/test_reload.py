@@ -157,3 +157,23 @@ def _wait(predicate, proc, log: Path, timeout_s: float = 180) -> None:
             pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")
+
+
+def test_a_role_follows_checkpoints_unless_a_server_is_rolled_by_its_deployment(
+    tmp_path, tiny_model_dir
+):
+    from workers.roles import ModelRoles, backend_for, reload_role
+
+    served = ModelRoles(solver={"kind": "openai", "model": "solver"})
+    assert not served.solver.follows_checkpoints  # a remote server keeps its served name
+    assert not reload_role(served, "solver", str(tiny_model_dir))
+
+    copy = tmp_path / "v0001-dpo"
+    shutil.copytree(tiny_model_dir, copy)
+    local = ModelRoles(solver={"model": str(tiny_model_dir), "max_model_len": 512})
+    backend_for(local, "solver")  # loaded in this process
+    assert reload_role(local, "solver", str(copy))
+    assert backend_for(local, "solver").model_version.startswith("v0001-dpo@")
+    pinned = ModelRoles(solver={"model": str(tiny_model_dir), "follow_checkpoints": False})
+    backend_for(pinned, "solver")
+    assert not reload_role(pinned, "solver", str(copy))

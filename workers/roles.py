@@ -81,8 +81,11 @@ def backend_for(models: ModelRoles, role: str) -> Backend:
 
 
 def reload_role(models: ModelRoles, role: str, model_path: str) -> bool:
-    """Serve new weights for ``role`` if this process has loaded it; False when it has not (a
-    process that never generates for a role has nothing to reload)."""
+    """Serve new weights for ``role`` if this process has loaded it and the role follows the
+    trainer's checkpoints; False otherwise (a process that never generates for a role has
+    nothing to reload; a role on a remote server is rolled by its deployment)."""
+    if not models.role(role).follows_checkpoints:
+        return False
     pool = RoleBackends.pool(models)
     if role not in pool.versions():
         return False

@@ -187,7 +187,7 @@ class BackendSettings(Section):
     max_retries: int = Field(3, description="openai: retries on connect errors, timeouts, 5xx")
     backoff_s: float = Field(0.5, description="openai: first retry delay, doubled each time")
     concurrency: int = Field(
-        8, ge=1, description="openai: requests in flight per backend (its max_in_flight)"
+        64, ge=1, description="openai: requests in flight per backend (its max_in_flight)"
     )
     tokenizer: str | None = Field(
         None, description="openai: local tokenizer folder for the chat template (else ChatML)"
@@ -197,6 +197,18 @@ class BackendSettings(Section):
     max_lora_rank: int = Field(16, description="vllm: largest adapter rank")
     gpu_memory_utilization: float = Field(0.85, description="vllm on GPU")
     extra_engine_args: dict = Field(default_factory=dict, description="vllm: passed to LLM()")
+    follow_checkpoints: bool | None = Field(
+        None,
+        description="move to each checkpoint the trainer announces; default: yes for the "
+        "in-process kinds, no for openai (a server is rolled to new weights by its deployment, "
+        "under the same served name)",
+    )
+
+    @property
+    def follows_checkpoints(self) -> bool:
+        if self.follow_checkpoints is not None:
+            return self.follow_checkpoints
+        return self.kind != "openai"
 
 
 # ---------------------------------------------------------------------------------------------
