@@ -67,6 +67,30 @@ def read_raw(
         consumer.close()
 
 
+def read_all(kafka: KafkaSettings, bootstrap: str, topic: str, poll_ms: int = 300) -> Iterator:
+    """Every message of ``topic`` as of the call, then stop (no idle guess): reads until each
+    partition's position passes its end offset. Tansu reports an end offset inside the last
+    batch (docs/broker.md); a batch is fetched whole, so passing it means the batch was read."""
+    consumer = KafkaConsumer(**kafka_python_config(kafka, bootstrap), enable_auto_commit=False)
+    try:
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        if not partitions:
+            return
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        ends = consumer.end_offsets(partitions)
+        while True:
+            batch = consumer.poll(timeout_ms=poll_ms)
+            for messages in batch.values():
+                yield from messages
+            if not batch and all(consumer.position(tp) >= ends[tp] for tp in partitions):
+                return
+    finally:
+        consumer.close()
+
+
 def read_topic(
     kafka: KafkaSettings,
     name: str,

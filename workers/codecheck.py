@@ -124,7 +124,9 @@ def dedup_tests(tests: Sequence[TestCase]) -> tuple[list[TestCase], int]:
     return kept, len(tests) - len(kept)
 
 
-def suspect_tests(expected: Sequence[bytes], observed: Sequence[Sequence[bytes | None]]) -> set[int]:
+def suspect_tests(
+    expected: Sequence[bytes], observed: Sequence[Sequence[bytes | None]]
+) -> set[int]:
     """Indices of tests that are probably wrong.
 
     ``observed[r][t]`` is rollout r's stdout on test t, or None when that run did not finish
@@ -186,8 +188,12 @@ def _clean_stdout(outcome: TestOutcome) -> bytes | None:
     return outcome.stdout if outcome.ok else None
 
 
-def verify_code(rollouts: Sequence[str], test_completions: Sequence[str], sandbox: Sandbox,
-                limits: Limits | None = None) -> CodeReport:
+def verify_code(
+    rollouts: Sequence[str],
+    test_completions: Sequence[str],
+    sandbox: Sandbox,
+    limits: Limits | None = None,
+) -> CodeReport:
     """Verify one code problem from its solver rollouts and test-writer outputs.
 
     Rollouts run with at most ``sandbox.settings.slots`` at a time, each rollout's tests inside
@@ -202,8 +208,13 @@ def verify_code(rollouts: Sequence[str], test_completions: Sequence[str], sandbo
         except CodeParseError as exc:
             parse_errors.append(exc.reason)
     tests, duplicates = dedup_tests(tests)
-    report = CodeReport(passed=[False] * n, failure_reasons=[None] * n, tests_kept=tests,
-                        duplicates_dropped=duplicates, test_parse_errors=parse_errors)
+    report = CodeReport(
+        passed=[False] * n,
+        failure_reasons=[None] * n,
+        tests_kept=tests,
+        duplicates_dropped=duplicates,
+        test_parse_errors=parse_errors,
+    )
 
     programs: dict[int, str] = {}
     for index, completion in enumerate(rollouts):
@@ -225,8 +236,10 @@ def verify_code(rollouts: Sequence[str], test_completions: Sequence[str], sandbo
         outcomes = {i: f.result() for i, f in futures.items()}
 
     # unparsable rollouts were "run" too: they count against agreement in the suspect rule
-    observed = [[_clean_stdout(o) for o in outcomes[i]] if i in outcomes else [None] * len(tests)
-                for i in range(n)]
+    observed = [
+        [_clean_stdout(o) for o in outcomes[i]] if i in outcomes else [None] * len(tests)
+        for i in range(n)
+    ]
     suspects = suspect_tests([t.output or b"" for t in tests], observed)
     report.tests_kept = [t for k, t in enumerate(tests) if k not in suspects]
     report.tests_suspect = [t for k, t in enumerate(tests) if k in suspects]

@@ -74,8 +74,10 @@ _PROCESS_OVERHEAD = 8  # incl. zombies awaiting the host init's reaping
 # Extra wall time for sandbox start-up and harness start on top of the programs' own budget.
 _STARTUP_SLACK_S = 3.0
 _STDERR_CAP = 64 * 1024
-_CHAIN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-              "LANG": "C.UTF-8"}
+_CHAIN_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+}
 _GRACE_AFTER_EXIT_S = 0.5
 
 
@@ -155,8 +157,13 @@ class TestOutcome:
     @property
     def ok(self) -> bool:
         """Ran to a clean exit within limits (regardless of the output)."""
-        return (not self.error and not self.timed_out and self.killed is None
-                and self.exit_code == 0 and not self.output_truncated)
+        return (
+            not self.error
+            and not self.timed_out
+            and self.killed is None
+            and self.exit_code == 0
+            and not self.output_truncated
+        )
 
 
 def normalize_output(data: bytes) -> bytes:
@@ -171,7 +178,7 @@ def output_digest(data: bytes, salt: bytes) -> str:
 
 # --- the harness that runs inside the sandbox -----------------------------------------------------
 
-HARNESS_SOURCE = r'''
+HARNESS_SOURCE = r"""
 import binascii, ctypes, marshal, os, select, sys, time
 SIGKILL = 9  # not the signal module: it imports enum (~10 ms)
 try:
@@ -283,7 +290,7 @@ for index, test in enumerate(spec["tests"]):
         line = line[os.write(1, line):]
     if failed and spec["stop_on_failure"]:
         break
-'''
+"""
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -319,8 +326,9 @@ def _find_python(configured: str | None, need_others: bool) -> str:
         path = Path(candidate)
         if path.is_file() and (not need_others or _usable_by_others(path)):
             return str(path)
-    raise SandboxUnavailable("no Python interpreter that the sandbox uid may execute; set "
-                             "SandboxSettings.python")
+    raise SandboxUnavailable(
+        "no Python interpreter that the sandbox uid may execute; set SandboxSettings.python"
+    )
 
 
 def _become_subreaper() -> bool:
@@ -448,8 +456,11 @@ class Sandbox:
         self.is_root = os.geteuid() == 0
         self.isolated_uids = self.is_root
         if not self.is_root:
-            log.warning("sandbox not started as root: all slots share uid %d, no pids cgroup, "
-                        "leftovers are removed by the pid namespace only", os.getuid())
+            log.warning(
+                "sandbox not started as root: all slots share uid %d, no pids cgroup, "
+                "leftovers are removed by the pid namespace only",
+                os.getuid(),
+            )
         self._subreaper = self.is_root and _become_subreaper()
         self._work = Path(self.settings.work_dir)
         self._work.mkdir(parents=True, exist_ok=True)
@@ -461,8 +472,12 @@ class Sandbox:
         for slot in self._all_slots:
             self._slots.put(slot)
         self.backend: Backend = self._choose_backend()
-        log.info("sandbox backend %s, python %s, slots %s", self.backend, self.python,
-                 [s.uid for s in self._all_slots])
+        log.info(
+            "sandbox backend %s, python %s, slots %s",
+            self.backend,
+            self.python,
+            [s.uid for s in self._all_slots],
+        )
 
     # -- set-up --
 
@@ -508,8 +523,9 @@ class Sandbox:
     def _choose_backend(self) -> Backend:
         wanted = self.settings.backend
         if wanted == "none" and not self.settings.allow_unsandboxed:
-            raise SandboxUnavailable("backend 'none' runs code unsandboxed; set "
-                                     "allow_unsandboxed=True to accept that")
+            raise SandboxUnavailable(
+                "backend 'none' runs code unsandboxed; set allow_unsandboxed=True to accept that"
+            )
         order: list[Backend] = ["bwrap", "unshare"] if wanted == "auto" else [wanted]
         errors = []
         for backend in order:
@@ -523,8 +539,10 @@ class Sandbox:
         if self.settings.allow_unsandboxed:
             log.warning("running untrusted code UNSANDBOXED (allow_unsandboxed=True)")
             return "none"
-        raise SandboxUnavailable("no sandbox backend works here (" + "; ".join(errors) + "); "
-                                 "set allow_unsandboxed=True to run without one")
+        raise SandboxUnavailable(
+            "no sandbox backend works here (" + "; ".join(errors) + "); "
+            "set allow_unsandboxed=True to run without one"
+        )
 
     def _probe(self, backend: Backend) -> str | None:
         if backend == "bwrap" and self._bwrap is None:
@@ -567,9 +585,13 @@ class Sandbox:
         """Run ``program`` (Python source) once with ``stdin``; returns what it printed."""
         return self._run_raw(self.backend, program, stdin, limits or self.settings.limits, None)
 
-    def run_tests(self, program: str, tests: Sequence[TestCase | tuple[bytes, bytes]],
-                  limits: Limits | None = None,
-                  stop_on_failure: bool = False) -> list[TestOutcome]:
+    def run_tests(
+        self,
+        program: str,
+        tests: Sequence[TestCase | tuple[bytes, bytes]],
+        limits: Limits | None = None,
+        stop_on_failure: bool = False,
+    ) -> list[TestOutcome]:
         """Run ``program`` once per test inside one sandboxed process.
 
         ``limits`` apply to each test (wall, cpu, memory, output). ``passed`` compares the
@@ -586,22 +608,26 @@ class Sandbox:
             "nonce": nonce,
             "salt": salt,
             "argv": [self.python, *self.settings.python_args],  # the harness adds the path
-            "tests": [{"input": c.input,
-                       "digest": None if c.output is None else output_digest(c.output, salt)}
-                      for c in cases],
+            "tests": [
+                {
+                    "input": c.input,
+                    "digest": None if c.output is None else output_digest(c.output, salt),
+                }
+                for c in cases
+            ],
             "wall": limits.wall_seconds,
             "max_output": limits.max_output_bytes,
             "own_pid_ns": self.backend != "none",
             "stop_on_failure": stop_on_failure,
         }
-        raw = self._run_raw(self.backend, program, marshal.dumps(spec), limits,
-                            harness=len(cases))
+        raw = self._run_raw(self.backend, program, marshal.dumps(spec), limits, harness=len(cases))
         return self._outcomes(raw, cases, nonce, stop_on_failure)
 
     # -- internals --
 
-    def _outcomes(self, raw: _Captured, cases: list[TestCase], nonce: bytes,
-                  stop_on_failure: bool) -> list[TestOutcome]:
+    def _outcomes(
+        self, raw: _Captured, cases: list[TestCase], nonce: bytes, stop_on_failure: bool
+    ) -> list[TestOutcome]:
         outcomes: dict[int, TestOutcome] = {}
         tampered = False
         for line in raw.lines:
@@ -610,36 +636,54 @@ class Sandbox:
                 break
             try:
                 # only the harness knows the nonce, so this is the harness's own marshal output
-                r = marshal.loads(binascii.a2b_base64(line[len(nonce):]))
+                r = marshal.loads(binascii.a2b_base64(line[len(nonce) :]))
                 outcome = TestOutcome(
-                    index=int(r["index"]), stdout=r["stdout"],
-                    stderr=r["stderr"], exit_code=r["exit_code"],
-                    killed=r["killed"], wall_time=float(r["wall_time"]),
-                    timed_out=bool(r["timed_out"]), output_truncated=bool(r["truncated"]),
-                    backend=self.backend)
+                    index=int(r["index"]),
+                    stdout=r["stdout"],
+                    stderr=r["stderr"],
+                    exit_code=r["exit_code"],
+                    killed=r["killed"],
+                    wall_time=float(r["wall_time"]),
+                    timed_out=bool(r["timed_out"]),
+                    output_truncated=bool(r["truncated"]),
+                    backend=self.backend,
+                )
             except (ValueError, KeyError, TypeError, EOFError, binascii.Error):
                 tampered = True
                 break
             expected = cases[outcome.index].output if outcome.index < len(cases) else None
             if expected is not None:
                 outcome.passed = outcome.ok and (
-                    normalize_output(outcome.stdout) == normalize_output(expected))
+                    normalize_output(outcome.stdout) == normalize_output(expected)
+                )
             outcomes[outcome.index] = outcome
         result = []
-        stopped = stop_on_failure and any(o.passed is False or not o.ok
-                                          for o in outcomes.values())
+        stopped = stop_on_failure and any(o.passed is False or not o.ok for o in outcomes.values())
         for index, case in enumerate(cases):
             if tampered:
                 # anything else on the result channel is forged: fail closed
-                result.append(TestOutcome(index, error="tampered", backend=self.backend,
-                                          passed=False if case.output is not None else None))
+                result.append(
+                    TestOutcome(
+                        index,
+                        error="tampered",
+                        backend=self.backend,
+                        passed=False if case.output is not None else None,
+                    )
+                )
             elif index in outcomes:
                 result.append(outcomes[index])
             else:
                 error = "not_run" if stopped else "sandbox_failed"
-                result.append(TestOutcome(
-                    index, error=error, timed_out=raw.timed_out, backend=self.backend,
-                    stderr=raw.stderr[-4096:], passed=False if case.output is not None else None))
+                result.append(
+                    TestOutcome(
+                        index,
+                        error=error,
+                        timed_out=raw.timed_out,
+                        backend=self.backend,
+                        stderr=raw.stderr[-4096:],
+                        passed=False if case.output is not None else None,
+                    )
+                )
         return result
 
     @contextlib.contextmanager
@@ -653,8 +697,9 @@ class Sandbox:
             finally:
                 self._slots.put(slot)
 
-    def _run_raw(self, backend: Backend, program: str, stdin: bytes, limits: Limits,
-                 harness: int | None) -> _Captured | RunResult:
+    def _run_raw(
+        self, backend: Backend, program: str, stdin: bytes, limits: Limits, harness: int | None
+    ) -> _Captured | RunResult:
         with self._slot() as slot, tempfile.TemporaryDirectory(dir=self._work) as task:
             os.chmod(task, 0o755)
             prog = Path(task) / "prog.py"
@@ -686,13 +731,26 @@ class Sandbox:
         if harness is not None:
             captured.lines = captured.stdout.splitlines()
             return captured
-        return RunResult(stdout=captured.stdout, stderr=captured.stderr,
-                         exit_code=captured.exit_code, wall_time=captured.wall_time,
-                         timed_out=captured.timed_out, killed=captured.killed,
-                         output_truncated=captured.stdout_truncated, backend=backend)
+        return RunResult(
+            stdout=captured.stdout,
+            stderr=captured.stderr,
+            exit_code=captured.exit_code,
+            wall_time=captured.wall_time,
+            timed_out=captured.timed_out,
+            killed=captured.killed,
+            output_truncated=captured.stdout_truncated,
+            backend=backend,
+        )
 
-    def _command(self, backend: Backend, slot: _Slot, task: Path, inner: list[str],
-                 limits: Limits, scratch: str) -> list[str]:
+    def _command(
+        self,
+        backend: Backend,
+        slot: _Slot,
+        task: Path,
+        inner: list[str],
+        limits: Limits,
+        scratch: str,
+    ) -> list[str]:
         nproc = limits.max_processes + _PROCESS_OVERHEAD
         if slot.uid is None:
             # shared uid: the limit counts the caller's own processes too
@@ -705,41 +763,114 @@ class Sandbox:
             slot.cgroup.set_max(nproc)
             # join the cgroup before anything forks; every descendant inherits it
             chain += ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', slot.cgroup.procs_file]
-        chain += ["prlimit", f"--as={memory}", f"--cpu={cpu}:{cpu + 1}", f"--nproc={nproc}",
-                  f"--fsize={fsize}", "--core=0", "--nofile=256", "--"]
+        chain += [
+            "prlimit",
+            f"--as={memory}",
+            f"--cpu={cpu}:{cpu + 1}",
+            f"--nproc={nproc}",
+            f"--fsize={fsize}",
+            "--core=0",
+            "--nofile=256",
+            "--",
+        ]
         if slot.uid is not None:
-            chain += ["setpriv", f"--reuid={slot.uid}", f"--regid={slot.uid}", "--clear-groups",
-                      "--"]
+            chain += [
+                "setpriv",
+                f"--reuid={slot.uid}",
+                f"--regid={slot.uid}",
+                "--clear-groups",
+                "--",
+            ]
         if backend == "bwrap":
-            chain += [str(self._bwrap), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-                      "--size", str(4 * fsize), "--tmpfs", "/tmp",
-                      "--ro-bind", str(task), "/tmp/task",
-                      "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-                      "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
-                      "--setenv", "HOME", "/tmp", "--setenv", "LANG", "C.UTF-8",
-                      "--chdir", "/tmp", "--"]
+            chain += [
+                str(self._bwrap),
+                "--ro-bind",
+                "/",
+                "/",
+                "--dev",
+                "/dev",
+                "--proc",
+                "/proc",
+                "--size",
+                str(4 * fsize),
+                "--tmpfs",
+                "/tmp",
+                "--ro-bind",
+                str(task),
+                "/tmp/task",
+                "--unshare-all",
+                "--die-with-parent",
+                "--new-session",
+                "--cap-drop",
+                "ALL",
+                "--clearenv",
+                "--setenv",
+                "PATH",
+                "/usr/local/bin:/usr/bin:/bin",
+                "--setenv",
+                "HOME",
+                "/tmp",
+                "--setenv",
+                "LANG",
+                "C.UTF-8",
+                "--chdir",
+                "/tmp",
+                "--",
+            ]
         elif backend == "unshare":
-            chain += ["unshare", "--map-current-user", "--pid", "--fork", "--kill-child",
-                      "--mount-proc", "--net", "--ipc", "--uts", "--",
-                      "env", "-i", f"--chdir={scratch}", "PATH=/usr/local/bin:/usr/bin:/bin",
-                      f"HOME={scratch}", "LANG=C.UTF-8",
-                      # a shell as the namespace's pid 1: the kernel drops default-action signals
-                      # (SIGXCPU) sent to a pid-1 program, so the program must not be pid 1
-                      "/bin/sh", "-c", '"$@"; exit $?', "sh"]
+            chain += [
+                "unshare",
+                "--map-current-user",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+                "--net",
+                "--ipc",
+                "--uts",
+                "--",
+                "env",
+                "-i",
+                f"--chdir={scratch}",
+                "PATH=/usr/local/bin:/usr/bin:/bin",
+                f"HOME={scratch}",
+                "LANG=C.UTF-8",
+                # a shell as the namespace's pid 1: the kernel drops default-action signals
+                # (SIGXCPU) sent to a pid-1 program, so the program must not be pid 1
+                "/bin/sh",
+                "-c",
+                '"$@"; exit $?',
+                "sh",
+            ]
         else:
-            chain += ["env", "-i", f"--chdir={scratch}", "PATH=/usr/local/bin:/usr/bin:/bin",
-                      f"HOME={scratch}", "LANG=C.UTF-8"]
+            chain += [
+                "env",
+                "-i",
+                f"--chdir={scratch}",
+                "PATH=/usr/local/bin:/usr/bin:/bin",
+                f"HOME={scratch}",
+                "LANG=C.UTF-8",
+            ]
         return chain + inner
 
-    def _execute(self, argv: list[str], stdin: IO[bytes], wall: float, cap: int,
-                 cwd: str) -> _Captured:
+    def _execute(
+        self, argv: list[str], stdin: IO[bytes], wall: float, cap: int, cwd: str
+    ) -> _Captured:
         """Start ``argv`` in its own process group; read both pipes with caps until exit or the
         deadline; kill the group on timeout or overflow. Never blocks past the deadline."""
         start = time.monotonic()
         # A clean environment for the whole chain, not only the program: bwrap's pid-1 reaper
         # keeps the environment it was started with, and the program can read /proc/1/environ.
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, start_new_session=True, close_fds=True, env=_CHAIN_ENV)
+        proc = subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            start_new_session=True,
+            close_fds=True,
+            env=_CHAIN_ENV,
+        )
         out = _Captured()
         chunks: list[bytes] = []
         errs: list[bytes] = []
