@@ -1,0 +1,104 @@
+"""How `promptcot up` stops. A first SIGTERM or SIGINT asks for a graceful stop (the runtime
+drains and commits) within a deadline; a second signal, or the deadline, ends the process at
+once: nothing is lost either way, since uncommitted input is redelivered to the next run. A
+cluster that is gone (the embedded broker's process exited, or no answer for
+``kafka.unreachable_exit_s``) stops `up` with one line and a non-zero exit.
+
+Signals are taken with ``signal.signal``, not the event loop's handler, and the deadline is a
+thread: both work while the event loop is busy or stuck (docs/durability.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from streams.cluster import Cluster, ClusterUnreachable, check_reachable
+from streams.settings import KafkaSettings
+
+# A stop must finish well inside the 30 s a cluster gives a pod between SIGTERM and SIGKILL.
+STOP_DEADLINE_S = 25.0
+DEAD_CLUSTER_DEADLINE_S = 5.0  # nothing can drain into a dead broker: don't wait for it
+PROBE_EVERY_S = 5.0
+EXIT_CLUSTER_GONE = 3
+
+
+class Supervisor:
+    def __init__(self, cluster: Cluster, kafka: KafkaSettings, on_force: Callable[[], None]):
+        self.cluster = cluster
+        self.kafka = kafka
+        self.on_force = on_force  # prints what it can before the hard exit
+        self.exit_code = 0
+        self.failure: str | None = None
+        self._stopping = False
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_answer = time.monotonic()
+        self._probe: threading.Thread | None = None
+
+    def install(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        if self.cluster.broker is None:  # a configured cluster: probe it from a thread
+            self._probe = threading.Thread(target=self._probe_loop, daemon=True)
+            self._probe.start()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._stopping:
+            self.force()  # a second signal: the user wants out now
+        self.stop(f"signal {signal.Signals(signum).name}", STOP_DEADLINE_S)
+
+    def stop(self, reason: str, deadline_s: float) -> None:
+        """Ask the factory to stop; if it has not within ``deadline_s``, end the process."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.reason = reason
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        timer = threading.Timer(deadline_s, self.force)
+        timer.daemon = True
+        timer.start()
+
+    def check_cluster(self) -> str | None:
+        """One line if the cluster is gone (and stop with a non-zero exit), else None."""
+        if self.failure is not None:
+            return self.failure
+        if self.cluster.broker is not None:
+            self.failure = self.cluster.broker.exit_reason()
+        elif time.monotonic() - self._last_answer > self.kafka.unreachable_exit_s:
+            self.failure = (
+                f"cluster at {self.cluster.bootstrap} unreachable for "
+                f"{self.kafka.unreachable_exit_s:g} s"
+            )
+        if self.failure is not None:
+            self.failure = " ".join(self.failure.split())
+            self.exit_code = EXIT_CLUSTER_GONE
+            self.stop(self.failure, DEAD_CLUSTER_DEADLINE_S)
+        return self.failure
+
+    def _probe_loop(self) -> None:
+        while not self._stopping:
+            try:
+                check_reachable(self.kafka, self.cluster.bootstrap, timeout_s=PROBE_EVERY_S)
+                self._last_answer = time.monotonic()
+            except ClusterUnreachable:
+                pass
+            time.sleep(PROBE_EVERY_S)
+
+    def force(self) -> None:
+        """End the process now: children first (the broker, its S3 server), then exit."""
+        try:
+            self.on_force()
+        finally:
+            self.cluster.close()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(self.exit_code)
