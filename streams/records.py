@@ -325,6 +325,24 @@ class DeadLetter(Record):
     payload_b64: str  # the raw bytes, base64: nothing is lost, whatever they were
 
 
+class DeadLetterReplay(Record):
+    """A dead letter sent back to its source topic (`promptcot dlq replay`): one per dead letter,
+    so nothing is replayed twice."""
+
+    kind: ClassVar[str] = "dead_letter_replay"
+    id_prefix: ClassVar[str] = "dlqr"
+    id_fields: ClassVar[tuple[str, ...]] = ("dead_letter_id",)
+
+    dead_letter_id: str
+    reason: str  # the dead letter's reason
+    source_topic: str
+    partition: int
+    offset: int
+    replayed_partition: int  # where the replayed copy landed
+    replayed_offset: int
+    bytes_from: Literal["dead_letter", "source_topic"]  # the copy was truncated: the source's
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.kind: cls
     for cls in (
@@ -338,5 +356,6 @@ RECORD_TYPES: dict[str, type[Record]] = {
         PreferencePair,
         ModelUpdate,
         DeadLetter,
+        DeadLetterReplay,
     )
 }

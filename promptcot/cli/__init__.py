@@ -7,7 +7,7 @@ traceback instead).
 
 from __future__ import annotations
 
-from promptcot.cli import factory, records, tools  # noqa: F401  (register the commands)
+from promptcot.cli import dlq, factory, records, tools  # noqa: F401  (register the commands)
 from promptcot.cli.app import app, main
 
 __all__ = ["app", "main"]

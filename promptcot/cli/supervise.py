@@ -11,6 +11,7 @@ thread: both work while the event loop is busy or stuck (docs/durability.md).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ from streams.settings import KafkaSettings
 
 # A stop must finish well inside the 30 s a cluster gives a pod between SIGTERM and SIGKILL.
 STOP_DEADLINE_S = 25.0
-DEAD_CLUSTER_DEADLINE_S = 5.0  # nothing can drain into a dead broker: don't wait for it
+DEAD_CLUSTER_DEADLINE_S = 3.0  # nothing can drain into a dead broker: don't wait for it
 PROBE_EVERY_S = 5.0
 EXIT_CLUSTER_GONE = 3
 
@@ -81,6 +82,10 @@ class Supervisor:
         if self.failure is not None:
             self.failure = " ".join(self.failure.split())
             self.exit_code = EXIT_CLUSTER_GONE
+            # The clients would log a reconnect error every 100 ms until the process ends: the
+            # user reads our one line instead.
+            logging.disable(logging.CRITICAL)
+            threading.excepthook = lambda args: None  # the same, for the clients' threads
             self.stop(self.failure, DEAD_CLUSTER_DEADLINE_S)
         return self.failure
 
@@ -97,6 +102,8 @@ class Supervisor:
         """End the process now: children first (the broker, its S3 server), then exit."""
         try:
             self.on_force()
+            if self.failure is not None:
+                print(f"error: {self.failure}", file=sys.stderr)
         finally:
             self.cluster.close()
             sys.stdout.flush()
