@@ -11,6 +11,7 @@ same workers at a real Kafka / Redpanda / MSK cluster instead.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import fcntl
 import logging
@@ -240,8 +241,12 @@ class EmbeddedBroker:
         os.write(fd, str(os.getpid()).encode())
         self._lock = fd
 
-    def exit_reason(self) -> str | None:
-        """None while the broker (and its S3 server) runs; else one line saying which died."""
+    def exit_reason(self, wait_s: float = 0.0) -> str | None:
+        """None while the broker (and its S3 server) runs; else one line saying which died.
+        ``wait_s``: give a broker whose connections just dropped that long to be seen dead."""
+        if self._proc is not None and wait_s > 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=wait_s)
         if self._proc is not None and self._proc.poll() is not None:
             return f"embedded broker exited with {self._proc.returncode}: {self.log_tail(300)}"
         if self._s3 is not None and self._s3.proc is not None and self._s3.proc.poll() is not None:

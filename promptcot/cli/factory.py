@@ -73,10 +73,13 @@ def up(
     if unknown:
         raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     limit_s = parse_duration(duration)
+    progress = FactoryProgress(started=time.monotonic())
+    supervisor = Supervisor(settings.kafka, on_force=lambda: console.print(progress.table()))
     metrics.serve(settings.metrics.host, settings.metrics.port)
 
     with console.status("starting broker and topics..."):
         cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
+    supervisor.watch(cluster)
     # Stages read the topics they restore from (the sampler's position) at this address.
     settings.kafka.bootstrap_servers = cluster.bootstrap
     where = "embedded broker" if cluster.broker else "cluster"
@@ -88,9 +91,7 @@ def up(
     )
     if settings.metrics.port:
         console.print(f"metrics: http://{settings.metrics.host}:{settings.metrics.port}/metrics")
-    progress = FactoryProgress(
-        started=time.monotonic(), carried=carried_over(settings, cluster.bootstrap, FACTORY_GROUP)
-    )
+    progress.carried = carried_over(settings, cluster.bootstrap, FACTORY_GROUP)
     if (continued := progress.continued()) is not None:
         console.print(continued)
     if seeds and "annotate" in names:
@@ -98,12 +99,9 @@ def up(
         console.print(f"published {n} seed problems for annotate/rationale")
 
     stop = asyncio.Event()
-    supervisor = Supervisor(
-        cluster, settings.kafka, on_force=lambda: console.print(progress.table())
-    )
 
     async def until() -> None:
-        supervisor.install(stop)
+        supervisor.attach(stop)
         with Live(progress.table(), console=console, refresh_per_second=2, transient=True) as live:
             while not stop.is_set():
                 live.update(progress.table())

@@ -27,29 +27,45 @@ STOP_DEADLINE_S = 25.0
 DEAD_CLUSTER_DEADLINE_S = 3.0  # nothing can drain into a dead broker: don't wait for it
 PROBE_EVERY_S = 5.0
 EXIT_CLUSTER_GONE = 3
+CLIENT_LOGGERS = ("aiokafka", "kafka", "faust", "mode")
 
 
 class Supervisor:
-    def __init__(self, cluster: Cluster, kafka: KafkaSettings, on_force: Callable[[], None]):
-        self.cluster = cluster
+    """Install it first thing: a SIGTERM during start-up (a pod moved while loading models) is a
+    stop like any other."""
+
+    def __init__(self, kafka: KafkaSettings, on_force: Callable[[], None]):
         self.kafka = kafka
         self.on_force = on_force  # prints what it can before the hard exit
+        self.cluster: Cluster | None = None
         self.exit_code = 0
         self.failure: str | None = None
+        self.reason = ""
         self._stopping = False
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_answer = time.monotonic()
-        self._probe: threading.Thread | None = None
-
-    def install(self, stop: asyncio.Event) -> None:
-        self._stop = stop
-        self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
-        if self.cluster.broker is None:  # a configured cluster: probe it from a thread
-            self._probe = threading.Thread(target=self._probe_loop, daemon=True)
-            self._probe.start()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def watch(self, cluster: Cluster) -> None:
+        """Watch ``cluster`` from now on; a configured one is probed from a thread."""
+        self.cluster = cluster
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self._client_errors)
+        if cluster.broker is None:
+            threading.Thread(target=self._probe_loop, daemon=True).start()
+
+    def attach(self, stop: asyncio.Event) -> None:
+        """Inside the event loop: a stop sets ``stop`` (at once if one was asked for already)."""
+        self._stop = stop
+        self._loop = asyncio.get_running_loop()
+        if self._stopping:
+            stop.set()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self._stopping:
@@ -68,12 +84,12 @@ class Supervisor:
         timer.daemon = True
         timer.start()
 
-    def check_cluster(self) -> str | None:
+    def check_cluster(self, wait_s: float = 0.0) -> str | None:
         """One line if the cluster is gone (and stop with a non-zero exit), else None."""
-        if self.failure is not None:
+        if self.failure is not None or self.cluster is None:
             return self.failure
         if self.cluster.broker is not None:
-            self.failure = self.cluster.broker.exit_reason()
+            self.failure = self.cluster.broker.exit_reason(wait_s)
         elif time.monotonic() - self._last_answer > self.kafka.unreachable_exit_s:
             self.failure = (
                 f"cluster at {self.cluster.bootstrap} unreachable for "
@@ -89,7 +105,17 @@ class Supervisor:
             self.stop(self.failure, DEAD_CLUSTER_DEADLINE_S)
         return self.failure
 
+    def _client_errors(self, record: logging.LogRecord) -> bool:
+        """A log filter: once the cluster is gone, the clients' reconnect errors (one every
+        100 ms) say nothing the one line does not. The first of them triggers the check, so none
+        gets out ahead of that line."""
+        if self.failure is not None:
+            return False
+        client = record.name.split(".")[0] in CLIENT_LOGGERS
+        return not (client and record.levelno >= logging.WARNING and self.check_cluster(0.2))
+
     def _probe_loop(self) -> None:
+        assert self.cluster is not None
         while not self._stopping:
             try:
                 check_reachable(self.kafka, self.cluster.bootstrap, timeout_s=PROBE_EVERY_S)
@@ -105,7 +131,8 @@ class Supervisor:
             if self.failure is not None:
                 print(f"error: {self.failure}", file=sys.stderr)
         finally:
-            self.cluster.close()
+            if self.cluster is not None:
+                self.cluster.close()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(self.exit_code)
