@@ -62,9 +62,11 @@ def tansu_binary(settings: EmbeddedBrokerSettings) -> Path:
 
 def die_with_parent() -> Callable[[], None]:
     """A ``preexec_fn``: the child gets its own session (our Ctrl-C goes to us; we stop it
-    ourselves) and SIGTERM when the thread that started it dies, kill -9 included: a child in its
-    own session otherwise outlives its parent (docs/broker.md). Start children from a thread that
-    lives as long as they should (the main thread)."""
+    ourselves) and SIGKILL when the thread that started it dies, kill -9 included: a child in its
+    own session otherwise outlives its parent (docs/broker.md). SIGKILL, not SIGTERM: Tansu
+    answers SIGTERM by retrying its writes to the S3 server (which got the signal too) for up to
+    three minutes, holding the port a restarted broker needs; what it acknowledged is stored
+    already. Start children from a thread that lives as long as they should (the main thread)."""
     parent = os.getpid()
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -74,11 +76,28 @@ def die_with_parent() -> Callable[[], None]:
     def preexec() -> None:
         os.setsid()
         if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
     return preexec
+
+
+def _end_leftover(pid: int, data_dir: Path, timeout_s: float = 5.0) -> None:
+    """Wait for a child of a dead broker on ``data_dir`` to die (it got SIGKILL with its parent),
+    and end it if it has not: only a process whose command line names this folder's broker."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:  # Tansu runs in the folder; the S3 server names it on its command line
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # gone, or a zombie
+            return
+        if cwd != str(data_dir) and str(data_dir).encode() not in cmdline:
+            return  # the pid was reused
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _stop(proc: subprocess.Popen | None, timeout_s: float = 5.0) -> None:
@@ -221,28 +240,41 @@ class EmbeddedBroker:
                 stdin=subprocess.DEVNULL,
                 preexec_fn=die_with_parent(),
             )
+        self._write_lock()
         atexit.register(self.stop)
         self._wait_ready()
         log.info("embedded broker on %s (pid %s)", self.bootstrap_servers, self._proc.pid)
         return self
 
     def _take_lock(self) -> None:
-        """One broker per data folder: two writing the same objects would corrupt each other."""
+        """One broker per data folder: two writing the same objects would corrupt each other.
+        The lock file also names the children of the broker that holds it; a broker whose parent
+        was killed releases the lock a moment before its children are gone, so the next one
+        waits for them (or ends them) before it starts its own."""
         assert self.data_dir is not None
         self.data_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            holder = os.read(fd, 64).decode(errors="replace").split()
             os.close(fd)
             raise BrokerError(
-                f"broker data folder {self.data_dir} is in use by another broker (pid {holder}); "
-                "stop it, or use another folder (embedded_broker.data_dir) or --ephemeral"
+                f"broker data folder {self.data_dir} is in use by another broker (pid "
+                f"{holder[0] if holder else '?'}); stop it, or use another folder "
+                "(embedded_broker.data_dir) or --ephemeral"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
         self._lock = fd
+        for pid in [int(p) for p in os.read(fd, 256).decode(errors="replace").split()[1:]]:
+            _end_leftover(pid, self.data_dir)
+        self._write_lock()
+
+    def _write_lock(self) -> None:
+        if self._lock is None:
+            return
+        pids = [os.getpid(), *(p.pid for p in (self._proc, self._s3 and self._s3.proc) if p)]
+        os.ftruncate(self._lock, 0)
+        os.pwrite(self._lock, " ".join(map(str, pids)).encode(), 0)
 
     def exit_reason(self, wait_s: float = 0.0) -> str | None:
         """None while the broker (and its S3 server) runs; else one line saying which died.

@@ -158,7 +158,10 @@ def worker(
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Run one stage against a cluster; start as many copies as partitions allow to scale out.
-    Sampler replicas need distinct `concepts.seed` values; each reads every verdict."""
+    Sampler replicas need distinct `concepts.seed` values; each reads every verdict. SIGTERM
+    stops it within a deadline; a cluster gone for `kafka.unreachable_exit_s` ends it with one
+    line and a non-zero exit (the orchestrator restarts it)."""
+    from promptcot.cli.supervise import Supervisor
     from streams import metrics
     from streams.cluster import Cluster
     from workers.runtime import run_stages
@@ -167,8 +170,10 @@ def worker(
         raise typer.BadParameter(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     settings = load(config, bootstrap)
     require_cluster(settings)
+    supervisor = Supervisor(settings.kafka, on_force=lambda: None)
     metrics.serve(settings.metrics.host, settings.metrics.port)
     cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
+    supervisor.watch(cluster)
     console.print(f"worker [bold]{stage}[/] on {cluster.bootstrap}")
     # A sampler closes only its own concept sets, so every replica must see every verdict: one
     # consumer group per sampler seed (workers/stages/sampler.py).
@@ -177,16 +182,23 @@ def worker(
         if stage == "sampler"
         else None
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            run_stages(
-                settings,
-                [make_stage(stage, settings)],
-                cluster.bootstrap,
-                app_id=group,
-                until=until_signal,
-            )
+
+    async def until() -> None:
+        stop = asyncio.Event()
+        supervisor.attach(stop)
+        while not stop.is_set() and not supervisor.check_cluster():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+    asyncio.run(
+        run_stages(
+            settings, [make_stage(stage, settings)], cluster.bootstrap, app_id=group, until=until
         )
+    )
+    if supervisor.failure:
+        err_console.print(f"[red]error:[/] {supervisor.failure}", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    os._exit(supervisor.exit_code)  # as `up`: a stage thread stuck in a model call holds no input
 
 
 async def until_signal() -> None:
