@@ -58,6 +58,9 @@ def write_config(settings: Settings, path: Path) -> Path:
     return path
 
 
+STARTED: list[Proc] = []  # every process started, for the suite's clean-up
+
+
 @dataclass
 class Proc:
     """One `promptcot ...` child in its own process group, logging to a file."""
@@ -81,6 +84,7 @@ class Proc:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        STARTED.append(self)
         return self
 
     @property
@@ -116,6 +120,14 @@ class Proc:
         if self.alive():
             with _no_such_process():
                 self.sigterm(timeout_s=30)
+
+    def kill_all(self) -> None:
+        """Clean-up whatever happened: this process group, gone."""
+        if self.popen is not None:
+            with _no_such_process():
+                os.killpg(self.pid, signal.SIGKILL)
+            with _no_such_process():
+                self.popen.wait(timeout=30)
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""

@@ -33,8 +33,10 @@ def codeforces_tests(row: int) -> list[TestCase]:
         for i, line in enumerate(f):
             if i == row:
                 io = json.loads(json.loads(line)["input_output"])
-                return [TestCase(a.encode(), b.encode())
-                        for a, b in zip(io["inputs"], io["outputs"], strict=True)]
+                return [
+                    TestCase(a.encode(), b.encode())
+                    for a, b in zip(io["inputs"], io["outputs"], strict=True)
+                ]
     raise IndexError(row)
 
 
@@ -42,18 +44,22 @@ def codeforces_tests(row: int) -> list[TestCase]:
 
 
 def test_extract_program_takes_the_single_python_block() -> None:
-    answer = "<think>maybe ```python\nprint(0)\n``` no</think>\nHere:\n" + fenced("python",
-                                                                               "print(1)")
+    answer = "<think>maybe ```python\nprint(0)\n``` no</think>\nHere:\n" + fenced(
+        "python", "print(1)"
+    )
     assert extract_program(answer).strip() == "print(1)"
 
 
-@pytest.mark.parametrize(("completion", "reason"), [
-    ("just prose, no code", cc.NO_CODE_BLOCK),
-    (fenced("cpp", "int main(){}"), cc.NO_CODE_BLOCK),
-    (fenced("python", "print(1)") + fenced("python", "print(2)"), cc.MULTIPLE_CODE_BLOCKS),
-    (fenced("python", "   "), cc.EMPTY_PROGRAM),
-    ("<think>" + fenced("python", "print(1)") + "</think> I give up", cc.NO_CODE_BLOCK),
-])
+@pytest.mark.parametrize(
+    ("completion", "reason"),
+    [
+        ("just prose, no code", cc.NO_CODE_BLOCK),
+        (fenced("cpp", "int main(){}"), cc.NO_CODE_BLOCK),
+        (fenced("python", "print(1)") + fenced("python", "print(2)"), cc.MULTIPLE_CODE_BLOCKS),
+        (fenced("python", "   "), cc.EMPTY_PROGRAM),
+        ("<think>" + fenced("python", "print(1)") + "</think> I give up", cc.NO_CODE_BLOCK),
+    ],
+)
 def test_extract_program_rejects(completion: str, reason: str) -> None:
     with pytest.raises(CodeParseError) as info:
         extract_program(completion)
@@ -63,23 +69,28 @@ def test_extract_program_rejects(completion: str, reason: str) -> None:
 def test_parse_tests_object_and_list() -> None:
     one = parse_tests(fenced("json", '{"input": "1 2\\n", "output": "3\\n"}'))
     assert one == [TestCase(b"1 2\n", b"3\n")]
-    many = parse_tests("tests:\n" + fenced("json", json.dumps(
-        [{"input": "1", "output": "é"}, {"input": "2", "output": "4"}])))
+    many = parse_tests(
+        "tests:\n"
+        + fenced("json", json.dumps([{"input": "1", "output": "é"}, {"input": "2", "output": "4"}]))
+    )
     assert many == [TestCase(b"1", "é".encode()), TestCase(b"2", b"4")]
 
 
-@pytest.mark.parametrize(("completion", "reason"), [
-    ("no block", cc.NO_TEST_BLOCK),
-    (fenced("json", '{"input": "1"}'), cc.MALFORMED_TESTS),
-    (fenced("json", '{"output": "1"}'), cc.MALFORMED_TESTS),
-    (fenced("json", '{"input": 1, "output": "1"}'), cc.MALFORMED_TESTS),
-    (fenced("json", '{"input": "1", "output": ["1"]}'), cc.MALFORMED_TESTS),
-    (fenced("json", '{"input": "1", "output": "1", "note": "x"}'), cc.MALFORMED_TESTS),
-    (fenced("json", "[]"), cc.MALFORMED_TESTS),
-    (fenced("json", '["1", "2"]'), cc.MALFORMED_TESTS),
-    (fenced("json", '{"input": "1", "output": '), cc.MALFORMED_JSON),
-    (fenced("json", '{"input": "1", "output": "2"}') * 2, cc.MULTIPLE_TEST_BLOCKS),
-])
+@pytest.mark.parametrize(
+    ("completion", "reason"),
+    [
+        ("no block", cc.NO_TEST_BLOCK),
+        (fenced("json", '{"input": "1"}'), cc.MALFORMED_TESTS),
+        (fenced("json", '{"output": "1"}'), cc.MALFORMED_TESTS),
+        (fenced("json", '{"input": 1, "output": "1"}'), cc.MALFORMED_TESTS),
+        (fenced("json", '{"input": "1", "output": ["1"]}'), cc.MALFORMED_TESTS),
+        (fenced("json", '{"input": "1", "output": "1", "note": "x"}'), cc.MALFORMED_TESTS),
+        (fenced("json", "[]"), cc.MALFORMED_TESTS),
+        (fenced("json", '["1", "2"]'), cc.MALFORMED_TESTS),
+        (fenced("json", '{"input": "1", "output": '), cc.MALFORMED_JSON),
+        (fenced("json", '{"input": "1", "output": "2"}') * 2, cc.MULTIPLE_TEST_BLOCKS),
+    ],
+)
 def test_parse_tests_rejects(completion: str, reason: str) -> None:
     with pytest.raises(CodeParseError) as info:
         parse_tests(completion)
@@ -87,8 +98,13 @@ def test_parse_tests_rejects(completion: str, reason: str) -> None:
 
 
 def test_dedup_normalizes_whitespace_and_drops_contradictions() -> None:
-    tests = [TestCase(b"1 2\n", b"3"), TestCase(b"1  2", b"3\n"), TestCase(b"5", b"6"),
-             TestCase(b"5\n", b"7"), TestCase(b"9", b"9")]
+    tests = [
+        TestCase(b"1 2\n", b"3"),
+        TestCase(b"1  2", b"3\n"),
+        TestCase(b"5", b"6"),
+        TestCase(b"5\n", b"7"),
+        TestCase(b"9", b"9"),
+    ]
     kept, dropped = cc.dedup_tests(tests)
     assert kept == [TestCase(b"1 2\n", b"3"), TestCase(b"9", b"9")]
     assert dropped == 3
@@ -112,19 +128,27 @@ def test_not_suspect_without_a_strict_majority_or_with_one_rollout() -> None:
 
 # --- sandbox runs ---------------------------------------------------------------------------------
 
-MIN_MAX = "t = int(input())\nfor _ in range(t):\n    x, y = map(int, input().split())\n" \
-          "    print(min(x, y), max(x, y))\n"
-MIN_MAX_WRONG = "t = int(input())\nfor _ in range(t):\n    x, y = map(int, input().split())\n" \
-                "    print(x, y)\n"
-BINARY_CUT = ("t = int(input())\nfor _ in range(t):\n    s = input().strip()\n"
-              "    pieces = 1 + sum(a != b for a, b in zip(s, s[1:]))\n"
-              "    print(pieces - ('01' in s))\n")
-BINARY_CUT_WRONG = ("t = int(input())\nfor _ in range(t):\n    s = input().strip()\n"
-                    "    print(1 + sum(a != b for a, b in zip(s, s[1:])))\n")
+MIN_MAX = (
+    "t = int(input())\nfor _ in range(t):\n    x, y = map(int, input().split())\n"
+    "    print(min(x, y), max(x, y))\n"
+)
+MIN_MAX_WRONG = (
+    "t = int(input())\nfor _ in range(t):\n    x, y = map(int, input().split())\n    print(x, y)\n"
+)
+BINARY_CUT = (
+    "t = int(input())\nfor _ in range(t):\n    s = input().strip()\n"
+    "    pieces = 1 + sum(a != b for a, b in zip(s, s[1:]))\n"
+    "    print(pieces - ('01' in s))\n"
+)
+BINARY_CUT_WRONG = (
+    "t = int(input())\nfor _ in range(t):\n    s = input().strip()\n"
+    "    print(1 + sum(a != b for a, b in zip(s, s[1:])))\n"
+)
 
 
-@pytest.mark.parametrize(("row", "right", "wrong"), [(0, MIN_MAX, MIN_MAX_WRONG),
-                                                    (3, BINARY_CUT, BINARY_CUT_WRONG)])
+@pytest.mark.parametrize(
+    ("row", "right", "wrong"), [(0, MIN_MAX, MIN_MAX_WRONG), (3, BINARY_CUT, BINARY_CUT_WRONG)]
+)
 def test_codeforces_shipped_tests(sandbox: Sandbox, row: int, right: str, wrong: str) -> None:
     tests = codeforces_tests(row)
     assert tests
@@ -134,12 +158,21 @@ def test_codeforces_shipped_tests(sandbox: Sandbox, row: int, right: str, wrong:
 
 def test_verify_code_on_codeforces_problem(sandbox: Sandbox) -> None:
     shipped = codeforces_tests(0)
-    writer = [fenced("json", json.dumps([{"input": t.input.decode(), "output": t.output.decode()}
-                                         for t in shipped])),
-              fenced("json", '{"input": "2\\n5 1\\n0 0\\n", "output": "1 5\\n0 0\\n"}'),
-              "I could not write a test", fenced("json", '{"input": "1\\n3 3"}')]
-    rollouts = [fenced("python", MIN_MAX), fenced("python", MIN_MAX_WRONG), "no code here",
-                fenced("python", "while True:\n    pass")]
+    writer = [
+        fenced(
+            "json",
+            json.dumps([{"input": t.input.decode(), "output": t.output.decode()} for t in shipped]),
+        ),
+        fenced("json", '{"input": "2\\n5 1\\n0 0\\n", "output": "1 5\\n0 0\\n"}'),
+        "I could not write a test",
+        fenced("json", '{"input": "1\\n3 3"}'),
+    ]
+    rollouts = [
+        fenced("python", MIN_MAX),
+        fenced("python", MIN_MAX_WRONG),
+        "no code here",
+        fenced("python", "while True:\n    pass"),
+    ]
     report = verify_code(rollouts, writer, sandbox, LIMITS)
     assert report.rejection is None
     assert report.passed == [True, False, False, False]
@@ -150,8 +183,10 @@ def test_verify_code_on_codeforces_problem(sandbox: Sandbox) -> None:
 
 
 def test_verify_code_drops_a_suspect_test(sandbox: Sandbox) -> None:
-    writer = [fenced("json", '{"input": "2 3", "output": "5"}'),
-              fenced("json", '{"input": "4 4", "output": "9"}')]  # wrong: 4+4 is 8
+    writer = [
+        fenced("json", '{"input": "2 3", "output": "5"}'),
+        fenced("json", '{"input": "4 4", "output": "9"}'),
+    ]  # wrong: 4+4 is 8
     adder = fenced("python", "print(sum(map(int, input().split())))")
     report = verify_code([adder, adder, fenced("python", "print(0)")], writer, sandbox, LIMITS)
     assert report.tests_suspect == [TestCase(b"4 4", b"9")]
@@ -160,8 +195,10 @@ def test_verify_code_drops_a_suspect_test(sandbox: Sandbox) -> None:
 
 def test_verify_code_rejections(sandbox: Sandbox) -> None:
     good_test = fenced("json", '{"input": "1", "output": "1"}')
-    assert verify_code([fenced("python", "print(1)")], ["nothing"], sandbox).rejection \
+    assert (
+        verify_code([fenced("python", "print(1)")], ["nothing"], sandbox).rejection
         == cc.NO_VALID_TESTS
+    )
     report = verify_code(["no code", "neither"], [good_test], sandbox)
     assert report.rejection == cc.NO_RUNNABLE_ROLLOUTS
     assert report.failure_reasons == [cc.NO_CODE_BLOCK, cc.NO_CODE_BLOCK]

@@ -16,6 +16,7 @@ import socket
 import pytest
 from fault_harness import (
     PIPELINE,
+    STARTED,
     Proc,
     audit,
     broker_proc,
@@ -37,6 +38,14 @@ from streams.topics import ensure_topics
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 POISONED_TOPICS = ["concepts", "candidates", "candidates.unique", "verdicts"]
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """A failed or timed-out scenario must not leave workers burning the shared cores."""
+    yield
+    while STARTED:
+        STARTED.pop().kill_all()
 
 
 @pytest.fixture
@@ -85,9 +94,15 @@ def _run_faults(settings, procs, points, apply, n_sets):
 
 
 def _stop_all(procs: dict[str, Proc]) -> None:
-    """Workers first: a worker stopping against a stopped broker could not commit."""
+    """Workers first: a worker stopping against a stopped broker could not commit. Every one is
+    stopped even if one of them ignores SIGTERM; that one fails the test afterwards."""
+    failures = []
     for proc in reversed(list(procs.values())):
-        proc.stop()
+        try:
+            proc.stop()
+        except AssertionError as exc:
+            failures.append(str(exc))
+    assert not failures, "\n".join(failures)
 
 
 def test_workers_killed_terminated_and_poisoned(tmp_path, tiny_model_dir, rng):

@@ -25,8 +25,14 @@ from workers.sandbox import (
 )
 
 IS_ROOT = os.geteuid() == 0
-FAST = Limits(cpu_seconds=1, wall_seconds=2, memory_mb=256, max_processes=8, max_file_mb=8,
-              max_output_bytes=1 << 20)
+FAST = Limits(
+    cpu_seconds=1,
+    wall_seconds=2,
+    memory_mb=256,
+    max_processes=8,
+    max_file_mb=8,
+    max_output_bytes=1 << 20,
+)
 
 
 @pytest.fixture(scope="module", params=["bwrap", "unshare"])
@@ -66,7 +72,9 @@ def test_runs_as_the_unprivileged_slot_uid(sandbox: Sandbox) -> None:
 
 
 def test_fork_bomb_is_contained(sandbox: Sandbox) -> None:
-    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    bomb = (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
     start = time.monotonic()
     result = sandbox.run(bomb, limits=FAST)
     assert time.monotonic() - start < FAST.wall_seconds + 3
@@ -87,8 +95,9 @@ def test_fork_count_is_capped(sandbox: Sandbox) -> None:
 
 
 def test_infinite_loop_hits_the_cpu_limit(sandbox: Sandbox) -> None:
-    result = sandbox.run("while True:\n    pass\n",
-                         limits=FAST.model_copy(update={"wall_seconds": 5}))
+    result = sandbox.run(
+        "while True:\n    pass\n", limits=FAST.model_copy(update={"wall_seconds": 5})
+    )
     assert result.killed is not None  # SIGXCPU, then SIGKILL at the hard limit
     assert result.wall_time < 4
     assert_no_leftovers(sandbox)
@@ -265,8 +274,9 @@ def test_run_tests_per_test_stdin_and_time_limit(bwrap_box: Sandbox) -> None:
 
 
 def test_whitespace_insensitive_comparison(bwrap_box: Sandbox) -> None:
-    outcomes = bwrap_box.run_tests("print('1 2'); print('3')",
-                                   [(b"", b"1\n2 3"), (b"", b"1 2 3 \n\n"), (b"", b"1 23")])
+    outcomes = bwrap_box.run_tests(
+        "print('1 2'); print('3')", [(b"", b"1\n2 3"), (b"", b"1 2 3 \n\n"), (b"", b"1 23")]
+    )
     assert [o.passed for o in outcomes] == [True, True, False]
 
 
@@ -284,8 +294,9 @@ def test_forged_result_lines_fail_closed(bwrap_box: Sandbox) -> None:
 def test_slots_run_in_parallel_with_distinct_uids(bwrap_box: Sandbox) -> None:
     results = []
     program = "import os, time\ntime.sleep(1.0)\nprint(os.getuid())\n"
-    threads = [threading.Thread(target=lambda: results.append(bwrap_box.run(program)))
-               for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(bwrap_box.run(program))) for _ in range(2)
+    ]
     start = time.monotonic()
     for t in threads:
         t.start()
@@ -305,8 +316,13 @@ def test_refuses_to_run_unsandboxed_by_default() -> None:
 
 def test_missing_backend_is_refused_not_bypassed(tmp_path: Path) -> None:
     with pytest.raises(SandboxUnavailable, match="allow_unsandboxed"):
-        Sandbox(SandboxSettings(backend="bwrap", bwrap_path=str(tmp_path / "no-bwrap"),
-                                work_dir=str(tmp_path / "work")))
+        Sandbox(
+            SandboxSettings(
+                backend="bwrap",
+                bwrap_path=str(tmp_path / "no-bwrap"),
+                work_dir=str(tmp_path / "work"),
+            )
+        )
 
 
 def test_unsandboxed_only_when_allowed() -> None:
