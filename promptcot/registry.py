@@ -84,12 +84,6 @@ STAGES: dict[str, StageSpec] = {
         trainer=True,
         doc="pair windows -> DPO of the solver",
     ),
-    "model_reload": StageSpec(
-        "trainer.stages:ModelReloadStage",
-        _rt(1, 0.5),
-        trainer=True,
-        doc="model updates -> this process serves the new weights",
-    ),
 }
 TRAINER_STAGES = tuple(name for name, spec in STAGES.items() if spec.trainer)
 DATA_STAGES = tuple(name for name, spec in STAGES.items() if not spec.trainer)

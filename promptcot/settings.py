@@ -47,6 +47,7 @@ from workers.settings import (
     SinkSettings,
     StageRuntime,
     VerifySettings,
+    WorkerSettings,
 )
 
 ENV_PREFIX = "PROMPTCOT_"
@@ -91,6 +92,7 @@ class Settings(BaseSettings, Section):
     vectorstore: VectorStoreSettings = Field(default_factory=VectorStoreSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     sink: SinkSettings = Field(default_factory=SinkSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log_level: str = "WARNING"
 

@@ -56,6 +56,26 @@ def check_reachable(kafka: KafkaSettings, bootstrap: str, timeout_s: float = 10.
     admin.close()
 
 
+def aiokafka_config(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
+    """Keyword arguments for aiokafka clients used beside Faust (e.g. a group-less reader)."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap.split(","),
+        "security_protocol": kafka.security_protocol,
+    }
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=kafka.ssl_cafile)
+        if kafka.ssl_certfile:
+            context.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile)
+        config["ssl_context"] = context
+    if kafka.sasl_mechanism:
+        config["sasl_mechanism"] = kafka.sasl_mechanism
+        config["sasl_plain_username"] = kafka.sasl_username
+        config["sasl_plain_password"] = (
+            kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
+        )
+    return config
+
+
 def faust_credentials(kafka: KafkaSettings) -> Any | None:
     """Faust's credentials object for SASL and/or TLS, or None for plaintext."""
     import faust

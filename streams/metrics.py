@@ -57,6 +57,15 @@ PENDING = Gauge(
     "Input records a stage has received and not finished (in flight or waiting)",
     ["stage"],
 )
+MODEL_RELOADS = Counter(
+    "promptcot_model_reloads_total", "New weights served by this process, per role", ["role"]
+)
+RETRIES = Counter(
+    "promptcot_stage_retries_total",
+    "Retries by stage and kind: transient (a model server or disk away), error (a record that "
+    "raised), runtime (a chunk that could not be sent or journaled)",
+    ["stage", "kind"],
+)
 MATH_ORACLE_TIMEOUTS = Counter(
     "promptcot_math_oracle_timeouts_total",
     "Math equivalence checks abandoned at the per-check time bound (verdict: not equivalent)",

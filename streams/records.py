@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from typing import Any, ClassVar, Literal, Self
 
@@ -294,6 +295,13 @@ class PreferencePair(Record):
     rejected: str
 
 
+def version_number(text: str) -> int | None:
+    """The version number in a checkpoint folder name, path or version string
+    (``<role>/v0007-<step>``)."""
+    m = re.search(r"(?:^|/)v(\d{4,})-", str(text))
+    return int(m.group(1)) if m else None
+
+
 class ModelUpdate(Record):
     """Announces a new checkpoint; generators reload when they see one for their role."""
 
@@ -307,13 +315,18 @@ class ModelUpdate(Record):
     step: str  # "cold_start" | "e_step" | "m_step" | "dpo" | "sft"
     metrics: dict[str, float] = Field(default_factory=dict)
 
+    @property
+    def number(self) -> int:
+        """The version number (0 when the version string carries none)."""
+        return version_number(self.version) or version_number(self.path) or 0
+
 
 class DeadLetter(Record):
     """A record no stage could read, kept with the reason and where it came from."""
 
     kind: ClassVar[str] = "dead_letter"
     id_prefix: ClassVar[str] = "dlq"
-    id_fields: ClassVar[tuple[str, ...]] = ("source_topic", "partition", "offset")
+    id_fields: ClassVar[tuple[str, ...]] = ("stage", "source_topic", "partition", "offset")
 
     stage: str
     reason: str
@@ -322,7 +335,9 @@ class DeadLetter(Record):
     partition: int
     offset: int
     key: str | None = None
-    payload_b64: str  # the raw bytes, base64: nothing is lost, whatever they were
+    payload_b64: str  # the raw bytes, base64, cut to fit the record size limit
+    payload_size: int = 0  # bytes of the original payload
+    payload_truncated: bool = False  # then the whole bytes are at the source coordinates
 
 
 class DeadLetterReplay(Record):

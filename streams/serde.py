@@ -1,4 +1,9 @@
-"""JSON (de)serialization of records, and the dead letter built when bytes can't be read."""
+"""JSON (de)serialization of records, and the dead letter built when bytes can't be used.
+
+A dead letter always fits the record size limit: the payload it carries is cut to fit (its
+original size and the source coordinates say where the whole bytes are: the source topic keeps
+them for its retention).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,17 @@ import json
 
 from pydantic import ValidationError
 
-from streams.records import DeadLetter, Record
+from streams.records import SCHEMA_VERSION, DeadLetter, Record
 
 # Reason codes for dead letters.
 UNDECODABLE = "undecodable"  # not UTF-8 / not JSON
 SCHEMA_INVALID = "schema_invalid"  # JSON, but not the topic's record type
+SCHEMA_VERSION_UNSUPPORTED = "schema_version_unsupported"  # written by a newer release
+RECORD_TOO_LARGE = "record_too_large"  # over kafka.max_record_bytes
+OUTPUT_TOO_LARGE = "output_too_large"  # a stage produced a record over the limit from it
+PROCESSING_ERROR = "processing_error"  # the stage raised on it (after retries)
 MAX_ERROR_CHARS = 2000
+_DEAD_LETTER_OVERHEAD = 8 * 1024  # everything but the payload, generously
 
 
 class RecordDecodeError(ValueError):
@@ -26,10 +36,17 @@ def encode(record: Record) -> bytes:
     return record.model_dump_json().encode("utf-8")
 
 
-def decode(payload: bytes | None, record_type: type[Record]) -> Record:
-    """Bytes -> record, or RecordDecodeError with a reason code."""
+def decode(
+    payload: bytes | None, record_type: type[Record], max_bytes: int | None = None
+) -> Record:
+    """Bytes -> record, or RecordDecodeError with a reason code. Records over ``max_bytes`` are
+    refused before parsing; a schema version newer than this release's is refused, not misread."""
     if payload is None:
         raise RecordDecodeError(UNDECODABLE, "empty message (tombstone)")
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise RecordDecodeError(
+            RECORD_TOO_LARGE, f"{len(payload):,} bytes over the {max_bytes:,}-byte limit"
+        )
     try:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -37,6 +54,12 @@ def decode(payload: bytes | None, record_type: type[Record]) -> Record:
     if not isinstance(data, dict):
         raise RecordDecodeError(
             SCHEMA_INVALID, f"expected a JSON object, got {type(data).__name__}"
+        )
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise RecordDecodeError(
+            SCHEMA_VERSION_UNSUPPORTED,
+            f"schema_version {version!r}; this release reads up to {SCHEMA_VERSION}",
         )
     try:
         return record_type.model_validate(data)
@@ -53,8 +76,14 @@ def dead_letter(
     offset: int,
     key: bytes | None,
     payload: bytes | None,
+    max_bytes: int = 1_000_000,
+    reason: str | None = None,
 ) -> DeadLetter:
-    reason = error.reason if isinstance(error, RecordDecodeError) else "processing_error"
+    """The dead letter of one source message; its encoding never exceeds ``max_bytes``."""
+    if reason is None:
+        reason = error.reason if isinstance(error, RecordDecodeError) else PROCESSING_ERROR
+    raw = payload or b""
+    keep = max(0, (max_bytes - _DEAD_LETTER_OVERHEAD) * 3 // 4)  # base64 grows 4/3
     return DeadLetter(
         stage=stage,
         reason=reason,
@@ -62,8 +91,10 @@ def dead_letter(
         source_topic=topic,
         partition=partition,
         offset=offset,
-        key=key.decode("utf-8", "replace") if key else None,
-        payload_b64=base64.b64encode(payload or b"").decode("ascii"),
+        key=key[:512].decode("utf-8", "replace") if key else None,
+        payload_b64=base64.b64encode(raw[:keep]).decode("ascii"),
+        payload_size=len(raw),
+        payload_truncated=len(raw) > keep,
     )
 
 

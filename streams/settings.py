@@ -77,6 +77,10 @@ class KafkaSettings(Section):
     # `promptcot up` stops, with one line and a non-zero exit, when the cluster has not answered
     # for this long (an embedded broker whose process exited stops it at once).
     unreachable_exit_s: float = Field(30.0, gt=0)
+    # Largest record a worker reads or writes. Kafka's default message limit is 1 MB (producer
+    # max_request_size, broker message.max.bytes); bigger input is dead-lettered with a
+    # truncated copy and its coordinates, never a crash.
+    max_record_bytes: int = Field(900_000, ge=1024)
 
 
 class EmbeddedBrokerSettings(Section):

@@ -11,7 +11,7 @@ import pytest
 import corpora
 from workers import codecheck as cc
 from workers.codecheck import CodeParseError, extract_program, parse_tests, verify_code
-from workers.sandbox import Limits, Sandbox, SandboxSettings, TestCase
+from workers.sandbox import Limits, ProgramTest, Sandbox, SandboxSettings
 
 CODEFORCES = corpora.path("benchmarks", "codeforces.jsonl")
 LIMITS = Limits(cpu_seconds=2, wall_seconds=3, memory_mb=256, max_processes=8)
@@ -28,13 +28,13 @@ def sandbox() -> Iterator[Sandbox]:
     sb.close()
 
 
-def codeforces_tests(row: int) -> list[TestCase]:
+def codeforces_tests(row: int) -> list[ProgramTest]:
     with CODEFORCES.open() as f:
         for i, line in enumerate(f):
             if i == row:
                 io = json.loads(json.loads(line)["input_output"])
                 return [
-                    TestCase(a.encode(), b.encode())
+                    ProgramTest(a.encode(), b.encode())
                     for a, b in zip(io["inputs"], io["outputs"], strict=True)
                 ]
     raise IndexError(row)
@@ -68,12 +68,12 @@ def test_extract_program_rejects(completion: str, reason: str) -> None:
 
 def test_parse_tests_object_and_list() -> None:
     one = parse_tests(fenced("json", '{"input": "1 2\\n", "output": "3\\n"}'))
-    assert one == [TestCase(b"1 2\n", b"3\n")]
+    assert one == [ProgramTest(b"1 2\n", b"3\n")]
     many = parse_tests(
         "tests:\n"
         + fenced("json", json.dumps([{"input": "1", "output": "é"}, {"input": "2", "output": "4"}]))
     )
-    assert many == [TestCase(b"1", "é".encode()), TestCase(b"2", b"4")]
+    assert many == [ProgramTest(b"1", "é".encode()), ProgramTest(b"2", b"4")]
 
 
 @pytest.mark.parametrize(
@@ -99,14 +99,14 @@ def test_parse_tests_rejects(completion: str, reason: str) -> None:
 
 def test_dedup_normalizes_whitespace_and_drops_contradictions() -> None:
     tests = [
-        TestCase(b"1 2\n", b"3"),
-        TestCase(b"1  2", b"3\n"),
-        TestCase(b"5", b"6"),
-        TestCase(b"5\n", b"7"),
-        TestCase(b"9", b"9"),
+        ProgramTest(b"1 2\n", b"3"),
+        ProgramTest(b"1  2", b"3\n"),
+        ProgramTest(b"5", b"6"),
+        ProgramTest(b"5\n", b"7"),
+        ProgramTest(b"9", b"9"),
     ]
     kept, dropped = cc.dedup_tests(tests)
-    assert kept == [TestCase(b"1 2\n", b"3"), TestCase(b"9", b"9")]
+    assert kept == [ProgramTest(b"1 2\n", b"3"), ProgramTest(b"9", b"9")]
     assert dropped == 3
 
 
@@ -189,7 +189,7 @@ def test_verify_code_drops_a_suspect_test(sandbox: Sandbox) -> None:
     ]  # wrong: 4+4 is 8
     adder = fenced("python", "print(sum(map(int, input().split())))")
     report = verify_code([adder, adder, fenced("python", "print(0)")], writer, sandbox, LIMITS)
-    assert report.tests_suspect == [TestCase(b"4 4", b"9")]
+    assert report.tests_suspect == [ProgramTest(b"4 4", b"9")]
     assert report.passed == [True, True, False]
 
 

@@ -114,6 +114,49 @@ def test_dead_letter_keeps_the_raw_payload_and_origin():
     )
 
 
+def test_a_future_schema_version_is_refused_not_read_as_today():
+    future = _concepts().model_dump(mode="json") | {"schema_version": 99}
+    with pytest.raises(serde.RecordDecodeError) as info:
+        serde.decode(json.dumps(future).encode(), ConceptSet)
+    assert info.value.reason == serde.SCHEMA_VERSION_UNSUPPORTED
+    assert "99" in info.value.error
+    current = _concepts().model_dump(mode="json")
+    assert serde.decode(json.dumps(current).encode(), ConceptSet).id == _concepts().id
+
+
+def test_a_record_over_the_size_limit_is_refused_before_parsing():
+    big = json.dumps(_concepts(draw="x" * 5000).model_dump(mode="json")).encode()
+    with pytest.raises(serde.RecordDecodeError) as info:
+        serde.decode(big, ConceptSet, max_bytes=4096)
+    assert info.value.reason == serde.RECORD_TOO_LARGE
+    assert serde.decode(big, ConceptSet, max_bytes=len(big)).draw == "x" * 5000
+
+
+def test_a_dead_letter_fits_the_limit_whatever_the_payload():
+    import base64
+
+    payload = b"\xff" * 2_000_000
+    dl = serde.dead_letter(
+        stage="generate",
+        error=serde.RecordDecodeError(serde.UNDECODABLE, "boom"),
+        topic="promptcot.concepts",
+        partition=0,
+        offset=7,
+        key=b"k",
+        payload=payload,
+        max_bytes=100_000,
+    )
+    assert len(serde.encode(dl)) <= 100_000
+    assert dl.payload_size == 2_000_000 and dl.payload_truncated
+    assert payload.startswith(base64.b64decode(dl.payload_b64))
+    small = serde.dead_letter(
+        stage="generate", error=ValueError("x"), topic="t", partition=0, offset=8, key=None,
+        payload=b"abc", max_bytes=100_000,
+    )
+    assert base64.b64decode(small.payload_b64) == b"abc" and not small.payload_truncated
+    assert small.reason == serde.PROCESSING_ERROR
+
+
 def test_every_record_type_has_a_json_schema_and_a_unique_kind():
     assert len({cls.id_prefix for cls in RECORD_TYPES.values()}) == len(RECORD_TYPES)
     for cls in RECORD_TYPES.values():

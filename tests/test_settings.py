@@ -148,6 +148,10 @@ TYPOS = [
     ),
     ({"sink": {"output_dr": "x"}}, "sink.output_dr: unknown key; did you mean output_dir?"),
     ({"metrics": {"prt": 1}}, "metrics.prt: unknown key; did you mean port?"),
+    (
+        {"worker": {"shutdown_grace": 5}},
+        "worker.shutdown_grace: unknown key; did you mean shutdown_grace_s?",
+    ),
     ({"log_levl": "INFO"}, "log_levl: unknown key; did you mean log_level?"),
 ]
 

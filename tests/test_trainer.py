@@ -21,9 +21,9 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # the machine is shared; these models are tiny
 
 from promptcot.settings import Settings
-from streams.records import ModelUpdate, PreferencePair, Rationale
+from streams.records import ModelUpdate, PreferencePair, Rationale, version_number
 from streams.topics import MODELS
-from trainer.checkpoints import CheckpointStore, parse_version
+from trainer.checkpoints import CheckpointStore
 from trainer.em import (
     EMTrainer,
     SeedItem,
@@ -31,9 +31,10 @@ from trainer.em import (
     is_heldout,
     problem_nll,
 )
-from trainer.stages import DPOStage, EStepStage, ModelReloadStage
+from trainer.stages import DPOStage, EStepStage
 from workers import prompts as P
 from workers.backends.base import BackendSettings
+from workers.reload import ModelFollower
 
 # ---------------------------------------------------------------------------------------------
 # A tiny model
@@ -205,7 +206,7 @@ def test_checkpoints_are_atomic_versioned_and_pruned(tmp_path):
     saved = [store.save("solver", "dpo", write, {"metrics": {"i": i}}) for i in range(4)]
     assert [c.version for c in saved] == [1, 2, 3, 4]
     assert saved[-1].path.name == "v0004-dpo" and saved[-1].version_string == "solver/v0004-dpo"
-    assert parse_version(saved[-1].version_string) == 4
+    assert version_number(saved[-1].version_string) == 4
     assert [c.version for c in store.list("solver")] == [3, 4]  # pruned to keep_last
     assert not saved[0].path.exists() and saved[-1].path.exists()
     # An in-progress write (hidden tmp folder, no manifest) is invisible to readers.
@@ -377,38 +378,6 @@ def test_trainer_stages_respect_the_enabled_switch(tmp_path, tiny_model):
     assert not (tmp_path / "ckpt").exists()
 
 
-class _FakeBackend:
-    def __init__(self) -> None:
-        self.reloaded: list[str] = []
-
-    def reload(self, path: str) -> None:
-        self.reloaded.append(path)
-
-
-def test_model_reload_stage_moves_matching_roles_to_newer_weights(tmp_path):
-    store = CheckpointStore(tmp_path, keep_last=5)
-    ckpts = [store.save("prompt_model", "m_step", lambda d: None) for _ in range(2)]
-    p, solver = _FakeBackend(), _FakeBackend()
-    stage = ModelReloadStage(SimpleNamespace(), backends={"prompt_model": p, "solver": solver})
-
-    def update(c):
-        return ModelUpdate(role=c.role, version=c.version_string, path=str(c.path), step=c.step)
-
-    assert stage.process([update(ckpts[0])]) == []
-    assert p.reloaded == [str(ckpts[0].path)] and solver.reloaded == []
-    stage.process([update(ckpts[1]), update(ckpts[0])])  # newest of a window wins
-    stage.process([update(ckpts[0])])  # a redelivered older update is ignored
-    assert p.reloaded == [str(ckpts[0].path), str(ckpts[1].path)]
-    gone = ModelUpdate(
-        role="prompt_model",
-        version="prompt_model/v0007-m_step",
-        path=str(tmp_path / "pruned"),
-        step="m_step",
-    )
-    stage.process([gone])  # a pruned folder is not loaded
-    assert len(p.reloaded) == 2
-
-
 def test_lora_dpo_checkpoint_is_an_adapter_a_real_backend_reloads(tmp_path, tiny_model):
     from workers.backends.transformers_backend import TransformersBackend
 
@@ -436,8 +405,7 @@ def test_lora_dpo_checkpoint_is_an_adapter_a_real_backend_reloads(tmp_path, tiny
     before = backend.model_version
     prompt = P.SOLVER_MATH.render(backend, problem=_problem(0))
     base_score = backend.score([prompt], [_pairs(1)[0].chosen])[0].total_logprob
-    stage = ModelReloadStage(SimpleNamespace(), backends={"solver": backend})
-    stage.process([update])
+    ModelFollower(SimpleNamespace(), backends={"solver": backend}).apply([update])
     assert backend.model_version != before and "+lora:" in backend.model_version
     # The reloaded backend serves the trained weights: the chosen answer got likelier.
     assert backend.score([prompt], [_pairs(1)[0].chosen])[0].total_logprob > base_score

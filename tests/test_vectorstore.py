@@ -212,6 +212,18 @@ def test_near_duplicates_within_one_batch(dedup):
     assert decisions[1].similarity >= dedup.settings.near_duplicate_threshold
 
 
+def test_a_stored_id_keeps_its_first_decision_whatever_its_new_text(dedup):
+    """Ids name the unit of work: a candidate regenerated under the same id (a redelivery whose
+    sampling came out differently) is the same decision, never a second row."""
+    first = [CandidateText(f"other-{i}", NOVEL[i], "math") for i in (0, 2)]
+    first.append(CandidateText("cand-1", NOVEL[1], "math"))
+    assert all(x.accepted for x in check(dedup, first))
+    again = check(dedup, [CandidateText("cand-1", NOVEL[3], "math")])
+    assert again[0].accepted
+    assert dedup.store.count() == 3  # no second row for cand-1
+    assert dedup.store.get("cand-1")["text"].startswith(NOVEL[1][:40])
+
+
 def test_redelivered_item_is_accepted_once_and_stored_once(dedup):
     item = CandidateText("same-id", NOVEL[1], "math", {"parents": ["cs-1"]})
     assert check(dedup, [item])[0].accepted

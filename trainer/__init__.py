@@ -4,7 +4,7 @@ checkpoints, and the stages that run them on windows of the rationales and pairs
 torch/transformers/trl are imported only when a model is loaded or trained.
 """
 
-from trainer.checkpoints import Checkpoint, CheckpointStore, RoleModel, parse_version
+from trainer.checkpoints import Checkpoint, CheckpointStore, RoleModel
 from trainer.config import (
     ColdStartConfig,
     DPOConfig,
@@ -28,5 +28,4 @@ __all__ = [
     "StepConfig",
     "TrainerSettings",
     "WindowConfig",
-    "parse_version",
 ]

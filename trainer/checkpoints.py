@@ -52,12 +52,6 @@ class Checkpoint:
         return (self.path / "adapter_config.json").is_file()
 
 
-def parse_version(text: str) -> int | None:
-    """The version number in a folder name, a path or a version string (``.../v0007-...``)."""
-    m = re.search(r"(?:^|/)v(\d{4,})-", str(text))
-    return int(m.group(1)) if m else None
-
-
 class CheckpointStore:
     def __init__(self, root: str | Path, keep_last: int = 3):
         self.root = Path(root)

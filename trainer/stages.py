@@ -1,34 +1,31 @@
 """The trainer as stages: windows of rationales -> E-step + M-step -> model updates; windows of
-preference pairs -> DPO -> a solver update; model updates -> generators reload.
+preference pairs -> DPO -> a solver update. Every process serving a role follows the updates
+(workers/reload.py).
 
 Windows are the runtime's micro-batches; these stages get long ones (``settings.stages``), or a
 trickle of records would arrive in windows too small to train on. A window under
-``min_records`` is skipped with a log line. Models load on first use,
-in the worker thread, and torch is imported only then.
+``min_records`` is skipped with a log line. Models load on first use, in the worker thread, and
+torch is imported only then.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from streams.records import ModelUpdate, PreferencePair, Rationale
 from streams.topics import MODELS, PAIRS, RATIONALES
-from trainer.checkpoints import parse_version
 from trainer.config import TrainerSettings
-from workers.backends.base import Backend
 from workers.roles import Role, model_path_for
 from workers.stage import Emit, Stage
-
-if TYPE_CHECKING:
-    from promptcot.settings import Settings
 
 log = logging.getLogger(__name__)
 In = TypeVar("In", PreferencePair, Rationale)
 
 
 class _TrainerStage(Stage[In]):
+    journaled = False  # trained-on ids live in the checkpoints (trainer/checkpoints.py)
+    isolate_failures = False  # a window is one unit: retried whole, then dead-lettered whole
     outputs = (MODELS,)
 
     @property
@@ -107,63 +104,3 @@ class DPOStage(_TrainerStage[PreferencePair]):
         if result.skipped:
             log.info("dpo: window skipped: %s", result.skipped)
         return self._emit_updates(result.updates)
-
-
-class ModelReloadStage(Stage[ModelUpdate]):
-    """models -> (nothing): every backend of this process that serves the update's role moves
-    to the new weights.
-
-    Only backends already loaded in this process are reloaded (loading a model just to reload it
-    would be waste). Updates older than the one applied are ignored (a redelivery, or two
-    trainers racing), as are updates whose folder was pruned. A backend shared with a role that
-    did *not* change keeps its weights: the role moves to a copy of its own (BackendPool).
-
-    Every process that generates must see every update, so this stage needs a consumer group of
-    its own per process (a broadcast), not the shared group of the other stages.
-    """
-
-    name = "model_reload"
-    input = MODELS
-    outputs = ()
-
-    def __init__(self, settings: Settings, backends: dict[str, Backend] | None = None):
-        super().__init__(settings)
-        self._explicit = backends  # role -> backend (tests, or a process that owns a pool)
-        self.applied: dict[str, int] = {}  # role -> version number now served
-
-    def process(self, records: list[ModelUpdate]) -> list[Emit]:
-        newest: dict[str, ModelUpdate] = {}
-        for u in records:
-            cur = newest.get(u.role)
-            if cur is None or (parse_version(u.version) or 0) >= (parse_version(cur.version) or 0):
-                newest[u.role] = u
-        for role, update in newest.items():
-            number = parse_version(update.version) or parse_version(update.path) or 0
-            if number <= self.applied.get(role, 0):
-                log.info(
-                    "model_reload: %s %s is not newer than v%04d, ignored",
-                    role,
-                    update.version,
-                    self.applied[role],
-                )
-                continue
-            if not Path(update.path).is_dir():
-                log.warning(
-                    "model_reload: %s %s: %s is gone (pruned?), ignored",
-                    role,
-                    update.version,
-                    update.path,
-                )
-                continue
-            if self._explicit is not None:
-                reloaded = role in self._explicit
-                if reloaded:
-                    self._explicit[role].reload(update.path)
-            else:
-                from workers.roles import reload_role
-
-                reloaded = reload_role(self.settings.models, role, update.path)
-            if reloaded:
-                log.info("model_reload: %s now serves %s", role, update.version)
-            self.applied[role] = number
-        return []

@@ -8,8 +8,8 @@ Checks, in this order (the first failing one is the reason):
   benchmark embedding similarity -> embedding near-duplicate (store + earlier items of the batch).
 ``decide_and_commit`` writes the accepted items to the store before returning, in one batched
 write, so the next batch sees them. Only one owner may call it per store (docs/vectorstore.md).
-A redelivered item (same id already stored) is accepted again without a second write, so
-at-least-once delivery stays idempotent.
+A redelivered item (same id already stored) is accepted again without a second write, even when
+its text differs (a regenerated candidate), so at-least-once delivery stays idempotent.
 """
 
 from __future__ import annotations
@@ -125,7 +125,10 @@ class DedupFilter:
         """Final check-then-commit against the store and the batch. Single owner per store."""
         if self.store is None:
             raise RuntimeError("decide_and_commit needs a ProblemStore (only the owner has one)")
-        live = [s for s in screened if not s.empty]
+        # An id already stored was accepted before: its first decision stands, whatever text a
+        # redelivery regenerated under it (ids name the unit of work).
+        stored_ids = self.store.existing_ids([s.id for s in screened])
+        live = [s for s in screened if not s.empty and s.id not in stored_ids]
         stored_by_hash = self.store.ids_by_hash([s.text_hash for s in live])
         stored_nearest = self.store.nearest(
             np.stack([s.vector for s in live]) if live else np.zeros((0, self.store.dim)), k=1
@@ -139,6 +142,9 @@ class DedupFilter:
         batch_hashes: dict[str, str] = {}
         to_store: list[StoredProblem] = []
         for item in screened:
+            if item.id in stored_ids:
+                decisions.append(FilterDecision(item.id, True, None, item.id, 1.0))
+                continue
             decision = self._decide(
                 item, stored_by_hash, nearest_of.get(id(item)), batch_hashes, accepted
             )

@@ -174,6 +174,21 @@ class ProblemStore:
         )
         return dict(zip(found["text_hash"].to_pylist(), found["id"].to_pylist(), strict=True))
 
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """The ids of ``ids`` that are stored already (one filtered scan)."""
+        wanted = sorted({i for i in ids if i})
+        if not wanted:
+            return set()
+        quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in wanted)
+        found = (
+            self._table.search()
+            .where(f"id IN ({quoted})")
+            .select(["id"])
+            .limit(len(wanted) * 4 + 10)
+            .to_arrow()
+        )
+        return set(found["id"].to_pylist())
+
     def rows(
         self, columns: Sequence[str] = ("id", "text", "domain", "vector", "metadata")
     ) -> list[dict[str, Any]]:

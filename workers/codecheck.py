@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from workers.sandbox import Limits, Sandbox, TestCase, TestOutcome, normalize_output
+from workers.sandbox import Limits, ProgramTest, Sandbox, TestOutcome, normalize_output
 
 # Parse errors (CodeParseError.reason).
 NO_CODE_BLOCK = "no_code_block"
@@ -82,17 +82,17 @@ def extract_program(completion: str) -> str:
     return program
 
 
-def _test_from_json(item: object) -> TestCase:
+def _test_from_json(item: object) -> ProgramTest:
     if not isinstance(item, dict):
         raise CodeParseError(MALFORMED_TESTS, f"a test is a {type(item).__name__}, not an object")
     if set(item) != {"input", "output"}:
         raise CodeParseError(MALFORMED_TESTS, f"keys {sorted(item)} != ['input', 'output']")
     if not isinstance(item["input"], str) or not isinstance(item["output"], str):
         raise CodeParseError(MALFORMED_TESTS, "input and output must be strings")
-    return TestCase(item["input"].encode(), item["output"].encode())
+    return ProgramTest(item["input"].encode(), item["output"].encode())
 
 
-def parse_tests(completion: str) -> list[TestCase]:
+def parse_tests(completion: str) -> list[ProgramTest]:
     """The tests of one test-writer call: its single ```json block (object or list)."""
     blocks = _fenced_blocks(_answer_part(completion), {"json"})
     if not blocks:
@@ -109,11 +109,11 @@ def parse_tests(completion: str) -> list[TestCase]:
     return [_test_from_json(item) for item in items]
 
 
-def dedup_tests(tests: Sequence[TestCase]) -> tuple[list[TestCase], int]:
+def dedup_tests(tests: Sequence[ProgramTest]) -> tuple[list[ProgramTest], int]:
     """Drop repeated tests (same whitespace-normalized input). When repeats disagree on the
     normalized output the writer contradicted itself and every copy is dropped. Returns the kept
     tests in first-seen order and how many were dropped."""
-    by_input: dict[bytes, list[TestCase]] = {}
+    by_input: dict[bytes, list[ProgramTest]] = {}
     for test in tests:
         by_input.setdefault(normalize_output(test.input), []).append(test)
     kept = []
@@ -161,8 +161,8 @@ class CodeReport:
 
     passed: list[bool]  # per rollout: every kept test passed
     failure_reasons: list[str | None]  # per rollout: None when it passed
-    tests_kept: list[TestCase]
-    tests_suspect: list[TestCase] = field(default_factory=list)
+    tests_kept: list[ProgramTest]
+    tests_suspect: list[ProgramTest] = field(default_factory=list)
     duplicates_dropped: int = 0
     test_parse_errors: list[str] = field(default_factory=list)  # reason per bad writer call
     rejection: str | None = None  # the problem cannot be verified
@@ -200,7 +200,7 @@ def verify_code(
     one sandboxed process. A rollout without a parsable program fails with its parse reason.
     """
     n = len(rollouts)
-    tests: list[TestCase] = []
+    tests: list[ProgramTest] = []
     parse_errors = []
     for completion in test_completions:
         try:

@@ -1,10 +1,29 @@
-"""The thin Faust layer: one app, one agent per stage, raw bytes in and out.
+"""The thin Faust layer that runs stages, and owns their offset commits.
 
-Each agent takes micro-batches (up to ``batch_size`` events or ``batch_within_s``), decodes them
-(unreadable bytes go to the dead-letter topic with the reason and where they came from), runs the
-stage's pure ``process`` in a worker thread so the event loop keeps heartbeating, and awaits the
-broker's acknowledgement of every output before the input offsets are committed: at-least-once,
-and ids are content hashes, so a redelivery reproduces the same records.
+Per stage, one Faust agent reads micro-batches (up to ``batch_size`` records or
+``batch_within_s``) without Faust's automatic acknowledgement and hands them on in chunks: a
+model stage whose backend serves concurrent calls together (an OpenAI-compatible server, vLLM)
+gets one record per chunk and up to ``in_flight`` chunks at once, so the engine's batch stays
+full and each record moves on as soon as its own completion is back; a stage on the in-process
+transformers backend gets whole micro-batches, one at a time. Each chunk:
+
+1. is decoded; bytes that can't be read (not JSON, wrong schema, a newer schema version, over
+   ``kafka.max_record_bytes``) become dead letters with the reason and their coordinates;
+2. is looked up in the stage's journal (workers/journal.py): an input decided before is
+   answered with the recorded outputs, never decided again;
+3. runs the stage's ``process`` in a worker thread (the event loop keeps heartbeating). A
+   transient failure (a model server down, a full disk) is retried with backoff until it works
+   or the worker stops; any other exception is retried record by record (the window, for the
+   trainer) and the records that keep failing become dead letters with the error;
+4. has its outputs recorded in the journal, then sent; when every send is acknowledged by the
+   broker, its input messages are finished.
+
+Acknowledgement to Faust follows offset order per partition (``OffsetLedger``): a message is
+acknowledged only when it and every message before it on its partition are finished, so the
+committed offset never passes a record whose outputs are not on the broker — whatever Faust
+does on cancellation, and whatever order chunks finish in. On shutdown the agents stop taking
+input, records in process get ``worker.shutdown_grace_s`` to finish, the finished prefix is
+committed, and the rest is redelivered to the next worker (docs/runtime.md).
 """
 
 from __future__ import annotations
@@ -12,10 +31,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
+import signal
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +49,8 @@ import faust
 from streams import metrics, serde
 from streams.cluster import faust_credentials
 from streams.records import Record
-from streams.topics import DEAD_LETTERS, TopicSpec
+from streams.topics import CATALOGUE, DEAD_LETTERS, TopicSpec
+from workers.journal import Journal
 from workers.stage import Emit, Stage
 
 if TYPE_CHECKING:
@@ -33,9 +59,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class StartupError(RuntimeError):
+    """A stage could not set up (a missing model, an unwritable folder): the process refuses to
+    start instead of dead-lettering every record it reads."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Failures of the process's surroundings, not of a record: retried, never dead-lettered."""
+    from workers.backends.base import BackendTimeoutError, UnreachableError
+
+    return isinstance(exc, UnreachableError | BackendTimeoutError | OSError)
+
+
 def build_app(settings: Settings, bootstrap: str, app_id: str) -> faust.App:
     kafka = settings.kafka
-    datadir = Path(tempfile.gettempdir()) / "promptcot-faust" / app_id  # stateless: nothing to keep
+    datadir = Path(tempfile.gettempdir()) / "promptcot-faust" / app_id  # stateless: nothing kept
     datadir.mkdir(parents=True, exist_ok=True)
     return faust.App(
         app_id,
@@ -43,10 +81,10 @@ def build_app(settings: Settings, bootstrap: str, app_id: str) -> faust.App:
         broker_credentials=faust_credentials(kafka),
         value_serializer="raw",
         key_serializer="raw",
-        store="memory://",  # stateless workers: no tables to restore (docs/broker.md: end offsets)
+        store="memory://",  # stateless workers: no tables to restore (docs/broker.md)
         datadir=str(datadir),
         web_enabled=False,
-        topic_allow_declare=False,  # topics come from the catalogue (streams.topics.ensure_topics)
+        topic_allow_declare=False,  # topics come from the catalogue (streams.topics)
         processing_guarantee="at_least_once",  # exactly_once cannot start on Tansu
         broker_session_timeout=kafka.session_timeout_s,
         broker_heartbeat_interval=kafka.heartbeat_interval_s,
@@ -54,132 +92,403 @@ def build_app(settings: Settings, bootstrap: str, app_id: str) -> faust.App:
         consumer_auto_offset_reset="earliest",
         topic_partitions=kafka.partitions,
         producer_acks=-1,
+        producer_max_request_size=kafka.max_record_bytes + 64 * 1024,  # headers and framing
         stream_buffer_maxsize=256,
-        # Stopping must not wait for a batch in a model call: at-least-once redelivers it.
+        # Stopping never waits on Faust's side: the runtime drains its own work first.
         stream_wait_empty=False,
-        # A model call can hold a batch for minutes on a CPU; don't let Faust declare it stuck.
+        # A model call can hold a record for minutes on a CPU; don't let Faust call it stuck.
         stream_processing_timeout=3600,
         broker_max_poll_interval=3600,
     )
 
 
+# --- offsets ----------------------------------------------------------------------------------
+
+
+class OffsetLedger:
+    """Per partition, the messages received in offset order and which of them are finished.
+    ``finish`` returns the events that may now be acknowledged: the finished prefix of each
+    partition, in order. An unfinished message holds back every message after it."""
+
+    def __init__(self) -> None:
+        self._queues: dict[Any, deque[list]] = {}
+        self.pending = 0
+
+    def add(self, event: Any) -> None:
+        self._queues.setdefault(event.message.tp, deque()).append([event, False])
+        self.pending += 1
+
+    def finish(self, events: list[Any]) -> list[Any]:
+        ids = {id(e) for e in events}
+        touched = {e.message.tp for e in events}
+        ready = []
+        for tp in touched:
+            queue = self._queues.get(tp)
+            if not queue:
+                continue
+            for entry in queue:
+                if id(entry[0]) in ids:
+                    entry[1] = True
+            while queue and queue[0][1]:
+                ready.append(queue.popleft()[0])
+        self.pending -= len(ready)
+        return ready
+
+
+# --- one stage ----------------------------------------------------------------------------------
+
+
+class _Stopped(Exception):
+    """The worker is stopping: abandon this chunk (it will be redelivered)."""
+
+
+@dataclass
+class _Item:
+    record: Record
+    message: Any
+
+
+@dataclass
+class _Outcome:
+    """What a chunk produced: emits per input id (journaled), and emits of no single input."""
+
+    by_input: dict[str, list[Emit]] = field(default_factory=dict)
+    loose: list[Emit] = field(default_factory=list)
+
+
 class StageAgent:
     """Runs one stage inside a Faust app."""
 
-    def __init__(
-        self,
-        app: faust.App,
-        stage: Stage,
-        settings: Settings,
-        executor: ThreadPoolExecutor,
-    ):
+    def __init__(self, app: faust.App, stage: Stage, settings: Settings):
         self.app = app
         self.stage = stage
         self.settings = settings
-        self.executor = executor
+        self.runtime = settings.stage(stage.name)
+        self.max_bytes = settings.kafka.max_record_bytes
+        self.chunk_size = stage.chunk_size(self.runtime.batch_size)
+        self.in_flight = max(
+            self.chunk_size,
+            self.runtime.in_flight or stage.default_in_flight(self.runtime.batch_size),
+        )
+        workers = max(1, math.ceil(self.in_flight / self.chunk_size))
+        self.executor = ThreadPoolExecutor(workers + 1, thread_name_prefix=f"stage-{stage.name}")
         ns = settings.kafka.namespace
+        self.journal = (
+            Journal(
+                settings.worker.journal_dir / ns / f"{stage.name}.sqlite",
+                settings.worker.journal_retention_days * 86400,
+            )
+            if stage.journaled
+            else None
+        )
+        self.ledger = OffsetLedger()
+        self.stopping = threading.Event()
+        self._capacity = self.in_flight
+        self._capacity_changed = asyncio.Condition()
+        self.tasks: set[asyncio.Task] = set()
         self._topics: dict[str, faust.TopicT] = {}
         for spec in (*stage.outputs, DEAD_LETTERS):
-            self._topic(spec, ns)
-        self.input_topic = self._topic(stage.input, ns)
-        runtime = settings.stage(stage.name)
-        self.batch_size = runtime.batch_size
-        self.within = runtime.batch_within_s
-        app.agent(self.input_topic, name=f"{ns}.{stage.name}", concurrency=runtime.concurrency)(
-            self._run
-        )
+            self._topic(spec)
+        self.input_topic = self._topic(stage.input)
+        app.agent(self.input_topic, name=f"{ns}.{stage.name}")(self._run)
         if type(stage).start is not Stage.start:
             app.task(self._prime)
 
-    def _topic(self, spec: TopicSpec, ns: str) -> faust.TopicT:
-        name = spec.full_name(ns)
+    def _topic(self, spec: TopicSpec) -> faust.TopicT:
+        name = spec.full_name(self.settings.kafka.namespace)
         if name not in self._topics:
             self._topics[name] = self.app.topic(
-                name, key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw"
+                name,
+                key_type=bytes,
+                value_type=bytes,
+                value_serializer="raw",
+                key_serializer="raw",
             )
         return self._topics[name]
 
+    # -- the loop ------------------------------------------------------------------------------
+
     async def _prime(self) -> None:
         loop = asyncio.get_running_loop()
-        emits = await loop.run_in_executor(self.executor, self._call, self.stage.start)
+        emits = await loop.run_in_executor(self.executor, self.stage.start)
         await self._send(emits)
 
-    def _call(self, fn: Any, *args: Any) -> Any:
-        self.stage.ensure_ready()
-        return fn(*args)
-
     async def _run(self, stream: faust.StreamT) -> None:
-        loop = asyncio.get_running_loop()
-        async for events in stream.take_events(self.batch_size, within=self.within):
-            started = time.perf_counter()
-            decoded: list[tuple[Record, Any]] = []
-            dead: list[Emit] = []
+        name = self.stage.name
+        async for events in stream.noack_take(
+            self.runtime.batch_size, within=self.runtime.batch_within_s
+        ):
+            if self.stopping.is_set():
+                continue  # never acknowledged: redelivered to the next worker
+            metrics.RECORDS_IN.labels(stage=name).inc(len(events))
             for event in events:
-                try:
-                    decoded.append(
-                        (serde.decode(event.value, self.stage.input_type), event.message)
-                    )
-                except serde.RecordDecodeError as exc:
-                    dead.append(self._dead_letter(exc, event.message))
-            metrics.RECORDS_IN.labels(stage=self.stage.name).inc(len(events))
-            emits = list(dead)
-            if decoded:
-                emits += await loop.run_in_executor(self.executor, self._process_safely, decoded)
-            await self._send(emits)
-            metrics.BATCH_SIZE.labels(stage=self.stage.name).observe(len(events))
-            metrics.BATCH_SECONDS.labels(stage=self.stage.name).observe(
-                time.perf_counter() - started
-            )
+                self.ledger.add(event)
+            metrics.PENDING.labels(stage=name).set(self.ledger.pending)
+            for start in range(0, len(events), self.chunk_size):
+                chunk = events[start : start + self.chunk_size]
+                await self._reserve(len(chunk))
+                if self.stopping.is_set():
+                    await self._release(len(chunk))
+                    break
+                task = asyncio.create_task(self._handle(chunk))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
 
-    def _process_safely(self, decoded: list[tuple[Record, Any]]) -> list[Emit]:
-        """process() must not raise; if it does anyway (a bug, a dead backend), retry record by
-        record so one poison record cannot take its batch-mates with it, and dead-letter the
-        records that still fail, with the exception as the reason."""
-        try:
-            return self._call(self.stage.process, [record for record, _ in decoded])
-        except Exception:
-            log.exception(
-                "stage %s failed on a batch of %d; retrying one by one",
-                self.stage.name,
-                len(decoded),
+    async def _reserve(self, n: int) -> None:
+        async with self._capacity_changed:
+            await self._capacity_changed.wait_for(
+                lambda: self._capacity >= n or self.stopping.is_set()
             )
+            self._capacity -= n
+
+    async def _release(self, n: int) -> None:
+        async with self._capacity_changed:
+            self._capacity += n
+            self._capacity_changed.notify_all()
+
+    async def _handle(self, events: list[Any]) -> None:
+        started = time.perf_counter()
+        backoff = self.settings.worker.retry_backoff_s
+        try:
+            while True:  # a broker that is away, a journal disk that is full: wait and retry
+                try:
+                    emits = await self._outputs(events)
+                    await self._send(emits)
+                    break
+                except (_Stopped, asyncio.CancelledError):
+                    return  # not finished: never acknowledged, redelivered
+                except Exception:
+                    log.exception(
+                        "stage %s: a chunk of %d could not finish; retrying in %.0f s",
+                        self.stage.name,
+                        len(events),
+                        backoff,
+                    )
+                    metrics.RETRIES.labels(stage=self.stage.name, kind="runtime").inc()
+                    if self.stopping.is_set():
+                        return
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.settings.worker.retry_backoff_max_s)
+        finally:
+            await self._release(len(events))
+        for event in self.ledger.finish(events):
+            event.ack()
+        name = self.stage.name
+        metrics.PENDING.labels(stage=name).set(self.ledger.pending)
+        metrics.LAST_PROGRESS.labels(stage=name).set(time.time())
+        metrics.BATCH_SIZE.labels(stage=name).observe(len(events))
+        metrics.BATCH_SECONDS.labels(stage=name).observe(time.perf_counter() - started)
+
+    # -- one chunk -----------------------------------------------------------------------------
+
+    async def _outputs(self, events: list[Any]) -> list[Emit]:
+        loop = asyncio.get_running_loop()
+        items: list[_Item] = []
         emits: list[Emit] = []
-        for record, msg in decoded:
+        for event in events:
             try:
-                emits += self._call(self.stage.process, [record])
-            except Exception as exc:
-                log.exception("stage %s failed on record %s", self.stage.name, record.id)
-                emits.append(self._dead_letter(exc, msg))
+                record = serde.decode(event.value, self.stage.input_type, self.max_bytes)
+            except serde.RecordDecodeError as exc:
+                emits.append(self._dead_letter(exc, event.message))
+                continue
+            items.append(_Item(record, event.message))
+        if not items:
+            return emits
+        recorded = (
+            await loop.run_in_executor(
+                self.executor, self.journal.get, [i.record.id for i in items]
+            )
+            if self.journal is not None
+            else {}
+        )
+        todo = list({i.record.id: i for i in items if i.record.id not in recorded}.values())
+        for item in items:
+            if item.record.id in recorded:
+                emits += _replay(recorded.pop(item.record.id))
+                recorded[item.record.id] = []  # a duplicate in the same chunk replays once
+        if todo:
+            emits += await loop.run_in_executor(self.executor, self._decide, todo)
         return emits
 
-    def _dead_letter(self, exc: Exception, msg: Any) -> Emit:
+    def _decide(self, items: list[_Item]) -> list[Emit]:
+        """In a worker thread: process, fit the outputs to the size limit, record them in the
+        journal, and return what to send (the journal's winner where another process decided
+        an id first)."""
+        outcome = self._process(items)
+        by_id = {i.record.id: i for i in items}
+        for input_id, emits in outcome.by_input.items():
+            outcome.by_input[input_id] = [self._fit(e, by_id[input_id].message) for e in emits]
+        loose = [self._fit(e, items[0].message) for e in outcome.loose]
+        if self.journal is None:
+            return [e for emits in outcome.by_input.values() for e in emits] + loose
+        # An input that ended in a dead letter is not decided: a replay after a fix runs again.
+        failed = {
+            input_id: emits
+            for input_id, emits in outcome.by_input.items()
+            if any(e.topic is DEAD_LETTERS for e in emits)
+        }
+        decided = self.journal.record(
+            {
+                input_id: [(e.topic.name, serde.encode(e.record).decode()) for e in emits]
+                for input_id, emits in outcome.by_input.items()
+                if input_id not in failed
+            }
+        )
+        return (
+            [e for outputs in decided.values() for e in _replay(outputs)]
+            + [e for emits in failed.values() for e in emits]
+            + loose
+        )
+
+    def _process(self, items: list[_Item]) -> _Outcome:
+        """``stage.process`` with the failure policy; never raises but ``_Stopped``."""
+        self.stage.ensure_ready()
+        attempts = 0
+        backoff = self.settings.worker.retry_backoff_s
+        while True:
+            try:
+                return self._attribute(items, self.stage.process([i.record for i in items]))
+            except Exception as exc:
+                if is_transient(exc):
+                    log.warning("stage %s: %s; retrying in %.0f s", self.stage.name, exc, backoff)
+                    metrics.RETRIES.labels(stage=self.stage.name, kind="transient").inc()
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, self.settings.worker.retry_backoff_max_s)
+                    continue
+                if self.stage.isolate_failures and len(items) > 1:
+                    log.exception(
+                        "stage %s failed on %d records; retrying one by one",
+                        self.stage.name,
+                        len(items),
+                    )
+                    return _merge(self._process([item]) for item in items)
+                attempts += 1
+                if attempts < self.runtime.max_attempts:
+                    log.exception(
+                        "stage %s failed (attempt %d of %d); retrying",
+                        self.stage.name,
+                        attempts,
+                        self.runtime.max_attempts,
+                    )
+                    metrics.RETRIES.labels(stage=self.stage.name, kind="error").inc()
+                    self._sleep(self.settings.worker.retry_backoff_s * attempts)
+                    continue
+                log.exception("stage %s gave up on %d record(s)", self.stage.name, len(items))
+                return _Outcome({i.record.id: [self._dead_letter(exc, i.message)] for i in items})
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stopping.wait(seconds):
+            raise _Stopped()
+
+    def _attribute(self, items: list[_Item], emits: list[Emit]) -> _Outcome:
+        """Which input each output belongs to: the input itself passed on, or its child (the
+        input's id among the record's parents)."""
+        outcome = _Outcome({i.record.id: [] for i in items})
+        for emit in emits:
+            record = emit.record
+            owner = next(
+                (
+                    i.record.id
+                    for i in items
+                    if record.id == i.record.id or i.record.id in record.parent_ids
+                ),
+                None,
+            )
+            if owner is None:
+                outcome.loose.append(emit)
+            else:
+                outcome.by_input[owner].append(emit)
+        return outcome
+
+    def _fit(self, emit: Emit, source: Any) -> Emit:
+        """An output over the size limit becomes a dead letter of the input that produced it."""
+        size = len(serde.encode(emit.record))
+        if size <= self.max_bytes:
+            return emit
+        error = f"stage {self.stage.name} produced a {size:,}-byte {emit.record.kind} record"
+        return self._dead_letter(ValueError(error), source, reason=serde.OUTPUT_TOO_LARGE)
+
+    def _dead_letter(self, exc: Exception, message: Any, reason: str | None = None) -> Emit:
         record = serde.dead_letter(
             stage=self.stage.name,
             error=exc,
-            topic=getattr(msg, "topic", self.stage.input.full_name(self.settings.kafka.namespace)),
-            partition=getattr(msg, "partition", -1),
-            offset=getattr(msg, "offset", -1),
-            key=getattr(msg, "key", None),
-            payload=getattr(msg, "value", None),
+            topic=getattr(
+                message, "topic", self.stage.input.full_name(self.settings.kafka.namespace)
+            ),
+            partition=getattr(message, "partition", -1),
+            offset=getattr(message, "offset", -1),
+            key=getattr(message, "key", None),
+            payload=getattr(message, "value", None),
+            max_bytes=self.max_bytes,
+            reason=reason,
         )
-        metrics.DEAD_LETTERS.labels(stage=self.stage.name, reason=record.reason).inc()
         return Emit(DEAD_LETTERS, record)
 
     async def _send(self, emits: list[Emit]) -> None:
+        """Send and wait for the broker's acknowledgement of every record."""
         if not emits:
             return
-        ns = self.settings.kafka.namespace
         futures = []
         for emit in emits:
-            topic = self._topic(emit.topic, ns)
+            topic = self._topic(emit.topic)
             key = str(getattr(emit.record, emit.topic.key, emit.record.id) or emit.record.id)
-            fut = await topic.send(
-                key=key.encode(), value=serde.encode(emit.record), headers=emit.record.headers()
+            futures.append(
+                await topic.send(
+                    key=key.encode(), value=serde.encode(emit.record), headers=emit.record.headers()
+                )
             )
-            futures.append(fut)
-            metrics.RECORDS_OUT.labels(stage=self.stage.name, topic=emit.topic.name).inc()
-        # Wait for the broker's acks before the input offsets may be committed.
         await asyncio.gather(*futures)
+        for emit in emits:
+            metrics.RECORDS_OUT.labels(stage=self.stage.name, topic=emit.topic.name).inc()
+            if emit.topic is DEAD_LETTERS:
+                metrics.DEAD_LETTERS.labels(
+                    stage=self.stage.name,
+                    reason=emit.record.reason,  # type: ignore[attr-defined]
+                ).inc()
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking input; give records in process ``grace_s`` to finish. Returns how many
+        records were still unfinished (they are redelivered)."""
+        self.stopping.set()
+        async with self._capacity_changed:
+            self._capacity_changed.notify_all()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=grace_s)
+        return self.ledger.pending
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(Exception):
+            self.stage.close()
+
+
+def _replay(outputs: list[tuple[str, str]]) -> list[Emit]:
+    emits = []
+    for topic_name, value in outputs:
+        spec = CATALOGUE[topic_name]
+        emits.append(Emit(spec, spec.record.model_validate_json(value)))
+    return emits
+
+
+def _merge(outcomes) -> _Outcome:
+    merged = _Outcome()
+    for outcome in outcomes:
+        merged.by_input.update(outcome.by_input)
+        merged.loose += outcome.loose
+    return merged
+
+
+# --- a process --------------------------------------------------------------------------------
+
+
+def setup_stages(stages: list[Stage]) -> None:
+    """Set every stage up before joining any group: a stage that cannot start (a missing model,
+    an unwritable folder) stops the process with one clear line."""
+    for stage in stages:
+        try:
+            stage.ensure_ready()
+        except Exception as exc:  # noqa: BLE001 - any set-up failure refuses the start
+            raise StartupError(f"stage {stage.name} cannot start: {exc}") from exc
 
 
 async def run_stages(
@@ -190,18 +499,24 @@ async def run_stages(
     app_id: str | None = None,
     until: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Stage]:
-    """Run ``stages`` in one Faust app until ``until()`` returns (default: forever).
+    """Run ``stages`` in one Faust app until ``until()`` returns (default: forever), then drain.
 
     Each process joins one consumer group per app id; a single-stage worker gets its own group,
     so `promptcot worker generate` on ten machines splits the concept partitions ten ways.
+    Every process that serves a model role also follows the models topic (workers/reload.py).
     """
+    from workers.reload import ModelFollower
+    from workers.stage import ModelStage
+
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, setup_stages, stages)
     group = app_id or f"{settings.kafka.consumer_group_prefix}-{'-'.join(s.name for s in stages)}"
     app = build_app(settings, bootstrap, group)
-    # One thread per stage: stages overlap (filter embeds while verify solves); a model shared
-    # by two roles serializes itself with its own lock.
-    executor = ThreadPoolExecutor(max_workers=max(2, len(stages)), thread_name_prefix="stage")
-    for stage in stages:
-        StageAgent(app, stage, settings, executor)
+    agents = [StageAgent(app, stage, settings) for stage in stages]
+    follower = None
+    if any(isinstance(s, ModelStage) for s in stages):
+        follower = ModelFollower(settings, bootstrap)
+        follower.start()
     await app.start()
     try:
         if until is None:
@@ -209,10 +524,30 @@ async def run_stages(
         else:
             await until()
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(app.stop(), timeout=30)
-        executor.shutdown(wait=False, cancel_futures=True)
-        for stage in stages:
-            with contextlib.suppress(Exception):
-                stage.close()
+        await _shut_down(app, agents, settings.worker.shutdown_grace_s)
+        if follower is not None:
+            await follower.stop()
     return stages
+
+
+async def _shut_down(app: faust.App, agents: list[StageAgent], grace_s: float) -> None:
+    loop = asyncio.get_running_loop()
+
+    def now() -> None:  # a second signal: leave at once; unfinished records are redelivered
+        log.warning("second signal: exiting now")
+        os._exit(1)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, now)
+    unfinished = await asyncio.gather(*(a.drain(grace_s) for a in agents))
+    if any(unfinished):
+        log.warning(
+            "stopping with %d unfinished record(s); they will be redelivered", sum(unfinished)
+        )
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(app.consumer.commit(), timeout=5)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(app.stop(), timeout=5)
+    for agent in agents:
+        agent.close()

@@ -29,11 +29,35 @@ CODE_LADDER = [
 
 
 class StageRuntime(Section):
-    """Micro-batching and parallelism of one stage: take up to batch_size records or wait."""
+    """Micro-batching and parallelism of one stage (workers/runtime.py): take up to batch_size
+    records or wait batch_within_s, keep up to in_flight records in process at once."""
 
     batch_size: int = Field(8, ge=1)
     batch_within_s: float = Field(0.5, gt=0)
-    concurrency: int = Field(1, ge=1)
+    # Records in process at once, across micro-batches. None: sized from the stage's backends
+    # (a continuous-batching server: its concurrency; the in-process transformers backend: one
+    # micro-batch), or one micro-batch for stages without a model.
+    in_flight: int | None = Field(None, ge=1)
+    # A record whose processing raises (not a model's bad output: a bug or a poison record) is
+    # tried this many times, then dead-lettered with the error. Trainer stages retry the window.
+    max_attempts: int = Field(3, ge=1)
+
+
+class WorkerSettings(Section):
+    """What every worker process shares: shutdown, and the journal of decisions."""
+
+    # On SIGTERM: stop taking input, let records in process finish for up to this long, commit,
+    # leave. Kubernetes waits 30 s (terminationGracePeriodSeconds) before SIGKILL.
+    shutdown_grace_s: float = Field(20.0, ge=0)
+    # The journal keeps the outputs of every input id a stage decided (workers/journal.py), so a
+    # redelivery re-emits the same records instead of deciding again. One SQLite file per stage;
+    # processes of one stage share it on one machine (see docs/runtime.md for clusters).
+    journal_dir: Path = Path("promptcot-output/journal")
+    journal_retention_days: float = Field(30.0, gt=0)
+    # Transient failures (a model server down, a full disk) are retried with backoff, not
+    # dead-lettered: they are not the record's fault.
+    retry_backoff_s: float = Field(1.0, gt=0)
+    retry_backoff_max_s: float = Field(60.0, gt=0)
 
 
 class ConceptSettings(Section):

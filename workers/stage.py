@@ -40,6 +40,12 @@ class Stage(ABC, Generic[In]):
     name: ClassVar[str]
     input: ClassVar[TopicSpec]
     outputs: ClassVar[tuple[TopicSpec, ...]]
+    # The runtime records the outputs of every input id and answers a redelivery with them
+    # (workers/journal.py). Off for stages whose outputs are not children of one input.
+    journaled: ClassVar[bool] = True
+    # A batch that raises is retried record by record, so one poison record cannot take its
+    # batch-mates with it. Off where the batch is one unit (a training window).
+    isolate_failures: ClassVar[bool] = True
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -66,6 +72,14 @@ class Stage(ABC, Generic[In]):
     def start(self) -> list[Emit]:
         """Records to emit when the worker starts (sources use it to prime the pipeline)."""
         return []
+
+    def chunk_size(self, batch_size: int) -> int:
+        """Records handed to one ``process`` call. Default: the whole micro-batch."""
+        return batch_size
+
+    def default_in_flight(self, batch_size: int) -> int:
+        """Records in process at once when settings don't say. Default: one micro-batch."""
+        return batch_size
 
     @abstractmethod
     def process(self, records: list[In]) -> list[Emit]:
@@ -125,6 +139,24 @@ class ModelStage(Stage[In]):
             return self._backends[role]
         return backend_for(self.settings.models, role)
 
+    def reject(
+        self,
+        subject: Record,
+        reason: str,
+        detail: str = "",
+        *,
+        models: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Emit:
+        """A rejection names the model versions that judged it, like every other output."""
+        return super().reject(
+            subject,
+            reason,
+            detail,
+            models=self.model_versions() if models is None else models,
+            **kwargs,
+        )
+
     def model_versions(self, *roles: Role) -> dict[str, str]:
         """role -> served model version, for lineage."""
         return {str(role): self.backend(role).model_version for role in roles or self.roles}
@@ -132,6 +164,21 @@ class ModelStage(Stage[In]):
     def setup(self) -> None:
         for role in self.roles:  # load the models before the first batch
             self.backend(role)
+
+    def _continuous(self) -> bool:
+        return all(getattr(self.backend(r), "continuous_batching", False) for r in self.roles)
+
+    def chunk_size(self, batch_size: int) -> int:
+        """A server that batches concurrent calls gets records one by one, so each moves on as
+        soon as its own completion is back; the in-process model gets whole micro-batches."""
+        return 1 if self._continuous() else batch_size
+
+    def default_in_flight(self, batch_size: int) -> int:
+        """As many records as the backends want in flight (a continuous-batching server's
+        concurrency); one micro-batch for an in-process model."""
+        if not self._continuous():
+            return batch_size
+        return min(int(getattr(self.backend(r), "max_in_flight", batch_size)) for r in self.roles)
 
     def generate(self, role: Role, prompts: list[str], **sampling: Any) -> list[list[Completion]]:
         """``backend(role).generate`` that counts the role's tokens; no prompts, no call."""

@@ -47,9 +47,7 @@ def up(
     stages: Annotated[
         str | None, typer.Option(help="Comma-separated stages (default: the data path).")
     ] = None,
-    train: Annotated[
-        bool, typer.Option(help="Also run the trainer stages (em, dpo, model_reload).")
-    ] = False,
+    train: Annotated[bool, typer.Option(help="Also run the trainer stages (em, dpo).")] = False,
     ephemeral: EphemeralOpt = False,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
@@ -74,7 +72,11 @@ def up(
         raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     limit_s = parse_duration(duration)
     progress = FactoryProgress(started=time.monotonic())
-    supervisor = Supervisor(settings.kafka, on_force=lambda: console.print(progress.table()))
+    supervisor = Supervisor(
+        settings.kafka,
+        settings.worker.shutdown_grace_s,
+        on_force=lambda: console.print(progress.table()),
+    )
     metrics.serve(settings.metrics.host, settings.metrics.port)
 
     with console.status("starting broker and topics..."):
@@ -148,6 +150,7 @@ def ephemeral_overrides(scratch: Path) -> dict:
         "embedded_broker": {"ephemeral": True},
         "vectorstore": {"store": {"uri": str(scratch / "vectorstore")}},
         "sink": {"output_dir": str(scratch)},
+        "worker": {"journal_dir": str(scratch / "journal")},
     }
 
 
@@ -170,7 +173,7 @@ def worker(
         raise typer.BadParameter(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     settings = load(config, bootstrap)
     require_cluster(settings)
-    supervisor = Supervisor(settings.kafka, on_force=lambda: None)
+    supervisor = Supervisor(settings.kafka, settings.worker.shutdown_grace_s, lambda: None)
     metrics.serve(settings.metrics.host, settings.metrics.port)
     cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
     supervisor.watch(cluster)
@@ -197,8 +200,12 @@ def worker(
     )
     if supervisor.failure:
         err_console.print(f"[red]error:[/] {supervisor.failure}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"worker [bold]{stage}[/] stopped")
+    # Records still inside a model call were not committed: the next worker redoes them. A
+    # thread stuck in such a call must not hold the exit past the grace period.
     sys.stdout.flush()
-    os._exit(supervisor.exit_code)  # as `up`: a stage thread stuck in a model call holds no input
+    os._exit(supervisor.exit_code)
 
 
 async def until_signal() -> None:

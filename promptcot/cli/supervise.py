@@ -22,8 +22,10 @@ from collections.abc import Callable
 from streams.cluster import Cluster, ClusterUnreachable, check_reachable
 from streams.settings import KafkaSettings
 
-# A stop must finish well inside the 30 s a cluster gives a pod between SIGTERM and SIGKILL.
-STOP_DEADLINE_S = 25.0
+# Past the runtime's own drain (worker.shutdown_grace_s, then up to 5 s to commit and 5 s to
+# stop the app, docs/runtime.md) a stop is forced: with the 20 s default, within the 30 s a
+# cluster gives a pod between SIGTERM and SIGKILL.
+STOP_MARGIN_S = 8.0
 DEAD_CLUSTER_DEADLINE_S = 3.0  # nothing can drain into a dead broker: don't wait for it
 PROBE_EVERY_S = 5.0
 EXIT_CLUSTER_GONE = 3
@@ -34,8 +36,9 @@ class Supervisor:
     """Install it first thing: a SIGTERM during start-up (a pod moved while loading models) is a
     stop like any other."""
 
-    def __init__(self, kafka: KafkaSettings, on_force: Callable[[], None]):
+    def __init__(self, kafka: KafkaSettings, grace_s: float, on_force: Callable[[], None]):
         self.kafka = kafka
+        self.deadline_s = grace_s + STOP_MARGIN_S
         self.on_force = on_force  # prints what it can before the hard exit
         self.cluster: Cluster | None = None
         self.exit_code = 0
@@ -70,7 +73,7 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         if self._stopping:
             self.force()  # a second signal: the user wants out now
-        self.stop(f"signal {signal.Signals(signum).name}", STOP_DEADLINE_S)
+        self.stop(f"signal {signal.Signals(signum).name}", self.deadline_s)
 
     def stop(self, reason: str, deadline_s: float) -> None:
         """Ask the factory to stop; if it has not within ``deadline_s``, end the process."""

@@ -25,6 +25,7 @@ class SamplerStage(Stage[Verdict]):
     name = "sampler"
     input = VERDICTS
     outputs = (CONCEPTS,)
+    journaled = False  # new concept sets are roots, not children of the verdicts that free them
 
     def setup(self) -> None:
         from workers.concepts import ConceptSampler, load_pool

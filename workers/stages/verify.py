@@ -41,9 +41,6 @@ class VerifyStage(ModelStage[CandidateProblem]):
         self._oracle = None  # started on the first math batch
         self._sandbox = None  # set up on the first code batch
 
-    def setup(self) -> None:
-        self.backend(Role.SOLVER)  # the test writer loads on the first code batch
-
     @property
     def oracle(self):
         if self._oracle is None:

@@ -1,0 +1,159 @@
+"""Hot reload (workers/reload.py): every process that serves a role follows the models topic."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from factory_harness import factory_settings, read_records
+
+from streams.broker import EmbeddedBroker
+from streams.clients import publish
+from streams.cluster import kafka_python_config
+from streams.records import CandidateProblem, ConceptSet, ModelUpdate, Verdict
+from streams.topics import CONCEPTS, MODELS, ensure_topics
+from trainer.checkpoints import CheckpointStore
+from workers.reload import ModelFollower
+
+
+class _FakeBackend:
+    def __init__(self) -> None:
+        self.reloaded: list[str] = []
+
+    def reload(self, path: str) -> None:
+        self.reloaded.append(path)
+
+
+def _update(c) -> ModelUpdate:
+    return ModelUpdate(role=c.role, version=c.version_string, path=str(c.path), step=c.step)
+
+
+def test_follower_moves_matching_roles_to_newer_weights_only(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=5)
+    ckpts = [store.save("prompt_model", "m_step", lambda d: None) for _ in range(2)]
+    p, solver = _FakeBackend(), _FakeBackend()
+    follower = ModelFollower(SimpleNamespace(), backends={"prompt_model": p, "solver": solver})
+
+    assert follower.apply([_update(ckpts[0])]) == ["prompt_model"]
+    assert p.reloaded == [str(ckpts[0].path)] and solver.reloaded == []
+    follower.apply([_update(ckpts[1]), _update(ckpts[0])])  # newest of a batch wins
+    follower.apply([_update(ckpts[0])])  # a redelivered older update is ignored
+    assert p.reloaded == [str(ckpts[0].path), str(ckpts[1].path)]
+    gone = ModelUpdate(
+        role="prompt_model",
+        version="prompt_model/v0007-m_step",
+        path=str(tmp_path / "pruned"),
+        step="m_step",
+    )
+    follower.apply([gone])  # a pruned folder is not loaded
+    assert len(p.reloaded) == 2
+    other = store.save("rationale_model", "e_step", lambda d: None)
+    assert follower.apply([_update(other)]) == []  # a role this process does not serve
+
+
+def _worker(settings, model_dir: Path, log: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
+        "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(model_dir),
+        "PROMPTCOT_METRICS__PORT": "0",
+        "PROMPTCOT_WORKER__JOURNAL_DIR": str(log.parent / "journal"),
+        "PROMPTCOT_STAGES__GENERATE__BATCH_SIZE": "2",
+        "PROMPTCOT_STAGES__GENERATE__BATCH_WITHIN_S": "0.2",
+        "PROMPTCOT_GENERATION__MAX_RATIONALE_TOKENS": "32",
+        "PROMPTCOT_GENERATION__MAX_PROBLEM_TOKENS": "32",
+        "PROMPTCOT_LOG_LEVEL": "INFO",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "promptcot", "worker", "generate"],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _versions(settings) -> dict[str, str]:
+    """concept set id -> the prompt-model version stamped on what settled it."""
+    out = {}
+    for topic in ("candidates", "verdicts"):
+        for r, _ in read_records(settings, topic, idle_s=0.5):
+            if isinstance(r, CandidateProblem | Verdict):
+                out[r.lineage.concept_set_id] = r.lineage.models.get("prompt_model", "")
+    return out
+
+
+def _sets(prefix: str, n: int) -> list[ConceptSet]:
+    return [
+        ConceptSet(
+            domain="math", concepts=["ratios", "percent"], difficulty="AMC12", draw=f"{prefix}:{i}"
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.slow
+def test_a_generate_worker_in_its_own_process_serves_each_announced_version(
+    tmp_path, tiny_model_dir
+):
+    """The trainer announces a checkpoint on the models topic; a `worker generate` process
+    (its own process, its own consumer group) moves to it and stamps it on what it emits."""
+    with EmbeddedBroker() as broker:
+        settings = factory_settings(tmp_path, broker.bootstrap_servers, tiny_model_dir)
+        ensure_topics(
+            kafka_python_config(settings.kafka, broker.bootstrap_servers),
+            settings.kafka.namespace,
+            2,
+            1,
+        )
+        base = tmp_path / "base"
+        shutil.copytree(tiny_model_dir, base)
+        log = tmp_path / "worker.log"
+        worker = _worker(settings, base, log)
+        try:
+            before = _sets("before", 3)
+            publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, before)
+            _wait(lambda: set(_versions(settings)) >= {s.id for s in before}, worker, log)
+            old = {_versions(settings)[s.id] for s in before}
+            assert len(old) == 1 and old.pop().startswith("base@")
+
+            store = CheckpointStore(tmp_path / "ckpt")
+            ckpt = store.save(
+                "prompt_model", "m_step", lambda d: shutil.copytree(base, d, dirs_exist_ok=True)
+            )
+            publish(settings.kafka, broker.bootstrap_servers, MODELS, [_update(ckpt)])
+            _wait(lambda: "now serves prompt_model/v0001-m_step" in log.read_text(), worker, log)
+
+            after = _sets("after", 3)
+            publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, after)
+            _wait(lambda: set(_versions(settings)) >= {s.id for s in after}, worker, log)
+            new = {_versions(settings)[s.id] for s in after}
+            assert new == {f"{ckpt.path.name}@" + old_hash(base)}, new
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0
+
+
+def old_hash(folder: Path) -> str:
+    from workers.backends.base import weights_version
+
+    return weights_version(folder).split("@", 1)[1]
+
+
+def _wait(predicate, proc, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")

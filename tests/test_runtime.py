@@ -1,0 +1,366 @@
+"""The stage runtime (workers/runtime.py) through the real embedded broker, with a scripted stage
+(tests/scripted_stage.py) where the model does not matter.
+
+What it must guarantee: the committed offset never passes a record whose outputs are not on the
+broker (SIGTERM, kill -9, records finishing out of order); bad input becomes a dead letter with
+the reason and never takes its batch-mates down; the first decision for an id is the decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from factory_harness import read_records, wait_until
+from scripted_stage import ScriptedStage
+
+from promptcot.settings import Settings
+from streams import serde
+from streams.broker import EmbeddedBroker
+from streams.clients import publish
+from streams.cluster import kafka_python_config
+from streams.records import ConceptSet, DeadLetter, Verdict
+from streams.topics import CONCEPTS, ensure_topics
+from workers.runtime import OffsetLedger, run_stages
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).with_name("scripted_stage.py")
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with EmbeddedBroker() as b:
+        yield b
+
+
+def _settings(tmp_path: Path, broker, **stage) -> Settings:
+    s = Settings(
+        kafka={
+            "bootstrap_servers": broker.bootstrap_servers,
+            "namespace": f"rt{uuid.uuid4().hex[:8]}",
+            "partitions": 2,
+        },
+        stages={"generate": {"batch_size": 4, "batch_within_s": 0.2, **stage}},
+        worker={
+            "journal_dir": str(tmp_path / "journal"),
+            "shutdown_grace_s": 5,
+            "retry_backoff_s": 0.05,
+        },
+        metrics={"port": 0},
+    )
+    ensure_topics(kafka_python_config(s.kafka, broker.bootstrap_servers), s.kafka.namespace, 2, 1)
+    return s
+
+
+def _sets(n: int, *extra: str, prefix: str = "s") -> list[ConceptSet]:
+    return [
+        ConceptSet(
+            domain="math", concepts=["ratios", *extra], difficulty="AMC12", draw=f"{prefix}:{i}"
+        )
+        for i in range(n)
+    ]
+
+
+def _verdicts(settings) -> list[Verdict]:
+    return [r for r, _ in read_records(settings, "verdicts") if isinstance(r, Verdict)]
+
+
+def _dead(settings) -> list[DeadLetter]:
+    return [r for r, _ in read_records(settings, "deadletter") if isinstance(r, DeadLetter)]
+
+
+def _run(settings, stage, done, timeout_s: float = 90, group: str | None = None) -> None:
+    async def until() -> None:
+        await wait_until(done, timeout_s=timeout_s, poll_s=0.5)
+
+    asyncio.run(
+        run_stages(
+            settings,
+            [stage],
+            settings.kafka.bootstrap_servers,
+            app_id=group or f"{settings.kafka.namespace}-g",
+            until=until,
+        )
+    )
+
+
+def _raw_send(settings, payloads: list[tuple[bytes, bytes]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(
+        **kafka_python_config(settings.kafka, settings.kafka.bootstrap_servers),
+        max_request_size=8_000_000,
+    )
+    for key, value in payloads:
+        producer.send(CONCEPTS.full_name(settings.kafka.namespace), value, key=key)
+    producer.flush()
+    producer.close()
+
+
+def _committed(settings, group: str) -> dict[int, int]:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(
+        **kafka_python_config(settings.kafka, settings.kafka.bootstrap_servers)
+    )
+    try:
+        offsets = admin.list_group_offsets(group)[group]
+    finally:
+        admin.close()
+    topic = CONCEPTS.full_name(settings.kafka.namespace)
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+
+
+# --- the ledger ---------------------------------------------------------------------------------
+
+
+def _event(tp: str, offset: int):
+    return SimpleNamespace(message=SimpleNamespace(tp=tp, offset=offset))
+
+
+def test_the_ledger_acknowledges_only_the_finished_prefix_of_each_partition():
+    ledger = OffsetLedger()
+    a = [_event("p0", i) for i in range(4)]
+    b = [_event("p1", i) for i in range(2)]
+    for e in [*a, *b]:
+        ledger.add(e)
+    assert ledger.finish([a[2], a[3], b[1]]) == []  # 0 and 1 of each partition still out
+    assert ledger.pending == 6
+    assert ledger.finish([a[0]]) == [a[0]]  # a[1] holds back a[2], a[3]
+    assert sorted(e.message.offset for e in ledger.finish([a[1], b[0]])) == [0, 1, 1, 2, 3]
+    assert ledger.pending == 0
+
+
+# --- through the broker -------------------------------------------------------------------------
+
+
+def test_a_redelivered_input_gets_the_first_decision_again(broker, tmp_path):
+    settings = _settings(tmp_path, broker)
+    sets = _sets(12)
+    publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
+    stage = ScriptedStage(settings)
+    _run(settings, stage, lambda: len(_verdicts(settings)) >= 12)
+    first = {v.subject_id: (v.id, v.accepted) for v in _verdicts(settings)}
+    assert set(first) == {s.id for s in sets}
+
+    publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)  # the same ids again
+    again = ScriptedStage(settings)
+    _run(settings, again, lambda: len(_verdicts(settings)) >= 24)
+    outcomes = defaultdict(set)
+    for v in _verdicts(settings):
+        outcomes[v.subject_id].add((v.id, v.accepted))
+    assert all(len(o) == 1 for o in outcomes.values()), outcomes  # one outcome per id
+    assert again.calls == []  # the journal answered: nothing was decided twice
+
+
+def test_bad_oversized_and_future_records_are_dead_lettered_and_their_batch_mates_flow(
+    broker, tmp_path
+):
+    settings = _settings(tmp_path, broker, batch_size=8, batch_within_s=1.0)
+    good = _sets(3)
+    future = _sets(1, prefix="future")[0].model_dump(mode="json") | {"schema_version": 99}
+    key = good[0].id.encode()
+    _raw_send(
+        settings,
+        [
+            (key, b"\xff" * 2_000_000),  # 2 MB of garbage, then valid records with the same key
+            (key, json.dumps(future).encode()),
+            (key, b'{"schema_version": 1, "unexpected": true}'),
+            *[(key, serde.encode(s)) for s in good],
+        ],
+    )
+    _run(
+        settings,
+        ScriptedStage(settings),
+        lambda: len(_verdicts(settings)) >= 3 and len(_dead(settings)) >= 3,
+    )
+    assert {v.subject_id for v in _verdicts(settings)} == {s.id for s in good}
+    dead = {d.reason: d for d in _dead(settings)}
+    assert set(dead) == {
+        serde.RECORD_TOO_LARGE,
+        serde.SCHEMA_VERSION_UNSUPPORTED,
+        serde.SCHEMA_INVALID,
+    }
+    big = dead[serde.RECORD_TOO_LARGE]
+    assert big.payload_size == 2_000_000 and big.payload_truncated
+    assert base64.b64decode(big.payload_b64) == b"\xff" * len(base64.b64decode(big.payload_b64))
+    assert len(serde.encode(big)) <= settings.kafka.max_record_bytes
+    assert big.source_topic == CONCEPTS.full_name(settings.kafka.namespace) and big.offset == 0
+
+
+def test_a_poison_record_is_dead_lettered_after_retries_and_spares_its_batch(broker, tmp_path):
+    settings = _settings(tmp_path, broker, batch_size=4, batch_within_s=1.0, max_attempts=2)
+    sets = [*_sets(3), *_sets(1, "poison", prefix="p")]
+    publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
+    stage = ScriptedStage(settings)
+    _run(settings, stage, lambda: len(_verdicts(settings)) >= 3 and _dead(settings))
+    assert {v.subject_id for v in _verdicts(settings)} == {s.id for s in sets[:3]}
+    [dead] = _dead(settings)
+    assert dead.reason == serde.PROCESSING_ERROR and "poisoned record" in dead.error
+    poison_calls = [c for c in stage.calls if c == [sets[3].id]]
+    assert len(poison_calls) == 2  # max_attempts
+
+
+def test_transient_failures_are_retried_not_dead_lettered(broker, tmp_path):
+    settings = _settings(tmp_path, broker)
+    sets = _sets(4)
+    publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
+    stage = ScriptedStage(settings, transient=3)
+    _run(settings, stage, lambda: len(_verdicts(settings)) >= 4)
+    assert _dead(settings) == []
+    assert stage.transient == 0 and len(stage.calls) >= 4
+
+
+def test_an_output_over_the_size_limit_becomes_a_dead_letter_of_its_input(broker, tmp_path):
+    settings = _settings(tmp_path, broker)
+    sets = [*_sets(2), *_sets(1, "huge", prefix="h")]
+    publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
+    _run(
+        settings, ScriptedStage(settings), lambda: len(_verdicts(settings)) >= 2 and _dead(settings)
+    )
+    [dead] = _dead(settings)
+    assert (
+        dead.reason == serde.OUTPUT_TOO_LARGE
+        and json.loads(base64.b64decode(dead.payload_b64))["draw"] == "h:0"
+    )
+
+
+def test_records_in_flight_move_on_as_they_finish_and_offsets_wait_for_the_slowest(
+    broker, tmp_path
+):
+    settings = _settings(tmp_path, broker, batch_size=8, batch_within_s=0.5)
+    group = f"{settings.kafka.namespace}-inflight"
+    slow = ConceptSet(domain="math", concepts=["ratios", "slow"], difficulty="AMC12", draw="x:0")
+    fast = _sets(7)
+    # One partition, slow record first: everything behind it must wait for the commit.
+    key = b"same-partition"
+    _raw_send(settings, [(key, serde.encode(r)) for r in (slow, *fast)])
+    stage = ScriptedStage(settings, chunk=1, in_flight=8, slow_s=6.0)
+    seen: dict[str, object] = {}
+
+    def fast_done_slow_pending() -> bool:
+        done = {v.subject_id for v in _verdicts(settings)}
+        if {f.id for f in fast} <= done and slow.id not in done and "committed" not in seen:
+            seen["committed"] = _committed(settings, group)
+        return slow.id in done
+
+    _run(settings, stage, fast_done_slow_pending, group=group)
+    assert stage.max_active >= 4  # records were in process together
+    assert "committed" in seen, "the slow record finished before the fast ones were out"
+    assert all(offset <= 0 for offset in seen["committed"].values())  # not past the slow one
+
+
+def _worker(settings, tmp_path: Path, log: Path, **env: str) -> subprocess.Popen:
+    full = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
+        "PROMPTCOT_METRICS__PORT": "0",
+        "PROMPTCOT_WORKER__JOURNAL_DIR": str(tmp_path / "journal"),
+        "PROMPTCOT_LOG_LEVEL": "INFO",
+        "SCRIPTED_GROUP": f"{settings.kafka.namespace}-workers",
+        "SCRIPTED_LOG": str(tmp_path / "decisions.jsonl"),
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT)],
+        env=full,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _await(predicate, proc, log: Path, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")
+
+
+def _decided(tmp_path: Path) -> Counter:
+    path = tmp_path / "decisions.jsonl"
+    if not path.exists():
+        return Counter()
+    return Counter(json.loads(line)[0] for line in path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("grace", ["20", "0.5"])
+def test_sigterm_mid_batch_exits_cleanly_and_loses_nothing(broker, tmp_path, grace):
+    """With time to finish, the batch in process finishes and is committed; without, it is
+    not committed and the next worker does it. Either way every set gets one outcome."""
+    settings = _settings(tmp_path, broker)
+    sets = _sets(24)
+    publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
+    log = tmp_path / "worker.log"
+    env = {
+        "SCRIPTED_DELAY_S": "1.5",
+        "PROMPTCOT_WORKER__SHUTDOWN_GRACE_S": grace,
+        "PROMPTCOT_STAGES__GENERATE__BATCH_SIZE": "4",
+    }
+    first = _worker(settings, tmp_path, log, **env)
+    _await(lambda: sum(_decided(tmp_path).values()) >= 4, first, log)
+    started = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+    assert time.monotonic() - started < 30
+    second = _worker(settings, tmp_path, log, SCRIPTED_DELAY_S="0")
+    try:
+        _await(
+            lambda: {v.subject_id for v in _verdicts(settings)} >= {s.id for s in sets}, second, log
+        )
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
+    outcomes = defaultdict(set)
+    for v in _verdicts(settings):
+        outcomes[v.subject_id].add(v.accepted)
+    assert set(outcomes) == {s.id for s in sets}  # none lost
+    assert all(len(o) == 1 for o in outcomes.values())  # one outcome per id
+    redone = sum(n - 1 for n in _decided(tmp_path).values())
+    print(f"grace {grace}s: {redone} record(s) processed twice, answered by the journal")
+
+
+def test_kill_minus_nine_mid_flight_loses_and_duplicates_nothing(broker, tmp_path):
+    settings = _settings(tmp_path, broker)
+    sets = _sets(40)
+    publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
+    log = tmp_path / "worker.log"
+    env = {"SCRIPTED_DELAY_S": "0.4", "SCRIPTED_CHUNK": "1", "SCRIPTED_IN_FLIGHT": "6"}
+    first = _worker(settings, tmp_path, log, **env)
+    _await(lambda: sum(_decided(tmp_path).values()) >= 8, first, log)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=10)
+    second = _worker(settings, tmp_path, log, **env)
+    try:
+        _await(
+            lambda: {v.subject_id for v in _verdicts(settings)} >= {s.id for s in sets},
+            second,
+            log,
+            timeout_s=120,
+        )
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
+    outcomes = defaultdict(set)
+    for v in _verdicts(settings):
+        outcomes[v.subject_id].add((v.id, v.accepted))
+    assert set(outcomes) == {s.id for s in sets}
+    assert all(len(o) == 1 for o in outcomes.values()), outcomes
+    print(f"redelivered after kill -9: {sum(n - 1 for n in _decided(tmp_path).values())}")

@@ -1,0 +1,96 @@
+"""The journal of decisions: for every input id a stage decided, the output records it emitted.
+
+Ids name units of work, and a model's sampling is not reproducible when a batch is made up
+differently, so a redelivered input processed again could come out differently: a candidate
+first rejected, then accepted under the same verdict id. The runtime therefore writes a stage's
+outputs here *before* sending them, and on a redelivery re-emits what the journal holds instead
+of deciding again: the first decision for an id is the decision.
+
+One SQLite file per stage and namespace. Processes of one stage on one machine share it (SQLite
+locks; the first writer of an id wins and every later writer reads the winner back). On a
+cluster, give the stage's replicas one shared volume (docs/runtime.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+Outputs = list[tuple[str, str]]  # (topic short name, record JSON)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    input_id TEXT PRIMARY KEY,
+    outputs TEXT NOT NULL,
+    created_at REAL NOT NULL
+)
+"""
+
+
+class Journal:
+    def __init__(self, path: Path, retention_s: float = 30 * 86400):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.retention_s = retention_s
+        self._local = threading.local()
+        with self._connect() as db:
+            db.execute(_SCHEMA)
+        self.prune()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a crash
+            self._local.db = db
+        return db
+
+    def get(self, input_ids: Iterable[str]) -> dict[str, Outputs]:
+        """The recorded outputs of the ids that were decided already."""
+        ids = list(dict.fromkeys(input_ids))
+        found: dict[str, Outputs] = {}
+        db = self._connect()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = db.execute(
+                f"SELECT input_id, outputs FROM decisions WHERE input_id IN ({marks})", chunk
+            )
+            for input_id, outputs in rows:
+                found[input_id] = [tuple(o) for o in json.loads(outputs)]
+        return found
+
+    def record(self, decisions: dict[str, Outputs]) -> dict[str, Outputs]:
+        """Record the decisions of ids not decided yet, in one transaction, and return what the
+        journal holds for every id given: another process may have decided one first, and then
+        its outputs are the decision."""
+        if not decisions:
+            return {}
+        db = self._connect()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO decisions (input_id, outputs, created_at) VALUES (?, ?, ?)",
+                [(i, json.dumps(outputs), now) for i, outputs in decisions.items()],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return self.get(decisions)
+
+    def prune(self) -> int:
+        """Forget decisions older than the retention (their inputs were committed long ago)."""
+        cur = self._connect().execute(
+            "DELETE FROM decisions WHERE created_at < ?", (time.time() - self.retention_s,)
+        )
+        return cur.rowcount
+
+    def __len__(self) -> int:
+        return self._connect().execute("SELECT COUNT(*) FROM decisions").fetchone()[0]
