@@ -1,10 +1,12 @@
 """The dead-letter topic as a queue to work through: read it, find the original bytes of a dead
 letter, and replay a selection to its source topic once a fix is deployed.
 
-Every replay is recorded on ``<ns>.deadletter.replays`` (the topics are the source of truth on a
-cluster, where no machine's disk is), and a dead letter recorded there is never replayed again.
-The record is written after the broker acknowledged the replayed copy: a crash between the two
-replays that one letter again on the next run, and ids make the repeat harmless downstream.
+A replay is per source record (its topic, partition and offset): every stage reading a topic
+dead-letters a bad record once (three for ``verdicts``), and one copy back on the topic reaches
+all of them. Every replay is recorded on ``<ns>.deadletter.replays`` (the topics are the source
+of truth on a cluster, where no machine's disk is), and a source record recorded there is never
+replayed again. The record is written after the broker acknowledged the replayed copy: a crash
+between the two replays that record again on the next run, and ids make the repeat harmless.
 """
 
 from __future__ import annotations
@@ -54,15 +56,22 @@ def dead_letters(kafka: KafkaSettings, bootstrap: str) -> list[DeadLetter]:
     return list(seen.values())
 
 
-def replays(kafka: KafkaSettings, bootstrap: str) -> dict[str, DeadLetterReplay]:
-    """dead letter id -> its replay record."""
-    out: dict[str, DeadLetterReplay] = {}
+Coordinates = tuple[str, int, int]  # source topic, partition, offset
+
+
+def coordinates(letter: DeadLetter | DeadLetterReplay) -> Coordinates:
+    return (letter.source_topic, letter.partition, letter.offset)
+
+
+def replays(kafka: KafkaSettings, bootstrap: str) -> dict[Coordinates, DeadLetterReplay]:
+    """Source record -> its replay."""
+    out: dict[Coordinates, DeadLetterReplay] = {}
     for message in read_all(kafka, bootstrap, DEAD_LETTER_REPLAYS.full_name(kafka.namespace)):
         try:
             replay = serde.decode(message.value, DeadLetterReplay)
         except serde.RecordDecodeError:
             continue
-        out.setdefault(replay.dead_letter_id, replay)
+        out.setdefault(coordinates(replay), replay)
     return out
 
 
@@ -101,50 +110,65 @@ def read_original(
 
 @dataclass
 class ReplayPlan:
-    letter: DeadLetter
+    letters: list[DeadLetter]  # every dead letter of one source record
     payload: bytes
     headers: list[tuple[str, bytes]]
     bytes_from: str  # "dead_letter" | "source_topic"
 
+    @property
+    def first(self) -> DeadLetter:
+        return self.letters[0]
 
-def plan(kafka: KafkaSettings, bootstrap: str, letter: DeadLetter) -> ReplayPlan:
-    """What replaying ``letter`` sends: the original bytes. The source topic's copy wins (the
-    dead letter's may be truncated); if the source no longer holds them, the dead letter's copy
-    is used, unless it is known to be incomplete."""
+
+def plan(kafka: KafkaSettings, bootstrap: str, letters: list[DeadLetter]) -> ReplayPlan:
+    """What replaying one source record sends: its original bytes and headers, read back at the
+    dead letters' coordinates; if the source topic no longer holds them (retention), the dead
+    letter's copy, unless that copy was cut short (``payload_truncated``)."""
+    letter = letters[0]
     original, headers = read_original(kafka, bootstrap, letter)
-    copy = copy_of(letter)
     if original is not None:
-        source = "dead_letter" if original == copy else "source_topic"
-        return ReplayPlan(letter, original, headers, source)
-    if getattr(letter, "truncated", False):
+        return ReplayPlan(letters, original, headers, "source_topic")
+    if letter.payload_truncated:
         raise ValueError(
-            f"{letter.id}: the dead letter holds a truncated copy and "
-            f"{letter.source_topic}[{letter.partition}]@{letter.offset} is gone; not replayed"
+            f"{letter.id}: the dead letter holds {len(copy_of(letter)):,} of "
+            f"{letter.payload_size:,} bytes and {letter.source_topic}[{letter.partition}]@"
+            f"{letter.offset} is gone; not replayed"
         )
-    return ReplayPlan(letter, copy, [], "dead_letter")
+    return ReplayPlan(letters, copy_of(letter), [], "dead_letter")
 
 
-def replay(kafka: KafkaSettings, bootstrap: str, plans: list[ReplayPlan]) -> list[DeadLetterReplay]:
+def plans(kafka: KafkaSettings, bootstrap: str, letters: list[DeadLetter]) -> list[ReplayPlan]:
+    """One plan per source record of ``letters``."""
+    by_source: dict[Coordinates, list[DeadLetter]] = {}
+    for letter in letters:
+        by_source.setdefault(coordinates(letter), []).append(letter)
+    return [plan(kafka, bootstrap, group) for group in by_source.values()]
+
+
+def replay(
+    kafka: KafkaSettings, bootstrap: str, to_send: list[ReplayPlan]
+) -> list[DeadLetterReplay]:
     """Send each plan's bytes to its source topic (original key and headers, plus
-    ``x-replay-of``), then record the replays."""
+    ``x-replay-of``: the dead letter ids), then record the replays."""
     producer = KafkaProducer(**kafka_python_config(kafka, bootstrap), acks="all")
     done: list[DeadLetterReplay] = []
     try:
-        for p in plans:
+        for p in to_send:
+            ids = [letter.id for letter in p.letters]
             headers = [(k, v) for k, v in p.headers if k != REPLAY_HEADER]
-            headers.append((REPLAY_HEADER, p.letter.id.encode()))
-            key = p.letter.key.encode() if p.letter.key is not None else None
-            meta = producer.send(p.letter.source_topic, p.payload, key=key, headers=headers).get(
+            headers.append((REPLAY_HEADER, ",".join(ids).encode()))
+            key = p.first.key.encode() if p.first.key is not None else None
+            meta = producer.send(p.first.source_topic, p.payload, key=key, headers=headers).get(
                 timeout=30
             )
             done.append(
                 DeadLetterReplay.derived_from(
-                    p.letter,
-                    dead_letter_id=p.letter.id,
-                    reason=p.letter.reason,
-                    source_topic=p.letter.source_topic,
-                    partition=p.letter.partition,
-                    offset=p.letter.offset,
+                    p.first,
+                    dead_letter_ids=ids,
+                    reason=p.first.reason,
+                    source_topic=p.first.source_topic,
+                    partition=p.first.partition,
+                    offset=p.first.offset,
                     replayed_partition=meta.partition,
                     replayed_offset=meta.offset,
                     bytes_from=p.bytes_from,

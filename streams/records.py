@@ -341,21 +341,21 @@ class DeadLetter(Record):
 
 
 class DeadLetterReplay(Record):
-    """A dead letter sent back to its source topic (`promptcot dlq replay`): one per dead letter,
-    so nothing is replayed twice."""
+    """A dead-lettered source record sent back to its topic (`promptcot dlq replay`). One per
+    source record: the dead letters that several stages wrote for it are replayed once."""
 
     kind: ClassVar[str] = "dead_letter_replay"
     id_prefix: ClassVar[str] = "dlqr"
-    id_fields: ClassVar[tuple[str, ...]] = ("dead_letter_id",)
+    id_fields: ClassVar[tuple[str, ...]] = ("source_topic", "partition", "offset")
 
-    dead_letter_id: str
-    reason: str  # the dead letter's reason
+    dead_letter_ids: list[str]
+    reason: str  # the (first) dead letter's reason
     source_topic: str
     partition: int
     offset: int
     replayed_partition: int  # where the replayed copy landed
     replayed_offset: int
-    bytes_from: Literal["dead_letter", "source_topic"]  # the copy was truncated: the source's
+    bytes_from: Literal["dead_letter", "source_topic"]
 
 
 RECORD_TYPES: dict[str, type[Record]] = {

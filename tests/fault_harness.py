@@ -49,6 +49,7 @@ def suite_settings(tmp_path: Path, bootstrap: str, model_dir: Path, n_sets: int)
         verify={"max_pass_rate": 1.0, "math": {"min_agreement": 0.25}},
         embedded_broker={"data_dir": str(tmp_path / "broker")},
         kafka={"unreachable_exit_s": 60},
+        worker={"journal_dir": str(tmp_path / "journal")},
     )
 
 

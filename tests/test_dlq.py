@@ -1,10 +1,10 @@
 """`promptcot dlq` through the real broker: dead letters counted by source topic and reason, one
-shown (JSON or hex), and a selection replayed to its source topic with the original bytes (read
-back from the source when the dead letter's copy was cut short), each dead letter only once."""
+shown (JSON or hex), and a selection replayed to its source topic with the original bytes and
+headers (read back at the dead letter's coordinates; the dead letter's copy only if those are
+gone and it is whole), each source record only once, however many stages dead-lettered it."""
 
 from __future__ import annotations
 
-import base64
 import json
 
 import pytest
@@ -17,7 +17,6 @@ from streams import serde
 from streams.broker import EmbeddedBroker
 from streams.clients import publish, read_all
 from streams.cluster import kafka_python_config
-from streams.records import DeadLetter
 from streams.topics import CONCEPTS, DEAD_LETTERS, VERDICTS, ensure_topics
 
 runner = CliRunner()
@@ -30,23 +29,30 @@ def broker():
         yield b
 
 
-def _dead(settings, topic_spec, payload: bytes, reason: str, truncate: int | None = None):
-    """Send ``payload`` to the source topic, then its dead letter (as the runtime writes it)."""
+def _send(settings, topic_spec, payload: bytes):
+    """``payload`` on the source topic; its (topic, partition, offset)."""
     kafka = settings.kafka
     producer = KafkaProducer(**kafka_python_config(kafka, kafka.bootstrap_servers))
     topic = topic_spec.full_name(kafka.namespace)
     meta = producer.send(topic, payload, key=b"k", headers=[("x-record-kind", b"t")]).get(10)
     producer.close()
+    return topic, meta.partition, meta.offset
+
+
+def _dead(settings, where, payload: bytes, reason: str, stage="generate", max_bytes=1_000_000):
+    """The dead letter a stage writes for the record at ``where`` (as the runtime does)."""
+    topic, partition, offset = where
     letter = serde.dead_letter(
-        stage="generate",
+        stage=stage,
         error=serde.RecordDecodeError(reason, "bad"),
         topic=topic,
-        partition=meta.partition,
-        offset=meta.offset,
+        partition=partition,
+        offset=offset,
         key=b"k",
-        payload=payload[:truncate] if truncate else payload,
+        payload=payload,
+        max_bytes=max_bytes,
     )
-    publish(kafka, kafka.bootstrap_servers, DEAD_LETTERS, [letter])
+    publish(settings.kafka, settings.kafka.bootstrap_servers, DEAD_LETTERS, [letter])
     return letter
 
 
@@ -69,42 +75,52 @@ def _source_values(settings, spec) -> list[tuple[bytes, dict]]:
     ]
 
 
-def test_counts_show_and_replay_each_dead_letter_once(broker, tmp_path):
+def test_counts_show_and_replay_each_source_record_once(broker, tmp_path):
     settings = factory_settings(tmp_path, broker.bootstrap_servers, tmp_path)
     kafka = settings.kafka
     ensure_topics(kafka_python_config(kafka, broker.bootstrap_servers), kafka.namespace, 2, 1)
-    garbage = _dead(settings, CONCEPTS, b"\xff\xfe not json", serde.UNDECODABLE)
-    big = _dead(settings, CONCEPTS, BIG, serde.SCHEMA_INVALID, truncate=1000)
-    verdict = _dead(settings, VERDICTS, b'{"schema_version": 99}', serde.SCHEMA_INVALID)
+    bad = b"\xff\xfe not json"
+    garbage = _dead(settings, _send(settings, CONCEPTS, bad), bad, serde.UNDECODABLE)
+    big = _dead(settings, _send(settings, CONCEPTS, BIG), BIG, "record_too_large", max_bytes=4000)
+    assert big.payload_truncated and big.payload_size == len(BIG)
+    future = b'{"schema_version": 99}'
+    where = _send(settings, VERDICTS, future)
+    # Three stages read verdicts; two of them dead-lettered this record.
+    verdict = _dead(settings, where, future, "schema_version_unsupported", stage="sampler")
+    _dead(settings, where, future, "schema_version_unsupported", stage="sink")
 
     counts = _cli(settings, "dlq", "counts")
     ns = kafka.namespace
-    assert f"{ns}.concepts" in counts and f"{ns}.verdicts" in counts
-    assert "3 dead letters, 0 replayed" in counts
-    rows = {tuple(line.split("│")[1:4]) for line in counts.splitlines() if "│" in line}
-    assert any(r[0].strip() == f"{ns}.concepts" and r[1].strip() == "undecodable" for r in rows)
+    assert "4 dead letters of 3 source records, 0 replayed" in counts
+    rows = {tuple(c.strip() for c in line.split("│")[1:4]) for line in counts.splitlines()}
+    assert (f"{ns}.concepts", "undecodable", "1") in rows
+    assert (f"{ns}.verdicts", "schema_version_unsupported", "2") in rows
 
     shown = _cli(settings, "dlq", "show", garbage.id)
     assert "ff fe 20 6e 6f 74" in shown and garbage.source_topic in shown
     assert '"schema_version": 99' in _cli(settings, "dlq", "show", verdict.id)
+    assert f"of {len(BIG):,} bytes" in _cli(settings, "dlq", "show", big.id)
 
-    # Replay what came from the concepts topic: the big one's copy was truncated, so its bytes
-    # are read back from the source topic at the dead letter's coordinates.
+    # Replay what came from the concepts topic: both originals, bytes and headers, come back
+    # from the source topic (the big one's dead letter holds only its first 3 KB).
     out = _cli(settings, "dlq", "replay", "--topic", "concepts")
-    assert "replayed 2; 0 already replayed before" in out
+    assert "replayed 2 records; 0 replayed before" in out
     assert f"{len(BIG):,} bytes from the source topic" in out
     replayed = [(v, h) for v, h in _source_values(settings, CONCEPTS) if "x-replay-of" in h]
-    assert sorted(v for v, _ in replayed) == sorted([b"\xff\xfe not json", BIG])
+    assert sorted(v for v, _ in replayed) == sorted([bad, BIG])
     assert {h["x-replay-of"].decode() for _, h in replayed} == {garbage.id, big.id}
     assert all(h["x-record-kind"] == b"t" for _, h in replayed)  # original headers kept
 
-    # Nothing replays twice: again by reason, then everything.
-    assert "replayed 0; 1 already replayed before" in _cli(
-        settings, "dlq", "replay", "--reason", "undecodable"
-    )
-    assert "replayed 1; 2 already replayed before" in _cli(settings, "dlq", "replay", "--all")
-    assert len([1 for _, h in _source_values(settings, VERDICTS) if "x-replay-of" in h]) == 1
-    assert "3 dead letters, 3 replayed" in _cli(settings, "dlq", "counts")
+    # Nothing replays twice: again by reason, then everything; the verdict goes back once.
+    out = _cli(settings, "dlq", "replay", "--reason", "undecodable")
+    assert "replayed 0 records; 1 replayed before" in out
+    assert "replayed 1 records; 2 replayed before" in _cli(settings, "dlq", "replay", "--all")
+    assert [
+        h["x-replay-of"].count(b",")
+        for _, h in _source_values(settings, VERDICTS)
+        if "x-replay-of" in h
+    ] == [1]
+    assert "4 dead letters of 3 source records, 3 replayed" in _cli(settings, "dlq", "counts")
 
 
 def test_replay_needs_a_selection(broker, tmp_path):
@@ -114,19 +130,16 @@ def test_replay_needs_a_selection(broker, tmp_path):
     assert result.exit_code != 0 and "--reason, --topic, --id or --all" in result.output
 
 
-def test_a_truncated_copy_whose_source_is_gone_is_not_replayed(broker, tmp_path):
-    from streams.deadletters import plan
+def test_when_the_source_is_gone_only_a_whole_copy_is_replayed(broker, tmp_path):
+    from streams.deadletters import plans
 
     settings = factory_settings(tmp_path, broker.bootstrap_servers, tmp_path)
     kafka = settings.kafka
     ensure_topics(kafka_python_config(kafka, broker.bootstrap_servers), kafka.namespace, 2, 1)
-    letter = DeadLetter(
-        stage="generate",
-        reason="oversized",
-        error="too big",
-        source_topic=CONCEPTS.full_name(kafka.namespace),
-        partition=0,
-        offset=10_000,  # never written
-        payload_b64=base64.b64encode(b"{").decode(),
-    )
-    assert plan(kafka, broker.bootstrap_servers, letter).bytes_from == "dead_letter"
+    gone = (CONCEPTS.full_name(kafka.namespace), 0, 10_000)  # an offset never written
+    whole = _dead(settings, gone, b"{", serde.UNDECODABLE)
+    [p] = plans(kafka, broker.bootstrap_servers, [whole])
+    assert (p.payload, p.bytes_from) == (b"{", "dead_letter")
+    cut = _dead(settings, gone, BIG, "record_too_large", max_bytes=4000)
+    with pytest.raises(ValueError, match="is gone; not replayed"):
+        plans(kafka, broker.bootstrap_servers, [cut])

@@ -20,18 +20,21 @@ SHOW_BYTES = 4000  # of a payload shown; the rest is summarized
 @dlq_app.command("counts")
 def dlq_counts(config: ConfigOpt = None, bootstrap: BootstrapOpt = None) -> None:
     """Dead letters by source topic and reason, with how many were replayed."""
-    from streams.deadletters import counts, dead_letters, replays
+    from streams.deadletters import coordinates, counts, dead_letters, replays
 
     settings = load(config, bootstrap)
     where = require_cluster(settings)
     letters = dead_letters(settings.kafka, where)
     done = replays(settings.kafka, where)
-    replayed = counts(letter for letter in letters if letter.id in done)
+    replayed = counts(letter for letter in letters if coordinates(letter) in done)
     table = Table("source topic", "reason", "dead letters", "replayed")
     for (topic, reason), n in sorted(counts(letters).items()):
         table.add_row(topic, reason, str(n), str(replayed[(topic, reason)]))
     console.print(table)
-    console.print(f"{len(letters)} dead letters, {len(done)} replayed")
+    console.print(
+        f"{len(letters)} dead letters of {len({coordinates(d) for d in letters})} source "
+        f"records, {len(done)} replayed"
+    )
 
 
 @dlq_app.command("show")
@@ -41,7 +44,7 @@ def dlq_show(
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """One dead letter: where it came from, why, and its payload (JSON if it is, else hex)."""
-    from streams.deadletters import copy_of, dead_letters, replays
+    from streams.deadletters import coordinates, copy_of, dead_letters, replays
 
     settings = load(config, bootstrap)
     where = require_cluster(settings)
@@ -49,12 +52,15 @@ def dlq_show(
     if letter is None:
         raise KeyError(f"no dead letter {dead_letter_id!r} (`promptcot dlq counts` lists them)")
     console.print_json(letter.model_dump_json(exclude={"payload_b64"}))
-    replay = replays(settings.kafka, where).get(letter.id)
+    replay = replays(settings.kafka, where).get(coordinates(letter))
     if replay is not None:
         console.print(
             f"replayed to {replay.source_topic}[{replay.replayed_partition}]@"
             f"{replay.replayed_offset}"
         )
+    cut = f" (first {len(copy_of(letter)):,} of {letter.payload_size:,} bytes)"
+    if letter.payload_truncated:
+        console.print("the dead letter's copy was cut short" + cut)
     console.print(payload_text(copy_of(letter)), highlight=False, markup=False, soft_wrap=True)
 
 
@@ -84,10 +90,11 @@ def dlq_replay(
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Send a selection of dead letters back to their source topic (after a fix), each at most
-    once; the bytes come from the source topic when the dead letter's copy was truncated."""
+    """Send a selection of dead letters back to their source topic (after a fix), each source
+    record at most once; the bytes come from the source topic at the dead letter's coordinates
+    (the dead letter's own copy if they are gone and it is whole)."""
     from streams.clients import resolve_topic
-    from streams.deadletters import Selection, dead_letters, plan, replay, replays
+    from streams.deadletters import Selection, coordinates, dead_letters, plans, replay, replays
 
     if not (reason or topic or ids or replay_all):
         raise typer.BadParameter("choose what to replay: --reason, --topic, --id or --all")
@@ -97,17 +104,18 @@ def dlq_replay(
     selection = Selection(reason, source, frozenset(ids) if ids else None)
     done = replays(settings.kafka, where)
     chosen = [d for d in dead_letters(settings.kafka, where) if selection.matches(d)]
-    fresh = [d for d in chosen if d.id not in done]
-    plans = [plan(settings.kafka, where, d) for d in fresh]
-    for p in plans:
+    fresh = [d for d in chosen if coordinates(d) not in done]
+    to_send = plans(settings.kafka, where, fresh)
+    for p in to_send:
         origin = p.bytes_from.replace("_", " ")
         console.print(
-            f"{'would replay' if dry_run else 'replay'} {p.letter.id} ({p.letter.reason}) -> "
-            f"{p.letter.source_topic}, {len(p.payload):,} bytes from the {origin}",
+            f"{'would replay' if dry_run else 'replay'} {p.first.source_topic}[{p.first.partition}]"
+            f"@{p.first.offset} ({p.first.reason}; {len(p.letters)} dead letter(s)), "
+            f"{len(p.payload):,} bytes from the {origin}",
             highlight=False,
         )
     if not dry_run:
-        replay(settings.kafka, where, plans)
-    skipped = len(chosen) - len(fresh)
+        replay(settings.kafka, where, to_send)
+    skipped = len({coordinates(d) for d in chosen}) - len(to_send)
     verb = "would replay" if dry_run else "replayed"
-    console.print(f"{verb} {len(plans)}; {skipped} already replayed before")
+    console.print(f"{verb} {len(to_send)} records; {skipped} replayed before")
