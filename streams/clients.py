@@ -7,6 +7,7 @@ the workers' groups.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 
@@ -17,6 +18,17 @@ from streams.cluster import kafka_python_config
 from streams.records import Record
 from streams.settings import KafkaSettings
 from streams.topics import CATALOGUE, TopicSpec
+
+
+class _CancelledRefresh(logging.Filter):
+    """kafka-python 3.0 logs ``Metadata refresh: failed Cancelled`` at ERROR whenever a consumer
+    closes with a refresh pending, which every read here does: noise, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith("failed Cancelled")
+
+
+logging.getLogger("kafka.cluster").addFilter(_CancelledRefresh())
 
 
 def resolve_topic(kafka: KafkaSettings, name: str) -> tuple[str, TopicSpec]:

@@ -30,6 +30,7 @@ DEAD_CLUSTER_DEADLINE_S = 3.0  # nothing can drain into a dead broker: don't wai
 PROBE_EVERY_S = 5.0
 EXIT_CLUSTER_GONE = 3
 CLIENT_LOGGERS = ("aiokafka", "kafka", "faust", "mode")
+CONNECTION_WORDS = ("connect", "not ready", "closed")  # "connect call failed", "disconnected"
 
 
 class Supervisor:
@@ -114,8 +115,13 @@ class Supervisor:
         gets out ahead of that line."""
         if self.failure is not None:
             return False
-        client = record.name.split(".")[0] in CLIENT_LOGGERS
-        return not (client and record.levelno >= logging.WARNING and self.check_cluster(0.2))
+        if record.name.split(".")[0] not in CLIENT_LOGGERS or record.levelno < logging.WARNING:
+            return True
+        # A dropped connection may be seen a moment before the broker's exit is: wait a little
+        # for that, on connection errors only (any other wait here would stall the clients).
+        text = record.getMessage().lower()
+        wait_s = 0.2 if any(word in text for word in CONNECTION_WORDS) else 0.0
+        return not self.check_cluster(wait_s)
 
     def _probe_loop(self) -> None:
         assert self.cluster is not None
