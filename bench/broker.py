@@ -116,7 +116,7 @@ CLIENTS: dict[str, tuple[Callable, Callable]] = {
 def measure(quick: bool = False) -> list[dict]:
     """Rows {"case", "name", "value", "unit", "goal", "ok"}: per broker, client and direction
     the median msg/s of the rounds and its spread, and the durable/memory ratio."""
-    n, rounds = (5_000, 3) if quick else (30_000, 5)
+    n, rounds = (5_000, 3) if quick else (20_000, 3)
     samples: dict[tuple[str, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-broker-") as tmp:
         brokers = {

@@ -72,9 +72,14 @@ class Proc:
     env: dict[str, str] = field(default_factory=dict)
     popen: subprocess.Popen | None = None
     starts: int = 0
+    metrics_port: int | None = None  # of the running incarnation, when it serves metrics
+    consumed: Counter = field(default_factory=Counter)  # stage -> records in, all incarnations
 
-    def start(self) -> Proc:
+    def start(self, metrics: bool = False) -> Proc:
         self.starts += 1
+        self.metrics_port = _free_port() if metrics else None
+        if metrics:
+            self.env["PROMPTCOT_METRICS__PORT"] = str(self.metrics_port)
         with open(self.log, "ab") as out:
             out.write(f"\n===== start {self.starts}: {' '.join(self.args)}\n".encode())
             self.popen = subprocess.Popen(
@@ -96,14 +101,34 @@ class Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def count_consumed(self) -> None:
+        """Add what the running incarnation consumed so far (its records-in counter); called
+        just before it is stopped or killed."""
+        if self.metrics_port is None or not self.alive():
+            return
+        import urllib.request
+
+        try:
+            url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            return  # not serving yet: it consumed nothing
+        for line in text.splitlines():
+            if line.startswith("promptcot_records_in_total{"):
+                stage = line.split('stage="')[1].split('"')[0]
+                self.consumed[stage] += int(float(line.rsplit(" ", 1)[1]))
+        self.metrics_port = None
+
     def kill9(self) -> None:
         """kill -9 of the whole group: the worker and any child it started."""
+        self.count_consumed()
         with _no_such_process():
             os.killpg(self.pid, signal.SIGKILL)
         self.popen.wait(timeout=30)
 
     def sigterm(self, timeout_s: float = 60) -> tuple[int, float]:
         """SIGTERM to the process alone (as a cluster does); (exit code, seconds to exit)."""
+        self.count_consumed()
         started = time.monotonic()
         self.popen.send_signal(signal.SIGTERM)
         try:
@@ -140,6 +165,29 @@ class _no_such_process:
 
     def __exit__(self, kind, exc, tb) -> bool:
         return kind is ProcessLookupError
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redeliveries(settings: Settings, workers: dict[str, Proc]) -> dict[str, int]:
+    """Per stage: records its workers consumed, over all their incarnations, beyond the
+    messages on its input topic: the redelivered ones (a lower bound: a killed incarnation's
+    count is read a moment before the kill)."""
+    from promptcot.registry import STAGES
+
+    out = {}
+    for stage, proc in workers.items():
+        topic = STAGES[stage].load().input.full_name(settings.kafka.namespace)
+        kafka = settings.kafka
+        on_topic = sum(1 for _ in read_all(kafka, kafka.bootstrap_servers, topic))
+        out[stage] = max(0, proc.consumed[stage] - on_topic)
+    return out
 
 
 def broker_proc(tmp_path: Path, config: Path, port: int) -> Proc:

@@ -25,6 +25,7 @@ from fault_harness import (
     fault_points,
     poison,
     product_complete,
+    redeliveries,
     settled,
     suite_settings,
     wait_for_broker,
@@ -108,7 +109,9 @@ def test_workers_killed_terminated_and_poisoned(tmp_path, tiny_model_dir, rng):
     n_sets = 16
     settings, config, broker = _cluster(tmp_path, tiny_model_dir, n_sets)
     poisoned = poison(settings, POISONED_TOPICS)
-    workers = {stage: worker_proc(tmp_path, config, stage).start() for stage in PIPELINE}
+    workers = {
+        stage: worker_proc(tmp_path, config, stage).start(metrics=True) for stage in PIPELINE
+    }
     procs: dict[str, Proc] = {"broker": broker, **workers}
     terminated = rng.choice(["generate", "verify"])
     faults = [f"kill -9 {stage}" for stage in PIPELINE] + [f"SIGTERM {terminated}"]
@@ -122,7 +125,7 @@ def test_workers_killed_terminated_and_poisoned(tmp_path, tiny_model_dir, rng):
             code, seconds = worker.sigterm()
             stops.append(f"{worker.name} exited {code} {seconds:.1f} s after SIGTERM")
             assert code == 0, worker.tail()
-        worker.start()
+        worker.start(metrics=True)
 
     try:
         _run_faults(settings, procs, fault_points(rng, faults), apply, n_sets)
@@ -132,12 +135,15 @@ def test_workers_killed_terminated_and_poisoned(tmp_path, tiny_model_dir, rng):
     with EmbeddedBroker(data_dir=tmp_path / "broker") as b:
         settings.kafka.bootstrap_servers = b.bootstrap_servers
         print("  " + audit(settings, n_sets, poisoned).line())
+        print(f"  input records redelivered per stage: {redeliveries(settings, workers)}")
 
 
 def test_durable_broker_stopped_and_killed_mid_run(tmp_path, tiny_model_dir, rng):
     n_sets = 8
     settings, config, broker = _cluster(tmp_path, tiny_model_dir, n_sets)
-    workers = {stage: worker_proc(tmp_path, config, stage).start() for stage in PIPELINE}
+    workers = {
+        stage: worker_proc(tmp_path, config, stage).start(metrics=True) for stage in PIPELINE
+    }
     procs: dict[str, Proc] = {"broker": broker, **workers}
 
     def apply(fault: str) -> None:
@@ -157,6 +163,7 @@ def test_durable_broker_stopped_and_killed_mid_run(tmp_path, tiny_model_dir, rng
     with EmbeddedBroker(data_dir=tmp_path / "broker") as b:
         settings.kafka.bootstrap_servers = b.bootstrap_servers
         print("  " + audit(settings, n_sets).line())
+        print(f"  input records redelivered per stage: {redeliveries(settings, workers)}")
 
 
 def test_up_stopped_killed_and_restarted_mid_run(tmp_path, tiny_model_dir, rng):
@@ -175,16 +182,16 @@ def test_up_stopped_killed_and_restarted_mid_run(tmp_path, tiny_model_dir, rng):
         )
 
     try:
-        up.start()
+        up.start(metrics=True)
         until(first)
         code, seconds = up.sigterm()
         assert code == 0, up.tail()
         print(f"  {first} settled: SIGTERM, up exited {code} after {seconds:.1f} s", flush=True)
-        up.start()
+        up.start(metrics=True)
         until(second)
         up.kill9()
         print(f"  {second} settled: kill -9 of up", flush=True)
-        up.start()
+        up.start(metrics=True)
         settings.kafka.bootstrap_servers = embedded_bootstrap(up)
         wait_until(lambda: _all_settled(settings, n_sets), 420, [up], "every set settled")
         code, seconds = up.sigterm()
@@ -198,3 +205,5 @@ def test_up_stopped_killed_and_restarted_mid_run(tmp_path, tiny_model_dir, rng):
     with EmbeddedBroker(data_dir=tmp_path / "broker") as b:
         settings.kafka.bootstrap_servers = b.bootstrap_servers
         print("  " + audit(settings, n_sets).line())
+        counted = redeliveries(settings, dict.fromkeys(PIPELINE, up))
+        print(f"  input records redelivered per stage: {counted}")
