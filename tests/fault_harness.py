@@ -101,19 +101,28 @@ class Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def count_consumed(self) -> None:
-        """Add what the running incarnation consumed so far (its records-in counter); called
-        just before it is stopped or killed."""
+    def pending(self, stage: str) -> int:
+        """Input records the running incarnation holds unfinished (0 if it cannot say)."""
+        for line in self._metrics().splitlines():
+            if line.startswith(f'promptcot_stage_pending_records{{stage="{stage}"}}'):
+                return int(float(line.rsplit(" ", 1)[1]))
+        return 0
+
+    def _metrics(self) -> str:
         if self.metrics_port is None or not self.alive():
-            return
+            return ""
         import urllib.request
 
         try:
             url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            return urllib.request.urlopen(url, timeout=5).read().decode()
         except OSError:
-            return  # not serving yet: it consumed nothing
-        for line in text.splitlines():
+            return ""  # not serving yet
+
+    def count_consumed(self) -> None:
+        """Add what the running incarnation consumed so far (its records-in counter); called
+        just before it is stopped or killed."""
+        for line in self._metrics().splitlines():
             if line.startswith("promptcot_records_in_total{"):
                 stage = line.split('stage="')[1].split('"')[0]
                 self.consumed[stage] += int(float(line.rsplit(" ", 1)[1]))

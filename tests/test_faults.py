@@ -40,6 +40,7 @@ from streams.topics import ensure_topics
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 POISONED_TOPICS = ["concepts", "candidates", "candidates.unique", "verdicts"]
+BUSY_WAIT_S = 45
 
 
 @pytest.fixture(autouse=True)
@@ -80,15 +81,22 @@ def _all_settled(settings, n_sets):
     return len(done) == n_sets and product_complete(settings)
 
 
-def _run_faults(settings, procs, points, apply, n_sets):
-    """Once the pipeline flows (a first set settled), fire each fault after its pause; then run
-    to the end. Each fault is printed with how far the run was."""
+def _run_faults(settings, procs, points, apply, n_sets, busy=None):
+    """Once the pipeline flows (a first set settled), fire each fault after its pause and, with
+    ``busy``, once its target holds unfinished input (up to BUSY_WAIT_S): a kill mid-batch, not
+    between batches. Then run to the end. Each fault is printed with how far the run was."""
     everyone = list(procs.values())
     wait_until(lambda: settled(settings)[1], 420, everyone, "a first set settled")
     for pause, fault in points:
         time.sleep(pause)
+        deadline = time.monotonic() + BUSY_WAIT_S
+        mid_batch = busy is not None and busy(fault)
+        while busy is not None and not mid_batch and time.monotonic() < deadline:
+            time.sleep(0.2)
+            mid_batch = busy(fault)
+        state = "" if busy is None else (" (mid-batch)" if mid_batch else " (idle)")
         issued, done = settled(settings)
-        print(f"  {len(done)}/{len(issued)} issued sets settled: {fault}", flush=True)
+        print(f"  {len(done)}/{len(issued)} issued sets settled: {fault}{state}", flush=True)
         apply(fault)
     wait_until(lambda: _all_settled(settings, n_sets), 420, everyone, "every set settled")
 
@@ -117,6 +125,10 @@ def test_workers_killed_terminated_and_poisoned(tmp_path, tiny_model_dir, rng):
     faults = [f"kill -9 {stage}" for stage in PIPELINE] + [f"SIGTERM {terminated}"]
     stops: list[str] = []
 
+    def busy(fault: str) -> bool:
+        stage = fault.rsplit(" ", 1)[1]
+        return workers[stage].pending(stage) > 0
+
     def apply(fault: str) -> None:
         worker = workers[fault.rsplit(" ", 1)[1]]
         if fault.startswith("kill"):
@@ -128,7 +140,7 @@ def test_workers_killed_terminated_and_poisoned(tmp_path, tiny_model_dir, rng):
         worker.start(metrics=True)
 
     try:
-        _run_faults(settings, procs, fault_points(rng, faults), apply, n_sets)
+        _run_faults(settings, procs, fault_points(rng, faults), apply, n_sets, busy)
     finally:
         _stop_all(procs)
     print("  " + "; ".join(stops))

@@ -178,3 +178,11 @@ def test_up_exits_with_one_line_when_its_cluster_is_unreachable(tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [f"error: cluster at {broker.bootstrap_servers} unreachable for 4 s"], err
     assert err.splitlines()[-1] == errors[0]
+
+
+def test_ephemeral_up_keeps_nothing(tmp_path):
+    proc = _up(tmp_path, "--duration", "8s", "--ephemeral")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "embedded broker (in memory)" in out
+    assert not (tmp_path / "broker").exists()

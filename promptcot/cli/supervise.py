@@ -1,8 +1,8 @@
-"""How `promptcot up` stops. A first SIGTERM or SIGINT asks for a graceful stop (the runtime
-drains and commits) within a deadline; a second signal, or the deadline, ends the process at
-once: nothing is lost either way, since uncommitted input is redelivered to the next run. A
-cluster that is gone (the embedded broker's process exited, or no answer for
-``kafka.unreachable_exit_s``) stops `up` with one line and a non-zero exit.
+"""How `promptcot up` and `promptcot worker` stop. A first SIGTERM or SIGINT asks for a
+graceful stop (the runtime drains and commits) within a deadline; a second signal, or the
+deadline, ends the process at once: nothing is lost either way, since uncommitted input is
+redelivered to the next run. A cluster that is gone (the embedded broker's process exited, or no
+answer for ``kafka.unreachable_exit_s``) stops them with one line and a non-zero exit.
 
 Signals are taken with ``signal.signal``, not the event loop's handler, and the deadline is a
 thread: both work while the event loop is busy or stuck (docs/durability.md).
@@ -44,17 +44,12 @@ class Supervisor:
         self.cluster: Cluster | None = None
         self.exit_code = 0
         self.failure: str | None = None
-        self.reason = ""
         self._stopping = False
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_answer = time.monotonic()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
 
     def watch(self, cluster: Cluster) -> None:
         """Watch ``cluster`` from now on; a configured one is probed from a thread."""
@@ -74,14 +69,13 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         if self._stopping:
             self.force()  # a second signal: the user wants out now
-        self.stop(f"signal {signal.Signals(signum).name}", self.deadline_s)
+        self.stop(self.deadline_s)
 
-    def stop(self, reason: str, deadline_s: float) -> None:
+    def stop(self, deadline_s: float) -> None:
         """Ask the factory to stop; if it has not within ``deadline_s``, end the process."""
         if self._stopping:
             return
         self._stopping = True
-        self.reason = reason
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         timer = threading.Timer(deadline_s, self.force)
@@ -106,7 +100,7 @@ class Supervisor:
             # user reads our one line instead.
             logging.disable(logging.CRITICAL)
             threading.excepthook = lambda args: None  # the same, for the clients' threads
-            self.stop(self.failure, DEAD_CLUSTER_DEADLINE_S)
+            self.stop(DEAD_CLUSTER_DEADLINE_S)
         return self.failure
 
     def _client_errors(self, record: logging.LogRecord) -> bool:
