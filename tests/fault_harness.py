@@ -240,8 +240,13 @@ def read(settings: Settings, topic: str) -> list[tuple[Record | None, object]]:
 
 
 def settled(settings: Settings) -> tuple[set[str], set[str]]:
-    """(concept set ids issued, those with a verdict)."""
-    issued = {r.id for r, _ in read(settings, "concepts") if isinstance(r, ConceptSet)}
+    """(concept set ids the sampler issued, those with a verdict)."""
+    own = f"{settings.concepts.seed}:"
+    issued = {
+        r.id
+        for r, _ in read(settings, "concepts")
+        if isinstance(r, ConceptSet) and r.draw.startswith(own)
+    }
     judged = {
         r.lineage.concept_set_id for r, _ in read(settings, "verdicts") if isinstance(r, Verdict)
     }

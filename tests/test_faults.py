@@ -82,22 +82,28 @@ def _all_settled(settings, n_sets):
 
 
 def _run_faults(settings, procs, points, apply, n_sets, busy=None):
-    """Once the pipeline flows (a first set settled), fire each fault after its pause and, with
-    ``busy``, once its target holds unfinished input (up to BUSY_WAIT_S): a kill mid-batch, not
-    between batches. Then run to the end. Each fault is printed with how far the run was."""
+    """Once the pipeline flows (a first set settled), fire the faults one by one, each after its
+    pause; with ``busy``, the next one fired is the first (in the drawn order) whose target holds
+    unfinished input, waiting up to BUSY_WAIT_S for one: kills mid-batch, not between batches.
+    Then run to the end. Each fault is printed with how far the run was."""
     everyone = list(procs.values())
     wait_until(lambda: settled(settings)[1], 420, everyone, "a first set settled")
-    for pause, fault in points:
-        time.sleep(pause)
+    remaining = list(points)
+    while remaining:
+        time.sleep(remaining[0][0])
+        chosen, mid_batch = remaining[0], False
         deadline = time.monotonic() + BUSY_WAIT_S
-        mid_batch = busy is not None and busy(fault)
-        while busy is not None and not mid_batch and time.monotonic() < deadline:
+        while busy is not None and time.monotonic() < deadline:
+            ready = [point for point in remaining if busy(point[1])]
+            if ready:
+                chosen, mid_batch = ready[0], True
+                break
             time.sleep(0.2)
-            mid_batch = busy(fault)
+        remaining.remove(chosen)
         state = "" if busy is None else (" (mid-batch)" if mid_batch else " (idle)")
         issued, done = settled(settings)
-        print(f"  {len(done)}/{len(issued)} issued sets settled: {fault}{state}", flush=True)
-        apply(fault)
+        print(f"  {len(done)}/{len(issued)} issued sets settled: {chosen[1]}{state}", flush=True)
+        apply(chosen[1])
     wait_until(lambda: _all_settled(settings, n_sets), 420, everyone, "every set settled")
 
 
