@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create ./.venv with everything the factory needs on a fresh Debian machine (CPU).
 #   bash ops/setup.sh          # run the factory
-#   bash ops/setup.sh --dev    # + test tools (pytest, ruff, and Prometheus for the dashboard tests)
+#   bash ops/setup.sh --dev    # + test tools (pytest, ruff, Prometheus for the dashboard tests,
+#                              #   docker-compose and kubernetes-validate for ops/validate.sh)
 # Idempotent: a second run only checks. Needs only the package registries (apt + PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,10 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)
 # The dashboard and alert tests run queries against a real Prometheus (and promtool).
 if [[ -n "$extras" ]] && ! command -v prometheus >/dev/null; then
   need_apt+=(prometheus)
+fi
+# ops/validate.sh checks the compose file with Debian's docker-compose (no engine needed).
+if [[ -n "$extras" ]] && ! command -v docker-compose >/dev/null; then
+  need_apt+=(docker-compose)
 fi
 if (( ${#need_apt[@]} )); then
   if [[ $(id -u) -eq 0 ]]; then

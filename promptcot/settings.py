@@ -123,15 +123,63 @@ class Settings(BaseSettings, Section):
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Settings from the environment and an optional YAML file (the CLI's ``--config``).
-    Raises SettingsError for a missing or unreadable file and for any invalid key."""
+    Raises SettingsError for a missing or unreadable file, a ``PROMPTCOT_*`` variable that
+    names no setting, and any invalid key."""
     path = _config_path(config_file)
+    if path is not None:
+        _read_yaml(path)  # a file that is not a YAML mapping fails here, in one line
+    problems = unknown_env_settings(os.environ)
+    if problems:
+        raise SettingsError(problems)
     token = _CONFIG_FILE.set(path)
     try:
         return Settings(**overrides)
-    except yaml.YAMLError as exc:
-        raise SettingsError([f"{path}: not valid YAML: {_one_line(exc)}"]) from None
     finally:
         _CONFIG_FILE.reset(token)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SettingsError(
+            [f"{path}: not valid YAML{where}: {exc.problem or exc.context}"]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise SettingsError([f"{path}: not valid YAML: {_one_line(exc)}"]) from None
+    if data is not None and not isinstance(data, dict):
+        raise SettingsError(
+            [f"{path}: not a mapping of settings (its top level is a {type(data).__name__})"]
+        )
+    return data or {}
+
+
+def unknown_env_settings(environ: typing.Mapping[str, str]) -> list[str]:
+    """``PROMPTCOT_*`` variables meant as settings that name none; the environment source would
+    ignore them silently (a typo'd ``PROMPTCOT_KAFKA_BOOTSTRAP_SERVERS`` would start the
+    embedded broker). A variable is meant as a setting when it nests (``__``) or starts with a
+    section's name; others (``PROMPTCOT_CONFIG``, ``PROMPTCOT_DEBUG``) are not settings."""
+    fields = list(Settings.model_fields)
+    problems = []
+    for var in sorted(environ):
+        if not var.upper().startswith(ENV_PREFIX):
+            continue
+        name = var[len(ENV_PREFIX) :].lower()
+        top = name.split("__")[0]
+        if top in fields:
+            continue
+        if "__" in name:
+            near = difflib.get_close_matches(top, fields, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else f"valid keys: {', '.join(fields)}"
+            problems.append(f"{top} (env {var}): unknown key; {hint}")
+            continue
+        section = next((f for f in fields if name.startswith(f + "_")), None)
+        if section is not None:
+            nested = ENV_PREFIX + f"{section}__{name[len(section) + 1 :]}".upper()
+            problems.append(f"{var}: not a setting; nested keys take two underscores: {nested}")
+    return problems
 
 
 def _config_path(config_file: str | Path | None) -> Path | None:
@@ -147,12 +195,13 @@ def _config_path(config_file: str | Path | None) -> Path | None:
 
 
 def explain(exc: ValidationError) -> list[str]:
-    """One line per validation error: the full key path, what is wrong, and for an unknown key
-    the nearest valid name."""
+    """One line per validation error: the full key path, where its value came from (an
+    environment variable or the YAML file), what is wrong, and for an unknown key the nearest
+    valid name."""
     lines = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
-        path = ".".join(loc) or "<root>"
+        path = (".".join(loc) or "<root>") + _origin(loc)
         if error["type"] == "extra_forbidden":
             known = _keys_at(Settings, loc[:-1])
             near = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
@@ -192,6 +241,28 @@ def _unwrap(annotation: Any) -> Any:
         if len(args) == 1:
             return args[0]
     return annotation
+
+
+def _origin(loc: list[str]) -> str:
+    """`` (env NAME)`` or `` (file PATH)`` for the source that set the key at ``loc`` (the
+    environment wins, as it does for values); empty for values given in code."""
+    env = {name.upper(): name for name in os.environ}
+    for n in range(len(loc), 0, -1):  # PROMPTCOT_A__B__C, then PROMPTCOT_A__B (JSON), ...
+        name = ENV_PREFIX + "__".join(loc[:n]).upper()
+        if name in env:
+            return f" (env {env[name]})"
+    config = _CONFIG_FILE.get() or os.environ.get("PROMPTCOT_CONFIG")
+    if config:
+        node: Any = yaml.safe_load(Path(config).read_text())
+        for part in loc:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return ""
+        return f" (file {config})"
+    return ""
 
 
 def _one_line(exc: Exception) -> str:

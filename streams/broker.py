@@ -45,6 +45,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_in_use(port: int) -> bool:
+    """Something listens on 127.0.0.1:``port``. SO_REUSEADDR: a port whose last connections are
+    in TIME_WAIT is free for Tansu too, a listening one is not."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def tansu_binary(settings: EmbeddedBrokerSettings) -> Path:
     if settings.binary:
         path = Path(settings.binary)
@@ -212,7 +224,15 @@ class EmbeddedBroker:
         env = dict(os.environ)
         if self.data_dir is not None:
             self._workdir = self.data_dir
+            # First: the children of a killed predecessor may hold the port for a moment.
             self._take_lock()
+        # Tansu panics on a taken port only after whatever holds it could already have answered
+        # the readiness check (docs/broker.md): refuse first.
+        if _port_in_use(self.port):
+            raise BrokerError(
+                f"cannot start the embedded broker: {self.bootstrap_servers} is already in use"
+            )
+        if self.data_dir is not None:
             self._s3 = LocalS3(self.data_dir / "s3", self.settings.startup_timeout_s).start()
             env.update(self._s3.env())
             storage = f"s3://{BUCKET}/"

@@ -4,6 +4,7 @@ configured cluster or starts the embedded broker."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,10 @@ def check_reachable(kafka: KafkaSettings, bootstrap: str, timeout_s: float = 10.
     from kafka.errors import KafkaError
 
     ms = int(timeout_s * 1000)
+    # kafka-python logs every refused attempt; the one line below says it all.
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)
     try:
         admin = KafkaAdminClient(
             **kafka_python_config(kafka, bootstrap), bootstrap_timeout_ms=ms, request_timeout_ms=ms
@@ -53,6 +58,8 @@ def check_reachable(kafka: KafkaSettings, bootstrap: str, timeout_s: float = 10.
         raise ClusterUnreachable(
             f"cannot reach Kafka at {bootstrap} within {timeout_s:g} s ({type(exc).__name__})"
         ) from exc
+    finally:
+        kafka_log.setLevel(level)
     admin.close()
 
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics every stage reports, and the /metrics endpoint.
+"""Prometheus metrics every stage reports, and the /metrics endpoint (with /healthz, /readyz).
 
 One registry per process; names are stable API for the Grafana dashboards in ops/grafana.
 """
@@ -6,8 +6,12 @@ One registry per process; names are stable API for the Grafana dashboards in ops
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,45 @@ RETRIES = Counter(
     "raised), runtime (a chunk that could not be sent or journaled)",
     ["stage", "kind"],
 )
+# Written by each worker process for its own consumer group (streams/lag.py). Every replica of a
+# stage reports every partition, so aggregate with max over instances, then sum.
+CONSUMER_LAG = Gauge(
+    "promptcot_consumer_lag",
+    "Records of an input topic partition not yet committed by the stage's consumer group",
+    ["group", "stage", "topic", "partition"],
+)
+# Set by the trainer (trainer/) per window, and by the reload follower (workers/reload.py) for
+# the version a process serves.
+TRAINER_LOSS = Gauge(
+    "promptcot_trainer_loss",
+    "Mean training loss of the last window, by role and update kind (cold_start, e_step, m_step, "
+    "dpo)",
+    ["role", "step"],
+)
+TRAINER_HELDOUT_NLL = Gauge(
+    "promptcot_trainer_heldout_nll",
+    "Mean per-token negative log-likelihood (nats) of the held-out problems under the role's "
+    "newest checkpoint",
+    ["role"],
+)
+TRAINER_REWARD = Gauge(
+    "promptcot_trainer_reward",
+    "Mean reward of the last window's training targets: the best-of-K R(z) of the E-step "
+    "(rationale_model), the implicit reward of the chosen rollouts in DPO (solver)",
+    ["role"],
+)
+TRAINER_MARGIN = Gauge(
+    "promptcot_trainer_margin",
+    "Mean margin of the last window: best minus mean R(z) over the K rationales (E-step), "
+    "chosen minus rejected implicit reward (DPO)",
+    ["role"],
+)
+MODEL_VERSION = Gauge(
+    "promptcot_model_version",
+    "Checkpoint version number (N of <role>/vNNNN-<step>) this process last announced (trainer) "
+    "or now serves (workers/reload.py); absent until either happens",
+    ["role"],
+)
 MATH_ORACLE_TIMEOUTS = Counter(
     "promptcot_math_oracle_timeouts_total",
     "Math equivalence checks abandoned at the per-check time bound (verdict: not equivalent)",
@@ -81,17 +124,46 @@ _server_started = False
 
 
 def serve(host: str, port: int) -> int | None:
-    """Start the /metrics endpoint once per process; port 0 disables it."""
+    """Start the /metrics, /healthz and /readyz endpoint once per process; port 0 disables it."""
     global _server_started
     if port == 0 or _server_started:
         return None
     try:
-        start_http_server(port, addr=host, registry=REGISTRY)
+        start_server(host, port)
     except OSError as exc:  # a second worker on the same machine: say so, keep working
         log.warning("metrics endpoint %s:%s not started: %s", host, port, exc)
         return None
     _server_started = True
     return port
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress never holds the exit
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # one line per scrape is noise
+        pass
+
+
+def start_server(host: str, port: int) -> WSGIServer:
+    """Serve /metrics (this process's registry) and the health checks (streams/health.py) on a
+    daemon thread; the caller may ``shutdown()`` the returned server."""
+    from streams.health import wsgi  # health reads this module's gauges
+
+    server = make_server(
+        host,
+        port,
+        wsgi(make_wsgi_app(REGISTRY)),
+        server_class=_Server6 if ":" in host else _Server,
+        handler_class=_QuietHandler,
+    )
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
 
 
 def counter_samples(counter: Counter) -> list[tuple[dict[str, str], float]]:

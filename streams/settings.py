@@ -95,5 +95,14 @@ class EmbeddedBrokerSettings(Section):
 
 
 class MetricsSettings(Section):
+    """The /metrics, /healthz and /readyz endpoint of each process, and what feeds it."""
+
     host: str = "127.0.0.1"  # loopback by default: expose deliberately
     port: int = 9464  # 0 disables the endpoint
+    # Consumer lag of this process's group, refreshed this often (0: not measured).
+    lag_interval_s: float = 15.0
+    # /readyz fails when a stage holds pending input and finished nothing for this long. Longer
+    # than the slowest batch: a trainer window (stages.em.batch_within_s) plus its training.
+    stall_after_s: float = 900.0
+    # /healthz fails when the event loop does not run a callback within this time.
+    loop_timeout_s: float = 5.0

@@ -42,6 +42,9 @@ LABEL_VALUES = {
     "kind": ["completion"],
     "outcome": ["ok"],
     "measure": ["mean_pairwise_distance"],
+    "group": ["promptcot-generate"],
+    "partition": ["0", "1"],
+    "step": ["m_step"],
 }
 
 

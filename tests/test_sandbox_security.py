@@ -9,8 +9,8 @@ from __future__ import annotations
 import ast
 import os
 import secrets
-import socket
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path

@@ -197,3 +197,27 @@ def test_wrong_type_names_the_key_and_the_value():
         Settings(kafka={"partitions": "many"})
     assert err.value.problems[0].startswith("kafka.partitions: Input should be a valid integer")
     assert "'many'" in err.value.problems[0]
+
+
+def test_env_vars_that_name_no_setting_are_errors_and_other_promptcot_vars_are_not(monkeypatch):
+    from promptcot.settings import unknown_env_settings
+
+    tools = {  # read by the CLI, tests and scripts, not settings
+        "PROMPTCOT_CONFIG": "x.yaml",
+        "PROMPTCOT_DEBUG": "1",
+        "PROMPTCOT_VLLM_PYTHON": "/venv/bin/python",
+        "PROMPTCOT_CACHE_DIR": "/tmp",
+        "PROMPTCOT_LOG_LEVEL": "INFO",
+        "PROMPTCOT_STAGES": "{}",
+    }
+    assert unknown_env_settings(tools) == []
+    assert unknown_env_settings(
+        {"PROMPTCOT_SINK_OUTPUT_DIR": "x", "PROMPTCOT_VERIFYY__X": "1"}
+    ) == [
+        "PROMPTCOT_SINK_OUTPUT_DIR: not a setting; nested keys take two underscores: "
+        "PROMPTCOT_SINK__OUTPUT_DIR",
+        "verifyy (env PROMPTCOT_VERIFYY__X): unknown key; did you mean verify?",
+    ]
+    monkeypatch.setenv("PROMPTCOT_METRICS_PORT", "9999")
+    with pytest.raises(SettingsError, match="PROMPTCOT_METRICS__PORT"):
+        load_settings()

@@ -106,7 +106,7 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(tmp_path, t
 
         second = _worker(settings, tiny_model_dir, log_path)
         try:
-            _wait(lambda: len(_fates(settings)) == N_SETS, 240, second, log_path)
+            _wait(lambda: len(_fates(settings)) == N_SETS, 420, second, log_path)
         finally:
             os.killpg(second.pid, signal.SIGTERM)
             second.wait(timeout=30)

@@ -68,6 +68,7 @@ class ModelFollower:
             if self._reload(role, update.path):
                 log.info("reload: %s now serves %s", role, update.version)
                 metrics.MODEL_RELOADS.labels(role=role).inc()
+                metrics.MODEL_VERSION.labels(role=role).set(number)
                 moved.append(role)
             self.applied[role] = number
         return moved

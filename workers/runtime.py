@@ -50,6 +50,7 @@ from streams import metrics, serde
 from streams.cluster import faust_credentials
 from streams.records import Record
 from streams.topics import CATALOGUE, DEAD_LETTERS, TopicSpec
+from workers import monitoring
 from workers.journal import Journal
 from workers.stage import Emit, Stage
 
@@ -518,12 +519,16 @@ async def run_stages(
         follower = ModelFollower(settings, bootstrap)
         follower.start()
     await app.start()
+    for stage in stages:  # a stage stuck from its start is a stall too (ops/prometheus/alerts.yml)
+        metrics.LAST_PROGRESS.labels(stage=stage.name).set(time.time())
+    monitor = asyncio.create_task(monitoring.monitor(settings, bootstrap, group, stages))
     try:
         if until is None:
             await asyncio.Event().wait()
         else:
             await until()
     finally:
+        monitor.cancel()  # lag and health (workers/monitoring.py)
         await _shut_down(app, agents, settings.worker.shutdown_grace_s)
         if follower is not None:
             await follower.stop()

@@ -50,6 +50,10 @@ def row(title: str) -> dict:
     }
 
 
+# Every replica of a stage reports the lag of every partition of its group (streams/lag.py): the
+# max over instances is the partition's lag.
+LAG = "max by (group, stage, topic, partition) (promptcot_consumer_lag)"
+
 PANELS = [
     row("Output"),
     panel(
@@ -104,6 +108,67 @@ PANELS = [
         },
         w=8,
         description="Unreadable records; each is on the dead-letter topic with its payload.",
+    ),
+    row("Lag and progress"),
+    panel(
+        "Consumer lag by stage and topic",
+        {"{{stage}} <- {{topic}}": f"sum by (stage, topic) ({LAG})"},
+        description="Records on a stage's input topic its consumer group has not committed. "
+        "Growing: add replicas (up to the topic's partitions) or faster model servers.",
+    ),
+    panel(
+        "Consumer lag by partition",
+        {"{{stage}} <- {{topic}}[{{partition}}]": f"max by (stage, topic, partition) ({LAG})"},
+        description="One partition far behind the others: a slow or stuck replica owns it.",
+    ),
+    panel(
+        "Records pending in workers",
+        {"{{stage}}": "sum by (stage) (promptcot_stage_pending_records)"},
+        w=12,
+        description="Received, not finished (in a model call or waiting for a batch).",
+    ),
+    panel(
+        "Time since a stage last made progress",
+        {
+            "{{stage}}": "time() - max by (stage) "
+            "(promptcot_stage_last_progress_timestamp_seconds)",
+        },
+        unit="s",
+        w=12,
+        description="With work pending and this above metrics.stall_after_s, /readyz fails and "
+        "PromptCoTStageStalled fires.",
+    ),
+    row("Trainer"),
+    panel(
+        "Training loss per window",
+        {"{{role}} {{step}}": "max by (role, step) (promptcot_trainer_loss)"},
+        w=8,
+    ),
+    panel(
+        "Held-out NLL (nats / token)",
+        {"{{role}}": "max by (role) (promptcot_trainer_heldout_nll)"},
+        w=8,
+        description="p_θ's held-out problem NLL is the convergence signal of EM: it should fall.",
+    ),
+    panel(
+        "Reward and margin",
+        {
+            "reward {{role}}": "max by (role) (promptcot_trainer_reward)",
+            "margin {{role}}": "max by (role) (promptcot_trainer_margin)",
+        },
+        w=8,
+        description="E-step: best-of-K R(z) and best minus mean (rationale_model). "
+        "DPO: chosen implicit reward and chosen minus rejected (solver).",
+    ),
+    panel(
+        "Model version per role",
+        {
+            "{{role}} newest": "max by (role) (promptcot_model_version)",
+            "{{role}} oldest served": "min by (role) (promptcot_model_version)",
+        },
+        w=24,
+        description="newest: announced by the trainer; oldest served: the process furthest "
+        "behind. Apart for long: a worker missed a reload (see its `reload:` log lines).",
     ),
     row("Latency and models"),
     panel(

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -18,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 app = typer.Typer(
     help="PromptCoT 2.0 as a streaming factory of verified reasoning problems.",
     no_args_is_help=True,
-    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,  # --debug prints Python's own traceback: paste-able
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -82,22 +81,20 @@ def parse_duration(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``promptcot`` entry point: one line and a non-zero exit for every error."""
+    """The ``promptcot`` entry point: one line and a non-zero exit for every error (2 for a
+    wrong command line, 1 for the rest); ``--debug`` shows the traceback instead."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("PROMPTCOT_DEBUG") == "1"
     try:
         code = app(args=args, prog_name="promptcot", standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        exc.show()
-        code = exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         code = 130
     except Exception as exc:  # noqa: BLE001 - the boundary: one line unless --debug
         if debug or _state["debug"]:
             raise
         err_console.print(f"[red]error:[/] {describe(exc)}", highlight=False, soft_wrap=True)
-        code = 1
+        code = getattr(exc, "exit_code", 1) if isinstance(exc, typer.TyperException) else 1
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -105,6 +102,10 @@ def describe(exc: BaseException) -> str:
     """The one line a user reads for an error."""
     from promptcot.settings import SettingsError
 
+    if isinstance(exc, typer.BadParameter) and exc.param is None and exc.param_hint is None:
+        return f"{exc.message}{_help_hint(exc)}"  # raised by a command: its text says it all
+    if isinstance(exc, typer.TyperException):  # usage errors from the command line parser
+        return f"{exc.format_message()}{_help_hint(exc)}"
     if isinstance(exc, SettingsError):
         return "settings: " + "; ".join(exc.problems)
     if isinstance(exc, KeyError) and exc.args:
@@ -114,3 +115,8 @@ def describe(exc: BaseException) -> str:
     if type(exc).__name__ in known or isinstance(exc, (OSError, ValueError)):
         return text
     return f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+
+
+def _help_hint(exc: Exception) -> str:
+    ctx = getattr(exc, "ctx", None)
+    return f" (see {ctx.command_path} --help)" if ctx is not None else ""

@@ -55,7 +55,10 @@ def tail(
     from streams.clients import read_topic, resolve_topic
 
     settings = load(config, bootstrap)
-    resolve_topic(settings.kafka, topic)  # an unknown topic fails before any connection
+    try:
+        resolve_topic(settings.kafka, topic)  # an unknown topic fails before any connection
+    except KeyError as exc:
+        raise typer.BadParameter(exc.args[0]) from None
     bootstrap = require_cluster(settings)
     records = read_topic(settings.kafka, topic, bootstrap=bootstrap, follow=follow)
     for shown, record in enumerate(records, start=1):
