@@ -466,4 +466,4 @@ def fault_points(rng: random.Random, names: list[str]) -> list[tuple[float, str]
     is done: points in time while the pipeline works, not at batch boundaries."""
     order = list(names)
     rng.shuffle(order)
-    return [(round(rng.uniform(1.0, 8.0), 1), name) for name in order]
+    return [(round(rng.uniform(0.5, 4.0), 1), name) for name in order]

@@ -40,7 +40,7 @@ from streams.topics import ensure_topics
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 POISONED_TOPICS = ["concepts", "candidates", "candidates.unique", "verdicts"]
-BUSY_WAIT_S = 45
+BUSY_WAIT_S = 30
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +120,7 @@ def _stop_all(procs: dict[str, Proc]) -> None:
 
 
 def test_workers_killed_terminated_and_poisoned(tmp_path, tiny_model_dir, rng):
-    n_sets = 16
+    n_sets = 24
     settings, config, broker = _cluster(tmp_path, tiny_model_dir, n_sets)
     poisoned = poison(settings, POISONED_TOPICS)
     workers = {
