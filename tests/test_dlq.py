@@ -81,7 +81,7 @@ def test_counts_show_and_replay_each_source_record_once(broker, tmp_path):
     ensure_topics(kafka_python_config(kafka, broker.bootstrap_servers), kafka.namespace, 2, 1)
     bad = b"\xff\xfe not json"
     garbage = _dead(settings, _send(settings, CONCEPTS, bad), bad, serde.UNDECODABLE)
-    big = _dead(settings, _send(settings, CONCEPTS, BIG), BIG, "record_too_large", max_bytes=4000)
+    big = _dead(settings, _send(settings, CONCEPTS, BIG), BIG, "record_too_large", max_bytes=12_000)
     assert big.payload_truncated and big.payload_size == len(BIG)
     future = b'{"schema_version": 99}'
     where = _send(settings, VERDICTS, future)
@@ -99,10 +99,11 @@ def test_counts_show_and_replay_each_source_record_once(broker, tmp_path):
     shown = _cli(settings, "dlq", "show", garbage.id)
     assert "ff fe 20 6e 6f 74" in shown and garbage.source_topic in shown
     assert '"schema_version": 99' in _cli(settings, "dlq", "show", verdict.id)
-    assert f"of {len(BIG):,} bytes" in _cli(settings, "dlq", "show", big.id)
+    shown = _cli(settings, "dlq", "show", big.id)
+    assert f"of {len(BIG):,} bytes" in shown and 'start of the text):\n{"id": "cset_x"' in shown
 
     # Replay what came from the concepts topic: both originals, bytes and headers, come back
-    # from the source topic (the big one's dead letter holds only its first 3 KB).
+    # from the source topic (the big one's dead letter holds only its start).
     out = _cli(settings, "dlq", "replay", "--topic", "concepts")
     assert "replayed 2 records; 0 replayed before" in out
     assert f"{len(BIG):,} bytes from the source topic" in out
@@ -140,6 +141,6 @@ def test_when_the_source_is_gone_only_a_whole_copy_is_replayed(broker, tmp_path)
     whole = _dead(settings, gone, b"{", serde.UNDECODABLE)
     [p] = plans(kafka, broker.bootstrap_servers, [whole])
     assert (p.payload, p.bytes_from) == (b"{", "dead_letter")
-    cut = _dead(settings, gone, BIG, "record_too_large", max_bytes=4000)
+    cut = _dead(settings, gone, BIG, "record_too_large", max_bytes=12_000)
     with pytest.raises(ValueError, match="is gone; not replayed"):
         plans(kafka, broker.bootstrap_servers, [cut])

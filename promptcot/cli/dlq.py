@@ -61,17 +61,25 @@ def dlq_show(
     cut = f" (first {len(copy_of(letter)):,} of {letter.payload_size:,} bytes)"
     if letter.payload_truncated:
         console.print("the dead letter's copy was cut short" + cut)
-    console.print(payload_text(copy_of(letter)), highlight=False, markup=False, soft_wrap=True)
+    text = payload_text(copy_of(letter), letter.payload_truncated)
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
-def payload_text(payload: bytes) -> str:
-    """JSON, pretty, if the payload is JSON; hex otherwise; cut at SHOW_BYTES either way."""
+def payload_text(payload: bytes, truncated: bool = False) -> str:
+    """JSON, pretty, if the payload is JSON; a copy cut short (which no longer parses) as the
+    text it is; hex otherwise; cut at SHOW_BYTES in every case."""
     shown, rest = payload[:SHOW_BYTES], len(payload) - SHOW_BYTES
     tail = f"\n... {rest:,} more bytes" if rest > 0 else ""
     try:
         return "payload (JSON):\n" + json.dumps(json.loads(payload), indent=2)[:SHOW_BYTES] + tail
     except (UnicodeDecodeError, ValueError):
-        return f"payload ({len(payload):,} bytes, hex):\n{shown.hex(' ')}{tail}"
+        pass
+    if truncated:
+        try:  # the cut may split the last character
+            return f"payload (start of the text):\n{shown.decode('utf-8', 'strict')}{tail}"
+        except UnicodeDecodeError:
+            pass
+    return f"payload ({len(payload):,} bytes, hex):\n{shown.hex(' ')}{tail}"
 
 
 @dlq_app.command("replay")
