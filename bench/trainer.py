@@ -1,33 +1,26 @@
-"""Cost of one trainer window on CPU: an EM window (E-step SFT of q_φ, greedy M-step decode,
-M-step SFT of p_θ, checkpoint writes) and a DPO window, with the metrics they report.
-
-    python bench/trainer.py --model /path/to/hf-folder      # any local HF causal-LM folder
-    python bench/trainer.py --smollm2                       # the embedded SmolLM2-135M
-    python bench/trainer.py --model DIR --seeds 4 --samples 2 --pairs 4 --json out.json
-
-Paper learning rates are the defaults; ``--lr`` overrides all of them (a tiny random model
-needs ~1e-3 to move visibly).
+"""Cost of the trainer's windows on CPU (the tiny test model): a DPO window against plain TRL
+doing the same DPO training (the window's own share: preference margins before and after, the
+checkpoint write, the bookkeeping; goal <= 1.5x), and an EM window (E-step SFT of q_φ, greedy
+M-step decode, M-step SFT of p_θ, checkpoint writes).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.harness import ROOT, Row, ratios, timing
 from streams.records import PreferencePair, Rationale
 from trainer.config import TrainerSettings
 from trainer.dpo import DPOTrainerLoop
 from trainer.em import EMTrainer
 
+CASE = "trainer (tiny model)"
 NAMES = ["Ana", "Ben", "Carla", "Dev", "Eva", "Femi", "Gus", "Hana"]
 
 
@@ -71,67 +64,86 @@ def pairs(n: int) -> list[PreferencePair]:
     ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", help="local HF folder")
-    ap.add_argument("--smollm2", action="store_true")
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--samples", type=int, default=2)
-    ap.add_argument("--pairs", type=int, default=4)
-    ap.add_argument("--lr", type=float)
-    ap.add_argument("--max-rationale-tokens", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    if args.smollm2:
-        from workers.models import prepare_smollm2
+def plain_trl_dpo(model_path: str, rows: list[dict[str, str]], settings: TrainerSettings) -> float:
+    """The same DPO training, TRL called plainly: same model, rows and arguments, no margins,
+    no checkpoint, no bookkeeping. Seconds of DPOTrainer construction + train()."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
 
-        model = str(prepare_smollm2())
-    elif args.model:
-        model = args.model
-    else:
-        ap.error("--model or --smollm2")
+    from trainer.checkpoints import normalize_end_of_turn
+    from trainer.sft import common_training_args
 
-    lr = {"lr": args.lr} if args.lr else {}
-    step = {"batch_size": 4, "per_device_batch_size": 4, "max_seq_len": 512, **lr}
-    results: dict[str, object] = {"model": model, "seeds": args.seeds, "samples": args.samples}
-    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
-        settings = TrainerSettings(
-            checkpoint_dir=Path(tmp),
-            heldout_fraction=0.0,
-            torch_threads=args.threads,
-            e_step=step,
-            m_step={**step, "max_rationale_tokens": args.max_rationale_tokens},
-            dpo={**step, "window": {"min_records": 1}},
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    normalize_end_of_turn(tokenizer)
+    cfg = settings.dpo
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
+        started = time.perf_counter()
+        args = DPOConfig(
+            **common_training_args(cfg, len(rows), settings.seed, out),
+            beta=cfg.beta,
+            max_length=cfg.max_seq_len,
+            precompute_ref_log_probs=True,
+            dataset_num_proc=None,
         )
-        t0 = time.perf_counter()
-        em = EMTrainer(settings, {"prompt_model": model, "rationale_model": model})
-        em.model("prompt_model", settings.m_step)
-        em.model("rationale_model", settings.e_step)
-        results["load_s"] = round(time.perf_counter() - t0, 2)
-        t0 = time.perf_counter()
-        window = em.run_window(rationales(args.seeds, args.samples))
-        results["em_window_s"] = round(time.perf_counter() - t0, 2)
-        results["em_metrics"] = {u.step: u.metrics for u in window.updates}
-
-        t0 = time.perf_counter()
-        dpo = DPOTrainerLoop(settings, model)
-        _ = dpo.solver
-        t1 = time.perf_counter()
-        d = dpo.run_window(pairs(args.pairs))
-        results["dpo_load_s"] = round(t1 - t0, 2)
-        results["dpo_window_s"] = round(time.perf_counter() - t1, 2)
-        results["dpo_metrics"] = d.updates[0].metrics if d.updates else d.skipped
-        sizes = {
-            u.role: sum(f.stat().st_size for f in Path(u.path).iterdir())
-            for u in [*window.updates, *d.updates]
-        }
-        results["checkpoint_bytes"] = sizes
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+        DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        ).train()
+        return time.perf_counter() - started
 
 
-if __name__ == "__main__":
-    main()
+def measure(quick: bool = False) -> list[Row]:
+    """A DPO window (margins before and after, TRL DPO, checkpoint write) vs plain TRL DPO on the
+    same pairs and arguments, and an EM window, on the tiny test model; interleaved runs."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_model import tiny_model_dir
+
+    from trainer.dpo import dpo_rows
+
+    model = str(tiny_model_dir())
+    n_pairs, n_seeds, runs = (4, 2, 3) if quick else (8, 4, 3)
+    step = {"batch_size": 4, "per_device_batch_size": 4, "max_seq_len": 512, "lr": 1e-4}
+    window, plain, em_s = [], [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+            settings = TrainerSettings(
+                checkpoint_dir=Path(tmp),
+                heldout_fraction=0.0,
+                torch_threads=2,
+                e_step=step,
+                m_step={**step, "max_rationale_tokens": 32},
+                dpo={**step, "window": {"min_records": 1}},
+            )
+            loop = DPOTrainerLoop(settings, model)
+            rows = dpo_rows(loop.solver.tokenizer, pairs(n_pairs))  # loads the model, untimed
+            t0 = time.perf_counter()
+            loop.run_window(pairs(n_pairs))
+            window.append(time.perf_counter() - t0)
+            plain.append(plain_trl_dpo(model, rows, settings))
+            em = EMTrainer(settings, {"prompt_model": model, "rationale_model": model})
+            em.model("prompt_model", settings.m_step)
+            em.model("rationale_model", settings.e_step)
+            t0 = time.perf_counter()
+            em.run_window(rationales(n_seeds, 2))
+            em_s.append(time.perf_counter() - t0)
+    return [
+        timing(
+            CASE,
+            f"DPO window / plain TRL DPOTrainer, seconds ({n_pairs} pairs)",
+            ratios(window, plain),
+            "x",
+            at_most=1.5,
+        ),
+        timing(CASE, "DPO window (margins, TRL DPO, checkpoint)", window, "s"),
+        timing(CASE, "plain TRL DPOTrainer (construct + train)", plain, "s"),
+        timing(
+            CASE, f"EM window ({n_seeds} seeds x 2 samples: E-step, M-step decode + SFT)", em_s, "s"
+        ),
+    ]

@@ -26,8 +26,8 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 # What the project's backends and tests import (the project itself goes in without its deps,
 # so its own torch/trl pins do not fight vLLM's).
-"${PIP[@]}" "tokenizers>=0.22" "pydantic>=2.10" "httpx>=0.27" "numpy>=2" "pyyaml>=6" \
-  "pytest>=8" "pytest-timeout>=2.3"
+"${PIP[@]}" "tokenizers>=0.22" "pydantic>=2.10" "httpx>=0.27" "tenacity==9.2.1" \
+  "aiohttp==3.14.5" "numpy>=2" "pyyaml>=6" "pytest>=8" "pytest-timeout>=2.3"
 "${PIP[@]}" --no-deps -e "$ROOT"
 
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"

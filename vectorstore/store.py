@@ -144,6 +144,8 @@ class ProblemStore:
         )
         if self.has_vector_index:
             query = query.nprobes(self.settings.nprobes).ef(self.settings.ef)
+            if self.settings.refine_factor:
+                query = query.refine_factor(self.settings.refine_factor)
         found = query.to_arrow()
         ids = found["id"].to_pylist()
         distances = found["_distance"].to_pylist()

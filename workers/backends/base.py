@@ -12,7 +12,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -186,7 +186,9 @@ class BackendSettings(Section):
     timeout_s: float = Field(120.0, description="openai: per request")
     max_retries: int = Field(3, description="openai: retries on connect errors, timeouts, 5xx")
     backoff_s: float = Field(0.5, description="openai: first retry delay, doubled each time")
-    concurrency: int = Field(8, description="openai: requests in flight per backend")
+    concurrency: int = Field(
+        8, ge=1, description="openai: requests in flight per backend (its max_in_flight)"
+    )
     tokenizer: str | None = Field(
         None, description="openai: local tokenizer folder for the chat template (else ChatML)"
     )
@@ -202,10 +204,25 @@ class BackendSettings(Section):
 
 
 class Backend(ABC):
-    """A text-in, text-out model. Implementations are thread-safe."""
+    """A text-in, text-out model. Implementations are thread-safe.
+
+    What the stage runtime reads to keep the engine busy (docs/models.md, "Keeping engines
+    saturated"): ``max_in_flight``, how many prompts the backend wants in flight at once, and
+    ``continuous_batching``: True when concurrent ``generate``/``score`` calls from many threads
+    are served together (then the runtime hands records over one by one from many threads),
+    False when the backend batches only within one call (then the runtime sends whole
+    micro-batches, one at a time).
+    """
 
     settings: BackendSettings
     model_version: str  # model name/path + weights hash or adapter id; stamped on records
+    continuous_batching: ClassVar[bool] = False
+
+    @property
+    def max_in_flight(self) -> int:
+        """Prompts this backend wants in flight at once. Default: one batch of
+        ``max_batch_size``, what a backend that batches within one call takes at a time."""
+        return self.settings.max_batch_size
 
     @abstractmethod
     def generate(

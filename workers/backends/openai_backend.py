@@ -1,9 +1,15 @@
 """OpenAI-compatible HTTP backend (``vllm serve``, SGLang, ...) over /v1/completions.
 
-One request per prompt (the server batches continuously), at most ``concurrency`` in flight per
-backend. Connect errors, timeouts, 429 and 5xx are retried with exponential backoff; after the
-last try the whole call raises ``UnreachableError`` or ``BackendTimeoutError``. A prompt the
-server rejects for its length becomes a per-item ``context_overflow``.
+One request per prompt, sent from one asyncio loop per backend (a background thread): every
+``generate``/``score`` call from any thread adds its requests to that loop, and at most
+``concurrency`` requests are in flight per backend across all callers. So many threads calling
+at once keep a continuously batching server full, and one slow completion holds up only its
+own caller.
+
+Retries are tenacity's (exponential backoff from ``backoff_s`` with jitter, so hundreds of
+requests that failed together do not retry together) on connect errors, timeouts, 429 and 5xx;
+after the last try the whole call raises ``UnreachableError`` or ``BackendTimeoutError``. A
+prompt the server rejects for its length becomes a per-item ``context_overflow``.
 
 Scoring sends prompt+continuation with ``echo`` and ``logprobs`` and ``max_tokens=1``, and keeps
 the echoed prompt tokens whose text lies in the continuation (``text_offset``).
@@ -11,15 +17,23 @@ the echoed prompt tokens whose text lies in the continuation (``text_offset``).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import httpx
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from workers.backends.base import (
     Backend,
+    BackendError,
     BackendSettings,
     BackendTimeoutError,
     BadRequestError,
@@ -32,6 +46,8 @@ from workers.backends.base import (
     failed_score,
     mark_empty,
 )
+
+T = TypeVar("T")
 
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _OVERFLOW_HINTS = (
@@ -49,17 +65,10 @@ class _ItemOverflow(Exception):
 
 
 class OpenAIBackend(Backend):
+    continuous_batching = True
+
     def __init__(self, settings: BackendSettings):
         self.settings = settings
-        self._client = httpx.Client(
-            base_url=settings.base_url.rstrip("/"),
-            timeout=httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 10.0)),
-            headers={"Authorization": f"Bearer {settings.api_key}"},
-            limits=httpx.Limits(max_connections=settings.concurrency),
-        )
-        self._pool = ThreadPoolExecutor(
-            max_workers=settings.concurrency, thread_name_prefix="openai-backend"
-        )
         self._lock = threading.Lock()
         self._served_model = settings.model
         self.model_version = f"openai:{settings.model}@{settings.base_url}"
@@ -70,43 +79,90 @@ class OpenAIBackend(Backend):
             self._tokenizer = AutoTokenizer.from_pretrained(
                 settings.tokenizer, local_files_only=True
             )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="openai-backend", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        self._client, self._slots = self._run(self._open())
+
+    async def _open(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        s = self.settings
+        client = httpx.AsyncClient(
+            base_url=s.base_url.rstrip("/"),
+            # No pool timeout: the semaphore below admits only as many requests as connections.
+            timeout=httpx.Timeout(s.timeout_s, connect=min(s.timeout_s, 10.0), pool=None),
+            headers={"Authorization": f"Bearer {s.api_key}"},
+            limits=httpx.Limits(
+                max_connections=s.concurrency, max_keepalive_connections=s.concurrency
+            ),
+        )
+        return client, asyncio.Semaphore(s.concurrency)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.settings.concurrency
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the backend's loop and wait for it in the calling thread."""
+        if self._loop.is_closed() or not self._thread.is_alive():
+            coro.close()
+            raise BackendError("the OpenAI backend is closed")
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        except concurrent.futures.CancelledError as exc:  # close() while this call ran
+            raise BackendError("the OpenAI backend was closed during the call") from exc
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST with retries. Raises a BackendError for whole-call failures and _ItemOverflow
         for a prompt that is too long."""
         s = self.settings
-        last: Exception | None = None
-        for attempt in range(s.max_retries + 1):
-            if attempt:
-                time.sleep(s.backoff_s * 2 ** (attempt - 1))
-            try:
-                resp = self._client.post(path, json=body)
-            except httpx.TimeoutException as exc:  # connect or read
-                last = BackendTimeoutError(f"{path}: {exc!r}")
-                if isinstance(exc, httpx.ConnectTimeout):
-                    last = UnreachableError(f"{path}: {exc!r}")
-                continue
-            except httpx.TransportError as exc:  # refused, reset, DNS
-                last = UnreachableError(f"{s.base_url}{path}: {exc!r}")
-                continue
-            if resp.status_code in _RETRY_STATUS:
-                last = UnreachableError(f"{path}: HTTP {resp.status_code} {resp.text[:200]}")
-                continue
-            if resp.status_code >= 400:
-                text = resp.text[:500]
-                if resp.status_code in (400, 413, 422) and any(
-                    h in text.lower() for h in _OVERFLOW_HINTS
-                ):
-                    raise _ItemOverflow(text)
-                raise BadRequestError(f"{path}: HTTP {resp.status_code} {text}")
-            return resp.json()
-        assert last is not None
-        raise last
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(s.max_retries + 1),
+            wait=wait_exponential_jitter(multiplier=s.backoff_s, jitter=s.backoff_s),
+            retry=retry_if_exception_type((UnreachableError, BackendTimeoutError)),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._post_once(path, body)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    def _map(self, fn: Any, items: list[Any]) -> list[Any]:
-        return list(self._pool.map(fn, items))
+    async def _post_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        s = self.settings
+        async with self._slots:  # held for the request only, not across backoff sleeps
+            try:
+                resp = await self._client.post(path, json=body)
+            except httpx.ConnectTimeout as exc:
+                raise UnreachableError(f"{s.base_url}{path}: {exc!r}") from exc
+            except httpx.TimeoutException as exc:  # read / write
+                raise BackendTimeoutError(f"{path}: {exc!r}") from exc
+            except httpx.TransportError as exc:  # refused, reset, DNS
+                raise UnreachableError(f"{s.base_url}{path}: {exc!r}") from exc
+        if resp.status_code in _RETRY_STATUS:
+            raise UnreachableError(f"{path}: HTTP {resp.status_code} {resp.text[:200]}")
+        if resp.status_code >= 400:
+            text = resp.text[:500]
+            if resp.status_code in (400, 413, 422) and any(
+                h in text.lower() for h in _OVERFLOW_HINTS
+            ):
+                raise _ItemOverflow(text)
+            raise BadRequestError(f"{path}: HTTP {resp.status_code} {text}")
+        return resp.json()
+
+    async def _all(self, coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+        """Results in order; the first whole-call error cancels the rest of this call."""
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -120,72 +176,69 @@ class OpenAIBackend(Backend):
         stop: list[str] | None = None,
         seed: int | None = None,
     ) -> list[list[Completion]]:
-        def one(prompt: str) -> list[Completion]:
-            body: dict[str, Any] = {
-                "model": self._served_model,
-                "prompt": prompt,
-                "n": n,
-                "temperature": temperature,
-                "top_p": top_p if temperature > 0 else 1.0,
-                "max_tokens": max_tokens,
-            }
-            if stop:
-                body["stop"] = list(stop)
-            if seed is not None:
-                body["seed"] = seed
-            try:
-                data = self._post("/completions", body)
-            except _ItemOverflow:
-                return failed_completions(n, ContextOverflowError.reason)
-            usage = data.get("usage") or {}
-            n_prompt = int(usage.get("prompt_tokens", 0))
-            choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
-            total_completion = int(usage.get("completion_tokens", 0))
-            out = []
-            for choice in choices:
-                finish = "length" if choice.get("finish_reason") == "length" else "stop"
-                # Servers report tokens for the whole response; spread them when n > 1.
-                n_tokens = total_completion // max(1, len(choices))
-                out.append(
-                    mark_empty(Completion(choice.get("text", ""), n_prompt, n_tokens, finish))
-                )
-            return out
+        sampling: dict[str, Any] = {
+            "n": n,
+            "temperature": temperature,
+            "top_p": top_p if temperature > 0 else 1.0,
+            "max_tokens": max_tokens,
+        }
+        if stop:
+            sampling["stop"] = list(stop)
+        if seed is not None:
+            sampling["seed"] = seed
+        if not prompts:
+            return []
+        return self._run(self._all([self._complete(p, n, sampling) for p in prompts]))
 
-        return self._map(one, prompts)
+    async def _complete(self, prompt: str, n: int, sampling: dict[str, Any]) -> list[Completion]:
+        body = {"model": self._served_model, "prompt": prompt, **sampling}
+        try:
+            data = await self._post("/completions", body)
+        except _ItemOverflow:
+            return failed_completions(n, ContextOverflowError.reason)
+        usage = data.get("usage") or {}
+        n_prompt = int(usage.get("prompt_tokens", 0))
+        choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
+        total_completion = int(usage.get("completion_tokens", 0))
+        out = []
+        for choice in choices:
+            finish = "length" if choice.get("finish_reason") == "length" else "stop"
+            # Servers report tokens for the whole response; spread them when n > 1.
+            n_tokens = total_completion // max(1, len(choices))
+            out.append(mark_empty(Completion(choice.get("text", ""), n_prompt, n_tokens, finish)))
+        return out
 
     # -- scoring ------------------------------------------------------------------------------
 
     def score(self, prompts: list[str], continuations: list[str]) -> list[Score]:
         if len(prompts) != len(continuations):
             raise ValueError("prompts and continuations differ in length")
+        if not prompts:
+            return []
+        return self._run(self._all([self._score(p, c) for p, c in zip(prompts, continuations)]))
 
-        def one(pair: tuple[str, str]) -> Score:
-            prompt, continuation = pair
-            body = {
-                "model": self._served_model,
-                "prompt": prompt + continuation,
-                "max_tokens": 1,
-                "temperature": 0.0,
-                "echo": True,
-                "logprobs": 0,
-            }
-            try:
-                data = self._post("/completions", body)
-            except _ItemOverflow:
-                return failed_score(ContextOverflowError.reason)
-            logprobs = data["choices"][0]["logprobs"]
-            n_prompt = int(
-                (data.get("usage") or {}).get("prompt_tokens", len(logprobs["tokens"]) - 1)
-            )
-            tokens = logprobs["tokens"][:n_prompt]  # drop the one generated token
-            values = logprobs["token_logprobs"][:n_prompt]
-            starts = logprobs["text_offset"][:n_prompt]
-            ends = starts[1:] + [len(prompt) + len(continuation)]
-            first = max(1, continuation_span(list(zip(starts, ends)), len(prompt)))
-            lps = [float(v) for v in values[first:] if v is not None]
-            return Score(sum(lps), lps, list(tokens[first:]))
-
-        return self._map(one, list(zip(prompts, continuations)))
+    async def _score(self, prompt: str, continuation: str) -> Score:
+        body = {
+            "model": self._served_model,
+            "prompt": prompt + continuation,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "echo": True,
+            "logprobs": 0,
+        }
+        try:
+            data = await self._post("/completions", body)
+        except _ItemOverflow:
+            return failed_score(ContextOverflowError.reason)
+        logprobs = data["choices"][0]["logprobs"]
+        n_prompt = int((data.get("usage") or {}).get("prompt_tokens", len(logprobs["tokens"]) - 1))
+        tokens = logprobs["tokens"][:n_prompt]  # drop the one generated token
+        values = logprobs["token_logprobs"][:n_prompt]
+        starts = logprobs["text_offset"][:n_prompt]
+        ends = starts[1:] + [len(prompt) + len(continuation)]
+        first = max(1, continuation_span(list(zip(starts, ends)), len(prompt)))
+        lps = [float(v) for v in values[first:] if v is not None]
+        return Score(sum(lps), lps, list(tokens[first:]))
 
     # -- the rest -----------------------------------------------------------------------------
 
@@ -203,6 +256,24 @@ class OpenAIBackend(Backend):
             )
         return super().render_messages(messages)
 
+    async def _shutdown(self) -> None:
+        """Cancel calls still running (their callers get a BackendError), close connections."""
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self._client.aclose()
+
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._run(self._shutdown())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()

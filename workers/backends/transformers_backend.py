@@ -33,6 +33,10 @@ _DTYPES = {
 
 
 class TransformersBackend(Backend):
+    # One generate() holds the model (and torch's RNG) for its whole batch: concurrent calls
+    # queue on the lock, so the runtime should send whole micro-batches, one at a time.
+    continuous_batching = False
+
     def __init__(self, settings: BackendSettings):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
         self.settings = settings

