@@ -1,40 +1,35 @@
 """Broker throughput: the durable embedded broker (Tansu's s3:// engine on the local S3 server)
 vs the in-memory one, produce and consume, with kafka-python and aiokafka.
 
-    PYTHONPATH=. .venv/bin/python bench/broker.py [--quick] [--json]
+    .venv/bin/python -m bench --case broker [--quick]     (or: python bench/broker.py)
 
 Both brokers run at once and every round measures all eight cells back to back, so machine load
-hits them alike; figures are the median of the rounds with their spread (max - min, % of the
-median). Records are 1 KB (a concept set or verdict is 0.5-4 KB), produced with acks=all to a
-fresh 2-partition topic, then read back from the beginning without a consumer group.
+hits them alike; figures are the median of the rounds with their spread ([min, max]), and the
+durable/memory ratio of each cell, round by round. Records are 1 KB (a concept set or verdict
+is 0.5-4 KB), produced with acks=all to a fresh 2-partition topic, then read back from the
+beginning without a consumer group.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import statistics
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-# This script shares its name with nothing it imports, but keep bench/ off the path anyway.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from bench.harness import Row, ratios, timing
 from streams.broker import EmbeddedBroker
 
 CASE = "broker"
 PAYLOAD = b"x" * 1024
 # The factory writes well under 100 records/s on a 2-core machine (a model call per record):
 # a broker 10x past that is never the bottleneck.
-GOAL_MSG_S = 1_000
+GOAL_MSG_S = 1_000.0
 
 
 def _topic(bootstrap: str) -> str:
@@ -113,9 +108,9 @@ CLIENTS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def measure(quick: bool = False) -> list[dict]:
-    """Rows {"case", "name", "value", "unit", "goal", "ok"}: per broker, client and direction
-    the median msg/s of the rounds and its spread, and the durable/memory ratio."""
+def measure(quick: bool = False) -> list[Row]:
+    """Per broker, client and direction: msg/s, median of the rounds with their spread; then
+    the durable/memory ratio of each client and direction, round by round."""
     n, rounds = (5_000, 3) if quick else (20_000, 3)
     samples: dict[tuple[str, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-broker-") as tmp:
@@ -136,46 +131,21 @@ def measure(quick: bool = False) -> list[dict]:
         finally:
             for broker in brokers.values():
                 broker.stop()
-    rows = []
-    for (storage, client, direction), rates in samples.items():
-        median = statistics.median(rates)
-        name = f"{storage} {client} {direction}"
-        rows.append(_row(name, median, "msg/s", f">= {GOAL_MSG_S:,} msg/s", median >= GOAL_MSG_S))
-        spread = (max(rates) - min(rates)) / median * 100
-        rows.append(_row(f"{name} spread", spread, "% of median", "", True))
+    rows = [
+        timing(CASE, f"{storage} {client} {direction} ({n:,} x 1 KB)", rates, "msg/s", GOAL_MSG_S)
+        for (storage, client, direction), rates in samples.items()
+    ]
     for client in CLIENTS:
         for direction in ("produce", "consume"):
-            ratio = statistics.median(samples[("durable", client, direction)]) / statistics.median(
-                samples[("memory", client, direction)]
+            durable = samples[("durable", client, direction)]
+            memory = samples[("memory", client, direction)]
+            rows.append(
+                timing(CASE, f"durable/memory {client} {direction}", ratios(durable, memory), "x")
             )
-            rows.append(_row(f"durable/memory {client} {direction}", ratio, "x", "", True))
     return rows
 
 
-def _row(name: str, value: float, unit: str, goal: str, ok: bool) -> dict:
-    return {
-        "case": CASE,
-        "name": name,
-        "value": round(value, 2),
-        "unit": unit,
-        "goal": goal,
-        "ok": ok,
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print measure()'s rows as JSON")
-    args = parser.parse_args()
-    rows = measure(args.quick)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        mark = "" if row["ok"] else "  (below goal)"
-        print(f"{row['name']:<40} {row['value']:>12,.2f} {row['unit']:<12} {row['goal']}{mark}")
-
-
 if __name__ == "__main__":
-    main()
+    for r in measure():
+        low, high = r["spread"]
+        print(f"{r['name']:<46} {r['value']:>12,.2f} {r['unit']:<6} [{low:,.2f} .. {high:,.2f}]")
