@@ -53,6 +53,7 @@ CASES: tuple[Case, ...] = (
         "the vLLM backend from many threads vs one offline vLLM call (needs the vLLM venv)",
     ),
     Case("plumbing", "plumbing", "an echo stage end to end through the embedded broker"),
+    Case("broker", "broker", "durable vs in-memory embedded broker: produce and consume"),
     Case("scaleout", "scaleout", "1 vs 2 worker processes of a latency-bound stage"),
     Case("generation", "generation", "transformers: batched vs single, stage vs direct"),
     Case("sandbox", "sandbox", "sandboxed runs vs plain subprocesses"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Group
@@ -23,6 +23,7 @@ class FactoryProgress:
     started: float
     stop_reason: str = ""
     first_accepted_at: float | None = None
+    carried: dict[str, int] = field(default_factory=dict)  # promptcot/carryover.py
 
     def accepted(self) -> int:
         n = int(metrics.counter_value(metrics.ACCEPTED))
@@ -59,7 +60,23 @@ class FactoryProgress:
             table.add_row(name, f"{value:,}")
         for reason, value in self.rejections().items():
             table.add_row(Text(f"rejected - {reason}", style="yellow"), f"{value:,}")
+        if any(self.carried.values()):
+            for name, value in self.carried.items():
+                table.add_row(Text(f"carried over - {name}", style="cyan"), f"{value:,}")
         return table
+
+    def continued(self) -> Text | None:
+        """One line on what this run took over from earlier runs, or None on a first run."""
+        c = self.carried
+        if not any(c.values()):
+            return None
+        return Text(
+            f"continued an earlier run: {c['concept sets issued']:,} concept sets issued before "
+            f"({c['concept sets open']:,} still open), sampler resumed at draw "
+            f"{c['next draw']:,}; {c['input records committed']:,} input records committed; "
+            f"{c['verified problems in sink']:,} verified problems already in the sink",
+            style="cyan",
+        )
 
     def summary(self, output_dir: Path) -> Group:
         elapsed = time.monotonic() - self.started
@@ -72,6 +89,8 @@ class FactoryProgress:
                 f"{peak_mb:,.0f} MB"
             ),
         ]
+        if (continued := self.continued()) is not None:
+            lines.append(continued)
         if self.first_accepted_at is not None:
             lines.append(
                 Text(

@@ -7,6 +7,7 @@ the workers' groups.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 
@@ -17,6 +18,17 @@ from streams.cluster import kafka_python_config
 from streams.records import Record
 from streams.settings import KafkaSettings
 from streams.topics import CATALOGUE, TopicSpec
+
+
+class _CancelledRefresh(logging.Filter):
+    """kafka-python 3.0 logs ``Metadata refresh: failed Cancelled`` at ERROR whenever a consumer
+    closes with a refresh pending, which every read here does: noise, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith("failed Cancelled")
+
+
+logging.getLogger("kafka.cluster").addFilter(_CancelledRefresh())
 
 
 def resolve_topic(kafka: KafkaSettings, name: str) -> tuple[str, TopicSpec]:
@@ -63,6 +75,30 @@ def read_raw(
                 for message in messages:
                     last = time.monotonic()
                     yield message
+    finally:
+        consumer.close()
+
+
+def read_all(kafka: KafkaSettings, bootstrap: str, topic: str, poll_ms: int = 300) -> Iterator:
+    """Every message of ``topic`` as of the call, then stop (no idle guess): reads until each
+    partition's position passes its end offset. Tansu reports an end offset inside the last
+    batch (docs/broker.md); a batch is fetched whole, so passing it means the batch was read."""
+    consumer = KafkaConsumer(**kafka_python_config(kafka, bootstrap), enable_auto_commit=False)
+    try:
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        if not partitions:
+            return
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        ends = consumer.end_offsets(partitions)
+        while True:
+            batch = consumer.poll(timeout_ms=poll_ms)
+            for messages in batch.values():
+                yield from messages
+            if not batch and all(consumer.position(tp) >= ends[tp] for tp in partitions):
+                return
     finally:
         consumer.close()
 

@@ -118,7 +118,8 @@ class Cluster:
         if kafka.bootstrap_servers:
             cluster = cls(kafka.bootstrap_servers)
         else:
-            broker = EmbeddedBroker(embedded).start()
+            data_dir = None if embedded.ephemeral else embedded.data_dir
+            broker = EmbeddedBroker(embedded, data_dir=data_dir).start()
             cluster = cls(broker.bootstrap_servers, broker)
         ensure_topics(
             kafka_python_config(kafka, cluster.bootstrap),

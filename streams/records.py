@@ -340,6 +340,24 @@ class DeadLetter(Record):
     payload_truncated: bool = False  # then the whole bytes are at the source coordinates
 
 
+class DeadLetterReplay(Record):
+    """A dead-lettered source record sent back to its topic (`promptcot dlq replay`). One per
+    source record: the dead letters that several stages wrote for it are replayed once."""
+
+    kind: ClassVar[str] = "dead_letter_replay"
+    id_prefix: ClassVar[str] = "dlqr"
+    id_fields: ClassVar[tuple[str, ...]] = ("source_topic", "partition", "offset")
+
+    dead_letter_ids: list[str]
+    reason: str  # the (first) dead letter's reason
+    source_topic: str
+    partition: int
+    offset: int
+    replayed_partition: int  # where the replayed copy landed
+    replayed_offset: int
+    bytes_from: Literal["dead_letter", "source_topic"]
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.kind: cls
     for cls in (
@@ -353,5 +371,6 @@ RECORD_TYPES: dict[str, type[Record]] = {
         PreferencePair,
         ModelUpdate,
         DeadLetter,
+        DeadLetterReplay,
     )
 }

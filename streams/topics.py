@@ -13,6 +13,7 @@ from streams.records import (
     CandidateProblem,
     ConceptSet,
     DeadLetter,
+    DeadLetterReplay,
     ModelUpdate,
     PreferencePair,
     Problem,
@@ -56,6 +57,13 @@ PAIRS = TopicSpec("pairs", PreferencePair, "problem_id", doc="preference pairs f
 RATIONALES = TopicSpec("rationales", Rationale, "seed_id", doc="q_φ samples with rewards")
 MODELS = TopicSpec("models", ModelUpdate, "role", partitions=1, doc="new checkpoints")
 DEAD_LETTERS = TopicSpec("deadletter", DeadLetter, "source_topic", doc="unreadable records")
+DEAD_LETTER_REPLAYS = TopicSpec(
+    "deadletter.replays",
+    DeadLetterReplay,
+    "dead_letter_id",
+    partitions=1,
+    doc="dead letters replayed to their source topic",
+)
 
 CATALOGUE: dict[str, TopicSpec] = {
     t.name: t
@@ -71,6 +79,7 @@ CATALOGUE: dict[str, TopicSpec] = {
         RATIONALES,
         MODELS,
         DEAD_LETTERS,
+        DEAD_LETTER_REPLAYS,
     )
 }
 

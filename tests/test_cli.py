@@ -32,6 +32,10 @@ runner = CliRunner()
         ["models", "prepare"],
         ["seeds", "load"],
         ["report"],
+        ["dlq"],
+        ["dlq", "counts"],
+        ["dlq", "show"],
+        ["dlq", "replay"],
     ],
 )
 def test_every_command_has_help(args):

@@ -79,8 +79,8 @@ def test_missing_or_broken_config_file_is_a_clear_error(tmp_path):
 TYPOS = [
     ({"kafka": {"partitons": 3}}, "kafka.partitons: unknown key; did you mean partitions?"),
     (
-        {"embedded_broker": {"storag": "x"}},
-        "embedded_broker.storag: unknown key; did you mean storage?",
+        {"embedded_broker": {"data_dri": "x"}},
+        "embedded_broker.data_dri: unknown key; did you mean data_dir?",
     ),
     ({"stages": {"generat": {}}}, "stages.generat: unknown key; did you mean generate?"),
     (

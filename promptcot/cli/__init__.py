@@ -7,7 +7,13 @@ traceback instead).
 
 from __future__ import annotations
 
-from promptcot.cli import factory, loopback, records, tools  # noqa: F401  (register the commands)
+from promptcot.cli import (  # noqa: F401  (register the commands)
+    dlq,
+    factory,
+    loopback,
+    records,
+    tools,
+)
 from promptcot.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -42,11 +42,13 @@ def _root(
     _state["debug"] = debug
 
 
-def load(config: Path | None, bootstrap: str | None = None) -> Any:
-    """The settings of a command (``--config`` and ``--bootstrap`` on top), with logging set."""
+def load(config: Path | None, bootstrap: str | None = None, **overrides: Any) -> Any:
+    """The settings of a command (``--config``, ``--bootstrap`` and ``overrides``, a mapping per
+    section, on top), with logging set."""
     from promptcot.settings import load_settings
 
-    overrides = {"kafka": {"bootstrap_servers": bootstrap}} if bootstrap else {}
+    if bootstrap:
+        overrides["kafka"] = {**overrides.get("kafka", {}), "bootstrap_servers": bootstrap}
     settings = load_settings(config, **overrides)
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.WARNING),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -19,11 +21,22 @@ from promptcot.cli.app import (
     ConfigOpt,
     app,
     console,
+    err_console,
     load,
     parse_duration,
     require_cluster,
 )
 from promptcot.registry import DATA_STAGES, STAGES, TRAINER_STAGES, make_stage
+
+EphemeralOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ephemeral",
+        help="Keep nothing: the broker in memory, the vector store and the sink in a temporary "
+        "folder removed at exit (default: everything survives a restart).",
+    ),
+]
+FACTORY_GROUP = "promptcot-factory"  # `up` runs every stage in one consumer group
 
 
 @app.command()
@@ -34,20 +47,23 @@ def up(
     stages: Annotated[
         str | None, typer.Option(help="Comma-separated stages (default: the data path).")
     ] = None,
-    train: Annotated[
-        bool, typer.Option(help="Also run the trainer stages (em, dpo).")
-    ] = False,
+    train: Annotated[bool, typer.Option(help="Also run the trainer stages (em, dpo).")] = False,
+    ephemeral: EphemeralOpt = False,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Run the whole factory in one process: broker (embedded unless configured), every stage,
-    live counts, and a summary of what came out and where it is."""
+    live counts, and a summary of what came out and where it is. A restart continues where the
+    last run stopped (sampler position, committed offsets, problems, vector store)."""
+    from promptcot.carryover import carried_over
+    from promptcot.cli.supervise import Supervisor
     from promptcot.progress import FactoryProgress
     from streams import metrics
     from streams.cluster import Cluster
     from workers.runtime import run_stages
 
-    settings = load(config, bootstrap)
+    scratch = Path(tempfile.mkdtemp(prefix="promptcot-ephemeral-")) if ephemeral else None
+    settings = load(config, bootstrap, **(ephemeral_overrides(scratch) if scratch else {}))
     names = [s.strip() for s in stages.split(",")] if stages else list(DATA_STAGES)
     if train:
         names += [n for n in TRAINER_STAGES if n not in names]
@@ -55,31 +71,44 @@ def up(
     if unknown:
         raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     limit_s = parse_duration(duration)
+    progress = FactoryProgress(started=time.monotonic())
+    supervisor = Supervisor(
+        settings.kafka,
+        settings.worker.shutdown_grace_s,
+        on_force=lambda: console.print(progress.table()),
+    )
     metrics.serve(settings.metrics.host, settings.metrics.port)
 
     with console.status("starting broker and topics..."):
         cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
+    supervisor.watch(cluster)
+    # Stages read the topics they restore from (the sampler's position) at this address.
+    settings.kafka.bootstrap_servers = cluster.bootstrap
     where = "embedded broker" if cluster.broker else "cluster"
+    if cluster.broker is not None:
+        where += f" ({cluster.broker.data_dir})" if cluster.broker.durable else " (in memory)"
     console.print(
         f"[bold]PromptCoT factory[/] on {where} [cyan]{cluster.bootstrap}[/], "
         f"stages: {', '.join(names)}"
     )
     if settings.metrics.port:
         console.print(f"metrics: http://{settings.metrics.host}:{settings.metrics.port}/metrics")
+    progress.carried = carried_over(settings, cluster.bootstrap, FACTORY_GROUP)
+    if (continued := progress.continued()) is not None:
+        console.print(continued)
     if seeds and "annotate" in names:
         n = publish_seeds(settings, cluster.bootstrap, "gsm8k", seeds)
         console.print(f"published {n} seed problems for annotate/rationale")
 
-    progress = FactoryProgress(started=time.monotonic())
     stop = asyncio.Event()
 
     async def until() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        supervisor.attach(stop)
         with Live(progress.table(), console=console, refresh_per_second=2, transient=True) as live:
             while not stop.is_set():
                 live.update(progress.table())
+                if supervisor.check_cluster():
+                    break
                 if progress.accepted() >= max_problems:
                     progress.stop_reason = f"{max_problems} verified problems"
                     break
@@ -88,8 +117,8 @@ def up(
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
-            else:
-                progress.stop_reason = "interrupted"
+            if not progress.stop_reason:
+                progress.stop_reason = supervisor.failure or "interrupted"
             live.update(progress.table())
 
     try:
@@ -98,17 +127,31 @@ def up(
                 settings,
                 [make_stage(n, settings) for n in names],
                 cluster.bootstrap,
-                app_id="promptcot-factory",
+                app_id=FACTORY_GROUP,
                 until=until,
             )
         )
     finally:
         cluster.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if supervisor.failure:
+        err_console.print(f"[red]error:[/] {supervisor.failure}", highlight=False, soft_wrap=True)
     console.print(progress.summary(Path(settings.sink.output_dir)))
     # A model call still running in a stage thread cannot be interrupted and would hold the exit
     # for minutes; its input was never committed, so a next run redelivers it. Nothing is lost.
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(supervisor.exit_code)
+
+
+def ephemeral_overrides(scratch: Path) -> dict:
+    """Settings of a run that keeps nothing: everything it writes goes under ``scratch``."""
+    return {
+        "embedded_broker": {"ephemeral": True},
+        "vectorstore": {"store": {"uri": str(scratch / "vectorstore")}},
+        "sink": {"output_dir": str(scratch)},
+        "worker": {"journal_dir": str(scratch / "journal")},
+    }
 
 
 @app.command()
@@ -117,7 +160,11 @@ def worker(
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Run one stage against a cluster; start as many copies as partitions allow to scale out."""
+    """Run one stage against a cluster; start as many copies as partitions allow to scale out.
+    Sampler replicas need distinct `concepts.seed` values; each reads every verdict. SIGTERM
+    stops it within a deadline; a cluster gone for `kafka.unreachable_exit_s` ends it with one
+    line and a non-zero exit (the orchestrator restarts it)."""
+    from promptcot.cli.supervise import Supervisor
     from streams import metrics
     from streams.cluster import Cluster
     from workers.runtime import run_stages
@@ -126,20 +173,39 @@ def worker(
         raise typer.BadParameter(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     settings = load(config, bootstrap)
     require_cluster(settings)
+    supervisor = Supervisor(settings.kafka, settings.worker.shutdown_grace_s, lambda: None)
     metrics.serve(settings.metrics.host, settings.metrics.port)
     cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
+    supervisor.watch(cluster)
     console.print(f"worker [bold]{stage}[/] on {cluster.bootstrap}")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            run_stages(
-                settings, [make_stage(stage, settings)], cluster.bootstrap, until=until_signal
-            )
+    # A sampler closes only its own concept sets, so every replica must see every verdict: one
+    # consumer group per sampler seed (workers/stages/sampler.py).
+    group = (
+        f"{settings.kafka.consumer_group_prefix}-sampler-{settings.concepts.seed}"
+        if stage == "sampler"
+        else None
+    )
+
+    async def until() -> None:
+        stop = asyncio.Event()
+        supervisor.attach(stop)
+        while not stop.is_set() and not supervisor.check_cluster():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+    asyncio.run(
+        run_stages(
+            settings, [make_stage(stage, settings)], cluster.bootstrap, app_id=group, until=until
         )
+    )
+    if supervisor.failure:
+        err_console.print(f"[red]error:[/] {supervisor.failure}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"worker [bold]{stage}[/] stopped")
     # Records still inside a model call were not committed: the next worker redoes them. A
     # thread stuck in such a call must not hold the exit past the grace period.
-    console.print(f"worker [bold]{stage}[/] stopped")
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(supervisor.exit_code)
 
 
 async def until_signal() -> None:
@@ -153,15 +219,23 @@ async def until_signal() -> None:
 @app.command()
 def broker(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 9092,
+    ephemeral: EphemeralOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Run the embedded Kafka-compatible broker in the foreground (for local multi-process
-    runs)."""
+    runs). Topics and committed offsets are kept in `embedded_broker.data_dir` unless
+    --ephemeral."""
     from streams.broker import EmbeddedBroker
 
     settings = load(config)
-    with EmbeddedBroker(settings.embedded_broker, port=port or None) as b:
-        console.print(f"broker ready: [cyan]{b.bootstrap_servers}[/]  (Ctrl-C to stop)")
+    data_dir = (
+        None
+        if ephemeral or settings.embedded_broker.ephemeral
+        else settings.embedded_broker.data_dir
+    )
+    with EmbeddedBroker(settings.embedded_broker, port=port or None, data_dir=data_dir) as b:
+        kept = f"data in {b.data_dir}" if b.durable else "in memory"
+        console.print(f"broker ready: [cyan]{b.bootstrap_servers}[/] ({kept}; Ctrl-C to stop)")
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(until_signal())
 

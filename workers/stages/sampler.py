@@ -1,15 +1,23 @@
 """The concept-set source. It keeps ``max_in_flight`` concept sets open: it primes the pipeline at
 start and issues one new set for every verdict that closes one of its own, so a slow verifier
-slows the sampler instead of growing an unbounded backlog."""
+slows the sampler instead of growing an unbounded backlog.
+
+A restarted sampler continues where it stopped: its position (next draw, sets issued, sets still
+open) comes from the topics (workers/sampler_position.py), it tops the open window up to
+``max_in_flight`` and never issues a draw twice. Draw k is a pure function of (pool, settings,
+seed, k), domain included, so a draw issued but never acknowledged is issued again with the
+same id. Replicas run with distinct ``concepts.seed`` and each reads every verdict (its own
+consumer group, see `promptcot worker`): each closes only its own sets.
+"""
 
 from __future__ import annotations
 
-import itertools
 import threading
 
 from streams import metrics
 from streams.records import ConceptSet, Verdict
 from streams.topics import CONCEPTS, VERDICTS
+from workers.sampler_position import SamplerPosition, restore_position
 from workers.stage import Emit, Stage
 
 
@@ -22,12 +30,20 @@ class SamplerStage(Stage[Verdict]):
     def setup(self) -> None:
         from workers.concepts import ConceptSampler, load_pool
 
-        self.sampler = ConceptSampler(
-            load_pool(self.settings.concepts.pool_path), self.settings.concepts
+        kafka = self.settings.kafka
+        # No cluster to read (a unit test calling process directly): a fresh start.
+        self.restored = (
+            restore_position(kafka, kafka.bootstrap_servers, self.settings.concepts.seed)
+            if kafka.bootstrap_servers
+            else SamplerPosition()
         )
-        self._domains = itertools.cycle(self.settings.sampler.domains)
-        self._open: set[str] = set()
-        self._issued = 0
+        self.sampler = ConceptSampler(
+            load_pool(self.settings.concepts.pool_path),
+            self.settings.concepts,
+            first_draw=self.restored.next_draw,
+        )
+        self._open: set[str] = set(self.restored.open)
+        self._issued = self.restored.issued
         self._lock = threading.Lock()
 
     @property
@@ -36,12 +52,14 @@ class SamplerStage(Stage[Verdict]):
 
     def _issue(self, n: int) -> list[Emit]:
         cap = self.settings.sampler.max_issued
+        domains = self.settings.sampler.domains
         emits = []
         with self._lock:
             for _ in range(n):
                 if cap is not None and self._issued >= cap:
                     break
-                concept_set: ConceptSet = self.sampler.sample(next(self._domains))
+                domain = domains[self.sampler.draws % len(domains)]
+                concept_set: ConceptSet = self.sampler.sample(domain)
                 self._open.add(concept_set.id)
                 self._issued += 1
                 emits.append(self.emit(CONCEPTS, concept_set))
@@ -49,7 +67,8 @@ class SamplerStage(Stage[Verdict]):
         return emits
 
     def start(self) -> list[Emit]:
-        return self._issue(self.settings.sampler.max_in_flight)
+        """Top the open window up to max_in_flight (all of it on a first start)."""
+        return self._issue(self.settings.sampler.max_in_flight - len(self._open))
 
     def process(self, records: list[Verdict]) -> list[Emit]:
         closed = 0

@@ -1,0 +1,469 @@
+"""The fault-injection suite's machinery: the durable broker and every stage as their own
+processes (`promptcot broker`, `promptcot worker STAGE`, `promptcot up`), poison for every input
+topic, and the end-of-run audit of the topics, the Parquet sink and LanceDB.
+
+The audit is what "nothing lost, nothing redone" means (issue 10): every concept set has exactly
+one verdict id and every id one outcome; no id twice in the sink or in LanceDB; every accepted
+verdict is a problem on the topic and in the sink; every poison record is a dead letter at its
+coordinates. Copies of an id on an output topic are redeliveries: counted and printed, allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from factory_harness import factory_settings
+from kafka import KafkaProducer
+
+from promptcot.settings import Settings
+from streams.clients import read_all
+from streams.cluster import kafka_python_config
+from streams.records import ConceptSet, Record, Verdict
+from streams.serde import RecordDecodeError, decode
+from streams.topics import CATALOGUE
+
+PIPELINE = ("sampler", "generate", "filter", "verify", "pairs", "sink")
+POISON_BYTES = 5 * 1024 * 1024
+# One process per stage on two cores: one torch thread each.
+QUIET_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def suite_settings(tmp_path: Path, bootstrap: str, model_dir: Path, n_sets: int) -> Settings:
+    """A small factory: ``n_sets`` concept sets, the tiny model, a verify band wide enough that
+    some problems are accepted (the product path is exercised)."""
+    return factory_settings(
+        tmp_path,
+        bootstrap,
+        model_dir,
+        sampler={"max_in_flight": 3, "max_issued": n_sets, "domains": ["math"]},
+        verify={"max_pass_rate": 1.0, "math": {"min_agreement": 0.25}},
+        embedded_broker={"data_dir": str(tmp_path / "broker")},
+        kafka={"unreachable_exit_s": 60},
+        worker={"journal_dir": str(tmp_path / "journal")},
+    )
+
+
+def write_config(settings: Settings, path: Path) -> Path:
+    data = settings.model_dump(mode="json", exclude={"kafka": {"sasl_password"}})
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+STARTED: list[Proc] = []  # every process started, for the suite's clean-up
+
+
+@dataclass
+class Proc:
+    """One `promptcot ...` child in its own process group, logging to a file."""
+
+    name: str
+    args: list[str]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen | None = None
+    starts: int = 0
+    metrics_port: int | None = None  # of the running incarnation, when it serves metrics
+    consumed: Counter = field(default_factory=Counter)  # stage -> records in, all incarnations
+
+    def start(self, metrics: bool = False) -> Proc:
+        self.starts += 1
+        self.metrics_port = _free_port() if metrics else None
+        if metrics:
+            self.env["PROMPTCOT_METRICS__PORT"] = str(self.metrics_port)
+        with open(self.log, "ab") as out:
+            out.write(f"\n===== start {self.starts}: {' '.join(self.args)}\n".encode())
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "promptcot", *self.args],
+                env={**os.environ, **QUIET_ENV, **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        STARTED.append(self)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def pending(self, stage: str) -> int:
+        """Input records the running incarnation holds unfinished (0 if it cannot say)."""
+        for line in self._metrics().splitlines():
+            if line.startswith(f'promptcot_stage_pending_records{{stage="{stage}"}}'):
+                return int(float(line.rsplit(" ", 1)[1]))
+        return 0
+
+    def _metrics(self) -> str:
+        if self.metrics_port is None or not self.alive():
+            return ""
+        import urllib.request
+
+        try:
+            url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+            return urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            return ""  # not serving yet
+
+    def count_consumed(self) -> None:
+        """Add what the running incarnation consumed so far (its records-in counter); called
+        just before it is stopped or killed."""
+        for line in self._metrics().splitlines():
+            if line.startswith("promptcot_records_in_total{"):
+                stage = line.split('stage="')[1].split('"')[0]
+                self.consumed[stage] += int(float(line.rsplit(" ", 1)[1]))
+        self.metrics_port = None
+
+    def kill9(self) -> None:
+        """kill -9 of the whole group: the worker and any child it started."""
+        self.count_consumed()
+        with _no_such_process():
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=30)
+
+    def sigterm(self, timeout_s: float = 60) -> tuple[int, float]:
+        """SIGTERM to the process alone (as a cluster does); (exit code, seconds to exit)."""
+        self.count_consumed()
+        started = time.monotonic()
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            code = self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+            raise AssertionError(
+                f"{self.name} ignored SIGTERM for {timeout_s} s:\n{self.tail()}"
+            ) from None
+        with _no_such_process():
+            os.killpg(self.pid, signal.SIGKILL)  # children it left behind, if any
+        return code, time.monotonic() - started
+
+    def stop(self) -> None:
+        if self.alive():
+            with _no_such_process():
+                self.sigterm(timeout_s=30)
+
+    def kill_all(self) -> None:
+        """Clean-up whatever happened: this process group, gone."""
+        if self.popen is not None:
+            with _no_such_process():
+                os.killpg(self.pid, signal.SIGKILL)
+            with _no_such_process():
+                self.popen.wait(timeout=30)
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+class _no_such_process:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        return kind is ProcessLookupError
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redeliveries(settings: Settings, workers: dict[str, Proc]) -> dict[str, int]:
+    """Per stage: records its workers consumed, over all their incarnations, beyond the
+    messages on its input topic: the redelivered ones (a lower bound: a killed incarnation's
+    count is read a moment before the kill)."""
+    from promptcot.registry import STAGES
+
+    out = {}
+    for stage, proc in workers.items():
+        topic = STAGES[stage].load().input.full_name(settings.kafka.namespace)
+        kafka = settings.kafka
+        on_topic = sum(1 for _ in read_all(kafka, kafka.bootstrap_servers, topic))
+        out[stage] = max(0, proc.consumed[stage] - on_topic)
+    return out
+
+
+def broker_proc(tmp_path: Path, config: Path, port: int) -> Proc:
+    return Proc(
+        "broker", ["broker", "--port", str(port), "--config", str(config)], tmp_path / "broker.log"
+    )
+
+
+def worker_proc(tmp_path: Path, config: Path, stage: str) -> Proc:
+    return Proc(stage, ["worker", stage, "--config", str(config)], tmp_path / f"{stage}.log")
+
+
+def wait_for_broker(settings: Settings, proc: Proc, timeout_s: float = 60) -> None:
+    from streams.cluster import ClusterUnreachable, check_reachable
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.alive(), proc.tail()
+        try:
+            check_reachable(settings.kafka, settings.kafka.bootstrap_servers, timeout_s=2)
+            return
+        except ClusterUnreachable:
+            assert time.monotonic() < deadline, proc.tail()
+            time.sleep(0.3)
+
+
+# --- reading the topics -------------------------------------------------------------------------
+
+
+def read(settings: Settings, topic: str) -> list[tuple[Record | None, object]]:
+    """(record or None, message) for every message of a catalogue topic, read to its end."""
+    spec = CATALOGUE[topic]
+    out = []
+    kafka = settings.kafka
+    for message in read_all(kafka, kafka.bootstrap_servers, spec.full_name(kafka.namespace)):
+        try:
+            out.append((decode(message.value, spec.record), message))
+        except RecordDecodeError:
+            out.append((None, message))
+    return out
+
+
+def settled(settings: Settings) -> tuple[set[str], set[str]]:
+    """(concept set ids the sampler issued, those with a verdict)."""
+    own = f"{settings.concepts.seed}:"
+    issued = {
+        r.id
+        for r, _ in read(settings, "concepts")
+        if isinstance(r, ConceptSet) and r.draw.startswith(own)
+    }
+    judged = {
+        r.lineage.concept_set_id for r, _ in read(settings, "verdicts") if isinstance(r, Verdict)
+    }
+    return issued, issued & judged
+
+
+def product_complete(settings: Settings) -> bool:
+    """Every accepted verdict is a problem on the topic (the sink ran after the verdict)."""
+    accepted = {r.subject_id for r, _ in read(settings, "verdicts") if r and r.accepted}
+    problems = {r.candidate_id for r, _ in read(settings, "problems") if r}
+    return accepted <= problems
+
+
+def wait_until(check, timeout_s: float, procs: list[Proc], what: str, poll_s: float = 2.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {p.name}\n{p.tail(2500)}" for p in procs)
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        time.sleep(poll_s)
+
+
+# --- poison ---------------------------------------------------------------------------------------
+
+
+def poison(settings: Settings, topics: list[str]) -> dict[tuple[str, int, int], str]:
+    """Garbage, a record of the wrong schema, an unknown schema_version and a 5 MB record on each
+    topic; returns (topic, partition, offset) -> what was sent."""
+    kafka = settings.kafka
+    producer = KafkaProducer(
+        **kafka_python_config(kafka, kafka.bootstrap_servers),
+        max_request_size=POISON_BYTES + 1024 * 1024,
+    )
+    sent: dict[tuple[str, int, int], str] = {}
+    for name in topics:
+        spec = CATALOGUE[name]
+        valid = json.loads(_valid_record(spec.record))
+        payloads = {
+            "garbage": b"\xff\xfe\x00 not json at all",
+            "wrong schema": json.dumps({"schema_version": 1, "no": "such record"}).encode(),
+            "unknown schema_version": json.dumps({**valid, "schema_version": 99}).encode(),
+            "5 MB": _valid_record(spec.record, pad="x" * POISON_BYTES),
+        }
+        topic = spec.full_name(kafka.namespace)
+        for what, payload in payloads.items():
+            meta = producer.send(topic, payload, key=b"poison").get(timeout=60)
+            sent[(topic, meta.partition, meta.offset)] = f"{name}: {what}"
+    producer.close()
+    return sent
+
+
+def _valid_record(record_type: type[Record], pad: str = "") -> bytes:
+    """A valid record of the topic's type that names no concept set of the run; ``pad`` makes
+    one of its texts that long (a valid record, only too big)."""
+    from streams.records import CandidateProblem
+
+    if record_type is ConceptSet:
+        record = ConceptSet(
+            domain="math", concepts=["x" + pad], difficulty="AMC12", draw="poison:0"
+        )
+    elif record_type is CandidateProblem:
+        record = CandidateProblem(
+            concept_set_id="cset_poison",
+            domain="math",
+            difficulty="AMC12",
+            concepts=["x"],
+            rationale="r",
+            problem="p" + pad,
+        )
+    else:
+        record = Verdict(
+            subject_id="poison",
+            stage="verify",
+            accepted=False,
+            reason="x",
+            domain="math",
+            detail=pad,
+        )
+    return record.model_dump_json().encode()
+
+
+def embedded_bootstrap(proc: Proc, timeout_s: float = 90) -> str:
+    """The address of the broker a running `promptcot up` started (from its Tansu child)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.alive(), proc.tail()
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                try:
+                    cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                except FileNotFoundError:
+                    continue
+                if b"--listener-url" in cmd:
+                    url = cmd[cmd.index(b"--listener-url") + 1].decode()
+                    return url.removeprefix("tcp://")
+        time.sleep(0.3)
+    raise AssertionError(f"up started no broker:\n{proc.tail()}")
+
+
+# --- the audit ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Audit:
+    concept_sets: int
+    accepted: int
+    redeliveries: dict[str, int]
+    dead_letters: int
+
+    def line(self) -> str:
+        copies = ", ".join(f"{t} {n}" for t, n in self.redeliveries.items())
+        return (
+            f"{self.concept_sets} concept sets, {self.accepted} accepted, dead letters "
+            f"{self.dead_letters}; redeliveries (extra copies per topic): {copies}"
+        )
+
+
+def audit(
+    settings: Settings,
+    n_sets: int,
+    poisoned: dict[tuple[str, int, int], str] | None = None,
+) -> Audit:
+    """Assert nothing was lost or redone; return the counts worth printing."""
+    copies: dict[str, Counter] = {}
+    by_id: dict[str, dict[str, set[str]]] = {}
+    records: dict[str, list[Record]] = {}
+    for topic in ("concepts", "candidates", "candidates.unique", "verdicts", "problems", "pairs"):
+        got = [r for r, _ in read(settings, topic) if r is not None]
+        records[topic] = got
+        copies[topic] = Counter(r.id for r in got)
+        contents: dict[str, set[str]] = defaultdict(set)
+        for r in got:
+            contents[r.id].add(_outcome(r))
+        by_id[topic] = contents
+    seed = settings.concepts.seed
+
+    # The sampler issued draws 0..n-1 of its seed, each once.
+    draws = {r.id: r.draw for r in records["concepts"] if r.draw.startswith(f"{seed}:")}
+    assert sorted(draws.values(), key=lambda d: int(d.split(":")[1])) == [
+        f"{seed}:{k}" for k in range(n_sets)
+    ], sorted(draws.values())
+    # One outcome per id, on every topic.
+    for topic, contents in by_id.items():
+        redone = {i: o for i, o in contents.items() if len(o) > 1}
+        assert not redone, f"{topic}: ids with more than one outcome: {redone}"
+    # Every concept set: exactly one verdict id.
+    verdict_ids: dict[str, set[str]] = defaultdict(set)
+    for v in records["verdicts"]:
+        verdict_ids[v.lineage.concept_set_id].add(v.id)
+    per_set = {cs: len(verdict_ids[cs]) for cs in draws}
+    assert all(n == 1 for n in per_set.values()), per_set
+    # The product: every accepted verdict is a problem on the topic and in the sink, once.
+    accepted = {
+        v.subject_id
+        for v in records["verdicts"]
+        if v.accepted and v.lineage.concept_set_id in draws
+    }
+    assert {p.candidate_id for p in records["problems"]} == accepted
+    sink_rows = _sink_ids(settings)
+    assert len(sink_rows) == len(set(sink_rows)), Counter(sink_rows).most_common(3)
+    assert {p.id for p in records["problems"]} == set(sink_rows)
+    # LanceDB: each unique candidate once, none lost.
+    lance_ids = _lance_ids(settings)
+    assert len(lance_ids) == len(set(lance_ids)), Counter(lance_ids).most_common(3)
+    ours = {c.id for c in records["candidates.unique"] if c.lineage.concept_set_id in draws}
+    assert set(lance_ids) == ours, set(lance_ids) ^ ours
+    # Poison: each record is a dead letter at its coordinates.
+    letters = [r for r, _ in read(settings, "deadletter") if r is not None]
+    if poisoned:
+        coordinates = {(d.source_topic, d.partition, d.offset) for d in letters}
+        missing = {where: what for where, what in poisoned.items() if where not in coordinates}
+        assert not missing, f"poison without a dead letter: {missing}"
+    return Audit(
+        concept_sets=len(draws),
+        accepted=len(accepted),
+        redeliveries={t: sum(c.values()) - len(c) for t, c in copies.items()},
+        dead_letters=len({d.id for d in letters}),
+    )
+
+
+def _outcome(record: Record) -> str:
+    """What must not differ between two copies of one id (the decision, not timestamps)."""
+    fields = {
+        "verdict": ("accepted", "reason", "stage"),
+        "candidate": ("problem", "rationale"),
+        "problem": ("problem", "pass_rate"),
+        "pair": ("chosen", "rejected"),
+        "concept_set": ("concepts", "difficulty", "draw"),
+    }[record.kind]
+    return json.dumps({f: getattr(record, f) for f in fields}, sort_keys=True, default=str)
+
+
+def _sink_ids(settings: Settings) -> list[str]:
+    import pyarrow.parquet as pq
+
+    ids: list[str] = []
+    for path in sorted((Path(settings.sink.output_dir) / "problems").glob("*.parquet")):
+        ids += pq.read_table(path, columns=["id"])["id"].to_pylist()
+    return ids
+
+
+def _lance_ids(settings: Settings) -> list[str]:
+    import lancedb
+
+    store = settings.vectorstore.store
+    db = lancedb.connect(store.uri)
+    if store.table not in db.table_names():
+        return []
+    return db.open_table(store.table).to_arrow()["id"].to_pylist()
+
+
+def fault_points(rng: random.Random, names: list[str]) -> list[tuple[float, str]]:
+    """The faults in a random order, each after a random pause (seconds) once the previous one
+    is done: points in time while the pipeline works, not at batch boundaries."""
+    order = list(names)
+    rng.shuffle(order)
+    return [(round(rng.uniform(0.5, 4.0), 1), name) for name in order]
