@@ -31,6 +31,7 @@ def factory_settings(tmp_path: Path, bootstrap: str, model_dir: Path, **override
         ),
         "stages": dict.fromkeys(("generate", "verify", "filter", "annotate", "rationale"), quick),
         "sink": {"output_dir": str(tmp_path / "out")},
+        "worker": {"journal_dir": str(tmp_path / "journal")},
         "vectorstore": {"store": {"uri": str(tmp_path / "lancedb")}},
         "metrics": {"port": 0},
         "generation": {"max_rationale_tokens": 48, "max_problem_tokens": 64},

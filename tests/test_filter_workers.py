@@ -194,6 +194,7 @@ def _worker(settings: Settings, store: Path, log_path: Path) -> subprocess.Popen
         "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
         "PROMPTCOT_METRICS__PORT": "0",
         "PROMPTCOT_VECTORSTORE__STORE__URI": str(store),
+        "PROMPTCOT_WORKER__JOURNAL_DIR": str(store.parent / "journal"),
         "PROMPTCOT_VECTORSTORE__DECONTAM__CACHE_DIR": str(CACHE_DIR),
         "PROMPTCOT_VECTORSTORE__EMBEDDER__TORCH_THREADS": "1",
         # Small batches: the versions of one problem meet across batches (the store check), not

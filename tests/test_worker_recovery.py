@@ -32,6 +32,7 @@ def _worker(settings, model_dir, log_path) -> subprocess.Popen:
         "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
         "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(model_dir),
         "PROMPTCOT_METRICS__PORT": "0",
+        "PROMPTCOT_WORKER__JOURNAL_DIR": str(log_path.parent / "journal"),
         "PROMPTCOT_STAGES": json.dumps({"generate": {"batch_size": 2, "batch_within_s": 0.2}}),
         "PROMPTCOT_GENERATION__MAX_RATIONALE_TOKENS": "64",
         "PROMPTCOT_GENERATION__MAX_PROBLEM_TOKENS": "64",

@@ -158,7 +158,9 @@ def worker(stage: str, replicas: int, *, doc: str, container: dict | None = None
 STAGES = {
     "sampler": (
         1,
-        "keeps sampler.max_in_flight concept sets in flight; a second replica doubles it",
+        "keeps sampler.max_in_flight concept sets in flight; a second sampler needs its own "
+        "concepts.seed (its draws and consumer group are keyed by it), so run it as its own "
+        "Deployment rather than a second replica",
     ),
     "annotate": (1, "cold-start annotation of seeds through the annotator server"),
     "rationale": (2, "K q_φ samples per seed, scored by p_θ: bound by the model servers"),
