@@ -246,7 +246,8 @@ def test_records_in_flight_move_on_as_they_finish_and_offsets_wait_for_the_slowe
     # One partition, slow record first: everything behind it must wait for the commit.
     key = b"same-partition"
     _raw_send(settings, [(key, serde.encode(r)) for r in (slow, *fast)])
-    stage = ScriptedStage(settings, chunk=1, in_flight=8, slow_s=15.0)
+    # Each record takes 1 s so that overlapping calls are visible even on a loaded machine.
+    stage = ScriptedStage(settings, chunk=1, in_flight=8, delay_s=1.0, slow_s=15.0)
     seen: dict[str, object] = {}
 
     def fast_done_slow_pending() -> bool:
