@@ -67,6 +67,35 @@ MATH_ORACLE_CALLS = Counter(
     "(text, cache, too_long, math_verify, timeout, crashed)",
     ["outcome"],
 )
+# The trainer (trainer/updates.py sets them from every model update it announces; eval from
+# trainer/evaluate.py).
+TRAINER_LOSS = Gauge(
+    "promptcot_trainer_loss", "Mean training loss of the last update", ["role", "step"]
+)
+TRAINER_HELDOUT_NLL = Gauge(
+    "promptcot_trainer_heldout_nll",
+    "Per-token NLL of held-out seed problems under p_θ after the last M-step (train seeds when "
+    "none is held out yet)",
+    ["role"],
+)
+TRAINER_REWARD = Gauge(
+    "promptcot_trainer_reward",
+    "Mean reward R(z) of q_φ's greedy rationales on held-out seeds after the last E-step",
+    ["role"],
+)
+TRAINER_MARGIN = Gauge(
+    "promptcot_trainer_margin",
+    "Mean log-likelihood margin chosen - rejected on held-out pairs after the last DPO update",
+    ["role"],
+)
+MODEL_VERSION = Gauge(
+    "promptcot_model_version", "Version number of the newest checkpoint announced", ["role"]
+)
+EVAL_ACCURACY = Gauge(
+    "promptcot_eval_accuracy",
+    "Share of benchmark problems solved (the solver template, greedy), per model version",
+    ["benchmark", "role", "version"],
+)
 
 _server_started = False
 
