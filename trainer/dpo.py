@@ -128,7 +128,11 @@ class DPOTrainerLoop:
 
     def run_window(self, pairs: Sequence[PreferencePair]) -> WindowResult:
         with self._lock:
-            return self._run_window(list(pairs))
+            try:
+                return self._run_window(list(pairs))
+            except BaseException:
+                self._rm = None  # may hold an update no checkpoint has: retry from the newest
+                raise
 
     def _run_window(self, pairs: list[PreferencePair]) -> WindowResult:
         s = self.settings

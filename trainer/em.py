@@ -304,7 +304,11 @@ class EMTrainer:
         start the held-out pool). Resumable: a role that has a checkpoint already is not trained
         again, its newest version is announced instead."""
         with self._lock:
-            return self._cold_start(seeds)
+            try:
+                return self._cold_start(seeds)
+            except BaseException:
+                self._discard_models()
+                raise
 
     def _cold_start(self, seeds: Sequence[AnnotatedSeed]) -> list[ModelUpdate]:
         s = self.settings
@@ -347,7 +351,16 @@ class EMTrainer:
     def run_window(self, rationales: Sequence[Rationale]) -> WindowResult:
         """E-step then M-step on one window of scored rationales."""
         with self._lock:
-            return self._run_window(list(rationales))
+            try:
+                return self._run_window(list(rationales))
+            except BaseException:
+                self._discard_models()
+                raise
+
+    def _discard_models(self) -> None:
+        """After a failed window the models in memory may hold updates no checkpoint has: drop
+        them, so the retry starts again from the newest checkpoints (what the ledger says)."""
+        self._models.clear()
 
     def _run_window(self, rationales: list[Rationale]) -> WindowResult:
         s = self.settings
