@@ -124,6 +124,13 @@ def counter_samples(counter: Counter) -> list[tuple[dict[str, str], float]]:
     ]
 
 
+def gauge_samples(gauge: Gauge) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every child of a gauge."""
+    return [
+        (sample.labels, sample.value) for metric in gauge.collect() for sample in metric.samples
+    ]
+
+
 def counter_value(counter: Counter, **labels: str) -> float:
     """Sum over the children matching ``labels`` (0 if none); for summaries and tests."""
     return sum(

@@ -32,6 +32,8 @@ runner = CliRunner()
         ["models", "prepare"],
         ["seeds", "load"],
         ["report"],
+        ["train", "cold-start"],
+        ["eval"],
     ],
 )
 def test_every_command_has_help(args):

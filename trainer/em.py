@@ -299,18 +299,21 @@ class EMTrainer:
         """No checkpoint yet for p_θ or q_φ: the models are still the base weights."""
         return any(self.store.latest(role) is None for role in self.ROLES)
 
-    def cold_start(self, seeds: Sequence[AnnotatedSeed]) -> list[ModelUpdate]:
+    def cold_start(
+        self, seeds: Sequence[AnnotatedSeed], *, force: bool = False
+    ) -> list[ModelUpdate]:
         """SFT of both models on the annotated (c, z, x) triples (held-out seeds excluded; they
         start the held-out pool). Resumable: a role that has a checkpoint already is not trained
-        again, its newest version is announced instead."""
+        again, its newest version is announced instead (``force``: train it again anyway, from
+        its newest version)."""
         with self._lock:
             try:
-                return self._cold_start(seeds)
+                return self._cold_start(seeds, force)
             except BaseException:
                 self._discard_models()
                 raise
 
-    def _cold_start(self, seeds: Sequence[AnnotatedSeed]) -> list[ModelUpdate]:
+    def _cold_start(self, seeds: Sequence[AnnotatedSeed], force: bool) -> list[ModelUpdate]:
         s = self.settings
         cfg = s.cold_start
         items = [SeedItem.from_annotated(seed) for seed in seeds]
@@ -322,7 +325,7 @@ class EMTrainer:
         updates = []
         for role in self.ROLES:
             latest = self.store.latest(role)
-            if latest is not None:
+            if latest is not None and not force:
                 again = update_from_manifest({**latest.metadata, "path": str(latest.path)})
                 updates += [again] if again is not None else []
                 continue

@@ -84,6 +84,25 @@ def load_problems(benchmark: str, limit: int | None = None) -> list[Problem]:
     return out
 
 
+def score(problems: list[Problem], solutions: list[str], oracle: Any) -> list[dict[str, Any]]:
+    """Per problem: the solution's final answer (workers/mathcheck) and whether the oracle finds
+    it equivalent to the reference."""
+    from workers.mathcheck import extract_answer
+
+    answers = [extract_answer(text) if text else None for text in solutions]
+    pairs = [(a, p.reference) for a, p in zip(answers, problems) if a is not None]
+    verdicts = iter(oracle.equivalent_many(pairs))
+    return [
+        {
+            "id": p.id,
+            "reference": p.reference,
+            "answer": a,
+            "correct": a is not None and next(verdicts),
+        }
+        for p, a in zip(problems, answers)
+    ]
+
+
 def evaluate(
     backend: Backend,
     benchmark: str = "gsm8k",
@@ -96,7 +115,7 @@ def evaluate(
 ) -> EvalResult:
     """Greedy solutions to the first ``limit`` problems, scored; sets the accuracy gauge of
     this version."""
-    from workers.mathcheck import EquivalenceOracle, extract_answer
+    from workers.mathcheck import EquivalenceOracle
 
     problems = load_problems(benchmark, limit)
     started = time.monotonic()
@@ -106,19 +125,10 @@ def evaluate(
             chunk = problems[start : start + batch_size]
             prompts = [SOLVER_MATH.render(backend, problem=p.text) for p in chunk]
             outs = backend.generate(prompts, n=1, temperature=0.0, max_tokens=max_tokens, seed=0)
-            answers = [extract_answer(o[0].text) if o and o[0].ok else None for o in outs]
-            pairs = [(a, p.reference) for a, p in zip(answers, chunk) if a is not None]
-            verdicts = iter(oracle.equivalent_many(pairs))
-            for p, a, o in zip(chunk, answers, outs):
-                items.append(
-                    {
-                        "id": p.id,
-                        "reference": p.reference,
-                        "answer": a,
-                        "correct": a is not None and next(verdicts),
-                        "finish": o[0].finish_reason if o else "error",
-                    }
-                )
+            completions = [o[0] if o else None for o in outs]
+            items += score(chunk, [c.text if c and c.ok else "" for c in completions], oracle)
+            for item, c in zip(items[-len(chunk) :], completions):
+                item["finish"] = c.finish_reason if c else "error"
     result = EvalResult(
         benchmark=benchmark,
         model=model or backend.settings.model,

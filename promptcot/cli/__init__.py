@@ -7,7 +7,13 @@ traceback instead).
 
 from __future__ import annotations
 
-from promptcot.cli import factory, records, tools  # noqa: F401  (register the commands)
+from promptcot.cli import (  # noqa: F401  (register the commands)
+    evaluate,
+    factory,
+    records,
+    tools,
+    train,
+)
 from promptcot.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -30,18 +30,27 @@ from promptcot.registry import DATA_STAGES, STAGES, TRAINER_STAGES, make_stage
 def up(
     max_problems: Annotated[int, typer.Option(help="Stop after this many verified problems.")] = 3,
     duration: Annotated[str, typer.Option(help="Stop after this long (e.g. 25m).")] = "25m",
-    seeds: Annotated[int, typer.Option(help="Seed problems to publish for annotate.")] = 4,
+    seeds: Annotated[
+        int, typer.Option(help="Seed problems to publish for annotate (the EM loop's seed set).")
+    ] = 16,
     stages: Annotated[
-        str | None, typer.Option(help="Comma-separated stages (default: the data path).")
+        str | None,
+        typer.Option(help="Comma-separated stages (default: the data path and the trainer)."),
     ] = None,
     train: Annotated[
-        bool, typer.Option(help="Also run the trainer stages (em, dpo, model_reload).")
-    ] = False,
+        bool,
+        typer.Option(
+            "--train/--no-train",
+            help="Run the trainer stages (cold start, EM, DPO; sized by trainer.profile); "
+            "--no-train: a pure generator.",
+        ),
+    ] = True,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Run the whole factory in one process: broker (embedded unless configured), every stage,
-    live counts, and a summary of what came out and where it is."""
+    """Run the whole factory in one process: broker (embedded unless configured), every stage
+    and the training loop, live counts, and a summary of what came out, where it is, and the
+    model versions the trainer reached."""
     from promptcot.progress import FactoryProgress
     from streams import metrics
     from streams.cluster import Cluster
