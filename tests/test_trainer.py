@@ -391,3 +391,67 @@ def test_m_step_decodes_the_rationale_q_phi_learned(tmp_path, tiny_model):
     sft(q, [rationale_model_example(q.tokenizer, item)], cfg)
     # Stopped at </rationale> and parsed: exactly the text the M-step trains p_θ on.
     assert greedy_rationales(q.model, q.tokenizer, [item], max_new_tokens=60) == [item.rationale]
+
+
+def test_a_lora_checkpoint_is_served_on_the_base_it_names(tmp_path, tiny_model):
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from workers.backends.transformers_backend import TransformersBackend
+
+    # Another version with full weights (what a backend may serve when an adapter arrives).
+    other = tmp_path / "v0002-dpo"
+    shutil.copytree(tiny_model, other)
+    model = AutoModelForCausalLM.from_pretrained(str(other), local_files_only=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    model.save_pretrained(str(other))
+    # An adapter trained on the base model; fresh LoRA B matrices are zero: base + it = base.
+    adapter = tmp_path / "v0003-dpo"
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), local_files_only=True)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(adapter))
+
+    served = TransformersBackend(BackendSettings(model=str(tiny_model)))
+    prompt = P.SOLVER_MATH.render(served, problem=problem(0))
+    want = served.score([prompt], [pairs(1)[0].chosen])[0].total_logprob
+    backend = TransformersBackend(BackendSettings(model=str(other)))
+    assert backend.score([prompt], [pairs(1)[0].chosen])[0].total_logprob != pytest.approx(want)
+    backend.reload(str(adapter))
+    assert backend.score([prompt], [pairs(1)[0].chosen])[0].total_logprob == pytest.approx(want)
+    assert backend.model_version.startswith(served.model_version + "+lora:")
+    # Named directly, an adapter folder is served on its base too (what `promptcot eval` loads).
+    direct = TransformersBackend(BackendSettings(model=str(adapter)))
+    assert direct.score([prompt], [pairs(1)[0].chosen])[0].total_logprob == pytest.approx(want)
+
+
+def test_bf16_profile_keeps_trained_weights_in_float32_and_trains_under_autocast(
+    tmp_path, tiny_model
+):
+    """The gpu profile's dtype on CPU (where it is slow but runs): a LoRA base loads in bf16,
+    trained weights stay float32, training runs under bf16 autocast, and scoring and greedy
+    decoding put their inputs on the model's own device."""
+    from trainer.checkpoints import load_role_model
+    from trainer.config import LoraConfig, StepConfig
+    from trainer.em import greedy_rationales, prompt_model_example, sft
+    from trainer.sft import common_training_args, model_device
+
+    store = CheckpointStore(tmp_path)
+    lora = load_role_model(
+        store, "p", str(tiny_model), use_lora=True, lora=LoraConfig(r=4), dtype="bfloat16"
+    )
+    dtypes = {n: p.dtype for n, p in lora.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    full = load_role_model(store, "q", str(tiny_model), dtype="bfloat16")
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+    cfg = StepConfig(**fast(lr=1e-2, epochs=2, use_lora=True))
+    args = common_training_args(cfg, 4, 0, str(tmp_path), model=lora.model, dtype="bfloat16")
+    assert args["bf16"] and args["use_cpu"] == (model_device(lora.model).type == "cpu")
+    item = SeedItem("s", "math", ["counting"], "", problem(1), rationale(1, 0))
+    before = problem_nll(lora.model, lora.tokenizer, [item])
+    loss = sft(lora, [prompt_model_example(lora.tokenizer, item)] * 4, cfg, dtype="bfloat16")
+    assert math.isfinite(loss) and problem_nll(lora.model, lora.tokenizer, [item]) < before
+    assert len(greedy_rationales(lora.model, lora.tokenizer, [item], max_new_tokens=4)) == 1
