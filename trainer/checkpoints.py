@@ -234,12 +234,31 @@ class RoleModel:
 
 
 def training_device(device: str = "auto") -> str:
-    """The torch device training runs on: ``auto`` is cuda when available, else cpu."""
+    """The torch device training runs on: ``auto`` is cuda when available (this process's GPU
+    under torchrun / accelerate launch: ``LOCAL_RANK``), else cpu."""
     if device != "auto":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
+def distributed_rank() -> int:
+    """This process's rank in a torchrun / accelerate launch (0 when not launched so)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def load_role_model(
@@ -355,7 +374,15 @@ def save_role_model(
         "trained_ids": list(trained_ids or []),
         "parent_ids": list(parent_ids or []),
     }
-    ckpt = store.save(rm.role, step, write, meta)
+    # Several processes training one model (data parallel): rank 0 writes the version, the
+    # others wait for it and take it as theirs (docs/training.md, "Several GPUs").
+    if distributed_rank() == 0:
+        ckpt = store.save(rm.role, step, write, meta)
+        _barrier()
+    else:
+        _barrier()
+        ckpt = store.latest(rm.role)  # type: ignore[assignment]
+        assert ckpt is not None and ckpt.step == step, "rank 0 wrote no checkpoint"
     rm.checkpoint = ckpt
     return ckpt
 

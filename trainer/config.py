@@ -194,7 +194,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             {"cold_start": 1e-3, "e_step": 5e-4, "m_step": 5e-4, "dpo": 2e-4},
             use_lora=True,
             batch_size=8,
-            per_device_batch_size=4,
+            per_device_batch_size=2,  # SmolLM2 at 4 a batch: ~5 GB RSS (49k-token logits)
             max_seq_len=512,
         ),
         {

@@ -52,7 +52,7 @@ def common_training_args(
         "weight_decay": cfg.weight_decay,
         "max_grad_norm": cfg.max_grad_norm,
         "save_strategy": "no",
-        "logging_steps": 1,
+        "logging_strategy": "no",  # the mean loss comes back from train(); no log lines
         "disable_tqdm": True,
         "seed": seed,
         "data_seed": seed,

@@ -33,12 +33,15 @@ def cold_start(
     """SFT of p_θ and q_φ on annotated seeds (c, z, x): by the teacher when one is configured
     (annotate.concept_source: model / models.annotator), else built from each seed (lexicon
     concepts, rationale from its worked solution). Writes checkpoints under
-    trainer.checkpoint_dir."""
+    trainer.checkpoint_dir. Under torchrun / accelerate launch every process trains (data
+    parallel) and rank 0 writes and reports (docs/training.md)."""
+    from trainer.checkpoints import distributed_rank
     from trainer.coldstart import cold_start_data
     from trainer.em import EMTrainer
     from workers.roles import Role, model_path_for
 
     settings = load(config, bootstrap)
+    console.quiet = distributed_rank() != 0
     if seeds is not None and seeds < 1:
         raise typer.BadParameter("--seeds must be at least 1")
     target = require_cluster(settings) if publish else None

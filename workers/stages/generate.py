@@ -40,6 +40,7 @@ class GenerateStage(ModelStage[ConceptSet]):
     def process(self, records: list[ConceptSet]) -> list[Emit]:
         p_model = self.backend(Role.PROMPT_MODEL)
         version = p_model.model_version  # stamped on every candidate of this batch
+        by = {Role.PROMPT_MODEL: version}  # and on every rejection: yield per version
         prompts = [
             SYNTHESIS.render(p_model, **synthesis_fields(cs.concepts, cs.difficulty, cs.domain))
             for cs in records
@@ -53,7 +54,9 @@ class GenerateStage(ModelStage[ConceptSet]):
         pending: list[tuple[ConceptSet, str, Completion]] = []
         for cs, prompt, z in zip(records, prompts, rationales, strict=True):
             if not z.ok:
-                emits.append(self.reject(cs, z.error or "generation_failed", "rationale phase"))
+                emits.append(
+                    self.reject(cs, z.error or "generation_failed", "rationale phase", models=by)
+                )
                 continue
             pending.append((cs, prompt, z))
         problems = self._generate(
@@ -64,7 +67,9 @@ class GenerateStage(ModelStage[ConceptSet]):
         )
         for (cs, _, z), x in zip(pending, problems, strict=True):
             if not x.ok:
-                emits.append(self.reject(cs, x.error or "generation_failed", "problem phase"))
+                emits.append(
+                    self.reject(cs, x.error or "generation_failed", "problem phase", models=by)
+                )
                 continue
             # A model that writes the opening delimiter we already wrote: drop the echo.
             problem_text = x.text.lstrip().removeprefix(PROBLEM_OPEN)
@@ -72,7 +77,7 @@ class GenerateStage(ModelStage[ConceptSet]):
             try:
                 parsed = parse_synthesis(completion, truncated=x.truncated)
             except ParseError as exc:
-                emits.append(self.reject(cs, exc.reason, completion[-500:]))
+                emits.append(self.reject(cs, exc.reason, completion[-500:], models=by))
                 continue
             emits.append(
                 self.emit(
