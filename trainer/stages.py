@@ -74,14 +74,18 @@ class EStepStage(_TrainerStage[Rationale]):
             return []
         from trainer.coldstart import cold_start_data
 
-        data = cold_start_data(self.settings)
-        log.info(
-            "em: cold start on %d annotated seeds (%.0f%% of the seeds annotated; %s)",
-            len(data.seeds),
-            100 * data.success_rate,
-            dict(data.rejected) or "none rejected",
-        )
-        return self._emit_updates(self.trainer.cold_start(data.seeds))
+        try:
+            data = cold_start_data(self.settings)
+            log.info(
+                "em: cold start on %d annotated seeds (%.0f%% of the seeds annotated; %s)",
+                len(data.seeds),
+                100 * data.success_rate,
+                dict(data.rejected) or "none rejected",
+            )
+            return self._emit_updates(self.trainer.cold_start(data.seeds))
+        except Exception:  # noqa: BLE001  (the loop still runs, from the base models)
+            log.exception("em: the cold start failed; EM starts from the base models")
+            return []
 
     def process(self, records: list[Rationale]) -> list[Emit]:
         cfg = self.trainer_cfg
