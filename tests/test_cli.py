@@ -124,3 +124,15 @@ def test_durations():
     assert parse_duration("12") == 12
     with pytest.raises(typer.BadParameter):
         parse_duration("ten minutes")
+
+
+def test_up_trains_by_default_and_no_train_makes_a_pure_generator():
+    from promptcot.cli.factory import stage_names
+    from promptcot.registry import DATA_STAGES
+
+    assert "--no-train" in runner.invoke(app, ["up", "--help"]).output
+    assert stage_names(None, train=True) == [*DATA_STAGES, "em", "dpo", "model_reload"]
+    assert stage_names(None, train=False) == list(DATA_STAGES)
+    assert stage_names("generate,sink", train=False) == ["generate", "sink"]
+    with pytest.raises(typer.BadParameter, match="unknown stages"):
+        stage_names("generat", train=False)

@@ -234,8 +234,9 @@ def _identity_adapter(base: Path, dst: Path, r: int = 8) -> Path:
     (weights,) = base.glob("*.safetensors")
     shapes = {k: v.shape for k, v in load_file(str(weights)).items()}
     tensors = {}
-    for name, (out_dim, in_dim) in shapes.items():
+    for name, shape in shapes.items():
         if name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")):
+            out_dim, in_dim = shape
             prefix = "base_model.model." + name.removesuffix(".weight")
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_dim) * 0.1
             tensors[f"{prefix}.lora_B.weight"] = torch.zeros(out_dim, r)

@@ -57,12 +57,7 @@ def up(
     from workers.runtime import run_stages
 
     settings = load(config, bootstrap)
-    names = [s.strip() for s in stages.split(",")] if stages else list(DATA_STAGES)
-    if train:
-        names += [n for n in TRAINER_STAGES if n not in names]
-    unknown = [n for n in names if n not in STAGES]
-    if unknown:
-        raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    names = stage_names(stages, train)
     limit_s = parse_duration(duration)
     metrics.serve(settings.metrics.host, settings.metrics.port)
 
@@ -118,6 +113,17 @@ def up(
     # for minutes; its input was never committed, so a next run redelivers it. Nothing is lost.
     sys.stdout.flush()
     os._exit(0)
+
+
+def stage_names(stages: str | None, train: bool) -> list[str]:
+    """The stages `up` runs: the data path (or ``stages``), and the trainer unless not ``train``."""
+    names = [s.strip() for s in stages.split(",")] if stages else list(DATA_STAGES)
+    if train:
+        names += [n for n in TRAINER_STAGES if n not in names]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    return names
 
 
 @app.command()
