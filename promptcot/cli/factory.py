@@ -59,6 +59,7 @@ def up(
     settings = load(config, bootstrap)
     names = stage_names(stages, train)
     limit_s = parse_duration(duration)
+    started = time.monotonic()  # the time limit counts the cold start too
     metrics.serve(settings.metrics.host, settings.metrics.port)
 
     with console.status("starting broker and topics..."):
@@ -73,8 +74,11 @@ def up(
     if seeds and "annotate" in names:
         n = publish_seeds(settings, cluster.bootstrap, "gsm8k", seeds)
         console.print(f"published {n} seed problems for annotate/rationale")
+    if "em" in names:
+        cold_start_first(settings, cluster.bootstrap)
+        serve_newest(settings)
 
-    progress = FactoryProgress(started=time.monotonic())
+    progress = FactoryProgress(started=started)
     stop = asyncio.Event()
 
     async def until() -> None:
@@ -113,6 +117,45 @@ def up(
     # for minutes; its input was never committed, so a next run redelivers it. Nothing is lost.
     sys.stdout.flush()
     os._exit(0)
+
+
+def cold_start_first(settings, bootstrap: str) -> None:
+    """The paper's cold start before anything generates, when p_θ or q_φ has no checkpoint yet
+    (the em stage would run it too, but in one process it would share the CPU with every other
+    stage, and generation would meanwhile run on the base model). Announced on the models topic."""
+    cfg = settings.trainer
+    if not (cfg.enabled and cfg.cold_start.enabled and cfg.cold_start.on_first_start):
+        return
+    from streams.clients import publish
+    from streams.topics import MODELS
+    from trainer.coldstart import cold_start_data
+    from trainer.em import EMTrainer
+    from workers.roles import model_path_for
+
+    trainer = EMTrainer(cfg, {r: model_path_for(settings.models, r) for r in EMTrainer.ROLES})
+    if not trainer.needs_cold_start():
+        return
+    n = cfg.cold_start.seeds
+    with console.status(f"cold start: annotating {n} seeds, training p_θ and q_φ on them..."):
+        data = cold_start_data(settings)
+        updates = trainer.cold_start(data.seeds)
+    publish(settings.kafka, bootstrap, MODELS, updates)
+    console.print(
+        f"cold start on {len(data.seeds)} annotated seeds: " + ", ".join(u.version for u in updates)
+    )
+
+
+def serve_newest(settings) -> None:
+    """Every trained role starts on its newest checkpoint (a LoRA one on its base), not on the
+    base model: a restarted factory goes on where its models were."""
+    from trainer.checkpoints import CheckpointStore
+    from workers.roles import Role
+
+    store = CheckpointStore(settings.trainer.checkpoint_dir)
+    for role in (Role.PROMPT_MODEL, Role.RATIONALE_MODEL, Role.SOLVER):
+        newest = store.latest(role)
+        if newest is not None:
+            settings.models.role(role).model = str(newest.path)
 
 
 def stage_names(stages: str | None, train: bool) -> list[str]:
