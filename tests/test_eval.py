@@ -79,3 +79,26 @@ def test_eval_command_writes_json_and_a_prometheus_file(tiny_model_dir, tmp_path
     assert bad.exit_code != 0
     none = CliRunner().invoke(app, ["eval", "--benchmark", "lcb_v5", str(tiny_model_dir)])
     assert none.exit_code != 0
+
+
+def test_the_trainer_scores_each_new_solver_version_when_asked(tmp_path, tiny_model_dir):
+    from trainer_data import fast, pairs, trainer_settings
+
+    from trainer.dpo import DPOTrainerLoop
+
+    settings = trainer_settings(
+        tmp_path,
+        tiny_model_dir,
+        heldout_fraction=0.0,
+        dpo=fast(window={"min_records": 2}),
+        eval={"after_dpo": True, "limit": 2, "max_tokens": 16, "batch_size": 2},
+    )
+    (update,) = DPOTrainerLoop(settings.trainer, str(tiny_model_dir)).run_window(pairs(4)).updates
+    accuracy = update.metrics["eval_gsm8k_accuracy"]
+    assert 0.0 <= accuracy <= 1.0
+    versions = [
+        labels["version"]
+        for labels, _ in metrics.gauge_samples(metrics.EVAL_ACCURACY)
+        if labels["role"] == "solver"
+    ]
+    assert any(v.startswith("v0001-dpo@") for v in versions)  # the new checkpoint's weights
