@@ -382,18 +382,18 @@ class EMTrainer:
         updates: list[ModelUpdate] = []
         metrics: dict[str, float] = {}
 
-        if s.e_step.enabled and e_todo:
-            update = self._e_step(e_todo)
-            updates += [update] if update is not None else []
-            metrics.update(update.metrics if update is not None else {})
-        else:  # done before this window was redelivered (or switched off): announce again
-            updates += self._announced(q_role, window_ids)
-        if s.m_step.enabled and m_todo:
-            update = self._m_step(m_todo)
-            updates += [update] if update is not None else []
-            metrics.update(update.metrics if update is not None else {})
-        else:
-            updates += self._announced(p_role, window_ids)
+        # Per step: the versions that trained on part of this window before it came again are
+        # announced again, then the rest of the window is trained.
+        for role, todo, step, enabled in (
+            (q_role, e_todo, self._e_step, s.e_step.enabled),
+            (p_role, m_todo, self._m_step, s.m_step.enabled),
+        ):
+            pending = {r.id for r in todo}
+            updates += self._announced(role, [i for i in window_ids if i not in pending])
+            update = step(todo) if enabled and todo else None
+            if update is not None:
+                updates.append(update)
+                metrics.update(update.metrics)
         skipped = None
         if not (e_todo or m_todo):
             skipped = f"all {len(rationales)} rationales already trained on; versions re-announced"
