@@ -1,14 +1,22 @@
 """The trainer: cold start and the EM loop for p_θ / q_φ, DPO of the solver, versioned
-checkpoints, and the stages that run them on windows of the rationales and pairs topics.
+checkpoints, evaluation, and the stages that run them on windows of the rationales and pairs
+topics (docs/training.md).
 
 torch/transformers/trl are imported only when a model is loaded or trained.
 """
 
-from trainer.checkpoints import Checkpoint, CheckpointStore, RoleModel, parse_version
+from trainer.checkpoints import (
+    Checkpoint,
+    CheckpointStore,
+    RoleModel,
+    TrainedLedger,
+    parse_version,
+)
 from trainer.config import (
     ColdStartConfig,
     DPOConfig,
     EStepConfig,
+    EvalConfig,
     LoraConfig,
     MStepConfig,
     StepConfig,
@@ -22,10 +30,12 @@ __all__ = [
     "ColdStartConfig",
     "DPOConfig",
     "EStepConfig",
+    "EvalConfig",
     "LoraConfig",
     "MStepConfig",
     "RoleModel",
     "StepConfig",
+    "TrainedLedger",
     "TrainerSettings",
     "WindowConfig",
     "parse_version",
