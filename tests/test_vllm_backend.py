@@ -258,6 +258,7 @@ def _identity_adapter(base: Path, dst: Path, r: int = 8) -> Path:
     return dst
 
 
+@pytest.mark.timeout(1500)  # three engine starts: ~30 s each on 2 idle cores, minutes under load
 def test_vllm_reload_runs_one_engine_and_puts_an_adapter_on_its_own_base(
     tiny_model_dir, reference, prompts, tmp_path
 ):
