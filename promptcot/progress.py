@@ -51,6 +51,14 @@ class FactoryProgress:
             "model tokens": int(metrics.counter_value(metrics.MODEL_TOKENS)),
         }
 
+    def model_versions(self) -> dict[str, int]:
+        """role -> newest version the trainer announced in this process (no entry: base)."""
+        return {
+            labels["role"]: int(value)
+            for labels, value in metrics.gauge_samples(metrics.MODEL_VERSION)
+            if value > 0
+        }
+
     def table(self) -> Table:
         elapsed = time.monotonic() - self.started
         table = Table(title=f"PromptCoT factory - {elapsed:,.0f}s", show_header=False)
@@ -63,6 +71,8 @@ class FactoryProgress:
         if any(self.carried.values()):
             for name, value in self.carried.items():
                 table.add_row(Text(f"carried over - {name}", style="cyan"), f"{value:,}")
+        for role, version in sorted(self.model_versions().items()):
+            table.add_row(Text(f"model version - {role}", style="cyan"), f"v{version:04d}")
         return table
 
     def continued(self) -> Text | None:
@@ -91,6 +101,17 @@ class FactoryProgress:
         ]
         if (continued := self.continued()) is not None:
             lines.append(continued)
+        versions = self.model_versions()
+        lines.append(
+            Text(
+                "model versions reached: "
+                + (
+                    ", ".join(f"{role} v{v:04d}" for role, v in sorted(versions.items()))
+                    if versions
+                    else "none (every role still on its base model)"
+                )
+            )
+        )
         if self.first_accepted_at is not None:
             lines.append(
                 Text(

@@ -12,6 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from trainer.config import PROFILE_WINDOWS
 from workers.settings import StageRuntime
 
 if TYPE_CHECKING:
@@ -71,16 +72,17 @@ STAGES: dict[str, StageSpec] = {
     "sink": StageSpec(
         "workers.stages.sink:SinkStage", doc="accepted verdicts -> problems topic + Parquet"
     ),
-    # Trainer windows are long, or a trickle of records arrives in windows too small to train on.
+    # Trainer windows are long, or a trickle of records arrives in windows too small to train on;
+    # the trainer profile sizes them (trainer/config.py, PROFILE_WINDOWS; these are the gpu ones).
     "em": StageSpec(
         "trainer.stages:EStepStage",
-        _rt(64, 600.0),
+        StageRuntime(**PROFILE_WINDOWS["gpu"]["em"]),
         trainer=True,
-        doc="rationale windows -> E-step (q_φ) + M-step (p_θ)",
+        doc="cold start, then rationale windows -> E-step (q_φ) + M-step (p_θ), next epoch",
     ),
     "dpo": StageSpec(
         "trainer.stages:DPOStage",
-        _rt(32, 600.0),
+        StageRuntime(**PROFILE_WINDOWS["gpu"]["dpo"]),
         trainer=True,
         doc="pair windows -> DPO of the solver",
     ),

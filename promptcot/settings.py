@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -33,8 +33,14 @@ from pydantic_settings import (
 )
 
 from promptcot.registry import STAGES
-from streams.settings import EmbeddedBrokerSettings, KafkaSettings, MetricsSettings, Section
-from trainer.config import TrainerSettings
+from streams.settings import (
+    EmbeddedBrokerSettings,
+    KafkaSettings,
+    MetricsSettings,
+    Section,
+    deep_merge,
+)
+from trainer.config import PROFILE_WINDOWS, PROFILES, TrainerSettings, resolve_profile
 from vectorstore.settings import VectorStoreSettings
 from workers.roles import ModelRoles
 from workers.settings import (
@@ -101,6 +107,29 @@ class Settings(BaseSettings, Section):
             super().__init__(**values)
         except ValidationError as exc:
             raise SettingsError(explain(exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trainer_profile(cls, data: Any) -> Any:
+        """Apply the trainer profile (trainer/config.py) to the ``trainer`` section and to the
+        trainer stages' windows (``stages.em`` / ``stages.dpo``), under any key set explicitly.
+        Here, before the sections fill in their defaults, so an explicit key is still told
+        apart from a default."""
+        if not isinstance(data, dict) or isinstance(data.get("trainer"), TrainerSettings):
+            return data
+        trainer = data.get("trainer", {})
+        stages = data.get("stages", {})
+        if not isinstance(trainer, dict) or not isinstance(stages, dict):
+            return data
+        try:
+            profile = resolve_profile(trainer.get("profile", "auto"))
+        except ValueError:
+            return data  # the trainer section reports the bad value with its path
+        return {
+            **data,
+            "trainer": {**deep_merge(PROFILES[profile], trainer), "profile": profile},
+            "stages": deep_merge(PROFILE_WINDOWS[profile], stages),
+        }
 
     @classmethod
     def settings_customise_sources(

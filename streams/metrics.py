@@ -77,30 +77,25 @@ CONSUMER_LAG = Gauge(
     "Records of an input topic partition not yet committed by the stage's consumer group",
     ["group", "stage", "topic", "partition"],
 )
-# Set by the trainer (trainer/) per window, and by the reload follower (workers/reload.py) for
-# the version a process serves.
+# Set by the trainer (trainer/updates.py, from every update it announces), by the reload
+# follower (workers/reload.py) for the version a process serves, and by eval (trainer/evaluate.py).
 TRAINER_LOSS = Gauge(
-    "promptcot_trainer_loss",
-    "Mean training loss of the last window, by role and update kind (cold_start, e_step, m_step, "
-    "dpo)",
-    ["role", "step"],
+    "promptcot_trainer_loss", "Mean training loss of the last update", ["role", "step"]
 )
 TRAINER_HELDOUT_NLL = Gauge(
     "promptcot_trainer_heldout_nll",
-    "Mean per-token negative log-likelihood (nats) of the held-out problems under the role's "
-    "newest checkpoint",
+    "Per-token NLL of held-out seed problems under p_θ after the last M-step (train seeds when "
+    "none is held out yet)",
     ["role"],
 )
 TRAINER_REWARD = Gauge(
     "promptcot_trainer_reward",
-    "Mean reward of the last window's training targets: the best-of-K R(z) of the E-step "
-    "(rationale_model), the implicit reward of the chosen rollouts in DPO (solver)",
+    "Mean reward R(z) of q_φ's greedy rationales on held-out seeds after the last E-step",
     ["role"],
 )
 TRAINER_MARGIN = Gauge(
     "promptcot_trainer_margin",
-    "Mean margin of the last window: best minus mean R(z) over the K rationales (E-step), "
-    "chosen minus rejected implicit reward (DPO)",
+    "Mean log-likelihood margin chosen - rejected on held-out pairs after the last DPO update",
     ["role"],
 )
 MODEL_VERSION = Gauge(
@@ -118,6 +113,11 @@ MATH_ORACLE_CALLS = Counter(
     "Math equivalence checks by how the verdict was reached "
     "(text, cache, too_long, math_verify, timeout, crashed)",
     ["outcome"],
+)
+EVAL_ACCURACY = Gauge(
+    "promptcot_eval_accuracy",
+    "Share of benchmark problems solved (the solver template, greedy), per model version",
+    ["benchmark", "role", "version"],
 )
 
 _server_started = False
@@ -173,6 +173,13 @@ def counter_samples(counter: Counter) -> list[tuple[dict[str, str], float]]:
         for metric in counter.collect()
         for sample in metric.samples
         if sample.name.endswith("_total")
+    ]
+
+
+def gauge_samples(gauge: Gauge) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every child of a gauge."""
+    return [
+        (sample.labels, sample.value) for metric in gauge.collect() for sample in metric.samples
     ]
 
 

@@ -133,16 +133,20 @@ class SeedProblem(Record):
     domain: Domain
     text: str
     answer: str | None = None
+    # The corpus's worked solution, when it has one (GSM8K): without a teacher model the cold
+    # start derives the seed's rationale from it (workers/annotation.py).
+    solution: str | None = None
     tests: list[dict[str, str]] = Field(default_factory=list)
 
 
 class AnnotatedSeed(Record):
     """A seed with its foundational concepts and a reverse-engineered rationale (cold start data
-    for both models and the E-step input)."""
+    for both models and the E-step input). The EM loop revisits every seed once per epoch: the
+    epoch is part of the unit of work, so each epoch's samples get ids of their own."""
 
     kind: ClassVar[str] = "annotated_seed"
     id_prefix: ClassVar[str] = "aseed"
-    id_fields: ClassVar[tuple[str, ...]] = ("seed_id", "annotator")
+    id_fields: ClassVar[tuple[str, ...]] = ("seed_id", "annotator", "epoch")
 
     seed_id: str
     annotator: str = ""  # model version of the annotator (or "lexicon+model")
@@ -151,6 +155,7 @@ class AnnotatedSeed(Record):
     concepts: list[str]
     rationale: str
     difficulty: str | None = None
+    epoch: int = 0
 
 
 class ConceptSet(Record):
@@ -181,6 +186,7 @@ class Rationale(Record):
     id_prefix: ClassVar[str] = "rat"
     id_fields: ClassVar[tuple[str, ...]] = (
         "seed_id",
+        "epoch",
         "sample_index",
         "rationale_model",
         "prompt_model",
@@ -198,6 +204,7 @@ class Rationale(Record):
     logp_rationale: float  # log p_θ(z | c)
     rationale_model: str
     prompt_model: str
+    epoch: int = 0  # the seed's epoch (AnnotatedSeed.epoch)
 
 
 # --- candidates and verification ----------------------------------------------------------------

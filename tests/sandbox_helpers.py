@@ -9,8 +9,14 @@ from collections.abc import Iterator
 from workers.sandbox import Limits, Sandbox, SandboxSettings, processes_of_uid
 
 IS_ROOT = os.geteuid() == 0
-FAST = Limits(cpu_seconds=1, wall_seconds=2, memory_mb=256, max_processes=8, max_file_mb=8,
-              max_output_bytes=1 << 20)
+FAST = Limits(
+    cpu_seconds=1,
+    wall_seconds=2,
+    memory_mb=256,
+    max_processes=8,
+    max_file_mb=8,
+    max_output_bytes=1 << 20,
+)
 BACKENDS = ["bwrap", "unshare"]
 
 

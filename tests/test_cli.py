@@ -36,6 +36,8 @@ runner = CliRunner()
         ["dlq", "counts"],
         ["dlq", "show"],
         ["dlq", "replay"],
+        ["train", "cold-start"],
+        ["eval"],
     ],
 )
 def test_every_command_has_help(args):
@@ -126,3 +128,30 @@ def test_durations():
     assert parse_duration("12") == 12
     with pytest.raises(typer.BadParameter):
         parse_duration("ten minutes")
+
+
+def test_up_trains_by_default_and_no_train_makes_a_pure_generator():
+    from promptcot.cli.factory import stage_names
+    from promptcot.registry import DATA_STAGES, TRAINER_STAGES
+
+    assert "--no-train" in runner.invoke(app, ["up", "--help"]).output
+    assert {"em", "dpo"} <= set(TRAINER_STAGES)
+    assert stage_names(None, train=True) == [*DATA_STAGES, *TRAINER_STAGES]
+    assert stage_names(None, train=False) == list(DATA_STAGES)
+    assert stage_names("generate,sink", train=False) == ["generate", "sink"]
+    with pytest.raises(typer.BadParameter, match="unknown stages"):
+        stage_names("generat", train=False)
+
+
+def test_up_serves_each_trained_role_from_its_newest_checkpoint(tmp_path):
+    from promptcot.cli.factory import serve_newest
+    from promptcot.settings import Settings
+    from trainer.checkpoints import CheckpointStore
+
+    store = CheckpointStore(tmp_path, keep_last=5)
+    for step in ("cold_start", "m_step"):
+        newest = store.save("prompt_model", step, lambda d: None)
+    settings = Settings(trainer={"checkpoint_dir": tmp_path})
+    serve_newest(settings)
+    assert settings.models.prompt_model.model == str(newest.path)
+    assert settings.models.solver.model == ""  # no checkpoint: the embedded default

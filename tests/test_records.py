@@ -150,8 +150,14 @@ def test_a_dead_letter_fits_the_limit_whatever_the_payload():
     assert dl.payload_size == 2_000_000 and dl.payload_truncated
     assert payload.startswith(base64.b64decode(dl.payload_b64))
     small = serde.dead_letter(
-        stage="generate", error=ValueError("x"), topic="t", partition=0, offset=8, key=None,
-        payload=b"abc", max_bytes=100_000,
+        stage="generate",
+        error=ValueError("x"),
+        topic="t",
+        partition=0,
+        offset=8,
+        key=None,
+        payload=b"abc",
+        max_bytes=100_000,
     )
     assert base64.b64decode(small.payload_b64) == b"abc" and not small.payload_truncated
     assert small.reason == serde.PROCESSING_ERROR

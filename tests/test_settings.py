@@ -7,6 +7,12 @@ from pydantic import BaseModel
 
 from promptcot.settings import Settings, SettingsError, load_settings, sources
 from streams.settings import Section
+from trainer.config import PROFILE_WINDOWS
+
+
+def _window(s: Settings, stage: str, key: str) -> float:
+    """The trainer stage's window as the settings' trainer profile sizes it."""
+    return PROFILE_WINDOWS[s.trainer.profile][stage][key]
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +24,9 @@ def test_defaults_are_the_embedded_factory():
     s = load_settings()
     assert s.kafka.bootstrap_servers is None  # -> embedded broker
     assert s.verify.max_pass_rate == 0.5 and s.verify.min_pass_rate == 0.0
-    assert s.stage("em").batch_within_s == 600.0 and s.stage("generate").batch_size == 8
+    assert s.trainer.profile in ("cpu", "gpu")  # "auto" is resolved when the settings load
+    assert s.stage("em").batch_within_s == _window(s, "em", "batch_within_s")
+    assert s.stage("generate").batch_size == 8
 
 
 def test_env_vars_override_nested_fields(monkeypatch):
@@ -36,7 +44,8 @@ def test_one_nested_env_key_leaves_its_siblings_alone(monkeypatch):
     monkeypatch.setenv("PROMPTCOT_VERIFY__SANDBOX__LIMITS__CPU_SECONDS", "3")
     s = load_settings()
     assert s.stage("em").batch_size == 8
-    assert s.stage("em").batch_within_s == 600.0  # em's own default, not the generic 0.5 s
+    # em's own default (from the trainer profile), not the generic 0.5 s
+    assert s.stage("em").batch_within_s == _window(s, "em", "batch_within_s") > 60
     assert s.stage("generate").batch_size == 8 and s.stage("filter").batch_size == 32
     assert s.verify.sandbox.limits.cpu_seconds == 3
     assert s.verify.sandbox.limits.wall_seconds == Settings().verify.sandbox.limits.wall_seconds
@@ -50,7 +59,8 @@ def test_yaml_sets_one_key_of_a_mapping(tmp_path):
     )
     s = load_settings(cfg)
     assert s.vectorstore.dedup.near_duplicate_threshold_by_domain == {"code": 0.88, "math": 0.7}
-    assert s.stage("dpo").batch_size == 4 and s.stage("dpo").batch_within_s == 600.0
+    assert s.stage("dpo").batch_size == 4
+    assert s.stage("dpo").batch_within_s == _window(s, "dpo", "batch_within_s")
 
 
 def test_yaml_file_and_env_precedence(tmp_path, monkeypatch):
@@ -139,6 +149,14 @@ TYPOS = [
     ),
     ({"trainer": {"keep_lst": 2}}, "trainer.keep_lst: unknown key; did you mean keep_last?"),
     (
+        {"trainer": {"eval": {"limt": 2}}},
+        "trainer.eval.limt: unknown key; did you mean limit?",
+    ),
+    (
+        {"trainer": {"cold_start": {"seed": 2}}},
+        "trainer.cold_start.seed: unknown key; did you mean seeds?",
+    ),
+    (
         {"trainer": {"e_step": {"window": {"min_record": 2}}}},
         "trainer.e_step.window.min_record: unknown key; did you mean min_records?",
     ),
@@ -221,3 +239,40 @@ def test_env_vars_that_name_no_setting_are_errors_and_other_promptcot_vars_are_n
     monkeypatch.setenv("PROMPTCOT_METRICS_PORT", "9999")
     with pytest.raises(SettingsError, match="PROMPTCOT_METRICS__PORT"):
         load_settings()
+
+
+# --- the trainer profiles (trainer/config.py) ---------------------------------------------------
+
+
+def test_trainer_profiles_size_the_loop_for_the_machine(monkeypatch):
+    cpu = Settings(trainer={"profile": "cpu"})
+    gpu = Settings(trainer={"profile": "gpu"})
+    # gpu: the paper's rates, full fine-tuning, bf16; cpu: LoRA at LoRA's rates, float32.
+    assert (gpu.trainer.cold_start.lr, gpu.trainer.e_step.lr, gpu.trainer.dpo.lr) == (
+        2e-5,
+        2e-6,
+        1e-6,
+    )
+    assert not gpu.trainer.e_step.use_lora and gpu.trainer.dtype == "bfloat16"
+    assert cpu.trainer.e_step.use_lora and cpu.trainer.dtype == "float32"
+    assert cpu.trainer.e_step.lr >= 100 * gpu.trainer.e_step.lr
+    assert cpu.trainer.e_step.max_seq_len < gpu.trainer.e_step.max_seq_len
+    assert cpu.stage("em").batch_within_s < gpu.stage("em").batch_within_s
+    # auto: gpu only where an NVIDIA device is visible to this process.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert Settings().trainer.profile == "cpu"
+
+
+def test_a_key_set_explicitly_wins_over_the_profile(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMPTCOT_TRAINER__PROFILE", "gpu")
+    monkeypatch.setenv("PROMPTCOT_TRAINER__E_STEP__LR", "0.25")
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text("trainer:\n  dpo: {use_lora: true}\nstages:\n  em: {batch_size: 3}\n")
+    s = load_settings(cfg)
+    assert s.trainer.profile == "gpu" and s.trainer.e_step.lr == 0.25
+    assert s.trainer.m_step.lr == 2e-6 and s.trainer.dpo.use_lora and not s.trainer.e_step.use_lora
+    assert s.stage("em").batch_size == 3
+    assert s.stage("em").batch_within_s == PROFILE_WINDOWS["gpu"]["em"]["batch_within_s"]
+    with pytest.raises(SettingsError) as err:
+        Settings(trainer={"profile": "tpu"})
+    assert err.value.problems[0].startswith("trainer.profile: Input should be 'auto', 'cpu'")

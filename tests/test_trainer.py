@@ -2,7 +2,7 @@
 checkpoints reload and generate, the held-out NLL convergence signal, DPO raising the preference
 margin, and the trainer stages end to end on a tiny from-scratch Llama (real TRL training).
 
-The model here is built in this module (hidden 64, 2 layers, ~0.1M params, random weights):
+The model is built by tests/trainer_data.py (hidden 64, 2 layers, ~0.1M params, random weights):
 these tests only need a model that learns, and building it takes about a second.
 """
 
@@ -20,140 +20,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # the machine is shared; these models are tiny
 
-from promptcot.settings import Settings
-from streams.records import ModelUpdate, PreferencePair, Rationale, version_number
-from streams.topics import MODELS
-from trainer.checkpoints import CheckpointStore
-from trainer.em import (
-    EMTrainer,
-    SeedItem,
-    best_of_k,
-    is_heldout,
-    problem_nll,
+from trainer_data import (
+    build_tiny_model,
+    fast,
+    pairs,
+    problem,
+    rationale,
+    rationales,
+    trainer_settings,
 )
+
+from streams.records import ModelUpdate, version_number
+from streams.topics import MODELS, SEEDS_ANNOTATED
+from trainer.checkpoints import CheckpointStore
+from trainer.em import EMTrainer, SeedItem, best_of_k, problem_nll
+from trainer.heldout import is_heldout
 from trainer.stages import DPOStage, EStepStage
 from workers import prompts as P
 from workers.backends.base import BackendSettings
 from workers.reload import ModelFollower
 
-# ---------------------------------------------------------------------------------------------
-# A tiny model
-
-
-def _build_tiny_model(out: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    texts = [
-        P.render_chat(None, t.system, t.user, t.assistant_prefix) for t in P.TEMPLATES.values()
-    ]
-    texts += [_problem(i) + " " + _rationale(i, 0) for i in range(12)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    out.mkdir(parents=True)
-    tok.save(str(out / "tokenizer.json"))
-    # TokenizersBackend keeps the trained ids (docs/models.md, "The tiny test model").
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "TokenizersBackend",
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|pad|>",
-                "chat_template": P.CHATML_TEMPLATE,
-                "model_max_length": 2048,
-            }
-        )
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    model.save_pretrained(str(out))
-    return out
-
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    return _build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-NAMES = ["Ana", "Ben", "Carla", "Dev", "Eva", "Femi", "Gus", "Hana", "Ivan", "Jia", "Kofi", "Lea"]
-
-
-def _problem(i: int) -> str:
-    return f"{NAMES[i % len(NAMES)]} has {i + 2} apples and gets {i + 3} more. How many apples now?"
-
-
-def _rationale(i: int, k: int) -> str:
-    return (
-        f"Combine addition with counting: start from {i + 2} apples, add {i + 3}, "
-        f"ask the total (idea {k})."
-    )
-
-
-def _rationales(seed_ids: list[str], k: int = 3) -> list[Rationale]:
-    out = []
-    for i, sid in enumerate(seed_ids):
-        for s in range(k):
-            out.append(
-                Rationale(
-                    seed_id=sid,
-                    domain="math",
-                    concepts=["addition of whole numbers", "counting"],
-                    problem=_problem(i),
-                    text=_rationale(i, s),
-                    sample_index=s,
-                    reward=-50.0 + 7.0 * ((s * 5 + i) % 3),
-                    logp_problem=-30.0,
-                    logp_rationale=-20.0,
-                    rationale_model="q/base",
-                    prompt_model="p/base",
-                )
-            )
-    return out
-
-
-def _settings(tmp_path: Path, model: Path, **trainer: object) -> Settings:
-    roles = ("prompt_model", "rationale_model", "solver")
-    return Settings(
-        trainer={"checkpoint_dir": tmp_path / "ckpt", **trainer},
-        models={r: {"model": str(model)} for r in roles},
-        metrics={"port": 0},
-    )
-
-
-def _fast(lr: float = 3e-3, epochs: float = 1.0, **extra: object) -> dict:
-    return {
-        "lr": lr,
-        "epochs": epochs,
-        "batch_size": 4,
-        "per_device_batch_size": 4,
-        "max_seq_len": 512,
-        **extra,
-    }
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +51,7 @@ def _fast(lr: float = 3e-3, epochs: float = 1.0, **extra: object) -> dict:
 
 
 def test_best_of_k_picks_the_max_reward_rationale_per_seed():
-    rs = _rationales(["s1", "s2", "s3"], k=4)
+    rs = rationales(["s1", "s2", "s3"], k=4)
     rs[0] = rs[0].model_copy(update={"reward": -1.0})  # s1 sample 0: a clear winner
     top_s2 = max((r for r in rs if r.seed_id == "s2"), key=lambda r: r.reward)
     rs.append(top_s2.model_copy(update={"text": "tie", "sample_index": 9}))  # same reward, later
@@ -229,7 +119,7 @@ def _reload_and_generate(path: str) -> str:
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    item = SeedItem("s", "math", ["addition"], "", _problem(0), "")
+    item = SeedItem("s", "math", ["addition"], "", problem(0), "")
     prompt = P.SYNTHESIS.render(tok, **P.synthesis_fields(item.concepts, "", "math"))
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -238,22 +128,24 @@ def _reload_and_generate(path: str) -> str:
 
 
 def test_em_stage_window_emits_updates_whose_checkpoints_reload_and_generate(tmp_path, tiny_model):
-    settings = _settings(
+    settings = trainer_settings(
         tmp_path,
         tiny_model,
         heldout_fraction=0.0,
-        e_step=_fast(window={"min_records": 4}),
-        m_step=_fast(max_rationale_tokens=24),
+        e_step=fast(window={"min_records": 4}),
+        m_step=fast(max_rationale_tokens=24),
     )
     stage = EStepStage(settings)
-    # Too small a window is skipped with a log line, not an error, and trains nothing.
-    assert stage.process(_rationales(["a"], k=3)) == []
+    # Too small a window trains nothing (a log line, not an error); its seed goes round again.
+    small = stage.process(rationales(["a"], k=3))
+    assert [(e.topic, e.record.seed_id, e.record.epoch) for e in small] == [
+        (SEEDS_ANNOTATED, "a", 1)
+    ]
     assert not (tmp_path / "ckpt").exists()
 
-    window = _rationales(["s1", "s2", "s3"], k=3)
+    window = rationales(["s1", "s2", "s3"], k=3)
     emits = stage.process(window)
-    updates = [e.record for e in emits]
-    assert all(e.topic is MODELS for e in emits)
+    updates = [e.record for e in emits if e.topic is MODELS]
     assert [(u.role, u.step) for u in updates] == [
         ("rationale_model", "e_step"),
         ("prompt_model", "m_step"),
@@ -265,9 +157,13 @@ def test_em_stage_window_emits_updates_whose_checkpoints_reload_and_generate(tmp
         _reload_and_generate(u.path)
     m = updates[1].metrics
     assert m["n_seeds"] == 3 and "train_problem_nll_after" in m and m["train_loss"] > 0
+    # Every seed of the window goes round again, one epoch on, with an id of its own.
+    again = [e.record for e in emits if e.topic is SEEDS_ANNOTATED]
+    assert sorted((a.seed_id, a.epoch) for a in again) == [("s1", 1), ("s2", 1), ("s3", 1)]
+    assert not {a.id for a in again} & {e.record.id for e in small}
 
     # A second window continues from the in-memory models and numbers the next version.
-    more = [e.record for e in stage.process(_rationales(["s4", "s5"], k=2))]
+    more = [e.record for e in stage.process(rationales(["s4", "s5"], k=2)) if e.topic is MODELS]
     assert [u.version for u in more] == [
         "rationale_model/v0002-e_step",
         "prompt_model/v0002-m_step",
@@ -280,9 +176,13 @@ def test_em_stage_window_emits_updates_whose_checkpoints_reload_and_generate(tmp
     rm = fresh.model("prompt_model", settings.trainer.m_step)
     assert rm.checkpoint is not None and rm.checkpoint.version == 2
     # At-least-once delivery: a redelivered window is recognised (in memory, and from the
-    # checkpoint manifests after a restart) and not trained on twice.
-    assert stage.process(window) == []
-    assert "already trained" in (fresh.run_window(window).skipped or "")
+    # checkpoint manifests after a restart): not trained twice, its versions announced again
+    # with the same ids.
+    replay = [e.record for e in stage.process(window) if e.topic is MODELS]
+    assert [u.id for u in replay] == [u.id for u in updates]
+    result = fresh.run_window(window)
+    assert "already trained" in (result.skipped or "")
+    assert [u.id for u in result.updates] == [u.id for u in updates]
     assert [c.version for c in fresh.store.list("prompt_model")] == [1, 2]
 
 
@@ -295,22 +195,22 @@ def test_m_step_lowers_heldout_problem_nll(tmp_path, tiny_model):
         (held_ids if is_heldout(sid, 0.3) else train_ids).append(sid)
         i += 1
     ids = train_ids[:5] + held_ids[:2]
-    settings = _settings(
+    settings = trainer_settings(
         tmp_path,
         tiny_model,
         heldout_fraction=0.3,
-        e_step=_fast(enabled=False),
-        m_step=_fast(lr=3e-3, epochs=6, max_rationale_tokens=8),
+        e_step=fast(enabled=False),
+        m_step=fast(lr=3e-3, epochs=6, max_rationale_tokens=8),
     )
     trainer = EMTrainer(
         settings.trainer, {"prompt_model": str(tiny_model), "rationale_model": str(tiny_model)}
     )
-    best = best_of_k(_rationales(ids))
+    best = best_of_k(rationales(ids))
     held = [SeedItem.from_rationale(best[s]) for s in held_ids[:2]]
     p0 = trainer.model("prompt_model", settings.trainer.m_step)
     nll_base = problem_nll(p0.model, p0.tokenizer, held)
 
-    result = trainer.run_window(_rationales(ids))
+    result = trainer.run_window(rationales(ids))
     m = result.metrics
     assert m["n_seeds"] == 5 and m["n_heldout"] == 2
     assert m["heldout_problem_nll_before"] == pytest.approx(nll_base, rel=1e-5)
@@ -332,39 +232,31 @@ def test_m_step_lowers_heldout_problem_nll(tmp_path, tiny_model):
 # DPO and reload
 
 
-def _pairs(n: int) -> list[PreferencePair]:
-    return [
-        PreferencePair(
-            problem_id=f"prob_{i}",
-            domain="math",
-            prompt=_problem(i),
-            chosen=f"We add {i + 2} and {i + 3}.\nThe answer is \\boxed{{{2 * i + 5}}}.",
-            rejected=f"Apples are red.\nThe answer is \\boxed{{{i}}}.",
-        )
-        for i in range(n)
-    ]
-
-
 def test_dpo_stage_raises_the_preference_margin(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.dpo import dpo_rows, preference_margin
 
-    settings = _settings(
-        tmp_path, tiny_model, dpo=_fast(lr=2e-3, epochs=3, window={"min_records": 4}, beta=0.1)
+    settings = trainer_settings(
+        tmp_path,
+        tiny_model,
+        heldout_fraction=0.0,
+        dpo=fast(lr=2e-3, epochs=3, window={"min_records": 4}, beta=0.1),
     )
     stage = DPOStage(settings)
-    assert stage.process(_pairs(2)) == []  # under min_records: skipped
-    emits = stage.process(_pairs(6))
+    assert stage.process(pairs(2)) == []  # under min_records: skipped
+    emits = stage.process(pairs(6))
     assert len(emits) == 1
-    assert stage.process(_pairs(6)) == []  # redelivered: not trained twice
+    # Redelivered: not trained twice, the version announced again with the same id.
+    assert [e.record.id for e in stage.process(pairs(6))] == [emits[0].record.id]
+    assert [c.version for c in CheckpointStore(tmp_path / "ckpt").list("solver")] == [1]
     update = emits[0].record
     assert update.role == "solver" and update.step == "dpo" and Path(update.path).is_dir()
-    assert update.metrics["margin_after"] > update.metrics["margin_before"] + 1.0
+    assert update.metrics["train_margin_after"] > update.metrics["train_margin_before"] + 1.0
 
     # Measured independently: base weights vs the published checkpoint, on the training pairs.
     tok = AutoTokenizer.from_pretrained(str(tiny_model), local_files_only=True)
-    rows = dpo_rows(tok, _pairs(6))
+    rows = dpo_rows(tok, pairs(6))
     assert rows[0]["prompt"].startswith("<|im_start|>system\n" + P.SOLVER_MATH.system)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), local_files_only=True)
     trained = AutoModelForCausalLM.from_pretrained(update.path, local_files_only=True)
@@ -372,19 +264,20 @@ def test_dpo_stage_raises_the_preference_margin(tmp_path, tiny_model):
 
 
 def test_trainer_stages_respect_the_enabled_switch(tmp_path, tiny_model):
-    settings = _settings(tmp_path, tiny_model, enabled=False)
-    assert EStepStage(settings).process(_rationales(["s1", "s2", "s3"], k=4)) == []
-    assert DPOStage(settings).process(_pairs(8)) == []
+    settings = trainer_settings(tmp_path, tiny_model, enabled=False)
+    assert EStepStage(settings).process(rationales(["s1", "s2", "s3"], k=4)) == []
+    assert DPOStage(settings).process(pairs(8)) == []
     assert not (tmp_path / "ckpt").exists()
 
 
 def test_lora_dpo_checkpoint_is_an_adapter_a_real_backend_reloads(tmp_path, tiny_model):
     from workers.backends.transformers_backend import TransformersBackend
 
-    settings = _settings(
+    settings = trainer_settings(
         tmp_path,
         tiny_model,
-        dpo=_fast(
+        heldout_fraction=0.0,
+        dpo=fast(
             lr=5e-3,
             epochs=3,
             use_lora=True,
@@ -392,23 +285,23 @@ def test_lora_dpo_checkpoint_is_an_adapter_a_real_backend_reloads(tmp_path, tiny
             window={"min_records": 4},
         ),
     )
-    update = DPOStage(settings).process(_pairs(6))[0].record
+    update = DPOStage(settings).process(pairs(6))[0].record
     folder = Path(update.path)
     assert (folder / "adapter_config.json").is_file() and not (
         folder / "model.safetensors"
     ).exists()
     manifest = json.loads((folder / "checkpoint.json").read_text())
     assert manifest["adapter"] is True and manifest["base_model"] == str(tiny_model)
-    assert update.metrics["margin_after"] > update.metrics["margin_before"]
+    assert update.metrics["train_margin_after"] > update.metrics["train_margin_before"]
 
     backend = TransformersBackend(BackendSettings(model=str(tiny_model)))
     before = backend.model_version
-    prompt = P.SOLVER_MATH.render(backend, problem=_problem(0))
-    base_score = backend.score([prompt], [_pairs(1)[0].chosen])[0].total_logprob
+    prompt = P.SOLVER_MATH.render(backend, problem=problem(0))
+    base_score = backend.score([prompt], [pairs(1)[0].chosen])[0].total_logprob
     ModelFollower(SimpleNamespace(), backends={"solver": backend}).apply([update])
     assert backend.model_version != before and "+lora:" in backend.model_version
     # The reloaded backend serves the trained weights: the chosen answer got likelier.
-    assert backend.score([prompt], [_pairs(1)[0].chosen])[0].total_logprob > base_score
+    assert backend.score([prompt], [pairs(1)[0].chosen])[0].total_logprob > base_score
     assert backend.generate([prompt], max_tokens=4, temperature=0)[0][0].n_completion_tokens > 0
 
 
@@ -430,14 +323,14 @@ def test_cold_start_trains_both_models_on_annotated_seeds(tmp_path, tiny_model):
         AnnotatedSeed(
             seed_id=f"cs_{i}",
             domain="math",
-            text=_problem(i),
+            text=problem(i),
             concepts=["addition of whole numbers", "counting"],
-            rationale=_rationale(i, 0),
+            rationale=rationale(i, 0),
         )
         for i in range(4)
     ]
-    settings = _settings(
-        tmp_path, tiny_model, heldout_fraction=0.0, cold_start=_fast(lr=3e-3, epochs=4)
+    settings = trainer_settings(
+        tmp_path, tiny_model, heldout_fraction=0.0, cold_start=fast(lr=3e-3, epochs=4)
     )
     trainer = EMTrainer(
         settings.trainer, {"prompt_model": str(tiny_model), "rationale_model": str(tiny_model)}
@@ -458,7 +351,7 @@ def test_m_step_decodes_the_rationale_q_phi_learned(tmp_path, tiny_model):
     from trainer.em import greedy_rationales, rationale_model_example, sft
 
     item = SeedItem(
-        "s", "math", ["addition of whole numbers", "counting"], "", _problem(1), _rationale(1, 0)
+        "s", "math", ["addition of whole numbers", "counting"], "", problem(1), rationale(1, 0)
     )
     q = load_role_model(CheckpointStore(tmp_path), "rationale_model", str(tiny_model))
     assert greedy_rationales(q.model, q.tokenizer, [item], max_new_tokens=40) == [None]
@@ -466,3 +359,67 @@ def test_m_step_decodes_the_rationale_q_phi_learned(tmp_path, tiny_model):
     sft(q, [rationale_model_example(q.tokenizer, item)], cfg)
     # Stopped at </rationale> and parsed: exactly the text the M-step trains p_θ on.
     assert greedy_rationales(q.model, q.tokenizer, [item], max_new_tokens=60) == [item.rationale]
+
+
+def test_a_lora_checkpoint_is_served_on_the_base_it_names(tmp_path, tiny_model):
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from workers.backends.transformers_backend import TransformersBackend
+
+    # Another version with full weights (what a backend may serve when an adapter arrives).
+    other = tmp_path / "v0002-dpo"
+    shutil.copytree(tiny_model, other)
+    model = AutoModelForCausalLM.from_pretrained(str(other), local_files_only=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    model.save_pretrained(str(other))
+    # An adapter trained on the base model; fresh LoRA B matrices are zero: base + it = base.
+    adapter = tmp_path / "v0003-dpo"
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), local_files_only=True)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(adapter))
+
+    served = TransformersBackend(BackendSettings(model=str(tiny_model)))
+    prompt = P.SOLVER_MATH.render(served, problem=problem(0))
+    want = served.score([prompt], [pairs(1)[0].chosen])[0].total_logprob
+    backend = TransformersBackend(BackendSettings(model=str(other)))
+    assert backend.score([prompt], [pairs(1)[0].chosen])[0].total_logprob != pytest.approx(want)
+    backend.reload(str(adapter))
+    assert backend.score([prompt], [pairs(1)[0].chosen])[0].total_logprob == pytest.approx(want)
+    assert backend.model_version.startswith(served.model_version + "+lora:")
+    # Named directly, an adapter folder is served on its base too (what `promptcot eval` loads).
+    direct = TransformersBackend(BackendSettings(model=str(adapter)))
+    assert direct.score([prompt], [pairs(1)[0].chosen])[0].total_logprob == pytest.approx(want)
+
+
+def test_bf16_profile_keeps_trained_weights_in_float32_and_trains_under_autocast(
+    tmp_path, tiny_model
+):
+    """The gpu profile's dtype on CPU (where it is slow but runs): a LoRA base loads in bf16,
+    trained weights stay float32, training runs under bf16 autocast, and scoring and greedy
+    decoding put their inputs on the model's own device."""
+    from trainer.checkpoints import load_role_model
+    from trainer.config import LoraConfig, StepConfig
+    from trainer.em import greedy_rationales, prompt_model_example, sft
+    from trainer.sft import common_training_args, model_device
+
+    store = CheckpointStore(tmp_path)
+    lora = load_role_model(
+        store, "p", str(tiny_model), use_lora=True, lora=LoraConfig(r=4), dtype="bfloat16"
+    )
+    dtypes = {n: p.dtype for n, p in lora.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    full = load_role_model(store, "q", str(tiny_model), dtype="bfloat16")
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+    cfg = StepConfig(**fast(lr=1e-2, epochs=2, use_lora=True))
+    args = common_training_args(cfg, 4, 0, str(tmp_path), model=lora.model, dtype="bfloat16")
+    assert args["bf16"] and args["use_cpu"] == (model_device(lora.model).type == "cpu")
+    item = SeedItem("s", "math", ["counting"], "", problem(1), rationale(1, 0))
+    before = problem_nll(lora.model, lora.tokenizer, [item])
+    loss = sft(lora, [prompt_model_example(lora.tokenizer, item)] * 4, cfg, dtype="bfloat16")
+    assert math.isfinite(loss) and problem_nll(lora.model, lora.tokenizer, [item]) < before
+    assert len(greedy_rationales(lora.model, lora.tokenizer, [item], max_new_tokens=4)) == 1

@@ -8,6 +8,7 @@ within 2e-3 nats per token (greedy texts are compared exactly).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -229,3 +230,110 @@ def test_openai_backend_against_vllm_serve(vllm_server, reference, prompts):
     out = remote.generate(["word " * (MAX_LEN + 20)], temperature=0, max_tokens=4)
     assert out[0][0].error == "context_overflow"
     remote.close()
+
+
+# --- new weights: one engine at a time, adapters on their own base ------------------------------
+
+
+def _engine_cores() -> int:
+    """vLLM engine-core processes under this test process (an engine runs its core in a child
+    process titled VLLM::EngineCore...)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
+    children: dict[int, list[tuple[int, str]]] = {}
+    for line in out.stdout.splitlines():
+        parts = line.split(None, 2)
+        args = parts[2] if len(parts) > 2 else ""
+        children.setdefault(int(parts[1]), []).append((int(parts[0]), args))
+    found, todo = 0, [os.getpid()]
+    while todo:
+        for pid, args in children.get(todo.pop(), []):
+            found += "EngineCore" in args
+            todo.append(pid)
+    return found
+
+
+def _other_weights(src: Path, dst: Path) -> Path:
+    """A copy of the model with different weights (a full checkpoint of another version)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (weights,) = dst.glob("*.safetensors")
+    tensors = load_file(str(weights))
+    gen = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if t.ndim == 2 and "mlp" in name:
+            tensors[name] = t + 0.5 * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return dst
+
+
+def _identity_adapter(base: Path, dst: Path, r: int = 8) -> Path:
+    """A PEFT-format LoRA adapter on ``base`` whose B matrices are zero: base + adapter is the
+    base, so whatever serves it must give the base's outputs."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    (weights,) = base.glob("*.safetensors")
+    shapes = {k: v.shape for k, v in load_file(str(weights)).items()}
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight")):
+            out_dim, in_dim = shape
+            prefix = "base_model.model." + name.removesuffix(".weight")
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_dim) * 0.1
+            tensors[f"{prefix}.lora_B.weight"] = torch.zeros(out_dim, r)
+    dst.mkdir()
+    save_file(tensors, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": str(base),
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+    }
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.timeout(1500)  # three engine starts: ~30 s each on 2 idle cores, minutes under load
+def test_vllm_reload_runs_one_engine_and_puts_an_adapter_on_its_own_base(
+    tiny_model_dir, reference, prompts, tmp_path
+):
+    from workers.backends.vllm_backend import VLLMBackend
+
+    other = _other_weights(tiny_model_dir, tmp_path / "v0002-dpo")
+    adapter = _identity_adapter(tiny_model_dir, tmp_path / "v0003-dpo")
+    before = _engine_cores()
+    backend = VLLMBackend(
+        BackendSettings(
+            kind="vllm",
+            model=str(tiny_model_dir),
+            max_model_len=MAX_LEN,
+            dtype="float32",
+            enable_lora=True,
+        )
+    )
+    try:
+        want = [x[0].text for x in reference.generate(prompts, temperature=0, max_tokens=24)]
+        assert _engine_cores() == before + 1
+        backend.reload(str(other))  # full weights: the old engine stops before the new starts
+        assert _engine_cores() == before + 1
+        served_other = [x[0].text for x in backend.generate(prompts, temperature=0, max_tokens=24)]
+        assert served_other != want  # precondition: the other weights answer differently
+        # An adapter trained on the first model goes on that model, not on what is served now.
+        backend.reload(str(adapter))
+        assert _engine_cores() == before + 1
+        assert backend.model_version.startswith(reference.model_version + "+lora:")
+        got = [x[0].text for x in backend.generate(prompts, temperature=0, max_tokens=24)]
+        assert got == want
+    finally:
+        backend.close()
+    assert _engine_cores() == before

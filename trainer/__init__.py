@@ -1,14 +1,21 @@
 """The trainer: cold start and the EM loop for p_θ / q_φ, DPO of the solver, versioned
-checkpoints, and the stages that run them on windows of the rationales and pairs topics.
+checkpoints, evaluation, and the stages that run them on windows of the rationales and pairs
+topics (docs/training.md).
 
 torch/transformers/trl are imported only when a model is loaded or trained.
 """
 
-from trainer.checkpoints import Checkpoint, CheckpointStore, RoleModel
+from trainer.checkpoints import (
+    Checkpoint,
+    CheckpointStore,
+    RoleModel,
+    TrainedLedger,
+)
 from trainer.config import (
     ColdStartConfig,
     DPOConfig,
     EStepConfig,
+    EvalConfig,
     LoraConfig,
     MStepConfig,
     StepConfig,
@@ -22,10 +29,12 @@ __all__ = [
     "ColdStartConfig",
     "DPOConfig",
     "EStepConfig",
+    "EvalConfig",
     "LoraConfig",
     "MStepConfig",
     "RoleModel",
     "StepConfig",
+    "TrainedLedger",
     "TrainerSettings",
     "WindowConfig",
 ]

@@ -26,6 +26,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
+PRUNED = "pruned.jsonl"  # manifests of pruned checkpoints, one JSON object a line
 _NAME = re.compile(r"^v(\d{4,})-([A-Za-z0-9_.]+)$")
 _STALE_TMP_S = 3600.0  # temporary folders older than this belong to a crashed writer
 
@@ -86,6 +87,7 @@ class CheckpointStore:
         # Counts every versioned folder, complete or not, so a number is never reused.
         base = self.role_dir(role)
         numbers = [int(m.group(1)) for c in base.iterdir() if (m := _NAME.match(c.name))]
+        numbers += [int(meta["version"]) for meta in self.manifests(role)]
         return max(numbers, default=0) + 1
 
     def save(
@@ -106,16 +108,17 @@ class CheckpointStore:
             write(tmp)
             for _ in range(100):  # another writer may take a number between our read and rename
                 version = self._next_version(role)
+                final = base / f"v{version:04d}-{step}"
                 meta = {
                     "role": role,
                     "version": version,
                     "step": step,
+                    "path": str(final),
                     "created_at": time.time(),
                     "writer": uuid.uuid4().hex[:8],
                     **(metadata or {}),
                 }
                 (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-                final = base / f"v{version:04d}-{step}"
                 try:
                     # mkdir claims the name (fails if it exists); rename onto an empty dir is
                     # atomic on POSIX, so readers see either nothing or the whole checkpoint.
@@ -133,9 +136,30 @@ class CheckpointStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def pruned_log(self, role: str) -> Path:
+        return self.role_dir(role) / PRUNED
+
+    def manifests(self, role: str) -> list[dict[str, Any]]:
+        """Manifests of every checkpoint the role ever had, oldest first: the pruned ones (from
+        the log ``prune`` keeps) and the complete ones on disk."""
+        out: dict[int, dict[str, Any]] = {}
+        log_path = self.pruned_log(role)
+        if log_path.is_file():
+            for line in log_path.read_text().splitlines():
+                try:
+                    meta = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash mid-append
+                if isinstance(meta, dict) and isinstance(meta.get("version"), int):
+                    out[meta["version"]] = meta
+        for ckpt in self.list(role):
+            out[ckpt.version] = {**ckpt.metadata, "path": str(ckpt.path)}
+        return [out[v] for v in sorted(out)]
+
     def prune(self, role: str, keep_last: int | None = None) -> list[Path]:
-        """Delete all but the newest ``keep_last`` checkpoints (and stale temporary folders).
-        Returns what was deleted."""
+        """Delete all but the newest ``keep_last`` checkpoints (and stale temporary folders);
+        their manifests are appended to ``pruned.jsonl`` first, so what each version was
+        trained on outlives its weights. Returns what was deleted."""
         keep = max(1, keep_last or self.keep_last)
         removed = []
         ckpts = self.list(role)
@@ -146,6 +170,8 @@ class CheckpointStore:
         for ckpt in ckpts[:-keep]:
             if str(ckpt.path) in needed:
                 continue
+            with self.pruned_log(role).open("a") as log_file:
+                log_file.write(json.dumps({**ckpt.metadata, "path": str(ckpt.path)}) + "\n")
             # Rename first: the folder leaves the versioned namespace at once, then is deleted.
             doomed = ckpt.path.with_name(f".del-{ckpt.path.name}-{uuid.uuid4().hex[:6]}")
             try:
@@ -201,32 +227,78 @@ class RoleModel:
         return self.checkpoint.version_string if self.checkpoint else f"{self.role}/base"
 
 
+def training_device(device: str = "auto") -> str:
+    """The torch device training runs on: ``auto`` is cuda when available (this process's GPU
+    under torchrun / accelerate launch: ``LOCAL_RANK``), else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
+def distributed_rank() -> int:
+    """This process's rank in a torchrun / accelerate launch (0 when not launched so)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def load_role_model(
-    store: CheckpointStore, role: str, base_path: str, *, use_lora: bool = False, lora: Any = None
+    store: CheckpointStore,
+    role: str,
+    base_path: str,
+    *,
+    use_lora: bool = False,
+    lora: Any = None,
+    dtype: str = "float32",
+    device: str = "auto",
 ) -> RoleModel:
     """The newest checkpoint of ``role`` if there is one (a restarted trainer resumes), else the
-    base folder; wrapped in a fresh LoRA adapter when ``use_lora`` and it has none yet."""
+    base folder; wrapped in a fresh LoRA adapter when ``use_lora`` and it has none yet; on the
+    training device, so scoring and decoding run where the HF Trainer trains.
+
+    Weights that train stay float32 (bf16 master weights would round EM-sized updates, lr 2e-6,
+    away); ``dtype`` bfloat16 loads a frozen LoRA base in bf16 and trains under bf16 autocast
+    (trainer/sft.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # float32 master weights: a bf16 folder (the prepared SmolLM2) would round EM-sized updates
-    # (lr 2e-6) away entirely.
-    dtype = torch.float32
     ckpt = store.latest(role)
-    if ckpt is not None and ckpt.is_adapter:
+    adapter = ckpt is not None and ckpt.is_adapter
+    frozen_base = use_lora or adapter
+    load_dtype = getattr(torch, dtype) if frozen_base else torch.float32
+    if adapter:
+        assert ckpt is not None
         base_path = str(ckpt.metadata.get("base_model") or base_path)
         from peft import PeftModel
 
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            base_path, dtype=load_dtype, local_files_only=True
+        )
         model = PeftModel.from_pretrained(model, str(ckpt.path), is_trainable=True)
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     else:
         source = str(ckpt.path) if ckpt is not None else base_path
         if ckpt is not None:
             base_path = source  # full weights: the newest folder is the base for new adapters
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=load_dtype, local_files_only=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     model = apply_lora_setting(model, use_lora, lora)
+    model.to(training_device(device))
     normalize_end_of_turn(tokenizer)
     return RoleModel(role, model, tokenizer, base_path, ckpt)
 
@@ -250,6 +322,7 @@ def apply_lora_setting(model: Any, use_lora: bool, lora: Any) -> Any:
     from peft import PeftModel
 
     if use_lora and not isinstance(model, PeftModel):
+        import torch
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(
@@ -259,7 +332,9 @@ def apply_lora_setting(model: Any, use_lora: bool, lora: Any) -> Any:
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, cfg)
+        with torch.random.fork_rng(devices=[]):  # the same adapter init every run
+            torch.manual_seed(0)
+            return get_peft_model(model, cfg)
     if not use_lora and isinstance(model, PeftModel):
         return model.merge_and_unload()
     return model
@@ -271,6 +346,7 @@ def save_role_model(
     step: str,
     metrics: dict[str, float] | None = None,
     trained_ids: list[str] | None = None,
+    parent_ids: list[str] | None = None,
 ) -> Checkpoint:
     """Publish ``rm`` as the role's next version: a full HF folder, or an adapter folder whose
     manifest names its base (backends load base + adapter)."""
@@ -290,30 +366,55 @@ def save_role_model(
         # The input records this version was trained on: a window redelivered after a crash
         # (checkpoint written, offsets not yet committed) is recognised and not trained twice.
         "trained_ids": list(trained_ids or []),
+        "parent_ids": list(parent_ids or []),
     }
-    ckpt = store.save(rm.role, step, write, meta)
+    # Several processes training one model (data parallel): rank 0 writes the version, the
+    # others wait for it and take it as theirs (docs/training.md, "Several GPUs").
+    if distributed_rank() == 0:
+        ckpt = store.save(rm.role, step, write, meta)
+        _barrier()
+    else:
+        _barrier()
+        ckpt = store.latest(rm.role)  # type: ignore[assignment]
+        assert ckpt is not None and ckpt.step == step, "rank 0 wrote no checkpoint"
     rm.checkpoint = ckpt
     return ckpt
 
 
-class SeenRecords:
-    """Ids of records already trained on (bounded, oldest forgotten first). Seeded from the
-    newest checkpoints' manifests so a restarted trainer recognises a redelivered window."""
+class TrainedLedger:
+    """Which checkpoint of a role trained on which input record, from the manifests of every
+    checkpoint the role ever had (pruned ones included): a window redelivered after a crash is
+    recognised, even by a restarted trainer, and the versions it produced are announced again
+    instead of trained twice. Bounded: the oldest ids are forgotten first."""
 
-    def __init__(self, limit: int = 100_000):
+    def __init__(self, limit: int = 200_000):
         self.limit = limit
-        self._ids: dict[str, None] = {}
+        self._by_role: dict[str, dict[str, dict[str, Any]]] = {}
 
-    def __contains__(self, record_id: str) -> bool:
-        return record_id in self._ids
-
-    def add(self, ids: list[str]) -> None:
-        for i in ids:
-            self._ids[i] = None
-        while len(self._ids) > self.limit:
-            self._ids.pop(next(iter(self._ids)))
-
-    def load(self, store: CheckpointStore, roles: list[str]) -> None:
+    @classmethod
+    def load(cls, store: CheckpointStore, roles: list[str]) -> TrainedLedger:
+        ledger = cls()
         for role in roles:
-            for ckpt in store.list(role):
-                self.add([str(i) for i in ckpt.metadata.get("trained_ids", [])])
+            for meta in store.manifests(role):
+                ledger.add(role, meta)
+        return ledger
+
+    def add(self, role: str, manifest: dict[str, Any]) -> None:
+        ids = self._by_role.setdefault(role, {})
+        for record_id in manifest.get("trained_ids", []):
+            ids[str(record_id)] = manifest
+        while len(ids) > self.limit:
+            ids.pop(next(iter(ids)))
+
+    def get(self, role: str, record_id: str) -> dict[str, Any] | None:
+        """The manifest of the checkpoint of ``role`` that trained on ``record_id``, if any."""
+        return self._by_role.get(role, {}).get(record_id)
+
+    def manifests_for(self, role: str, record_ids: list[str]) -> list[dict[str, Any]]:
+        """The distinct manifests that trained on any of ``record_ids``, oldest first."""
+        found = {}
+        for record_id in record_ids:
+            meta = self.get(role, record_id)
+            if meta is not None:
+                found[meta["version"]] = meta
+        return [found[v] for v in sorted(found)]

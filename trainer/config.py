@@ -1,18 +1,31 @@
-"""Trainer settings: one settings section the root settings compose
-(``settings.trainer``), with a config per training step.
+"""Trainer settings: one settings section the root settings compose (``settings.trainer``), with
+a config per training step, sized for the machine by a named profile (docs/training.md).
 
-Defaults follow the paper (cold start lr 2e-5, EM steps lr 2e-6, DPO lr 1e-6, batch 16) but keep
-windows small: training the embedded SmolLM2-135M on a CPU takes seconds per step, and a window
-that is too big holds its Kafka batch for a long time. Every step can be switched off.
+- ``gpu``: the paper's settings (cold start lr 2e-5, batch 16, 2 epochs; EM steps lr 2e-6, batch
+  16; DPO lr 1e-6, batch 16), full fine-tuning, bf16 mixed precision. These are the class
+  defaults below.
+- ``cpu``: what moves a 135M model measurably within minutes on a few cores: LoRA adapters,
+  short sequences, small windows and learning rates in LoRA's range (the paper's rates are for
+  7B+ models and barely move a small one: docs/training.md has the measurements).
+
+``profile: auto`` (the default) picks ``gpu`` when an NVIDIA device is visible and ``cpu``
+otherwise. A profile only fills keys the user did not set: any key given in YAML, the
+environment or code wins over it. The profile also sizes the trainer stages' windows
+(``stages.em`` / ``stages.dpo``, applied by the root settings from ``PROFILE_WINDOWS``).
 """
 
 from __future__ import annotations
 
+import glob
+import os
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from streams.settings import Section
+from streams.settings import Section, deep_merge
+
+Profile = Literal["cpu", "gpu"]
 
 
 class LoraConfig(Section):
@@ -53,10 +66,17 @@ class WindowConfig(Section):
 
 
 class ColdStartConfig(StepConfig):
-    """SFT of both models on annotated (c, z, x) triples (paper: lr 2e-5, batch 16, 2 epochs)."""
+    """SFT of both models on annotated (c, z, x) triples (paper: lr 2e-5, batch 16, 2 epochs).
+
+    The triples come from the first ``seeds`` problems of ``source`` (its train split),
+    annotated like the annotate stage does: by the teacher when one is configured, else from the
+    seed itself (docs/training.md, "Cold start")."""
 
     lr: float = 2e-5
     epochs: float = 2.0
+    on_first_start: bool = True  # the em stage runs it when p_θ or q_φ has no checkpoint yet
+    source: Literal["gsm8k"] = "gsm8k"
+    seeds: int = Field(512, ge=1)
 
 
 class EStepConfig(StepConfig):
@@ -84,18 +104,122 @@ class DPOConfig(StepConfig):
     window: WindowConfig = Field(default_factory=lambda: WindowConfig(min_records=4))
 
 
+class EvalConfig(Section):
+    """The solver's accuracy on a fixed benchmark subset after each DPO update
+    (trainer/evaluate.py; ``promptcot eval`` runs the same on demand)."""
+
+    after_dpo: bool = False
+    benchmark: str = "gsm8k"
+    limit: int = Field(20, ge=1)  # the first N problems: the same subset every time
+    max_tokens: int = 256
+    batch_size: int = 8
+
+
 class TrainerSettings(Section):
     """``settings.trainer``."""
 
+    profile: Literal["auto", "cpu", "gpu"] = "auto"  # resolved when the settings load
     enabled: bool = True  # master switch: False makes every trainer stage skip its windows
     checkpoint_dir: Path = Path("promptcot-output/checkpoints")
-    # Checkpoints kept per role (older ones are pruned after each save). Full SmolLM2 folders are
-    # ~540 MB in float32 (bf16 would round EM-sized updates away); LoRA adapters are small.
+    # Checkpoints kept per role (older ones are pruned after each save; their manifests are
+    # kept, so a redelivered window is still recognised). Full SmolLM2 folders are ~540 MB in
+    # float32; LoRA adapters are a few MB.
     keep_last: int = 2
-    heldout_fraction: float = 0.1  # seeds (by id hash) never trained on: the convergence signal
+    heldout_fraction: float = 0.1  # seeds / pairs (by id hash) never trained on: the signals
+    # Mixed precision of training and scoring. Weights being trained stay float32 (bf16 master
+    # weights would round EM-sized updates away); a LoRA base is loaded in this dtype.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    max_epochs: int | None = None  # passes of the EM loop over the seed set; None: no limit
     torch_threads: int | None = None  # None: leave torch's default
     seed: int = 0
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
     e_step: EStepConfig = Field(default_factory=EStepConfig)
     m_step: MStepConfig = Field(default_factory=MStepConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("profile", "auto") not in ("auto", "cpu", "gpu"):
+            return data  # a bad profile is reported by the field, with its path
+        profile = resolve_profile(data.get("profile", "auto"))
+        return {**deep_merge(PROFILES[profile], data), "profile": profile}
+
+
+def cuda_visible() -> bool:
+    """An NVIDIA device this process may use, without importing torch (settings load in every
+    command): ``CUDA_VISIBLE_DEVICES`` empty or -1 hides them all."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def resolve_profile(profile: str) -> Profile:
+    if profile == "auto":
+        return "gpu" if cuda_visible() else "cpu"
+    if profile not in ("cpu", "gpu"):
+        raise ValueError(f"unknown trainer profile {profile!r} (auto, cpu, gpu)")
+    return profile  # type: ignore[return-value]
+
+
+def _steps(lr: dict[str, float], **common: Any) -> dict[str, Any]:
+    return {step: {"lr": rate, **common} for step, rate in lr.items()}
+
+
+# Keys each profile sets under ``trainer``. Both profiles name the same keys: whichever profile
+# the defaults were resolved with, the chosen one replaces all of them (only keys the user set
+# explicitly win over a profile).
+PROFILES: dict[str, dict[str, Any]] = {
+    "gpu": deep_merge(
+        _steps(
+            {"cold_start": 2e-5, "e_step": 2e-6, "m_step": 2e-6, "dpo": 1e-6},
+            use_lora=False,
+            batch_size=16,
+            per_device_batch_size=4,
+            max_seq_len=1024,
+        ),
+        {
+            "dtype": "bfloat16",
+            "keep_last": 2,
+            "cold_start": {"epochs": 2.0, "seeds": 512, "batch_size": 16},
+            "e_step": {"window": {"min_records": 8}},
+            "m_step": {"max_rationale_tokens": 192},
+            "dpo": {"window": {"min_records": 4}},
+        },
+    ),
+    "cpu": deep_merge(
+        _steps(
+            {"cold_start": 1e-3, "e_step": 5e-4, "m_step": 5e-4, "dpo": 2e-4},
+            use_lora=True,
+            batch_size=8,
+            per_device_batch_size=2,  # SmolLM2 at 4 a batch: ~5 GB RSS (49k-token logits)
+            max_seq_len=512,
+        ),
+        {
+            # These CPUs have no bf16 units: emulated bf16 is slower than float32.
+            "dtype": "float32",
+            "keep_last": 3,
+            # 32 seeds, one pass, 4 a step: 8 steps a model, minutes on 2 cores (the format is
+            # what a 135M model learns first).
+            "cold_start": {"epochs": 1.0, "seeds": 32, "batch_size": 4},
+            "e_step": {"window": {"min_records": 4}},
+            "m_step": {"max_rationale_tokens": 128},
+            "dpo": {"window": {"min_records": 2}},
+        },
+    ),
+}
+
+# The trainer stages' windows per profile (``stages.em`` / ``stages.dpo``): on a CPU a window
+# must close within minutes, or the first model update of a run comes too late to matter.
+PROFILE_WINDOWS: dict[str, dict[str, dict[str, Any]]] = {
+    "gpu": {
+        "em": {"batch_size": 64, "batch_within_s": 600.0},
+        "dpo": {"batch_size": 32, "batch_within_s": 600.0},
+    },
+    "cpu": {
+        "em": {"batch_size": 24, "batch_within_s": 180.0},
+        "dpo": {"batch_size": 8, "batch_within_s": 120.0},
+    },
+}

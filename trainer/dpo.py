@@ -11,8 +11,8 @@ disables the adapter to compute it).
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,13 +20,14 @@ from streams.records import PreferencePair
 from trainer.checkpoints import (
     CheckpointStore,
     RoleModel,
-    SeenRecords,
+    TrainedLedger,
     load_role_model,
     save_role_model,
 )
 from trainer.config import TrainerSettings
+from trainer.heldout import HeldoutPool, is_heldout
 from trainer.sft import common_training_args, continuation_nll, quiet_datasets
-from trainer.updates import WindowResult, model_update
+from trainer.updates import WindowResult, model_update, update_from_manifest
 from workers.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
 from workers.roles import Role
 
@@ -54,7 +55,7 @@ def dpo_rows(tokenizer: Any, pairs: Sequence[PreferencePair]) -> list[dict[str, 
 
 def preference_margin(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]]) -> float:
     """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt) under ``model``:
-    what DPO should push up on its training pairs."""
+    what DPO should push up (measured on held-out pairs, it says whether it generalises)."""
     margins = []
     for row in rows:
         nll_c, _ = continuation_nll(model, tokenizer, [row["prompt"]], [row["chosen"]])
@@ -73,7 +74,9 @@ def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettin
     quiet_datasets()
     with tempfile.TemporaryDirectory(prefix="promptcot-dpo-") as out:
         args = TRLDPOConfig(
-            **common_training_args(cfg, len(rows), settings.seed, out),
+            **common_training_args(
+                cfg, len(rows), settings.seed, out, model=rm.model, dtype=settings.dtype
+            ),
             beta=cfg.beta,
             max_length=cfg.max_seq_len,
             precompute_ref_log_probs=True,
@@ -91,15 +94,18 @@ def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettin
 
 
 class DPOTrainerLoop:
-    """The solver in memory between windows, resumed from its newest checkpoint."""
+    """The solver in memory between windows, resumed from its newest checkpoint. Pairs of
+    held-out problems (by a hash of the problem id) are never trained on: the margin on them,
+    before and after each update, is the DPO signal."""
 
     def __init__(self, settings: TrainerSettings, base_path: str):
         self.settings = settings
         self.base_path = base_path
         self.store = CheckpointStore(settings.checkpoint_dir, settings.keep_last)
         self._rm: RoleModel | None = None
-        self.seen = SeenRecords()
-        self.seen.load(self.store, [Role.SOLVER])
+        self.ledger = TrainedLedger.load(self.store, [Role.SOLVER])
+        self.heldout = HeldoutPool(settings.checkpoint_dir / "heldout-pairs.jsonl")
+        self._lock = threading.Lock()
         if settings.torch_threads:
             import torch
 
@@ -110,38 +116,65 @@ class DPOTrainerLoop:
         if self._rm is None:
             cfg = self.settings.dpo
             self._rm = load_role_model(
-                self.store, Role.SOLVER, self.base_path, use_lora=cfg.use_lora, lora=cfg.lora
+                self.store,
+                Role.SOLVER,
+                self.base_path,
+                use_lora=cfg.use_lora,
+                lora=cfg.lora,
+                dtype=self.settings.dtype,
+                device=self.settings.device,
             )
         return self._rm
 
     def run_window(self, pairs: Sequence[PreferencePair]) -> WindowResult:
-        pairs = [p for p in pairs if p.id not in self.seen]
-        if not pairs:
-            return WindowResult([], "all pairs already trained on")
+        with self._lock:
+            try:
+                return self._run_window(list(pairs))
+            except BaseException:
+                self._rm = None  # may hold an update no checkpoint has: retry from the newest
+                raise
+
+    def _run_window(self, pairs: list[PreferencePair]) -> WindowResult:
+        s = self.settings
+        ids = [p.id for p in pairs]
+        held = [p for p in pairs if is_heldout(p.problem_id, s.heldout_fraction)]
+        fresh = [
+            p
+            for p in pairs
+            if self.ledger.get(Role.SOLVER, p.id) is None
+            and not is_heldout(p.problem_id, s.heldout_fraction)
+        ]
         rm = self.solver
-        rows = dpo_rows(rm.tokenizer, pairs)
-        if len(rows) < self.settings.dpo.window.min_records:
+        self.heldout.add((p.id, row) for p, row in zip(held, dpo_rows(rm.tokenizer, held)))
+        if not fresh:
+            found = (update_from_manifest(m) for m in self.ledger.manifests_for(Role.SOLVER, ids))
+            again = [u for u in found if u is not None]
+            return WindowResult(again, "no pair to train on (held out, or trained on already)")
+        rows = dpo_rows(rm.tokenizer, fresh)
+        if len(rows) < s.dpo.window.min_records:
             return WindowResult(
-                [], f"{len(rows)} usable pairs < min_records {self.settings.dpo.window.min_records}"
+                [], f"{len(rows)} usable pairs < min_records {s.dpo.window.min_records}"
             )
-        before = preference_margin(rm.model, rm.tokenizer, rows)
-        loss = dpo_train(rm, rows, self.settings)
-        after = preference_margin(rm.model, rm.tokenizer, rows)
+        signal = self.heldout.items()
+        label = "heldout" if signal else "train"
+        signal = signal or rows
+        before = preference_margin(rm.model, rm.tokenizer, signal)
+        loss = dpo_train(rm, rows, s)
+        after = preference_margin(rm.model, rm.tokenizer, signal)
         metrics = {
             "train_loss": loss,
             "n_pairs": len(rows),
-            "margin_before": before,
-            "margin_after": after,
+            f"n_{label}_pairs": len(signal),
+            f"{label}_margin_before": before,
+            f"{label}_margin_after": after,
         }
-        save_role_model(self.store, rm, "dpo", metrics, [p.id for p in pairs])
-        self.seen.add([p.id for p in pairs])
-        log.info("DPO window: %d pairs, margin %.3f -> %.3f", len(rows), before, after)
-        parents = [p.id for p in pairs][:256]
-        return WindowResult(
-            [
-                model_update(
-                    rm, "dpo", {k: v for k, v in metrics.items() if math.isfinite(v)}, parents
-                )
-            ],
-            metrics=metrics,
-        )
+        parents = [p.id for p in fresh][:256]
+        ckpt = save_role_model(self.store, rm, "dpo", metrics, [p.id for p in fresh], parents)
+        self.ledger.add(Role.SOLVER, {**ckpt.metadata, "path": str(ckpt.path)})
+        if s.eval.after_dpo:
+            from trainer.evaluate import evaluate_path
+
+            result = evaluate_path(str(ckpt.path), s.eval, role=Role.SOLVER)
+            metrics[f"eval_{s.eval.benchmark}_accuracy"] = result.accuracy
+        log.info("DPO window: %d pairs, %s margin %.3f -> %.3f", len(rows), label, before, after)
+        return WindowResult([model_update(rm, "dpo", metrics, parents)], metrics=metrics)

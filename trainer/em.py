@@ -1,13 +1,21 @@
 """Cold start and the EM loop for the prompt model p_θ(z, x | c) and the rationale model
-q_φ(z | c, x) (docs/architecture.md, "The method").
+q_φ(z | c, x) (docs/architecture.md, "The method"; docs/training.md).
 
 - Cold start: SFT of p_θ on c -> (z, x) and of q_φ on (c, x) -> z from annotated seeds.
 - E-step: the rationale stage already sampled K rationales per seed and scored each with
   R(z) = log p_θ(x | z, c) + log p_θ(z | c); here we keep the best per seed and fine-tune q_φ on
-  (c, x) -> z_best (best-of-K rejection fine-tuning).
+  (c, x) -> z_best (best-of-K rejection fine-tuning). Signal: the mean reward of q_φ's greedy
+  rationale on held-out seeds, before and after.
 - M-step: decode z greedily from the updated q_φ for each seed and fine-tune p_θ on c -> (z, x).
-- Convergence signal: mean per-token NLL of x given (c, z) under p_θ, before and after the
-  M-step, on seeds that are never trained on (chosen by a hash of the seed id).
+  Signal (the paper's convergence signal): mean per-token NLL of x given (c, z) under p_θ on
+  held-out seeds, before and after.
+- Epochs: every seed of a window is sent round again (``WindowResult.next_epoch``), so EM
+  iterates over the seed set; the epoch is part of each sample's id.
+
+A window is idempotent and resumable: what each checkpoint was trained on is in its manifest
+(trainer/checkpoints.py, ``TrainedLedger``). A window redelivered after a crash trains only the
+steps it had not finished (a kill between the E-step checkpoint and the M-step: the M-step runs)
+and announces every version the window produced, old and new.
 
 Training goes through trainer/sft.py (TRL). Prompts and completions come from workers/prompts.py:
 the targets are exactly the text the stages generate and score.
@@ -15,24 +23,25 @@ the targets are exactly the text the stages generate and score.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
+import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from streams.records import AnnotatedSeed, ModelUpdate, Rationale
 from trainer.checkpoints import (
     CheckpointStore,
     RoleModel,
-    SeenRecords,
+    TrainedLedger,
     load_role_model,
     save_role_model,
 )
 from trainer.config import StepConfig, TrainerSettings
-from trainer.sft import continuation_nll, sft, torch_module
-from trainer.updates import WindowResult, model_update
+from trainer.heldout import HeldoutPool, is_heldout
+from trainer.sft import continuation_nll, greedy_decode, sft, torch_module
+from trainer.updates import WindowResult, model_update, update_from_manifest
 from workers.prompts import (
     RATIONALE_MODEL,
     SYNTHESIS,
@@ -46,6 +55,8 @@ from workers.prompts import (
 from workers.roles import Role
 
 log = logging.getLogger(__name__)
+
+NEXT_EPOCH_ANNOTATOR = "em"  # AnnotatedSeed.annotator of a seed sent round again by the trainer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,11 +89,9 @@ class SeedItem:
 
     @classmethod
     def from_rationale(cls, r: Rationale) -> SeedItem:
-        # Rationale records carry no difficulty; the rationale stage scored R(z) with the seed's
-        # difficulty or "" (annotated seeds have none today), so "" keeps training on the exact
-        # text that was scored. A difficulty field added later is picked up here.
-        difficulty = getattr(r, "difficulty", None) or ""
-        return cls(r.seed_id, r.domain, list(r.concepts), difficulty, r.problem, r.text, r.id)
+        # The rationale stage scored R(z) with the seed's difficulty or "": training on the same
+        # text keeps the reward and the targets on one format.
+        return cls(r.seed_id, r.domain, list(r.concepts), r.difficulty, r.problem, r.text, r.id)
 
     def with_rationale(self, rationale: str) -> SeedItem:
         return SeedItem(
@@ -123,7 +132,7 @@ def rationale_model_example(tokenizer: Any, item: SeedItem) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# E-step selection and the held-out split
+# E-step selection
 
 
 def best_of_k(rationales: Iterable[Rationale]) -> dict[str, Rationale]:
@@ -141,15 +150,6 @@ def best_of_k(rationales: Iterable[Rationale]) -> dict[str, Rationale]:
         ):
             best[r.seed_id] = r
     return best
-
-
-def is_heldout(seed_id: str, fraction: float) -> bool:
-    """Deterministic split by seed id: a held-out seed is held out in every window, by every
-    trainer replica, so its NLL is an honest convergence signal across iterations."""
-    if fraction <= 0:
-        return False
-    h = int(hashlib.sha256(seed_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return h < fraction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,158 +176,267 @@ def greedy_rationales(
 ) -> list[str | None]:
     """z decoded greedily from q_φ for each (c, x); None where the output does not parse (no
     text, or cut by the token budget before its closing delimiter)."""
-    from workers.backends.base import truncate_at_stop
-
-    torch = torch_module()
-    stop = list(RATIONALE_MODEL.stop)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    eos_ids = {i for i in (tokenizer.eos_token_id, eos) if isinstance(i, int) and i >= 0}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-    was_training = model.training
-    model.eval()
+    decoded = greedy_decode(
+        model,
+        tokenizer,
+        [rationale_prompt(tokenizer, it) for it in items],
+        max_new_tokens,
+        RATIONALE_MODEL.stop,
+        batch_size,
+    )
     out: list[str | None] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                enc = [
-                    tokenizer(rationale_prompt(tokenizer, it), add_special_tokens=False)[
-                        "input_ids"
-                    ]
-                    for it in chunk
-                ]
-                width = max(len(e) for e in enc)
-                ids = torch.full((len(enc), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(enc), width), dtype=torch.long)
-                for row, e in enumerate(enc):  # left padding: generation continues at the end
-                    ids[row, width - len(e) :] = torch.tensor(e)
-                    mask[row, width - len(e) :] = 1
-                gen = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    eos_token_id=sorted(eos_ids),
-                    pad_token_id=pad,
-                    stop_strings=stop,
-                    tokenizer=tokenizer,
-                )
-                for row in gen[:, width:].tolist():
-                    ended = any(t in eos_ids for t in row)
-                    body = [t for t in row if t not in eos_ids and t != pad]
-                    text, hit = truncate_at_stop(
-                        tokenizer.decode(body, skip_special_tokens=True), stop
-                    )
-                    try:
-                        out.append(parse_rationale(text, truncated=not (hit or ended)))
-                    except ParseError:
-                        out.append(None)
-    finally:
-        model.train(was_training)
+    for text, finished in decoded:
+        try:
+            out.append(parse_rationale(text, truncated=not finished))
+        except ParseError:
+            out.append(None)
     return out
+
+
+def mean_reward(p: RoleModel, items: Sequence[SeedItem]) -> float:
+    """Mean R(z) = log p_θ(x | z, c) + log p_θ(z | c) of the items' rationales under p_θ."""
+    z_prompts, z_parts, x_prompts, x_parts = [], [], [], []
+    for item in items:
+        prompt = synthesis_prompt(p.tokenizer, item)
+        z_part, x_part = synthesis_parts(item.rationale, item.problem)
+        z_prompts.append(prompt)
+        z_parts.append(z_part)
+        x_prompts.append(prompt + z_part)
+        x_parts.append(x_part)
+    nll_z, _ = continuation_nll(p.model, p.tokenizer, z_prompts, z_parts)
+    nll_x, _ = continuation_nll(p.model, p.tokenizer, x_prompts, x_parts)
+    return -(nll_z + nll_x) / len(items) if items else float("nan")
+
+
+def greedy_reward(
+    q: RoleModel, p: RoleModel, items: Sequence[SeedItem], max_new_tokens: int, batch: int
+) -> float:
+    """Mean reward of q_φ's greedy rationale per item under p_θ. An output that does not parse
+    is scored as written (it is still what q_φ would give the M-step to learn from)."""
+    decoded = greedy_decode(
+        q.model,
+        q.tokenizer,
+        [rationale_prompt(q.tokenizer, it) for it in items],
+        max_new_tokens,
+        RATIONALE_MODEL.stop,
+        batch,
+    )
+    scored = []
+    for item, (text, finished) in zip(items, decoded):
+        try:
+            z = parse_rationale(text, truncated=not finished)
+        except ParseError:
+            z = text.strip() or "-"
+        scored.append(item.with_rationale(z))
+    return mean_reward(p, scored)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
 
 
 class EMTrainer:
     """Holds p_θ and q_φ in memory between windows (loading SmolLM2 costs seconds; a window
     may be small), resuming from the newest checkpoints of both roles."""
 
+    ROLES = (Role.RATIONALE_MODEL, Role.PROMPT_MODEL)
+
     def __init__(self, settings: TrainerSettings, base_paths: dict[str, str]):
         self.settings = settings
         self.base_paths = base_paths
         self.store = CheckpointStore(settings.checkpoint_dir, settings.keep_last)
         self._models: dict[str, RoleModel] = {}
-        self.seen = SeenRecords()
-        self.seen.load(self.store, [Role.RATIONALE_MODEL, Role.PROMPT_MODEL])
+        self.ledger = TrainedLedger.load(self.store, list(self.ROLES))
+        self.heldout = HeldoutPool(settings.checkpoint_dir / "heldout-seeds.jsonl")
+        self._lock = threading.RLock()  # the cold start (stage start) and windows take turns
         if settings.torch_threads:
             torch_module().set_num_threads(settings.torch_threads)
 
     def model(self, role: str, cfg: StepConfig) -> RoleModel:
         if role not in self._models:
             self._models[role] = load_role_model(
-                self.store, role, self.base_paths[role], use_lora=cfg.use_lora, lora=cfg.lora
+                self.store,
+                role,
+                self.base_paths[role],
+                use_lora=cfg.use_lora,
+                lora=cfg.lora,
+                dtype=self.settings.dtype,
+                device=self.settings.device,
             )
         return self._models[role]
 
+    def _train(self, rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig) -> float:
+        return sft(rm, examples, cfg, self.settings.seed, self.settings.dtype)
+
+    def _save(
+        self,
+        rm: RoleModel,
+        step: str,
+        metrics: dict[str, float],
+        trained_ids: list[str],
+        parents: list[str],
+    ) -> ModelUpdate:
+        ckpt = save_role_model(self.store, rm, step, metrics, trained_ids, parents)
+        self.ledger.add(rm.role, {**ckpt.metadata, "path": str(ckpt.path)})
+        return model_update(rm, step, metrics, parents)
+
+    def _announced(self, role: str, record_ids: list[str]) -> list[ModelUpdate]:
+        """The updates checkpoints of ``role`` trained on these records were announced with
+        (a redelivered window announces them again; their ids are unchanged)."""
+        found = (update_from_manifest(m) for m in self.ledger.manifests_for(role, record_ids))
+        return [u for u in found if u is not None]
+
+    def _signal_items(self, fallback: Sequence[SeedItem]) -> tuple[list[SeedItem], str]:
+        pool = [SeedItem(**row) for row in self.heldout.items()]
+        return (pool, "heldout") if pool else (list(fallback), "train")
+
+    def _remember_heldout(self, items: Iterable[SeedItem]) -> None:
+        self.heldout.add((i.seed_id, asdict(i)) for i in items)
+
     # -- cold start ---------------------------------------------------------------------------
 
-    def cold_start(self, seeds: Sequence[AnnotatedSeed]) -> list[ModelUpdate]:
-        """SFT of both models on the annotated (c, z, x) triples (held-out seeds excluded)."""
-        cfg = self.settings.cold_start
-        items = [SeedItem.from_annotated(s) for s in seeds]
-        train = [i for i in items if not is_heldout(i.seed_id, self.settings.heldout_fraction)]
+    def needs_cold_start(self) -> bool:
+        """No checkpoint yet for p_θ or q_φ: the models are still the base weights."""
+        return any(self.store.latest(role) is None for role in self.ROLES)
+
+    def cold_start(
+        self, seeds: Sequence[AnnotatedSeed], *, force: bool = False
+    ) -> list[ModelUpdate]:
+        """SFT of both models on the annotated (c, z, x) triples (held-out seeds excluded; they
+        start the held-out pool). Resumable: a role that has a checkpoint already is not trained
+        again, its newest version is announced instead (``force``: train it again anyway, from
+        its newest version)."""
+        with self._lock:
+            try:
+                return self._cold_start(seeds, force)
+            except BaseException:
+                self._discard_models()
+                raise
+
+    def _cold_start(self, seeds: Sequence[AnnotatedSeed], force: bool) -> list[ModelUpdate]:
+        s = self.settings
+        cfg = s.cold_start
+        items = [SeedItem.from_annotated(seed) for seed in seeds]
+        train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
+        self._remember_heldout(i for i in items if is_heldout(i.seed_id, s.heldout_fraction))
         if not train:
             return []
         parents = [i.source_id for i in train][:64]
-        p = self.model(Role.PROMPT_MODEL, cfg)
-        q = self.model(Role.RATIONALE_MODEL, cfg)
         updates = []
-        loss_q = sft(
-            q, [rationale_model_example(q.tokenizer, i) for i in train], cfg, self.settings.seed
-        )
-        save_role_model(self.store, q, "cold_start", {"train_loss": loss_q})
-        updates.append(
-            model_update(q, "cold_start", {"train_loss": loss_q, "n_seeds": len(train)}, parents)
-        )
-        before = problem_nll(p.model, p.tokenizer, train)
-        loss_p = sft(
-            p, [prompt_model_example(p.tokenizer, i) for i in train], cfg, self.settings.seed
-        )
-        after = problem_nll(p.model, p.tokenizer, train)
-        metrics = {
-            "train_loss": loss_p,
-            "n_seeds": len(train),
-            "train_problem_nll_before": before,
-            "train_problem_nll_after": after,
-        }
-        save_role_model(self.store, p, "cold_start", metrics)
-        updates.append(model_update(p, "cold_start", metrics, parents))
+        for role in self.ROLES:
+            latest = self.store.latest(role)
+            if latest is not None and not force:
+                again = update_from_manifest({**latest.metadata, "path": str(latest.path)})
+                updates += [again] if again is not None else []
+                continue
+            rm = self.model(role, cfg)
+            if role == Role.RATIONALE_MODEL:
+                loss = self._train(
+                    rm, [rationale_model_example(rm.tokenizer, i) for i in train], cfg
+                )
+                metrics = {"train_loss": loss, "n_seeds": len(train)}
+            else:
+                signal, label = self._signal_items(train)
+                before = problem_nll(rm.model, rm.tokenizer, signal)
+                loss = self._train(rm, [prompt_model_example(rm.tokenizer, i) for i in train], cfg)
+                after = problem_nll(rm.model, rm.tokenizer, signal)
+                metrics = {
+                    "train_loss": loss,
+                    "n_seeds": len(train),
+                    f"{label}_problem_nll_before": before,
+                    f"{label}_problem_nll_after": after,
+                }
+            updates.append(self._save(rm, "cold_start", metrics, [], parents))
         return updates
 
     # -- one EM window ------------------------------------------------------------------------
 
     def run_window(self, rationales: Sequence[Rationale]) -> WindowResult:
         """E-step then M-step on one window of scored rationales."""
+        with self._lock:
+            try:
+                return self._run_window(list(rationales))
+            except BaseException:
+                self._discard_models()
+                raise
+
+    def _discard_models(self) -> None:
+        """After a failed window the models in memory may hold updates no checkpoint has: drop
+        them, so the retry starts again from the newest checkpoints (what the ledger says)."""
+        self._models.clear()
+
+    def _run_window(self, rationales: list[Rationale]) -> WindowResult:
         s = self.settings
-        fresh = [r for r in rationales if r.id not in self.seen]
-        if not fresh:
-            return WindowResult([], f"all {len(rationales)} rationales already trained on")
-        rationales = fresh
         window_ids = [r.id for r in rationales]
+        next_epoch = self.next_epoch_seeds(rationales)
         best = best_of_k(rationales)
         items = [SeedItem.from_rationale(r) for _, r in sorted(best.items())]
         train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
-        heldout = [i for i in items if is_heldout(i.seed_id, s.heldout_fraction)]
+        self._remember_heldout(i for i in items if is_heldout(i.seed_id, s.heldout_fraction))
         if len(train) < s.e_step.min_seeds:
-            return WindowResult(
-                [], f"{len(train)} trainable seeds < min_seeds {s.e_step.min_seeds}"
-            )
-        parents = [best[i.seed_id].id for i in items]
-        rewards = [best[i.seed_id].reward for i in items]
+            reason = f"{len(train)} trainable seeds < min_seeds {s.e_step.min_seeds}"
+            return WindowResult([], reason, next_epoch=next_epoch)
+        q_role, p_role = Role.RATIONALE_MODEL, Role.PROMPT_MODEL
+        e_todo = [r for r in rationales if self.ledger.get(q_role, r.id) is None]
+        m_todo = [r for r in rationales if self.ledger.get(p_role, r.id) is None]
         updates: list[ModelUpdate] = []
+        metrics: dict[str, float] = {}
 
-        # E-step: q_φ learns to write the rationale that best explains each problem.
+        # Per step: the versions that trained on part of this window before it came again are
+        # announced again, then the rest of the window is trained.
+        for role, todo, step, enabled in (
+            (q_role, e_todo, self._e_step, s.e_step.enabled),
+            (p_role, m_todo, self._m_step, s.m_step.enabled),
+        ):
+            pending = {r.id for r in todo}
+            updates += self._announced(role, [i for i in window_ids if i not in pending])
+            update = step(todo) if enabled and todo else None
+            if update is not None:
+                updates.append(update)
+                metrics.update(update.metrics)
+        skipped = None
+        if not (e_todo or m_todo):
+            skipped = f"all {len(rationales)} rationales already trained on; versions re-announced"
+        return WindowResult(updates, skipped, metrics or None, next_epoch)
+
+    def _e_step(self, rationales: list[Rationale]) -> ModelUpdate | None:
+        """q_φ learns to write the rationale that best explains each problem."""
+        s = self.settings
+        best = best_of_k(rationales)
+        items = [SeedItem.from_rationale(r) for _, r in sorted(best.items())]
+        train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
+        if not train:
+            return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
-        if s.e_step.enabled:
-            loss_q = sft(
-                q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step, s.seed
-            )
-            e_metrics = {
-                "train_loss": loss_q,
-                "n_seeds": len(train),
-                "n_rationales": len(rationales),
-                "mean_best_reward": sum(rewards) / len(rewards),
-            }
-            save_role_model(self.store, q, "e_step", e_metrics, window_ids)
-            updates.append(model_update(q, "e_step", e_metrics, parents))
+        p = self.model(Role.PROMPT_MODEL, s.m_step)
+        signal, label = self._signal_items(train)
+        budget, batch = s.m_step.max_rationale_tokens, s.m_step.generation_batch_size
+        before = greedy_reward(q, p, signal, budget, batch)
+        loss = self._train(q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step)
+        after = greedy_reward(q, p, signal, budget, batch)
+        rewards = [best[i.seed_id].reward for i in train]
+        metrics = {
+            "train_loss": loss,
+            "n_seeds": len(train),
+            "n_rationales": len(rationales),
+            "mean_best_reward": sum(rewards) / len(rewards),
+            f"{label}_reward_before": before,
+            f"{label}_reward_after": after,
+        }
+        parents = [best[i.seed_id].id for i in train]
+        log.info("E-step: %d seeds, %s reward %.3f -> %.3f", len(train), label, before, after)
+        return self._save(q, "e_step", metrics, [r.id for r in rationales], parents)
 
-        if not s.m_step.enabled:
-            self.seen.add(window_ids)
-            return WindowResult(updates)
-        # M-step: p_θ learns c -> (z, x) with z from the updated q_φ (greedy). A seed whose
-        # decode does not parse keeps its best-of-K z: the sampled z is still a valid rationale.
+    def _m_step(self, rationales: list[Rationale]) -> ModelUpdate | None:
+        """p_θ learns c -> (z, x) with z from the updated q_φ (greedy). A seed whose decode does
+        not parse keeps its best-of-K z: the sampled z is still a valid rationale."""
+        s = self.settings
+        best = best_of_k(rationales)
+        items = [SeedItem.from_rationale(r) for _, r in sorted(best.items())]
+        train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
+        if not train:
+            return None
+        q = self.model(Role.RATIONALE_MODEL, s.e_step)
         p = self.model(Role.PROMPT_MODEL, s.m_step)
         decoded = greedy_rationales(
             q.model,
@@ -337,29 +446,49 @@ class EMTrainer:
             s.m_step.generation_batch_size,
         )
         m_items = [i.with_rationale(z) if z else i for i, z in zip(train, decoded)]
-        fallbacks = sum(z is None for z in decoded)
-        signal = heldout or train  # no held-out seed in this window: report the train NLL
-        label = "heldout" if heldout else "train"
+        signal, label = self._signal_items(train)
         before = problem_nll(p.model, p.tokenizer, signal)
-        loss_p = sft(p, [prompt_model_example(p.tokenizer, i) for i in m_items], s.m_step, s.seed)
+        loss = self._train(p, [prompt_model_example(p.tokenizer, i) for i in m_items], s.m_step)
         after = problem_nll(p.model, p.tokenizer, signal)
-        m_metrics = {
-            "train_loss": loss_p,
+        metrics = {
+            "train_loss": loss,
             "n_seeds": len(train),
-            "n_heldout": len(heldout),
-            "greedy_fallbacks": fallbacks,
+            "n_heldout": len(signal) if label == "heldout" else 0,
+            "greedy_fallbacks": sum(z is None for z in decoded),
             f"{label}_problem_nll_before": before,
             f"{label}_problem_nll_after": after,
         }
-        save_role_model(self.store, p, "m_step", m_metrics, window_ids)
-        self.seen.add(window_ids)
-        updates.append(model_update(p, "m_step", m_metrics, parents))
-        log.info(
-            "EM window: %d seeds (%d held out), %s NLL %.4f -> %.4f",
-            len(train),
-            len(heldout),
-            label,
-            before,
-            after,
-        )
-        return WindowResult(updates, metrics=m_metrics)
+        parents = [best[i.seed_id].id for i in train]
+        log.info("M-step: %d seeds, %s NLL %.4f -> %.4f", len(train), label, before, after)
+        return self._save(p, "m_step", metrics, [r.id for r in rationales], parents)
+
+    # -- epochs -------------------------------------------------------------------------------
+
+    def next_epoch_seeds(self, rationales: Sequence[Rationale]) -> list[AnnotatedSeed]:
+        """Each seed of the window once more, one epoch on (``max_epochs`` caps the loop). The
+        best rationale so far travels as the seed's annotation; the id names (seed, epoch), so
+        a redelivered window sends the same seeds again, not new ones."""
+        chosen: dict[str, Rationale] = {}
+        for r in rationales:  # the first of each seed, replaced by the best-of-K one
+            chosen.setdefault(r.seed_id, r)
+        chosen.update(best_of_k(rationales))
+        cap = self.settings.max_epochs
+        out = []
+        for seed_id in sorted(chosen):
+            r = chosen[seed_id]
+            if cap is not None and r.epoch + 1 >= cap:
+                continue
+            out.append(
+                AnnotatedSeed.derived_from(
+                    r,
+                    seed_id=r.seed_id,
+                    annotator=NEXT_EPOCH_ANNOTATOR,
+                    domain=r.domain,
+                    text=r.problem,
+                    concepts=list(r.concepts),
+                    rationale=r.text,
+                    difficulty=r.difficulty or None,
+                    epoch=r.epoch + 1,
+                )
+            )
+        return out

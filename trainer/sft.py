@@ -18,21 +18,31 @@ from trainer.checkpoints import RoleModel
 from trainer.config import StepConfig
 
 
+def model_device(model: Any) -> Any:
+    """The device a (peft-wrapped) model's weights are on: inputs go there."""
+    return next(model.parameters()).device
+
+
 def common_training_args(
-    cfg: StepConfig, n_examples: int, seed: int, output_dir: str
+    cfg: StepConfig,
+    n_examples: int,
+    seed: int,
+    output_dir: str,
+    *,
+    model: Any,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
-    """TrainingArguments shared by SFT and DPO: CPU-safe (no bf16 autocast, no gradient
-    checkpointing: both cost time on CPU and buy nothing at these sizes), no saving by the HF
-    Trainer (checkpoints are ours), and an accumulation that still steps on a tiny window."""
+    """TrainingArguments shared by SFT and DPO: on the model's own device (the trainer placed
+    it: trainer/checkpoints.py), bf16 autocast when ``dtype`` says so, no gradient checkpointing
+    (costs time and buys nothing at these sizes), no saving by the HF Trainer (checkpoints are
+    ours), and an accumulation that still steps on a tiny window."""
     per_device = max(1, min(cfg.per_device_batch_size, n_examples))
     accum = max(1, min(cfg.grad_accum, math.ceil(n_examples / per_device)))
-    import torch
-
     return {
         "output_dir": output_dir,
-        "use_cpu": not torch.cuda.is_available(),
+        "use_cpu": model_device(model).type == "cpu",
         "report_to": "none",
-        "bf16": False,
+        "bf16": dtype == "bfloat16",
         "gradient_checkpointing": False,
         "learning_rate": cfg.lr,
         "per_device_train_batch_size": per_device,
@@ -42,7 +52,7 @@ def common_training_args(
         "weight_decay": cfg.weight_decay,
         "max_grad_norm": cfg.max_grad_norm,
         "save_strategy": "no",
-        "logging_steps": 1,
+        "logging_strategy": "no",  # the mean loss comes back from train(); no log lines
         "disable_tqdm": True,
         "seed": seed,
         "data_seed": seed,
@@ -56,7 +66,13 @@ def quiet_datasets() -> None:
     datasets.disable_progress_bars()
 
 
-def sft(rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig, seed: int = 0) -> float:
+def sft(
+    rm: RoleModel,
+    examples: list[dict[str, str]],
+    cfg: StepConfig,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> float:
     """Fine-tune ``rm.model`` in place on prompt/completion examples; returns the mean training
     loss. The completion-only loss is TRL's default for prompt/completion data."""
     from datasets import Dataset
@@ -65,7 +81,7 @@ def sft(rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig, seed: in
     quiet_datasets()
     with tempfile.TemporaryDirectory(prefix="promptcot-sft-") as out:
         args = SFTConfig(
-            **common_training_args(cfg, len(examples), seed, out),
+            **common_training_args(cfg, len(examples), seed, out, model=rm.model, dtype=dtype),
             max_length=cfg.max_seq_len,
             completion_only_loss=True,
             dataset_num_proc=None,
@@ -102,6 +118,7 @@ def continuation_nll(
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
+    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:
         with torch.no_grad():
@@ -118,9 +135,10 @@ def continuation_nll(
                 for row, e in enumerate(enc):
                     ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
                     mask[row, : len(e["input_ids"])] = 1
+                ids, mask = ids.to(device), mask.to(device)
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()
                 logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
                 for row, (e, p) in enumerate(zip(enc, ps)):
                     first = max(
                         1, continuation_span([tuple(o) for o in e["offset_mapping"]], len(p))
@@ -133,3 +151,61 @@ def continuation_nll(
     finally:
         model.train(was_training)
     return total, count
+
+
+def greedy_decode(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+) -> list[tuple[str, bool]]:
+    """(text, finished) per prompt, decoded greedily on the model's device: the text is cut at
+    the first stop string; ``finished`` is False when the token budget ran out first."""
+    from workers.backends.base import truncate_at_stop
+
+    torch = torch_module()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos_ids = {i for i in (tokenizer.eos_token_id, eos) if isinstance(i, int) and i >= 0}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    out: list[tuple[str, bool]] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                enc = [
+                    tokenizer(p, add_special_tokens=False)["input_ids"]
+                    for p in prompts[start : start + batch_size]
+                ]
+                width = max(len(e) for e in enc)
+                ids = torch.full((len(enc), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(enc), width), dtype=torch.long)
+                for row, e in enumerate(enc):  # left padding: generation continues at the end
+                    ids[row, width - len(e) :] = torch.tensor(e)
+                    mask[row, width - len(e) :] = 1
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    eos_token_id=sorted(eos_ids),
+                    pad_token_id=pad,
+                    stop_strings=list(stop) or None,
+                    tokenizer=tokenizer,
+                )
+                for row in gen[:, width:].tolist():
+                    ended = any(t in eos_ids for t in row)
+                    body = [t for t in row if t not in eos_ids and t != pad]
+                    text, hit = truncate_at_stop(
+                        tokenizer.decode(body, skip_special_tokens=True), list(stop)
+                    )
+                    out.append((text, hit or ended))
+    finally:
+        model.train(was_training)
+    return out

@@ -1,11 +1,14 @@
-"""The trainer as stages: windows of rationales -> E-step + M-step -> model updates; windows of
-preference pairs -> DPO -> a solver update. Every process serving a role follows the updates
-(workers/reload.py).
+"""The trainer as stages: windows of rationales -> E-step + M-step -> model updates (and the
+window's seeds sent round again for the next epoch); windows of preference pairs -> DPO -> a
+solver update. Every process serving a role follows the updates (workers/reload.py).
 
-Windows are the runtime's micro-batches; these stages get long ones (``settings.stages``), or a
-trickle of records would arrive in windows too small to train on. A window under
-``min_records`` is skipped with a log line. Models load on first use, in the worker thread, and
-torch is imported only then.
+Windows are the runtime's micro-batches; these stages get long ones (``settings.stages``, sized
+by the trainer profile), or a trickle of records would arrive in windows too small to train on.
+A window under ``min_records`` trains nothing (its seeds still go round again). ``process`` is
+idempotent: a window redelivered after a crash trains only what it had not finished and announces
+every version it produced (trainer/em.py). A training error raises: the runtime retries the
+window, and dead-letters it if it keeps failing. Models load on first use, in the worker thread,
+and torch is imported only then.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import logging
 from typing import TypeVar
 
 from streams.records import ModelUpdate, PreferencePair, Rationale
-from streams.topics import MODELS, PAIRS, RATIONALES
+from streams.topics import MODELS, PAIRS, RATIONALES, SEEDS_ANNOTATED
 from trainer.config import TrainerSettings
 from workers.roles import Role, model_path_for
 from workers.stage import Emit, Stage
@@ -26,7 +29,7 @@ In = TypeVar("In", PreferencePair, Rationale)
 class _TrainerStage(Stage[In]):
     journaled = False  # trained-on ids live in the checkpoints (trainer/checkpoints.py)
     isolate_failures = False  # a window is one unit: retried whole, then dead-lettered whole
-    outputs = (MODELS,)
+    outputs: tuple = (MODELS,)
 
     @property
     def trainer_cfg(self) -> TrainerSettings:
@@ -37,10 +40,13 @@ class _TrainerStage(Stage[In]):
 
 
 class EStepStage(_TrainerStage[Rationale]):
-    """rationales -> models: best-of-K E-step on q_φ, then the M-step on p_θ, per window."""
+    """rationales -> models (+ seeds.annotated): on first start the cold start, then per window
+    the best-of-K E-step on q_φ and the M-step on p_θ; every seed of the window goes round again
+    one epoch on."""
 
     name = "em"
     input = RATIONALES
+    outputs = (MODELS, SEEDS_ANNOTATED)
 
     def setup(self) -> None:
         from trainer.em import EMTrainer
@@ -53,24 +59,50 @@ class EStepStage(_TrainerStage[Rationale]):
             },
         )
 
-    def process(self, records: list[Rationale]) -> list[Emit]:
+    def start(self) -> list[Emit]:
+        """The paper's cold start, when p_θ or q_φ has no checkpoint yet: SFT of both on the
+        annotated seeds, before any EM window trains (the trainer holds windows meanwhile)."""
         cfg = self.trainer_cfg
-        rationales = records
-        if not cfg.enabled or not (cfg.e_step.enabled or cfg.m_step.enabled):
-            log.info("em: trainer disabled, %d rationales not trained on", len(rationales))
-            return []
-        if len(rationales) < cfg.e_step.window.min_records:
-            log.info(
-                "em: window of %d rationales < min_records %d, skipped",
-                len(rationales),
-                cfg.e_step.window.min_records,
-            )
+        if not (cfg.enabled and cfg.cold_start.enabled and cfg.cold_start.on_first_start):
             return []
         self.ensure_ready()
-        result = self.trainer.run_window(rationales)
+        if not self.trainer.needs_cold_start():
+            return []
+        from trainer.coldstart import cold_start_data
+
+        try:
+            data = cold_start_data(self.settings)
+            log.info(
+                "em: cold start on %d annotated seeds (%.0f%% of the seeds annotated; %s)",
+                len(data.seeds),
+                100 * data.success_rate,
+                dict(data.rejected) or "none rejected",
+            )
+            return self._emit_updates(self.trainer.cold_start(data.seeds))
+        except Exception:  # noqa: BLE001  (the loop still runs, from the base models)
+            log.exception("em: the cold start failed; EM starts from the base models")
+            return []
+
+    def process(self, records: list[Rationale]) -> list[Emit]:
+        cfg = self.trainer_cfg
+        if not cfg.enabled or not (cfg.e_step.enabled or cfg.m_step.enabled):
+            log.info("em: trainer disabled, %d rationales not trained on", len(records))
+            return []
+        self.ensure_ready()
+        if len(records) < cfg.e_step.window.min_records:
+            log.info(
+                "em: window of %d rationales < min_records %d: not trained on",
+                len(records),
+                cfg.e_step.window.min_records,
+            )
+            seeds = self.trainer.next_epoch_seeds(records)
+            return [self.emit(SEEDS_ANNOTATED, s) for s in seeds]
+        result = self.trainer.run_window(records)
         if result.skipped:
-            log.info("em: window skipped: %s", result.skipped)
-        return self._emit_updates(result.updates)
+            log.info("em: %s", result.skipped)
+        return self._emit_updates(result.updates) + [
+            self.emit(SEEDS_ANNOTATED, s) for s in result.next_epoch
+        ]
 
 
 class DPOStage(_TrainerStage[PreferencePair]):
@@ -102,5 +134,5 @@ class DPOStage(_TrainerStage[PreferencePair]):
         self.ensure_ready()
         result = self.trainer.run_window(pairs)
         if result.skipped:
-            log.info("dpo: window skipped: %s", result.skipped)
+            log.info("dpo: %s", result.skipped)
         return self._emit_updates(result.updates)

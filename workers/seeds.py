@@ -1,6 +1,7 @@
 """Seed problems from the shipped corpora, and the default concept pool built from them.
 
-- ``load_seeds("gsm8k", "train"|"test", limit)``: ``answer`` is the number after ``####``.
+- ``load_seeds("gsm8k", "train"|"test", limit)``: ``answer`` is the number after ``####``,
+  ``solution`` the worked solution it ends.
 - ``load_seeds("codeforces", "train"|"all", limit)``: the one shipped file (408 problems). Its
   ``prompt`` wraps each statement in ChatML and an instruction preamble/trailer; ``text`` is the
   bare statement and ``tests`` the stdin/stdout pairs from ``input_output``.
@@ -72,6 +73,7 @@ def _gsm8k(split: str) -> Iterator[SeedProblem]:
             domain="math",
             text=row["question"].strip(),
             answer=gsm8k_final_answer(row["answer"]),
+            solution=row["answer"].strip(),
         )
 
 

@@ -145,6 +145,12 @@ class AnnotateSettings(Section):
     # The embedded default has no teacher LLM good enough to name concepts: the shipped lexicon
     # does it; point `models.annotator` at a strong model and set "model" in production.
     concept_source: Literal["model", "lexicon"] = "lexicon"
+    # Where the rationale comes from: "model" (the teacher, models.annotator), "solution"
+    # (derived from the seed's worked solution, no model: workers/annotation.py), or "auto":
+    # the teacher when one is configured (models.annotator.model set, or concept_source
+    # "model"), else the solution.
+    rationale_source: Literal["auto", "model", "solution"] = "auto"
+    rationale_max_chars: int = Field(480, ge=80)  # derived rationales (fits the synthesis budget)
     concepts_per_seed: int = 5
     temperature: float = 0.0
     max_tokens: int = 192

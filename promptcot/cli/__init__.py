@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from promptcot.cli import (  # noqa: F401  (register the commands)
     dlq,
+    evaluate,
     factory,
     loopback,
     records,
     tools,
+    train,
 )
 from promptcot.cli.app import app, main
 

@@ -43,18 +43,29 @@ FACTORY_GROUP = "promptcot-factory"  # `up` runs every stage in one consumer gro
 def up(
     max_problems: Annotated[int, typer.Option(help="Stop after this many verified problems.")] = 3,
     duration: Annotated[str, typer.Option(help="Stop after this long (e.g. 25m).")] = "25m",
-    seeds: Annotated[int, typer.Option(help="Seed problems to publish for annotate.")] = 4,
+    seeds: Annotated[
+        int, typer.Option(help="Seed problems to publish for annotate (the EM loop's seed set).")
+    ] = 16,
     stages: Annotated[
-        str | None, typer.Option(help="Comma-separated stages (default: the data path).")
+        str | None,
+        typer.Option(help="Comma-separated stages (default: the data path and the trainer)."),
     ] = None,
-    train: Annotated[bool, typer.Option(help="Also run the trainer stages (em, dpo).")] = False,
+    train: Annotated[
+        bool,
+        typer.Option(
+            "--train/--no-train",
+            help="Run the trainer stages (cold start, EM, DPO; sized by trainer.profile); "
+            "--no-train: a pure generator.",
+        ),
+    ] = True,
     ephemeral: EphemeralOpt = False,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Run the whole factory in one process: broker (embedded unless configured), every stage,
-    live counts, and a summary of what came out and where it is. A restart continues where the
-    last run stopped (sampler position, committed offsets, problems, vector store)."""
+    """Run the whole factory in one process: broker (embedded unless configured), every stage
+    and the training loop, live counts, and a summary of what came out, where it is, and the
+    model versions the trainer reached. A restart continues where the last run stopped (sampler
+    position, committed offsets, problems, vector store, checkpoints)."""
     from promptcot.carryover import carried_over
     from promptcot.cli.supervise import Supervisor
     from promptcot.progress import FactoryProgress
@@ -64,13 +75,9 @@ def up(
 
     scratch = Path(tempfile.mkdtemp(prefix="promptcot-ephemeral-")) if ephemeral else None
     settings = load(config, bootstrap, **(ephemeral_overrides(scratch) if scratch else {}))
-    names = [s.strip() for s in stages.split(",")] if stages else list(DATA_STAGES)
-    if train:
-        names += [n for n in TRAINER_STAGES if n not in names]
-    unknown = [n for n in names if n not in STAGES]
-    if unknown:
-        raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    names = stage_names(stages, train)
     limit_s = parse_duration(duration)
+    # The time limit counts the cold start too.
     progress = FactoryProgress(started=time.monotonic())
     supervisor = Supervisor(
         settings.kafka,
@@ -99,6 +106,9 @@ def up(
     if seeds and "annotate" in names:
         n = publish_seeds(settings, cluster.bootstrap, "gsm8k", seeds)
         console.print(f"published {n} seed problems for annotate/rationale")
+    if "em" in names:
+        cold_start_first(settings, cluster.bootstrap)
+        serve_newest(settings)
 
     stop = asyncio.Event()
 
@@ -151,7 +161,58 @@ def ephemeral_overrides(scratch: Path) -> dict:
         "vectorstore": {"store": {"uri": str(scratch / "vectorstore")}},
         "sink": {"output_dir": str(scratch)},
         "worker": {"journal_dir": str(scratch / "journal")},
+        "trainer": {"checkpoint_dir": str(scratch / "checkpoints")},
     }
+
+
+def cold_start_first(settings, bootstrap: str) -> None:
+    """The paper's cold start before anything generates, when p_θ or q_φ has no checkpoint yet
+    (the em stage would run it too, but in one process it would share the CPU with every other
+    stage, and generation would meanwhile run on the base model). Announced on the models topic."""
+    cfg = settings.trainer
+    if not (cfg.enabled and cfg.cold_start.enabled and cfg.cold_start.on_first_start):
+        return
+    from streams.clients import publish
+    from streams.topics import MODELS
+    from trainer.coldstart import cold_start_data
+    from trainer.em import EMTrainer
+    from workers.roles import model_path_for
+
+    trainer = EMTrainer(cfg, {r: model_path_for(settings.models, r) for r in EMTrainer.ROLES})
+    if not trainer.needs_cold_start():
+        return
+    n = cfg.cold_start.seeds
+    with console.status(f"cold start: annotating {n} seeds, training p_θ and q_φ on them..."):
+        data = cold_start_data(settings)
+        updates = trainer.cold_start(data.seeds)
+    publish(settings.kafka, bootstrap, MODELS, updates)
+    console.print(
+        f"cold start on {len(data.seeds)} annotated seeds: " + ", ".join(u.version for u in updates)
+    )
+
+
+def serve_newest(settings) -> None:
+    """Every trained role starts on its newest checkpoint (a LoRA one on its base), not on the
+    base model: a restarted factory goes on where its models were."""
+    from trainer.checkpoints import CheckpointStore
+    from workers.roles import Role
+
+    store = CheckpointStore(settings.trainer.checkpoint_dir)
+    for role in (Role.PROMPT_MODEL, Role.RATIONALE_MODEL, Role.SOLVER):
+        newest = store.latest(role)
+        if newest is not None:
+            settings.models.role(role).model = str(newest.path)
+
+
+def stage_names(stages: str | None, train: bool) -> list[str]:
+    """The stages `up` runs: the data path (or ``stages``), and the trainer unless not ``train``."""
+    names = [s.strip() for s in stages.split(",")] if stages else list(DATA_STAGES)
+    if train:
+        names += [n for n in TRAINER_STAGES if n not in names]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    return names
 
 
 @app.command()

@@ -155,6 +155,29 @@ def hash_files(paths: list[Path], length: int = 12) -> str:
     return h.hexdigest()[:length]
 
 
+def adapter_base(model_dir: str | Path) -> str | None:
+    """The base model a LoRA adapter folder sits on (None: not an adapter folder): peft's own
+    ``base_model_name_or_path``, else the trainer's manifest (``checkpoint.json``,
+    ``base_model``). An adapter goes on *its* base, never on whatever base a backend serves."""
+    import json
+
+    folder = Path(model_dir)
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        return None
+    for path, key in (
+        (config, "base_model_name_or_path"),
+        (folder / "checkpoint.json", "base_model"),
+    ):
+        try:
+            base = json.loads(path.read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if base and Path(base).is_dir():
+            return str(base)
+    raise BadRequestError(f"{folder}: LoRA adapter whose base model folder cannot be found")
+
+
 def weights_version(model_dir: str | Path) -> str:
     """``<folder name>@<sha256 of its weight files>`` (adapter folders included)."""
     path = Path(model_dir)

@@ -16,7 +16,8 @@ def _key(settings: BackendSettings) -> str:
     return settings.model_dump_json()
 
 
-def _construct(settings: BackendSettings) -> Backend:
+def new_backend(settings: BackendSettings) -> Backend:
+    """A backend of its own, outside the shared cache (closing it affects no other user)."""
     if settings.kind == "transformers":
         from workers.backends.transformers_backend import TransformersBackend
 
@@ -38,7 +39,7 @@ def make_backend(settings: BackendSettings) -> Backend:
     with _cache_lock:
         backend = _cache.get(key)
         if backend is None:
-            backend = _construct(settings)
+            backend = new_backend(settings)
             _cache[key] = backend
         return backend
 
@@ -78,7 +79,7 @@ class BackendPool:
             shared = any(b is current for r, b in self._by_role.items() if r != role)
             if shared:
                 settings = self.roles[role].model_copy()
-                fresh = _construct(settings)  # private instance, not in the shared cache
+                fresh = new_backend(settings)  # private instance, not in the shared cache
                 fresh.reload(model_path)
                 self._by_role[role] = fresh
                 return fresh

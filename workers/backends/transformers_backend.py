@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from workers.backends.base import (
     Completion,
     ContextOverflowError,
     Score,
+    adapter_base,
     continuation_span,
     failed_completions,
     failed_score,
@@ -41,8 +41,9 @@ class TransformersBackend(Backend):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
         self.settings = settings
         self._lock = threading.RLock()  # generate() samples from torch's global RNG
-        self._base_path = settings.model
-        self._load(settings.model, adapter=None)
+        base = adapter_base(settings.model)  # a LoRA checkpoint goes on the base it names
+        self._base_path = base or settings.model
+        self._load(self._base_path, adapter=settings.model if base else None)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -82,11 +83,11 @@ class TransformersBackend(Backend):
         return sorted(ids)
 
     def reload(self, model_path: str) -> None:
-        adapter = model_path if (Path(model_path) / "adapter_config.json").is_file() else None
+        """Serve ``model_path``: a full model folder, or a LoRA adapter on the base it names."""
+        base = adapter_base(model_path)
         with self._lock:
-            if adapter is None:
-                self._base_path = model_path
-            self._load(self._base_path, adapter)
+            self._base_path = base or model_path
+            self._load(self._base_path, model_path if base else None)
 
     def render_messages(self, messages: list[dict[str, str]]) -> str:
         if getattr(self.tokenizer, "chat_template", None):

@@ -9,8 +9,10 @@ engines saturated").
 
 Scoring uses ``prompt_logprobs`` on our own token ids (we tokenize prompt+continuation, so the
 boundary rule is the same as the transformers backend's). New weights: a LoRA adapter folder is
-attached per request (needs ``enable_lora``); a full model folder restarts the engine (weight
-sync into a live CPU engine does not work: docs/models.md, "vLLM on CPU").
+attached per request (needs ``enable_lora``) on the base model it names (the engine restarts on
+that base if it serves another); a full model folder restarts the engine (weight sync into a
+live CPU engine does not work: docs/models.md, "vLLM on CPU"). A restart stops the old engine
+(its engine-core process and its memory) before the new one starts: one engine per backend.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from workers.backends.base import (
     Completion,
     ContextOverflowError,
     Score,
+    adapter_base,
     continuation_span,
     failed_completions,
     failed_score,
@@ -66,7 +69,10 @@ class VLLMBackend(Backend):
             target=self._loop.run_forever, name="vllm-backend", daemon=True
         )
         self._thread.start()
-        self._start(settings.model)
+        base = adapter_base(settings.model)  # a LoRA checkpoint: its base, then the adapter
+        self._start(base or settings.model)
+        if base:
+            self._attach(settings.model)
 
     def _start(self, model_path: str) -> None:
         try:
@@ -137,29 +143,56 @@ class VLLMBackend(Backend):
             raise
 
     def reload(self, model_path: str) -> None:
+        """Serve ``model_path``: a full model folder (engine restart), or a LoRA adapter on the
+        base it names (engine restart only if that is not the base being served)."""
         with self._lock:
-            if (Path(model_path) / "adapter_config.json").is_file():
-                if not self.settings.enable_lora:
-                    raise BackendError("a LoRA adapter needs BackendSettings.enable_lora=True")
-                from vllm.lora.request import LoRARequest
-
-                self._lora_count += 1  # vLLM caches adapters by id: a new one per version
-                self._lora = LoRARequest(Path(model_path).name, self._lora_count, model_path)
-                self.model_version = (
-                    f"{weights_version(self._model_path)}+lora:{weights_version(model_path)}"
-                )
+            base = adapter_base(model_path)
+            if base is None:
+                self._shutdown()
+                self._lora = None
+                self._start(model_path)
                 return
-            self._shutdown()
-            self._lora = None
-            self._start(model_path)
+            if Path(base).resolve() != Path(self._model_path).resolve():
+                self._shutdown()
+                self._lora = None
+                self._start(base)
+            self._attach(model_path)
+
+    def _attach(self, adapter: str) -> None:
+        if not self.settings.enable_lora:
+            raise BackendError("a LoRA adapter needs BackendSettings.enable_lora=True")
+        from vllm.lora.request import LoRARequest
+
+        self._lora_count += 1  # vLLM caches adapters by id: a new one per version
+        self._lora = LoRARequest(Path(adapter).name, self._lora_count, adapter)
+        self.model_version = f"{weights_version(self._model_path)}+lora:{weights_version(adapter)}"
 
     def _shutdown(self) -> None:
+        """Stop the engine and free what it holds. Dropping the reference is not enough: the
+        engine core runs in a process of its own until it is shut down."""
         engine = getattr(self, "engine", None)
         self.engine = None
         if engine is not None:
             engine.shutdown()
         del engine
+        try:
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception:  # noqa: BLE001  (nothing initialised, or an older vLLM)
+            pass
         gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
 
     def close(self) -> None:
         with self._lock:

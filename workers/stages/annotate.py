@@ -1,7 +1,13 @@
 """seeds -> seeds.annotated: the cold-start teacher names each seed's foundational concepts and
-reverse-engineers the rationale that would lead a designer from them to exactly this problem."""
+reverse-engineers the rationale that would lead a designer from them to exactly this problem.
+
+Without a teacher (the embedded default) the triple is built from the seed itself, with no model:
+lexicon concepts and a rationale derived from the seed's worked solution (workers/annotation.py).
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from streams.records import AnnotatedSeed, SeedProblem
 from streams.topics import SEEDS, SEEDS_ANNOTATED, VERDICTS
@@ -17,12 +23,27 @@ from workers.prompts import (
 from workers.roles import Role
 from workers.stage import Emit, ModelStage
 
+if TYPE_CHECKING:
+    from promptcot.settings import Settings
+
+
+def uses_teacher(settings: Settings) -> bool:
+    """Does annotation call the teacher model (``annotate.rationale_source``)?"""
+    cfg = settings.annotate
+    if cfg.rationale_source != "auto":
+        return cfg.rationale_source == "model"
+    return cfg.concept_source == "model" or bool(settings.models.annotator.model)
+
 
 class AnnotateStage(ModelStage[SeedProblem]):
     name = "annotate"
     input = SEEDS
     outputs = (SEEDS_ANNOTATED, VERDICTS)
     roles = (Role.ANNOTATOR,)
+
+    def setup(self) -> None:
+        if uses_teacher(self.settings):  # no teacher, no model to load
+            super().setup()
 
     def _concepts(self, seeds: list[SeedProblem]) -> list[list[str] | ParseError]:
         cfg = self.settings.annotate
@@ -50,6 +71,8 @@ class AnnotateStage(ModelStage[SeedProblem]):
         return out
 
     def process(self, records: list[SeedProblem]) -> list[Emit]:
+        if not uses_teacher(self.settings):
+            return [self._from_seed(seed) for seed in records]
         emits: list[Emit] = []
         ready: list[tuple[SeedProblem, list[str]]] = []
         for seed, concepts in zip(records, self._concepts(records), strict=True):
@@ -91,6 +114,29 @@ class AnnotateStage(ModelStage[SeedProblem]):
                 )
             )
         return emits
+
+    def _from_seed(self, seed: SeedProblem) -> Emit:
+        from workers.annotation import ANNOTATOR, annotate_from_seed
+
+        cfg = self.settings.annotate
+        try:
+            concepts, rationale = annotate_from_seed(
+                seed, cfg.concepts_per_seed, cfg.rationale_max_chars
+            )
+        except ParseError as exc:
+            return self.reject(seed, exc.reason, exc.detail)
+        return self.emit(
+            SEEDS_ANNOTATED,
+            AnnotatedSeed.derived_from(
+                seed,
+                seed_id=seed.id,
+                annotator=ANNOTATOR,
+                domain=seed.domain,
+                text=seed.text,
+                concepts=concepts,
+                rationale=rationale,
+            ),
+        )
 
     def _generate(self, prompts: list[str], stop: list[str]) -> list[Completion]:
         cfg = self.settings.annotate

@@ -129,6 +129,7 @@ class RationaleStage(ModelStage[AnnotatedSeed]):
                             logp_rationale=term.logp_rationale,
                             rationale_model=versions[Role.RATIONALE_MODEL],
                             prompt_model=versions[Role.PROMPT_MODEL],
+                            epoch=seed.epoch,
                         ),
                     )
                 )

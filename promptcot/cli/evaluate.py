@@ -1,0 +1,107 @@
+"""`promptcot eval`: a model as a solver on a shipped benchmark (trainer/evaluate.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from promptcot.cli.app import ConfigOpt, app, console, load
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="A model folder (full, or a LoRA adapter on its base)."),
+    ] = None,
+    role: Annotated[
+        str, typer.Option(help="Without MODEL: the role whose checkpoint (or model) to score.")
+    ] = "solver",
+    version: Annotated[
+        str,
+        typer.Option(help="Without MODEL: checkpoint version number, 'latest', or 'base'."),
+    ] = "latest",
+    benchmark: Annotated[
+        str, typer.Option(help="gsm8k (test split), aime24, aime25 or hmmt25.")
+    ] = "gsm8k",
+    limit: Annotated[
+        int | None, typer.Option(help="Score the first N problems (the same subset every time).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Token budget of each solution.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Problems per generate call.")] = 8,
+    out: Annotated[Path | None, typer.Option(help="Write the result (with items) as JSON.")] = None,
+    prom: Annotated[
+        Path | None,
+        typer.Option(help="Write promptcot_eval_accuracy as a Prometheus text file."),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Greedy solutions with the solver's own template, answers checked by the verifier's
+    equivalence oracle; prints the accuracy and sets promptcot_eval_accuracy{benchmark,role,
+    version}. LiveCodeBench ships no tests, so it cannot be scored."""
+    from trainer.config import EvalConfig
+    from trainer.evaluate import evaluate_path, write_json
+
+    settings = load(config)
+    if limit is not None and limit < 1:
+        raise typer.BadParameter("--limit must be at least 1")
+    path = model or resolve_model(settings, role, version)
+    if not Path(path).is_dir():
+        raise typer.BadParameter(f"not a model folder: {path}")
+    cfg = EvalConfig(
+        benchmark=benchmark, limit=limit or 10**9, max_tokens=max_tokens, batch_size=batch_size
+    )
+    backend = settings.models.role(role) if role else None
+    with console.status(f"solving {benchmark} with {path}..."):
+        result = evaluate_path(path, cfg, role=role if not model else "", backend=backend)
+    console.print(
+        f"{benchmark}: {result.correct}/{result.n} = {100 * result.accuracy:.1f}% "
+        f"({result.version}, {result.seconds:,.0f}s)"
+    )
+    if out:
+        write_json(result, out)
+        console.print(f"wrote {out}")
+    if prom:
+        write_prometheus(prom)
+        console.print(f"wrote {prom}")
+
+
+def resolve_model(settings, role: str, version: str) -> str:
+    """A role's checkpoint by version ('latest' falls back to the role's model when it has no
+    checkpoint yet; 'base' is the role's configured model)."""
+    from trainer.checkpoints import CheckpointStore
+    from workers.roles import model_path_for
+
+    if version == "base":
+        return model_path_for(settings.models, role)
+    store = CheckpointStore(settings.trainer.checkpoint_dir)
+    ckpts = store.list(role)
+    if version == "latest":
+        return str(ckpts[-1].path) if ckpts else model_path_for(settings.models, role)
+    if not version.isdigit():
+        raise typer.BadParameter(f"--version: a number, 'latest' or 'base', not {version!r}")
+    for ckpt in ckpts:
+        if ckpt.version == int(version):
+            return str(ckpt.path)
+    kept = ", ".join(str(c.version) for c in ckpts) or "none"
+    raise typer.BadParameter(f"{role} has no checkpoint v{int(version):04d} (kept: {kept})")
+
+
+def write_prometheus(path: Path) -> None:
+    """The eval gauge alone, in the text format (node exporter's textfile collector)."""
+    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+    from streams import metrics
+
+    registry = CollectorRegistry()
+    gauge = Gauge(
+        "promptcot_eval_accuracy",
+        metrics.EVAL_ACCURACY._documentation,
+        ["benchmark", "role", "version"],
+        registry=registry,
+    )
+    for labels, value in metrics.gauge_samples(metrics.EVAL_ACCURACY):
+        gauge.labels(**labels).set(value)
+    write_to_textfile(str(path), registry)

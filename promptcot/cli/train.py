@@ -1,0 +1,77 @@
+"""Training on demand: `promptcot train cold-start` (the paper's cold start, which the em stage
+also runs by itself on first start). docs/training.md."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from promptcot.cli.app import BootstrapOpt, ConfigOpt, app, console, load, require_cluster
+
+train_app = typer.Typer(help="Train the models of the loop on demand.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("cold-start")
+def cold_start(
+    seeds: Annotated[
+        int | None,
+        typer.Option(help="Seed problems to annotate and train on (trainer.cold_start.seeds)."),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Train again even where p_θ / q_φ have checkpoints already."),
+    ] = False,
+    publish: Annotated[
+        bool,
+        typer.Option(help="Announce the new versions on the models topic (needs a cluster)."),
+    ] = False,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+) -> None:
+    """SFT of p_θ and q_φ on annotated seeds (c, z, x): by the teacher when one is configured
+    (annotate.concept_source: model / models.annotator), else built from each seed (lexicon
+    concepts, rationale from its worked solution). Writes checkpoints under
+    trainer.checkpoint_dir. Under torchrun / accelerate launch every process trains (data
+    parallel) and rank 0 writes and reports (docs/training.md)."""
+    from trainer.checkpoints import distributed_rank
+    from trainer.coldstart import cold_start_data
+    from trainer.em import EMTrainer
+    from workers.roles import Role, model_path_for
+
+    settings = load(config, bootstrap)
+    console.quiet = distributed_rank() != 0
+    if seeds is not None and seeds < 1:
+        raise typer.BadParameter("--seeds must be at least 1")
+    target = require_cluster(settings) if publish else None
+    trainer = EMTrainer(
+        settings.trainer,
+        {role: model_path_for(settings.models, role) for role in EMTrainer.ROLES},
+    )
+    if not force and not trainer.needs_cold_start():
+        versions = ", ".join(
+            trainer.store.latest(role).version_string
+            for role in EMTrainer.ROLES  # type: ignore[union-attr]
+        )
+        console.print(f"already cold-started ({versions}); --force trains again")
+        return
+    with console.status("annotating seeds..."):
+        data = cold_start_data(settings, seeds)
+    rejected = ", ".join(f"{k} {v}" for k, v in data.rejected.most_common()) or "none"
+    console.print(
+        f"annotated {len(data.seeds)} seeds ({100 * data.success_rate:.1f}%; rejected: {rejected})"
+    )
+    if not data.seeds:
+        raise typer.BadParameter("no seed could be annotated: nothing to train on")
+    with console.status(f"training {Role.RATIONALE_MODEL} and {Role.PROMPT_MODEL}..."):
+        updates = trainer.cold_start(data.seeds, force=force)
+    for u in updates:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(u.metrics.items()))
+        console.print(f"[bold]{u.version}[/] {u.path}\n  {shown}", soft_wrap=True, highlight=False)
+    if target:
+        from streams.clients import publish as send
+        from streams.topics import MODELS
+
+        n = send(settings.kafka, target, MODELS, updates)
+        console.print(f"announced {n} versions on {MODELS.full_name(settings.kafka.namespace)}")

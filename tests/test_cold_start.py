@@ -1,0 +1,174 @@
+"""The cold start: triples (c, z, x) without a model on the embedded default (lexicon concepts, a
+rationale from the seed's worked solution) or from the teacher when one is configured; the em
+stage runs it on first start, and `promptcot train cold-start` on demand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from promptcot.settings import Settings
+from streams.records import ModelUpdate
+from streams.topics import MODELS, SEEDS_ANNOTATED, VERDICTS
+from trainer.checkpoints import CheckpointStore
+from trainer.coldstart import cold_start_data
+from trainer.heldout import is_heldout
+from workers.annotation import ANNOTATOR, solution_rationale, solution_steps
+from workers.seeds import load_seeds
+from workers.stages.annotate import AnnotateStage, uses_teacher
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
+
+FAST = {
+    "lr": 5e-3,
+    "epochs": 2.0,
+    "batch_size": 4,
+    "per_device_batch_size": 4,
+    "max_seq_len": 512,
+    "use_lora": True,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+}
+
+
+def test_the_rationale_is_derived_from_the_worked_solution():
+    solution = (
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+        "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+    )
+    assert solution_steps(solution) == [
+        "Natalia sold 48/2 = 24 clips in May.",
+        "Natalia sold 48+24 = 72 clips altogether in April and May.",
+    ]
+    z = solution_rationale(["fractions of a quantity", "addition of quantities"], solution, "72")
+    assert "fractions of a quantity; addition of quantities" in z and "2 steps" in z
+    assert "1. Natalia sold 48/2 = 24 clips in May." in z and z.endswith("the answer is 72.")
+    assert "<<" not in z and "####" not in z
+    long = "\n".join(f"Step {i} adds {i} = <<{i}={i}>>{i} more." for i in range(40)) + "\n#### 9"
+    short = solution_rationale(["counting"], long, "9", max_chars=300)
+    assert len(short) < 360 and "more steps of the same kind" in short  # fits the budget
+
+
+def test_without_a_teacher_annotate_builds_the_triples_from_the_shipped_seeds():
+    settings = Settings()
+    assert not uses_teacher(settings)  # the embedded default: no annotator model configured
+    stage = AnnotateStage(settings)
+    stage.ensure_ready()  # loads no model
+    seeds = load_seeds("gsm8k", "train", 300)
+    emits = stage.process(seeds)
+    annotated = [e.record for e in emits if e.topic is SEEDS_ANNOTATED]
+    assert len(annotated) + sum(e.topic is VERDICTS for e in emits) == len(seeds)
+    assert len(annotated) / len(seeds) >= 0.9
+    for a in annotated[:20]:
+        assert a.annotator == ANNOTATOR and 1 <= len(a.concepts) <= 5 and a.epoch == 0
+        assert a.rationale.startswith("Concepts to combine: " + a.concepts[0])
+    # A seed without a worked solution (a Codeforces statement) gets a reason, not a guess.
+    (code,) = stage.process(load_seeds("codeforces", "train", 1))
+    assert code.topic is VERDICTS and code.record.reason in ("no_solution", "missing_concepts")
+
+
+def test_with_a_teacher_configured_the_teacher_annotates(tiny_model_dir, tmp_path):
+    settings = Settings(
+        models={"annotator": {"model": str(tiny_model_dir)}},
+        annotate={"max_tokens": 48},
+        trainer={"checkpoint_dir": tmp_path},
+    )
+    assert uses_teacher(settings)
+    data = cold_start_data(settings, limit=3)
+    assert len(data.seeds) + sum(data.rejected.values()) == 3
+    assert all(s.annotator != ANNOTATOR for s in data.seeds)  # the teacher's model version
+
+
+def _settings(tmp_path, model, **trainer) -> Settings:
+    return Settings(
+        models={r: {"model": str(model)} for r in ("prompt_model", "rationale_model", "solver")},
+        trainer={
+            "checkpoint_dir": tmp_path / "ckpt",
+            "heldout_fraction": 0.25,
+            "cold_start": {**FAST, "seeds": 8},
+            **trainer,
+        },
+        metrics={"port": 0},
+    )
+
+
+def test_the_em_stage_cold_starts_both_models_on_first_start(tmp_path, tiny_model_dir):
+    from trainer.stages import EStepStage
+
+    settings = _settings(tmp_path, tiny_model_dir)
+    emits = EStepStage(settings).start()
+    updates = [e.record for e in emits]
+    assert all(e.topic is MODELS and isinstance(e.record, ModelUpdate) for e in emits)
+    assert [(u.role, u.version) for u in updates] == [
+        ("rationale_model", "rationale_model/v0001-cold_start"),
+        ("prompt_model", "prompt_model/v0001-cold_start"),
+    ]
+    seeds = load_seeds("gsm8k", "train", 8)
+    held = [s for s in seeds if is_heldout(s.id, 0.25)]
+    assert held and len(held) < len(seeds)
+    assert updates[1].metrics["n_seeds"] == len(seeds) - len(held)
+    # The held-out seeds are never trained on: they are what the NLL is measured on.
+    m = updates[1].metrics
+    assert m["heldout_problem_nll_after"] < m["heldout_problem_nll_before"] - 0.1, m
+    pool = [json.loads(line)["key"] for line in (tmp_path / "ckpt" / "heldout-seeds.jsonl").open()]
+    assert sorted(pool) == sorted(s.id for s in held)
+    # Checkpoints exist now: a restarted stage does not cold-start again.
+    assert EStepStage(settings).start() == []
+    store = CheckpointStore(tmp_path / "ckpt")
+    assert [c.tag for c in store.list("prompt_model")] == ["v0001-cold_start"]
+
+
+def test_train_cold_start_command(tmp_path, tiny_model_dir, monkeypatch):
+    from promptcot.cli import app
+
+    for role in ("PROMPT_MODEL", "RATIONALE_MODEL"):
+        monkeypatch.setenv(f"PROMPTCOT_MODELS__{role}__MODEL", str(tiny_model_dir))
+    monkeypatch.setenv(
+        "PROMPTCOT_TRAINER",
+        json.dumps({"checkpoint_dir": str(tmp_path / "ckpt"), "cold_start": FAST}),
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "cold-start", "--seeds", "6"])
+    assert result.exit_code == 0, result.output
+    assert "annotated 6 seeds (100.0%" in result.output
+    assert "prompt_model/v0001-cold_start" in result.output
+    store = CheckpointStore(tmp_path / "ckpt")
+    assert store.latest("rationale_model").tag == "v0001-cold_start"
+    again = runner.invoke(app, ["train", "cold-start", "--seeds", "6"])
+    assert again.exit_code == 0 and "already cold-started" in again.output
+    assert runner.invoke(app, ["train", "cold-start", "--seeds", "0"]).exit_code != 0
+
+
+@pytest.mark.slow
+def test_cold_start_under_torchrun_trains_data_parallel_and_rank_0_writes(tmp_path, tiny_model_dir):
+    """The documented several-GPU launch (docs/training.md), on CPU: two processes (gloo)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {
+        **os.environ,
+        "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(tiny_model_dir),
+        "PROMPTCOT_MODELS__RATIONALE_MODEL__MODEL": str(tiny_model_dir),
+        "PROMPTCOT_TRAINER": json.dumps(
+            {"checkpoint_dir": str(tmp_path / "ckpt"), "cold_start": FAST}
+        ),
+        "OMP_NUM_THREADS": "1",
+    }
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "-m", "promptcot"]
+    done = subprocess.run(
+        [*command, "train", "cold-start", "--seeds", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    store = CheckpointStore(tmp_path / "ckpt")
+    for role in ("rationale_model", "prompt_model"):
+        assert [c.tag for c in store.list(role)] == ["v0001-cold_start"]  # one, not one a rank
+    assert done.stdout.count("annotated 8 seeds") == 1  # rank 0 reports, the other is quiet
