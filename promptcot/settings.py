@@ -230,7 +230,7 @@ def explain(exc: ValidationError) -> list[str]:
     lines = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
-        path = (".".join(loc) or "<root>") + _origin(loc)
+        path = (".".join(loc) or "<root>") + _origin(loc, error.get("input"))
         if error["type"] == "extra_forbidden":
             known = _keys_at(Settings, loc[:-1])
             near = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
@@ -272,13 +272,17 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def _origin(loc: list[str]) -> str:
+def _origin(loc: list[str], given: Any = None) -> str:
     """`` (env NAME)`` or `` (file PATH)`` for the source that set the key at ``loc`` (the
-    environment wins, as it does for values); empty for values given in code."""
+    environment wins, as it does for values); empty for values given in code (a scalar that is
+    not the variable's value was given in code, which wins over the environment)."""
     env = {name.upper(): name for name in os.environ}
     for n in range(len(loc), 0, -1):  # PROMPTCOT_A__B__C, then PROMPTCOT_A__B (JSON), ...
         name = ENV_PREFIX + "__".join(loc[:n]).upper()
         if name in env:
+            value = os.environ[env[name]]
+            if n == len(loc) and isinstance(given, str | int | float) and str(given) != value:
+                return ""
             return f" (env {env[name]})"
     config = _CONFIG_FILE.get() or os.environ.get("PROMPTCOT_CONFIG")
     if config:

@@ -11,7 +11,8 @@ behind, so the retry trains exactly what a clean run trains.
   E-step checkpoint and before the M-step's, then restarted: the window completes and both
   versions are on the models topic.
 - Through the runtime (its window contract, workers/runtime.py): a window whose training keeps
-  failing is retried, then every record is dead-lettered with the reason.
+  failing (a checkpoint folder that is a file: no retry fixes it) is retried, then every record
+  is dead-lettered with the reason.
 """
 
 from __future__ import annotations
@@ -217,11 +218,6 @@ def test_worker_killed_between_e_and_m_step_completes_the_window_on_restart(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the runtime's window contract for trainer stages (workers/runtime.py, being "
-    "rewritten): today a failing batch is retried record by record, and one record is no window",
-)
 def test_a_window_whose_training_keeps_failing_is_retried_then_dead_lettered(tmp_path, tiny_model):
     from streams.broker import EmbeddedBroker
     from streams.clients import publish

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -65,10 +66,24 @@ class StartupError(RuntimeError):
     start instead of dead-lettering every record it reads."""
 
 
+# OS errors that a retry cannot fix (a path that is a file, missing or read-only): the attempt
+# fails every time, so it goes the way of any failing record (retried, then dead-lettered).
+_PERMANENT_ERRNOS = {
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+}
+
+
 def is_transient(exc: BaseException) -> bool:
     """Failures of the process's surroundings, not of a record: retried, never dead-lettered."""
     from workers.backends.base import BackendTimeoutError, UnreachableError
 
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        return False
     return isinstance(exc, UnreachableError | BackendTimeoutError | OSError)
 
 
