@@ -139,6 +139,9 @@ def test_up_trains_by_default_and_no_train_makes_a_pure_generator():
     assert stage_names(None, train=True) == [*DATA_STAGES, *TRAINER_STAGES]
     assert stage_names(None, train=False) == list(DATA_STAGES)
     assert stage_names("generate,sink", train=False) == ["generate", "sink"]
+    # A list of stages is what runs: the trainer only where it is named.
+    assert stage_names("sampler", train=True) == ["sampler"]
+    assert stage_names("generate,em", train=True) == ["generate", "em"]
     with pytest.raises(typer.BadParameter, match="unknown stages"):
         stage_names("generat", train=False)
 

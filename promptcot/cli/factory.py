@@ -48,7 +48,9 @@ def up(
     ] = 16,
     stages: Annotated[
         str | None,
-        typer.Option(help="Comma-separated stages (default: the data path and the trainer)."),
+        typer.Option(
+            help="Comma-separated stages, run as listed (default: the data path and the trainer)."
+        ),
     ] = None,
     train: Annotated[
         bool,
@@ -205,10 +207,12 @@ def serve_newest(settings) -> None:
 
 
 def stage_names(stages: str | None, train: bool) -> list[str]:
-    """The stages `up` runs: the data path (or ``stages``), and the trainer unless not ``train``."""
-    names = [s.strip() for s in stages.split(",")] if stages else list(DATA_STAGES)
-    if train:
-        names += [n for n in TRAINER_STAGES if n not in names]
+    """The stages `up` runs: ``stages`` exactly as listed (name em/dpo there to train), else the
+    data path plus the trainer unless not ``train``."""
+    if stages:
+        names = [s.strip() for s in stages.split(",")]
+    else:
+        names = list(DATA_STAGES) + (list(TRAINER_STAGES) if train else [])
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
