@@ -399,12 +399,18 @@ class EMTrainer:
             skipped = f"all {len(rationales)} rationales already trained on; versions re-announced"
         return WindowResult(updates, skipped, metrics or None, next_epoch)
 
+    def _best_train_items(
+        self, rationales: list[Rationale]
+    ) -> tuple[dict[str, Rationale], list[SeedItem]]:
+        """The best-of-K rationale per seed, and the seeds to train on (held-out ones never)."""
+        best = best_of_k(rationales)
+        items = [SeedItem.from_rationale(r) for _, r in sorted(best.items())]
+        return best, [i for i in items if not is_heldout(i.seed_id, self.settings.heldout_fraction)]
+
     def _e_step(self, rationales: list[Rationale]) -> ModelUpdate | None:
         """q_φ learns to write the rationale that best explains each problem."""
         s = self.settings
-        best = best_of_k(rationales)
-        items = [SeedItem.from_rationale(r) for _, r in sorted(best.items())]
-        train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
+        best, train = self._best_train_items(rationales)
         if not train:
             return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
@@ -431,9 +437,7 @@ class EMTrainer:
         """p_θ learns c -> (z, x) with z from the updated q_φ (greedy). A seed whose decode does
         not parse keeps its best-of-K z: the sampled z is still a valid rationale."""
         s = self.settings
-        best = best_of_k(rationales)
-        items = [SeedItem.from_rationale(r) for _, r in sorted(best.items())]
-        train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
+        best, train = self._best_train_items(rationales)
         if not train:
             return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)

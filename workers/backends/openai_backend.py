@@ -18,7 +18,6 @@ the echoed prompt tokens whose text lies in the continuation (``text_offset``).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -33,7 +32,6 @@ from tenacity import (
 
 from workers.backends.base import (
     Backend,
-    BackendError,
     BackendSettings,
     BackendTimeoutError,
     BadRequestError,
@@ -46,6 +44,7 @@ from workers.backends.base import (
     failed_score,
     mark_empty,
 )
+from workers.backends.event_loop import LoopThread
 
 T = TypeVar("T")
 
@@ -79,13 +78,9 @@ class OpenAIBackend(Backend):
             self._tokenizer = AutoTokenizer.from_pretrained(
                 settings.tokenizer, local_files_only=True
             )
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="openai-backend", daemon=True
-        )
-        self._thread.start()
+        self._loop = LoopThread("openai-backend", "the OpenAI backend")
         self._closed = False
-        self._client, self._slots = self._run(self._open())
+        self._client, self._slots = self._loop.run(self._open())
 
     async def _open(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         s = self.settings
@@ -105,16 +100,6 @@ class OpenAIBackend(Backend):
         return self.settings.concurrency
 
     # -- plumbing -----------------------------------------------------------------------------
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the backend's loop and wait for it in the calling thread."""
-        if self._loop.is_closed() or not self._thread.is_alive():
-            coro.close()
-            raise BackendError("the OpenAI backend is closed")
-        try:
-            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-        except concurrent.futures.CancelledError as exc:  # close() while this call ran
-            raise BackendError("the OpenAI backend was closed during the call") from exc
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST with retries. Raises a BackendError for whole-call failures and _ItemOverflow
@@ -188,7 +173,7 @@ class OpenAIBackend(Backend):
             sampling["seed"] = seed
         if not prompts:
             return []
-        return self._run(self._all([self._complete(p, n, sampling) for p in prompts]))
+        return self._loop.run(self._all([self._complete(p, n, sampling) for p in prompts]))
 
     async def _complete(self, prompt: str, n: int, sampling: dict[str, Any]) -> list[Completion]:
         body = {"model": self._served_model, "prompt": prompt, **sampling}
@@ -215,7 +200,9 @@ class OpenAIBackend(Backend):
             raise ValueError("prompts and continuations differ in length")
         if not prompts:
             return []
-        return self._run(self._all([self._score(p, c) for p, c in zip(prompts, continuations)]))
+        return self._loop.run(
+            self._all([self._score(p, c) for p, c in zip(prompts, continuations)])
+        )
 
     async def _score(self, prompt: str, continuation: str) -> Score:
         body = {
@@ -271,9 +258,6 @@ class OpenAIBackend(Backend):
                 return
             self._closed = True
         try:
-            self._run(self._shutdown())
+            self._loop.run(self._shutdown())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            if not self._thread.is_alive():
-                self._loop.close()
+            self._loop.stop(timeout_s=10)

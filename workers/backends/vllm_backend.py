@@ -18,14 +18,12 @@ live CPU engine does not work: docs/models.md, "vLLM on CPU"). A restart stops t
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import gc
 import itertools
 import os
 import threading
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from workers.backends.base import (
     Backend,
@@ -41,8 +39,7 @@ from workers.backends.base import (
     mark_empty,
     weights_version,
 )
-
-T = TypeVar("T")
+from workers.backends.event_loop import LoopThread
 
 
 def vllm_available() -> bool:
@@ -64,11 +61,7 @@ class VLLMBackend(Backend):
         self._lora: Any = None
         self._lora_count = 0
         self._request_ids = itertools.count()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="vllm-backend", daemon=True
-        )
-        self._thread.start()
+        self._loop = LoopThread("vllm-backend", "the vLLM backend")
         base = adapter_base(settings.model)  # a LoRA checkpoint: its base, then the adapter
         self._start(base or settings.model)
         if base:
@@ -103,23 +96,13 @@ class VLLMBackend(Backend):
         async def create() -> Any:  # on the backend's loop: the engine binds its tasks there
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
-        self.engine = self._run(create())
+        self.engine = self._loop.run(create())
         self.tokenizer = self.engine.get_tokenizer()
         self.model_version = weights_version(model_path)
 
     @property
     def max_in_flight(self) -> int:
         return int(self.engine.vllm_config.scheduler_config.max_num_seqs)
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the backend's loop and wait for it in the calling thread."""
-        if self._loop.is_closed() or not self._thread.is_alive():
-            coro.close()
-            raise BackendError("the vLLM backend is closed")
-        try:
-            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-        except concurrent.futures.CancelledError as exc:
-            raise BackendError("the vLLM backend was closed during the call") from exc
 
     async def _all(self, requests: list[tuple[Any, Any]]) -> list[Any]:
         """Final outputs of (prompt, sampling params) requests, in order, each submitted at
@@ -197,8 +180,7 @@ class VLLMBackend(Backend):
     def close(self) -> None:
         with self._lock:
             self._shutdown()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
+            self._loop.stop(timeout_s=30)
 
     def render_messages(self, messages: list[dict[str, str]]) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -247,7 +229,7 @@ class VLLMBackend(Backend):
             )
             index.append(i)
         if requests:
-            outputs = self._run(self._all(list(zip(requests, params))))
+            outputs = self._loop.run(self._all(list(zip(requests, params))))
             for i, out in zip(index, outputs):
                 n_prompt = len(out.prompt_token_ids)
                 results[i] = [
@@ -288,7 +270,7 @@ class VLLMBackend(Backend):
                 prompt_logprobs=0,
                 output_kind=RequestOutputKind.FINAL_ONLY,
             )
-            outputs = self._run(
+            outputs = self._loop.run(
                 self._all([(TokensPrompt(prompt_token_ids=ids), params) for _, ids, _ in todo])
             )
             for (i, ids, first), out in zip(todo, outputs):

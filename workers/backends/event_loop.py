@@ -1,0 +1,44 @@
+"""An asyncio event loop on a daemon thread of its own, for backends whose client is async (httpx
+for OpenAI-compatible servers, vLLM's AsyncLLM): the stages call them from worker threads and
+wait there for the loop's result, while the loop keeps every request of every caller in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from workers.backends.base import BackendError
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    def __init__(self, name: str, what: str):
+        self.what = what  # "the OpenAI backend": how errors name the owner
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop and wait for it in the calling thread."""
+        if self.loop.is_closed() or not self._thread.is_alive():
+            coro.close()
+            raise BackendError(f"{self.what} is closed")
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        except concurrent.futures.CancelledError as exc:  # stop() while this call ran
+            raise BackendError(f"{self.what} was closed during the call") from exc
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop the loop; close it once its thread has ended (a thread still inside a call after
+        ``timeout_s`` keeps the loop, which dies with the process)."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=timeout_s)
+        if not self._thread.is_alive():
+            self.loop.close()
