@@ -1,7 +1,7 @@
 """Broker throughput: the durable embedded broker (Tansu's s3:// engine on the local S3 server)
 vs the in-memory one, produce and consume, with kafka-python and aiokafka.
 
-    .venv/bin/python -m bench --case broker [--quick]     (or: python bench/broker.py)
+    .venv/bin/python -m bench --case broker [--quick]
 
 Both brokers run at once and every round measures all eight cells back to back, so machine load
 hits them alike; figures are the median of the rounds with their spread ([min, max]), and the

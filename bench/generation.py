@@ -2,7 +2,7 @@
 
 - batched vs single: tokens/s generating the same prompts in calls of 16 vs one at a time
   (docs/models.md: ~7x on the tiny model, ~9x on SmolLM2-135M on an idle machine).
-- stage vs direct (issue 3): tokens/s of ``GenerateStage.process`` on ConceptSet records (tokens
+- stage vs direct: tokens/s of ``GenerateStage.process`` on ConceptSet records (tokens
   from the stage's own counter, promptcot_model_tokens_total{role="prompt_model",
   kind="completion"}) against calling the same backend instance directly on the same rendered
   prompts, in the same two phases (rationale up to its delimiter, then the problem after the

@@ -14,7 +14,7 @@ programs once a slot's zygote runs.
 
 measure(quick) returns the figures for the project's benchmark harness; run as a script it
 prints them as a table:
-  python bench/sandbox.py [--quick] [--rounds 5] [--solutions 6] [--tests 10]
+  python bench/sandbox.py [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def modes_side_by_side(
             modes["per-test"] = lambda p, t: per_test(sb, p, t)
         for name, fn in modes.items():
             fn.__name__ = name
-            fn(*jobs[0])  # warm-up: page cache, and each slot's zygote
+            timed(fn, jobs[:slots], slots)  # warm-up: page cache, and each slot's zygote
         times: dict[str, list[float]] = {name: [] for name in modes}
         for _ in range(rounds):
             for name, fn in modes.items():

@@ -103,7 +103,10 @@ def measure(quick: bool = False) -> list[Row]:
                 figures["mean_stage"].append(served["mean_running"])
                 figures["full_stage"].append(100 * served["full"])
 
-        run_stage(settings, stage, body)
+        try:
+            run_stage(settings, stage, body)
+        finally:
+            backend.close()
 
     ratio = [s / d for s, d in zip(figures["stage"], figures["direct"], strict=True)]
     setup = (

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import os
 import shutil
 import signal
@@ -169,7 +168,3 @@ def busy(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
         "full": (after["full_s"] - before["full_s"]) / elapsed,
         "requests": after["requests"] - before["requests"],
     }
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=str)

@@ -65,14 +65,15 @@ def pairs(n: int) -> list[PreferencePair]:
 
 
 def plain_trl_dpo(model_path: str, rows: list[dict[str, str]], settings: TrainerSettings) -> float:
-    """The same DPO training, TRL called plainly: same model, rows and arguments, no margins,
-    no checkpoint, no bookkeeping. Seconds of DPOTrainer construction + train()."""
+    """The same DPO training, TRL called plainly: same model (with the same LoRA adapter when the
+    profile trains one), rows and arguments, no margins, no checkpoint, no bookkeeping. Seconds
+    of DPOTrainer construction + train()."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from trainer.checkpoints import normalize_end_of_turn
+    from trainer.checkpoints import apply_lora_setting, normalize_end_of_turn
     from trainer.sft import common_training_args
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -81,10 +82,13 @@ def plain_trl_dpo(model_path: str, rows: list[dict[str, str]], settings: Trainer
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     normalize_end_of_turn(tokenizer)
     cfg = settings.dpo
+    model = apply_lora_setting(model, cfg.use_lora, cfg.lora)
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
         started = time.perf_counter()
         args = DPOConfig(
-            **common_training_args(cfg, len(rows), settings.seed, out),
+            **common_training_args(
+                cfg, len(rows), settings.seed, out, model=model, dtype=settings.dtype
+            ),
             beta=cfg.beta,
             max_length=cfg.max_seq_len,
             precompute_ref_log_probs=True,

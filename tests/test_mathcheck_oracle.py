@@ -131,6 +131,20 @@ def test_oracle_survives_a_killed_worker(oracle):
     assert oracle.worker_starts == starts + 1
 
 
+def test_a_worker_that_dies_between_the_liveness_check_and_the_send_is_replaced(
+    oracle, monkeypatch
+):
+    assert oracle.equivalent("(6)", "6 + 0")
+    starts = oracle.worker_starts
+    dead = oracle._worker
+    dead.proc.kill()
+    dead.proc.wait()
+    dead.conn.close()  # its socket is gone too: the send fails
+    monkeypatch.setattr(dead.proc, "poll", lambda: None)  # ... after the check said alive
+    assert oracle.equivalent("(7)", "7 + 0") is True
+    assert oracle.worker_starts == starts + 1
+
+
 def test_oracle_is_usable_from_threads(oracle):
     golds = sample_golds(40, seed=11)
     results: dict[int, list[bool]] = {}

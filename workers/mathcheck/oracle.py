@@ -238,7 +238,11 @@ class EquivalenceOracle:
                 if worker.proc.poll() is not None:  # died since the last call (e.g. OOM-killed)
                     self._drop_worker()
                     worker = self._ensure_worker()
-                worker.conn.send(("pairs", remaining))
+                try:
+                    worker.conn.send(("pairs", remaining))
+                except OSError:  # died between the poll and the send: a new worker takes them
+                    self._drop_worker()
+                    continue
                 for offset in range(len(remaining)):
                     verdict, outcome = self._receive(worker, offset)
                     results.append((verdict, outcome))

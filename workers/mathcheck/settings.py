@@ -8,7 +8,7 @@ from streams.settings import Section
 
 
 class MathCheckSettings(Section):
-    """Math verification knobs (composed into the global Settings by the lead)."""
+    """Math verification knobs (``verify.math``: ``VerifySettings`` in ``workers/settings.py``)."""
 
     min_agreement: float = Field(
         0.25,

@@ -99,8 +99,10 @@ def _own_cgroup(controller: str) -> str:
 
 class Cgroup:
     """One cgroup directory of a slot: a v1 hierarchy's (one controller) or the v2 hierarchy's
-    (several controllers). Created below this process's own cgroup, so the sandbox stays inside
-    whatever limits the worker itself runs under (a container's memory limit)."""
+    (several controllers). v1: created below this process's own cgroup, so the sandbox stays
+    inside whatever limits the worker runs under. v2: created at the root of the hierarchy this
+    process sees (a v2 cgroup with processes cannot delegate controllers to children); in a
+    container with its own cgroup namespace that root is the container's cgroup."""
 
     def __init__(self, path: Path, controllers: tuple[str, ...]):
         self.path = path

@@ -162,7 +162,6 @@ class Sandbox:
     def __init__(self, settings: SandboxSettings | None = None):
         self.settings = settings or SandboxSettings()
         self.is_root = os.geteuid() == 0
-        self.isolated_uids = self.is_root
         if not self.is_root:
             log.warning(
                 "sandbox not started as root: all slots share uid %d, no cgroups, "

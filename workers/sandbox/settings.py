@@ -1,6 +1,6 @@
 """Settings of the code sandbox: which isolation to use, how many slots, and the limits of one run.
 
-Composed into the global settings as ``verify.sandbox`` (``streams/settings.py``). How these
+Composed into the global settings as ``verify.sandbox`` (``workers/settings.py``). How these
 values are enforced: ``docs/sandbox.md``.
 """
 
@@ -32,7 +32,7 @@ class Limits(Section):
 
 
 class SandboxSettings(Section):
-    """Settings of the code sandbox (composed into the global Settings as ``sandbox``)."""
+    """Settings of the code sandbox (``verify.sandbox`` in the global settings)."""
 
     backend: Literal["auto", "bwrap", "unshare", "none"] = "auto"
     allow_unsandboxed: bool = False  # "none" (or auto finding nothing) raises unless True
