@@ -324,7 +324,29 @@ def test_vllm_reload_runs_one_engine_and_puts_an_adapter_on_its_own_base(
     try:
         want = [x[0].text for x in reference.generate(prompts, temperature=0, max_tokens=24)]
         assert _engine_cores() == before + 1
+        # A stage thread keeps calling while the engine restarts: its calls wait for the new
+        # engine instead of failing on the stopped one.
+        errors: list[BaseException] = []
+        calls, done = [], threading.Event()
+
+        def keep_generating() -> None:
+            while not done.is_set():
+                try:
+                    out = backend.generate(prompts[:2], temperature=0, max_tokens=8)
+                except Exception as exc:  # noqa: BLE001  (what the test looks for)
+                    errors.append(exc)
+                    return
+                calls.append([c[0].error for c in out])
+
+        caller = threading.Thread(target=keep_generating)
+        caller.start()
+        while not calls and caller.is_alive():
+            time.sleep(0.05)
         backend.reload(str(other))  # full weights: the old engine stops before the new starts
+        done.set()
+        caller.join()
+        assert errors == [] and len(calls) >= 2
+        assert all(e is None for call in calls for e in call)
         assert _engine_cores() == before + 1
         served_other = [x[0].text for x in backend.generate(prompts, temperature=0, max_tokens=24)]
         assert served_other != want  # precondition: the other weights answer differently

@@ -18,10 +18,12 @@ live CPU engine does not work: docs/models.md, "vLLM on CPU"). A restart stops t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,11 @@ class VLLMBackend(Backend):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default is large
         self.settings = settings
         self._lock = threading.RLock()
+        # Calls and engine restarts exclude each other: a restart waits for the calls on the
+        # old engine (they would die with it), calls wait for the new engine.
+        self._gate = threading.Condition()
+        self._calls = 0
+        self._swapping = False
         self._lora: Any = None
         self._lora_count = 0
         self._request_ids = itertools.count()
@@ -127,19 +134,49 @@ class VLLMBackend(Backend):
 
     def reload(self, model_path: str) -> None:
         """Serve ``model_path``: a full model folder (engine restart), or a LoRA adapter on the
-        base it names (engine restart only if that is not the base being served)."""
+        base it names (engine restart only if that is not the base being served). Calls made
+        meanwhile wait for the new engine; if it fails to start, the old weights come back."""
         with self._lock:
             base = adapter_base(model_path)
-            if base is None:
-                self._shutdown()
-                self._lora = None
-                self._start(model_path)
-                return
-            if Path(base).resolve() != Path(self._model_path).resolve():
-                self._shutdown()
-                self._lora = None
-                self._start(base)
-            self._attach(model_path)
+            weights = base or model_path
+            if base is None or Path(base).resolve() != Path(self._model_path).resolve():
+                with self._restarting():
+                    old = self._model_path
+                    self._shutdown()
+                    self._lora = None
+                    try:
+                        self._start(weights)
+                    except Exception:
+                        self._start(old)
+                        raise
+            if base:
+                self._attach(model_path)
+
+    @contextlib.contextmanager
+    def _restarting(self) -> Iterator[None]:
+        with self._gate:
+            self._swapping = True
+            while self._calls:
+                self._gate.wait()
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._swapping = False
+                self._gate.notify_all()
+
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        with self._gate:
+            while self._swapping:
+                self._gate.wait()
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._calls -= 1
+                self._gate.notify_all()
 
     def _attach(self, adapter: str) -> None:
         if not self.settings.enable_lora:
@@ -202,6 +239,19 @@ class VLLMBackend(Backend):
         stop: list[str] | None = None,
         seed: int | None = None,
     ) -> list[list[Completion]]:
+        with self._serving():
+            return self._generate(prompts, n, temperature, top_p, max_tokens, stop, seed)
+
+    def _generate(
+        self,
+        prompts: list[str],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        stop: list[str] | None,
+        seed: int | None,
+    ) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -222,7 +272,7 @@ class VLLMBackend(Backend):
                     top_p=top_p if temperature > 0 else 1.0,
                     max_tokens=min(max_tokens, limit - len(ids)),
                     stop=list(stop) if stop else None,
-                    # One seed per prompt: results then do not depend on batch composition.
+                    # One seed per prompt of the call (seed + its index in the call).
                     seed=None if seed is None else seed + i,
                     output_kind=RequestOutputKind.FINAL_ONLY,
                 )
@@ -246,6 +296,10 @@ class VLLMBackend(Backend):
         return [r or [] for r in results]
 
     def score(self, prompts: list[str], continuations: list[str]) -> list[Score]:
+        with self._serving():
+            return self._score(prompts, continuations)
+
+    def _score(self, prompts: list[str], continuations: list[str]) -> list[Score]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
