@@ -33,6 +33,7 @@ from streams.cluster import kafka_python_config
 from streams.records import ConceptSet, DeadLetter, Verdict
 from streams.topics import CONCEPTS, ensure_topics
 from workers.runtime import OffsetLedger, run_stages
+from workers.stage import Emit
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("scripted_stage.py")
@@ -260,6 +261,62 @@ def test_records_in_flight_move_on_as_they_finish_and_offsets_wait_for_the_slowe
     assert stage.max_active >= 4  # records were in process together
     assert "committed" in seen, "the slow record finished before the fast ones were out"
     assert all(offset <= 0 for offset in seen["committed"].values())  # not past the slow one
+
+
+class _Unjournaled(ScriptedStage):
+    """Like the sampler: not journaled, so only the runtime can keep it from deciding twice."""
+
+    journaled = False
+
+    def __init__(self, settings, primes: list[ConceptSet] | None = None, **kwargs):
+        super().__init__(settings, **kwargs)
+        self.primes = primes or []
+        self.starts = 0
+
+    def start(self) -> list[Emit]:
+        self.starts += 1
+        return self.process(self.primes)
+
+
+@pytest.fixture
+def flaky_producer(monkeypatch):
+    """The app's producer fails its first send to the verdicts topic, as a broker hiccup does."""
+    from aiokafka.errors import KafkaConnectionError
+    from faust.transport.drivers.aiokafka import Producer
+
+    send = Producer.send
+    failures = {"left": 1}
+
+    async def flaky(self, topic, *args, **kwargs):
+        if topic.endswith(".verdicts") and failures["left"] > 0:
+            failures["left"] -= 1
+            raise KafkaConnectionError("broker hiccup")
+        return await send(self, topic, *args, **kwargs)
+
+    monkeypatch.setattr(Producer, "send", flaky)
+    return failures
+
+
+def test_a_failed_send_is_retried_without_processing_the_chunk_again(
+    broker, tmp_path, flaky_producer
+):
+    settings = _settings(tmp_path, broker, batch_size=4, batch_within_s=1.0)
+    sets = _sets(4)
+    _raw_send(settings, [(b"one-partition", serde.encode(s)) for s in sets])
+    stage = _Unjournaled(settings)
+    _run(settings, stage, lambda: len(_verdicts(settings)) >= 4)
+    assert flaky_producer["left"] == 0  # the hiccup happened
+    assert sorted(i for call in stage.calls for i in call) == sorted(s.id for s in sets)
+    assert sorted(v.subject_id for v in _verdicts(settings)) == sorted(s.id for s in sets)
+
+
+def test_a_failed_send_of_the_start_records_is_retried(broker, tmp_path, flaky_producer):
+    settings = _settings(tmp_path, broker)
+    primes = _sets(3, prefix="prime")
+    stage = _Unjournaled(settings, primes=primes)
+    _run(settings, stage, lambda: len(_verdicts(settings)) >= 3, timeout_s=40)
+    assert flaky_producer["left"] == 0 and stage.starts == 1
+    assert sorted(v.subject_id for v in _verdicts(settings)) == sorted(p.id for p in primes)
 
 
 def _worker(settings, tmp_path: Path, log: Path, **env: str) -> subprocess.Popen:

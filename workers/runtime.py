@@ -15,8 +15,9 @@ transformers backend gets whole micro-batches, one at a time. Each chunk:
    transient failure (a model server down, a full disk) is retried with backoff until it works
    or the worker stops; any other exception is retried record by record (the window, for the
    trainer) and the records that keep failing become dead letters with the error;
-4. has its outputs recorded in the journal, then sent; when every send is acknowledged by the
-   broker, its input messages are finished.
+4. has its outputs recorded in the journal, then sent (a failed send is retried with the same
+   outputs, never by processing again); when every send is acknowledged by the broker, its
+   input messages are finished.
 
 Acknowledgement to Faust follows offset order per partition (``OffsetLedger``): a message is
 acknowledged only when it and every message before it on its partition are finished, so the
@@ -246,7 +247,19 @@ class StageAgent:
     async def _prime(self) -> None:
         loop = asyncio.get_running_loop()
         emits = await loop.run_in_executor(self.executor, self.stage.start)
-        await self._send([self._outgoing(e) for e in emits])
+        outgoing = [self._outgoing(e) for e in emits]
+        backoff = self.settings.worker.retry_backoff_s
+        while not self.stopping.is_set():  # start() changed the stage's state: send, never redo
+            try:
+                await self._send(outgoing)
+                return
+            except Exception:
+                log.exception(
+                    "stage %s: its start records could not be sent; retrying", self.stage.name
+                )
+                metrics.RETRIES.labels(stage=self.stage.name, kind="runtime").inc()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.worker.retry_backoff_max_s)
 
     async def _run(self, stream: faust.StreamT) -> None:
         name = self.stage.name
@@ -285,10 +298,12 @@ class StageAgent:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         backoff = self.settings.worker.retry_backoff_s
+        outgoing: list[Outgoing] | None = None
         try:
             while True:  # a broker that is away, a journal disk that is full: wait and retry
                 try:
-                    outgoing = await loop.run_in_executor(self.executor, self._outputs, events)
+                    if outgoing is None:  # computed once: process() may change a stage's state
+                        outgoing = await loop.run_in_executor(self.executor, self._outputs, events)
                     await self._send(outgoing)
                     break
                 except (_Stopped, asyncio.CancelledError):
