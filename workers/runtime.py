@@ -385,11 +385,11 @@ class StageAgent:
         """``stage.process`` with the failure policy; never raises but ``_Stopped``."""
         if self.stopping.is_set():  # queued behind the chunk in process when the stop came
             raise _Stopped()
-        self.stage.ensure_ready()
         attempts = 0
         backoff = self.settings.worker.retry_backoff_s
         while True:
             try:
+                self.stage.ensure_ready()
                 return self._attribute(items, self.stage.process([i.record for i in items]))
             except Exception as exc:
                 if is_transient(exc):
