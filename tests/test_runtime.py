@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
+import faust
 import pytest
 from factory_harness import read_records, wait_until
 from scripted_stage import ScriptedStage
@@ -31,9 +32,9 @@ from streams.broker import EmbeddedBroker
 from streams.clients import publish
 from streams.cluster import kafka_python_config
 from streams.records import ConceptSet, DeadLetter, Verdict
-from streams.topics import CONCEPTS, ensure_topics
+from streams.topics import CONCEPTS, VERDICTS, ensure_topics
 from workers.runtime import OffsetLedger, run_stages
-from workers.stage import Emit
+from workers.stage import Emit, ModelStage
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("scripted_stage.py")
@@ -317,6 +318,50 @@ def test_a_failed_send_of_the_start_records_is_retried(broker, tmp_path, flaky_p
     _run(settings, stage, lambda: len(_verdicts(settings)) >= 3, timeout_s=40)
     assert flaky_producer["left"] == 0 and stage.starts == 1
     assert sorted(v.subject_id for v in _verdicts(settings)) == sorted(p.id for p in primes)
+
+
+class _NoModel(ModelStage[ConceptSet]):
+    """A model stage (so the process follows the models topic) that uses no model."""
+
+    name = "generate"
+    input = CONCEPTS
+    outputs = (VERDICTS,)
+    roles = ()
+    closed = False
+
+    def _continuous(self) -> bool:
+        return False
+
+    def process(self, records: list[ConceptSet]) -> list[Emit]:
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_failing_app_start_stops_the_model_follower_and_the_stage(broker, tmp_path, monkeypatch):
+    settings = _settings(tmp_path, broker)
+
+    async def refuse(self):
+        raise RuntimeError("the app cannot start")
+
+    monkeypatch.setattr(faust.App, "start", refuse)
+    stage = _NoModel(settings)
+
+    async def run() -> list[str]:
+        with pytest.raises(RuntimeError, match="cannot start"):
+            await run_stages(settings, [stage], broker.bootstrap_servers, app_id="g")
+        await asyncio.sleep(0)
+        current = asyncio.current_task()
+        return [
+            t.get_coro().__qualname__
+            for t in asyncio.all_tasks()
+            if t is not current and not t.done()
+        ]
+
+    left = asyncio.run(run())
+    assert not any("_follow" in name for name in left), left
+    assert stage.closed
 
 
 def _worker(settings, tmp_path: Path, log: Path, **env: str) -> subprocess.Popen:

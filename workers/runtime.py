@@ -568,22 +568,27 @@ async def run_stages(
     await loop.run_in_executor(None, setup_stages, stages)
     group = app_id or f"{settings.kafka.consumer_group_prefix}-{'-'.join(s.name for s in stages)}"
     app = build_app(settings, bootstrap, group)
-    agents = [StageAgent(app, stage, settings) for stage in stages]
+    agents: list[StageAgent] = []
     follower = None
-    if any(isinstance(s, ModelStage) for s in stages):
-        follower = ModelFollower(settings, bootstrap)
-        follower.start()
-    await app.start()
-    for stage in stages:  # a stage stuck from its start is a stall too (ops/prometheus/alerts.yml)
-        metrics.LAST_PROGRESS.labels(stage=stage.name).set(time.time())
-    monitor = asyncio.create_task(monitoring.monitor(settings, bootstrap, group, stages))
-    try:
+    monitor = None
+    try:  # whatever fails from here (an agent, the app's start) stops what started before it
+        for stage in stages:
+            agents.append(StageAgent(app, stage, settings))
+        if any(isinstance(s, ModelStage) for s in stages):
+            follower = ModelFollower(settings, bootstrap)
+            follower.start()
+        await app.start()
+        # A stage stuck from its start is a stall too (ops/prometheus/alerts.yml).
+        for stage in stages:
+            metrics.LAST_PROGRESS.labels(stage=stage.name).set(time.time())
+        monitor = asyncio.create_task(monitoring.monitor(settings, bootstrap, group, stages))
         if until is None:
             await asyncio.Event().wait()
         else:
             await until()
     finally:
-        monitor.cancel()  # lag and health (workers/monitoring.py)
+        if monitor is not None:
+            monitor.cancel()  # lag and health (workers/monitoring.py)
         await _shut_down(app, agents, settings.worker.shutdown_grace_s)
         if follower is not None:
             await follower.stop()
