@@ -524,6 +524,8 @@ class StageAgent:
         self.executor.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(Exception):
             self.stage.close()
+        if self.journal is not None:
+            self.journal.close()
 
 
 def _merge(outcomes) -> _Outcome:
