@@ -155,6 +155,17 @@ class AnnotateSettings(Section):
     temperature: float = 0.0
     max_tokens: int = 192
 
+    @model_validator(mode="after")
+    def _check_sources(self) -> AnnotateSettings:
+        # A rationale derived from the solution uses the lexicon's concepts (workers/annotation.py)
+        if self.concept_source == "model" and self.rationale_source == "solution":
+            raise ValueError(
+                'concept_source "model" needs the teacher, but rationale_source "solution" uses '
+                'no model: set rationale_source to "model" or "auto", or concept_source to '
+                '"lexicon"'
+            )
+        return self
+
 
 class SinkSettings(Section):
     output_dir: Path = Path("promptcot-output")
