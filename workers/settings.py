@@ -34,9 +34,9 @@ class StageRuntime(Section):
 
     batch_size: int = Field(8, ge=1)
     batch_within_s: float = Field(0.5, gt=0)
-    # Records in process at once, across micro-batches. None: sized from the stage's backends
-    # (a continuous-batching server: its concurrency; the in-process transformers backend: one
-    # micro-batch), or one micro-batch for stages without a model.
+    # Records in process at once, across micro-batches. None: sized by the stage (a
+    # continuous-batching server: its concurrency; otherwise four micro-batches, so sends and
+    # broker acknowledgements overlap the next batch's work: Stage.default_in_flight).
     in_flight: int | None = Field(None, ge=1)
     # A record whose processing raises (not a model's bad output: a bug or a poison record) is
     # tried this many times, then dead-lettered with the error. Trainer stages retry the window.
