@@ -6,9 +6,10 @@ broadcast), while the stages of a process share one group. It starts from the be
 topic, so a process that (re)starts serves the newest announced version at once. Updates older
 than the one applied are ignored (a redelivery, or two trainers racing), as are updates whose
 folder was pruned or that fail to load (a corrupt checkpoint: the role keeps its weights and
-takes the next update). A failing read of the topic is retried with backoff. Only roles this process has loaded are reloaded; a backend shared with a role
-that did not change keeps its weights: the moved role gets a copy of its own (BackendPool).
-Stages look their backend up per batch, so what they emit next carries the new version.
+takes the next update). A failing read of the topic is retried with backoff. Only roles this
+process has loaded are reloaded; a backend shared with a role that did not change keeps its
+weights: the moved role gets a copy of its own (BackendPool). Stages look their backend up per
+batch, so what they emit next carries the new version.
 """
 
 from __future__ import annotations
