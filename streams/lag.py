@@ -59,7 +59,11 @@ class LagReader:
             fetch_max_wait_ms=100,
             request_timeout_ms=_REQUEST_TIMEOUT_MS + 1000,  # must exceed fetch_max_wait_ms
         )
-        self._admin = KafkaAdminClient(**config, request_timeout_ms=_REQUEST_TIMEOUT_MS)
+        try:
+            self._admin = KafkaAdminClient(**config, request_timeout_ms=_REQUEST_TIMEOUT_MS)
+        except BaseException:
+            self._consumer.close()
+            raise
 
     def read(self, group: str, topics: list[str]) -> list[PartitionLag]:
         """Lag of ``group`` on every partition of ``topics`` (full names)."""

@@ -77,8 +77,9 @@ CONSUMER_LAG = Gauge(
     "Records of an input topic partition not yet committed by the stage's consumer group",
     ["group", "stage", "topic", "partition"],
 )
-# Set by the trainer (trainer/updates.py, from every update it announces), by the reload
-# follower (workers/reload.py) for the version a process serves, and by eval (trainer/evaluate.py).
+# The TRAINER_* gauges are set by the trainer only (trainer/updates.py, from every update it
+# announces); MODEL_VERSION by it and by the reload follower (workers/reload.py) for the version a
+# process serves; EVAL_ACCURACY by eval (trainer/evaluate.py).
 TRAINER_LOSS = Gauge(
     "promptcot_trainer_loss", "Mean training loss of the last update", ["role", "step"]
 )

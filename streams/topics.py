@@ -60,7 +60,7 @@ DEAD_LETTERS = TopicSpec("deadletter", DeadLetter, "source_topic", doc="unreadab
 DEAD_LETTER_REPLAYS = TopicSpec(
     "deadletter.replays",
     DeadLetterReplay,
-    "dead_letter_id",
+    "source_topic",
     partitions=1,
     doc="dead letters replayed to their source topic",
 )

@@ -438,3 +438,35 @@ def test_openai_slow_endpoint_times_out(server):
         remote.generate(["hi"], max_tokens=2)
     assert info.value.reason == "timeout"
     remote.close()
+
+
+def test_stopping_the_loop_thread_fails_a_call_in_flight_instead_of_hanging_it():
+    import asyncio
+
+    from workers.backends.base import BackendError
+    from workers.backends.event_loop import LoopThread
+
+    loop = LoopThread("test-loop", "the test backend")
+    started = threading.Event()
+    outcome: list[BaseException | None] = []
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    def call() -> None:
+        try:
+            loop.run(forever())
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects what the caller got
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    assert started.wait(timeout=30)
+    loop.stop(timeout_s=30)
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "the caller still waits on a loop that stopped"
+    [error] = outcome
+    assert isinstance(error, BackendError) and "closed during the call" in str(error)
+    assert loop.loop.is_closed()

@@ -165,3 +165,24 @@ def test_a_worker_reports_its_groups_lag_and_readiness_while_it_runs(broker):
     assert len(gauge) == settings.kafka.partitions and sum(gauge.values()) == 0, gauge
     assert seen_ready[-1], "not ready while the stages ran"  # the first look may precede start
     assert HEALTH.ready() == (False, "stopping")
+
+
+def test_a_lag_reader_whose_admin_client_fails_closes_its_consumer(broker, monkeypatch):
+    from kafka.errors import KafkaConnectionError
+
+    consumers: list[KafkaConsumer] = []
+
+    class Recorded(KafkaConsumer):
+        def __init__(self, **config):
+            super().__init__(**config)
+            consumers.append(self)
+
+    def no_admin(**config):
+        raise KafkaConnectionError("no broker answers")
+
+    monkeypatch.setattr(lag, "KafkaConsumer", Recorded)
+    monkeypatch.setattr(lag, "KafkaAdminClient", no_admin)
+    with pytest.raises(KafkaConnectionError):
+        lag.LagReader(KafkaSettings(), broker.bootstrap_servers)
+    [consumer] = consumers
+    assert consumer._closed

@@ -173,3 +173,11 @@ def test_every_record_type_has_a_json_schema_and_a_unique_kind():
 def test_unknown_fields_are_rejected_not_silently_dropped():
     with pytest.raises(ValidationError):
         Verdict(subject_id="x", stage="s", accepted=True, reason="accepted", domain="math", bogus=1)
+
+
+def test_every_topic_is_keyed_by_a_field_of_its_record_type():
+    """A key naming no field silently falls back to the record id (workers/runtime.py)."""
+    from streams.topics import CATALOGUE
+
+    for spec in CATALOGUE.values():
+        assert spec.key in spec.record.model_fields, (spec.name, spec.key)

@@ -177,3 +177,46 @@ def test_a_role_follows_checkpoints_unless_a_server_is_rolled_by_its_deployment(
     pinned = ModelRoles(solver={"model": str(tiny_model_dir), "follow_checkpoints": False})
     backend_for(pinned, "solver")
     assert not reload_role(pinned, "solver", str(copy))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_fails_to_load_is_skipped_and_the_next_one_is_served(
+    tmp_path, tiny_model_dir
+):
+    """A corrupt checkpoint must not end hot reload for the rest of the process's life."""
+    import asyncio
+
+    from workers.roles import ModelRoles, backend_for
+
+    solver = backend_for(ModelRoles(solver={"model": str(tiny_model_dir)}), "solver")
+    store = CheckpointStore(tmp_path / "ckpt")
+    corrupt = store.save("solver", "dpo", lambda d: (d / "config.json").write_text("{not json"))
+    good = store.save(
+        "solver", "dpo", lambda d: shutil.copytree(tiny_model_dir, d, dirs_exist_ok=True)
+    )
+    with EmbeddedBroker() as broker:
+        settings = factory_settings(tmp_path, broker.bootstrap_servers, tiny_model_dir)
+        kafka = settings.kafka
+        ensure_topics(kafka_python_config(kafka, broker.bootstrap_servers), kafka.namespace, 2, 1)
+        follower = ModelFollower(settings, broker.bootstrap_servers, backends={"solver": solver})
+
+        async def until(check) -> None:
+            for _ in range(600):
+                if check():
+                    return
+                await asyncio.sleep(0.1)
+            raise TimeoutError
+
+        async def follow() -> None:
+            follower.start()
+            try:
+                publish(kafka, broker.bootstrap_servers, MODELS, [_update(corrupt)])
+                # Tried (and skipped), or the follower died of it.
+                await until(lambda: follower.applied.get("solver") or follower._task.done())
+                publish(kafka, broker.bootstrap_servers, MODELS, [_update(good)])
+                await until(lambda: follower.applied.get("solver") == good.version)
+            finally:
+                await follower.stop()
+
+        asyncio.run(follow())
+    assert solver.model_version.startswith(f"{good.path.name}@")

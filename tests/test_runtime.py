@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
+import faust
 import pytest
 from factory_harness import read_records, wait_until
 from scripted_stage import ScriptedStage
@@ -31,8 +32,9 @@ from streams.broker import EmbeddedBroker
 from streams.clients import publish
 from streams.cluster import kafka_python_config
 from streams.records import ConceptSet, DeadLetter, Verdict
-from streams.topics import CONCEPTS, ensure_topics
+from streams.topics import CONCEPTS, VERDICTS, ensure_topics
 from workers.runtime import OffsetLedger, run_stages
+from workers.stage import Emit, ModelStage
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("scripted_stage.py")
@@ -260,6 +262,106 @@ def test_records_in_flight_move_on_as_they_finish_and_offsets_wait_for_the_slowe
     assert stage.max_active >= 4  # records were in process together
     assert "committed" in seen, "the slow record finished before the fast ones were out"
     assert all(offset <= 0 for offset in seen["committed"].values())  # not past the slow one
+
+
+class _Unjournaled(ScriptedStage):
+    """Like the sampler: not journaled, so only the runtime can keep it from deciding twice."""
+
+    journaled = False
+
+    def __init__(self, settings, primes: list[ConceptSet] | None = None, **kwargs):
+        super().__init__(settings, **kwargs)
+        self.primes = primes or []
+        self.starts = 0
+
+    def start(self) -> list[Emit]:
+        self.starts += 1
+        return self.process(self.primes)
+
+
+@pytest.fixture
+def flaky_producer(monkeypatch):
+    """The app's producer fails its first send to the verdicts topic, as a broker hiccup does."""
+    from aiokafka.errors import KafkaConnectionError
+    from faust.transport.drivers.aiokafka import Producer
+
+    send = Producer.send
+    failures = {"left": 1}
+
+    async def flaky(self, topic, *args, **kwargs):
+        if topic.endswith(".verdicts") and failures["left"] > 0:
+            failures["left"] -= 1
+            raise KafkaConnectionError("broker hiccup")
+        return await send(self, topic, *args, **kwargs)
+
+    monkeypatch.setattr(Producer, "send", flaky)
+    return failures
+
+
+def test_a_failed_send_is_retried_without_processing_the_chunk_again(
+    broker, tmp_path, flaky_producer
+):
+    settings = _settings(tmp_path, broker, batch_size=4, batch_within_s=1.0)
+    sets = _sets(4)
+    _raw_send(settings, [(b"one-partition", serde.encode(s)) for s in sets])
+    stage = _Unjournaled(settings)
+    _run(settings, stage, lambda: len(_verdicts(settings)) >= 4)
+    assert flaky_producer["left"] == 0  # the hiccup happened
+    assert sorted(i for call in stage.calls for i in call) == sorted(s.id for s in sets)
+    assert sorted(v.subject_id for v in _verdicts(settings)) == sorted(s.id for s in sets)
+
+
+def test_a_failed_send_of_the_start_records_is_retried(broker, tmp_path, flaky_producer):
+    settings = _settings(tmp_path, broker)
+    primes = _sets(3, prefix="prime")
+    stage = _Unjournaled(settings, primes=primes)
+    _run(settings, stage, lambda: len(_verdicts(settings)) >= 3, timeout_s=40)
+    assert flaky_producer["left"] == 0 and stage.starts == 1
+    assert sorted(v.subject_id for v in _verdicts(settings)) == sorted(p.id for p in primes)
+
+
+class _NoModel(ModelStage[ConceptSet]):
+    """A model stage (so the process follows the models topic) that uses no model."""
+
+    name = "generate"
+    input = CONCEPTS
+    outputs = (VERDICTS,)
+    roles = ()
+    closed = False
+
+    def _continuous(self) -> bool:
+        return False
+
+    def process(self, records: list[ConceptSet]) -> list[Emit]:
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_failing_app_start_stops_the_model_follower_and_the_stage(broker, tmp_path, monkeypatch):
+    settings = _settings(tmp_path, broker)
+
+    async def refuse(self):
+        raise RuntimeError("the app cannot start")
+
+    monkeypatch.setattr(faust.App, "start", refuse)
+    stage = _NoModel(settings)
+
+    async def run() -> list[str]:
+        with pytest.raises(RuntimeError, match="cannot start"):
+            await run_stages(settings, [stage], broker.bootstrap_servers, app_id="g")
+        await asyncio.sleep(0)
+        current = asyncio.current_task()
+        return [
+            t.get_coro().__qualname__
+            for t in asyncio.all_tasks()
+            if t is not current and not t.done()
+        ]
+
+    left = asyncio.run(run())
+    assert not any("_follow" in name for name in left), left
+    assert stage.closed
 
 
 def _worker(settings, tmp_path: Path, log: Path, **env: str) -> subprocess.Popen:

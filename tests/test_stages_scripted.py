@@ -7,10 +7,11 @@ import pytest
 from scripted_backend import ScriptedBackend
 
 from promptcot.settings import Settings
-from streams.records import CandidateProblem, ConceptSet, Verdict
-from streams.topics import CANDIDATES, VERDICTS
+from streams.records import CandidateProblem, ConceptSet, SeedProblem, Verdict
+from streams.topics import CANDIDATES, SEEDS_ANNOTATED, VERDICTS
 from workers.prompts import PROBLEM_OPEN
 from workers.roles import Role
+from workers.stages.annotate import AnnotateStage
 from workers.stages.generate import GenerateStage
 from workers.stages.verify import VerifyStage
 
@@ -101,3 +102,104 @@ def test_verify_votes_and_applies_the_difficulty_band(answers, accepted, reason,
         assert verdict.reference_answer == "50"
         assert [r.passed for r in verdict.rollouts] == [a == "50" for a in answers]
     assert verdict.lineage.models["solver"] == "solver@v3"
+
+
+def _reloading(respond, version: str, reloaded_to: str) -> ScriptedBackend:
+    """A backend that a hot reload moves to other weights while a call is running."""
+    backend = ScriptedBackend(lambda p, i: (backend.reload(reloaded_to), respond(p, i))[1], version)
+    return backend
+
+
+def test_verify_names_the_model_version_that_solved_not_one_loaded_since():
+    solver = _reloading(_solver(["50", "50", "49", "12"] * 2), "solver@v3", "v4")
+    stage = VerifyStage(SETTINGS, backends={Role.SOLVER: solver, Role.TEST_WRITER: solver})
+    try:
+        [emit] = stage.process([_candidate()])
+    finally:
+        stage.close()
+    assert solver.model_version == "scripted@v4"  # the reload happened during the call
+    assert emit.record.lineage.models["solver"] == "solver@v3"
+
+
+def _teacher(prompt: str, _: int) -> str:
+    if "foundational concepts a student must know" in prompt:
+        return " ratios\n2. percentages\n3. unit prices"
+    return "Start from a ratio, then apply a percentage.\n</rationale>"
+
+
+def _seed(solution: str | None = "3 + 4 = 7.\nSo the answer is 7.") -> SeedProblem:
+    return SeedProblem(
+        source="gsm8k",
+        source_id="1",
+        domain="math",
+        text="Tom has 3 apples and buys 4 more. How many apples does he have?",
+        answer="7",
+        solution=solution,
+    )
+
+
+def test_annotate_names_the_teacher_version_that_annotated_not_one_loaded_since():
+    settings = Settings(
+        metrics={"port": 0}, annotate={"concept_source": "model", "concepts_per_seed": 3}
+    )
+    teacher = _reloading(_teacher, "teacher@v1", "v2")
+    [emit] = AnnotateStage(settings, backends={Role.ANNOTATOR: teacher}).process([_seed()])
+    assert emit.topic is SEEDS_ANNOTATED, emit.record
+    assert teacher.model_version == "scripted@v2"
+    assert emit.record.annotator == "teacher@v1"
+    assert emit.record.lineage.models == {"annotator": "teacher@v1"}
+
+
+def test_annotate_without_a_teacher_touches_no_model():
+    """The annotator's model does not even exist: nothing may load it."""
+    settings = Settings(
+        metrics={"port": 0},
+        models={"annotator": {"model": "/nonexistent/teacher"}},
+        annotate={"rationale_source": "solution"},
+    )
+    stage = AnnotateStage(settings)
+    stage.ensure_ready()
+    assert (stage.chunk_size(8), stage.concurrent(), stage.default_in_flight(8)) == (8, False, 32)
+    [rejected] = stage.process([_seed(solution=None)])
+    assert rejected.topic is VERDICTS and rejected.record.reason == "no_solution"
+    assert rejected.record.lineage.models == {}  # no model judged it
+
+
+def test_verify_builds_one_oracle_and_one_sandbox_under_concurrent_batches(monkeypatch):
+    """Two batches in process at once (a continuous-batching server) share what they start."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    built: list[str] = []
+    both_in = threading.Barrier(2)
+
+    def slow(kind: str):
+        class Built:
+            def __init__(self, _settings) -> None:
+                built.append(kind)
+                try:  # a second thread racing the first one gets here too
+                    both_in.wait(timeout=2)
+                except threading.BrokenBarrierError:
+                    pass
+
+            def close(self) -> None:
+                pass
+
+        return Built
+
+    monkeypatch.setattr("workers.mathcheck.EquivalenceOracle", slow("oracle"))
+    monkeypatch.setattr("workers.sandbox.Sandbox", slow("sandbox"))
+    for attribute in ("oracle", "sandbox"):
+        stage = VerifyStage(SETTINGS)
+        both_in.reset()
+        with ThreadPoolExecutor(2) as pool:
+            first, second = pool.map(getattr, [stage, stage], [attribute, attribute])
+        assert first is second
+    assert built == ["oracle", "sandbox"]
+
+
+def test_concepts_from_the_teacher_with_a_rationale_from_the_solution_is_refused():
+    from promptcot.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="concept_source"):
+        Settings(annotate={"concept_source": "model", "rationale_source": "solution"})

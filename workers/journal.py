@@ -32,11 +32,15 @@ CREATE TABLE IF NOT EXISTS decisions (
 
 
 class Journal:
-    def __init__(self, path: Path, retention_s: float = 30 * 86400):
+    def __init__(self, path: Path, retention_s: float = 30 * 86400, prune_every_s: float = 3600):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.retention_s = retention_s
+        self.prune_every_s = prune_every_s  # a worker runs for weeks: prune as it goes too
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []  # one per thread, closed by close()
+        self._pruned_at = 0.0
         with self._connect() as db:
             db.execute(_SCHEMA)
         self.prune()
@@ -44,11 +48,22 @@ class Journal:
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            # Each thread uses its own connection; close() may close it from another thread.
+            db = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a crash
             self._local.db = db
+            with self._lock:
+                self._connections.append(db)
         return db
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()
 
     def get(self, input_ids: Iterable[str]) -> dict[str, Outputs]:
         """The recorded outputs of the ids that were decided already."""
@@ -71,6 +86,8 @@ class Journal:
         its outputs are the decision."""
         if not decisions:
             return {}
+        if time.monotonic() - self._pruned_at >= self.prune_every_s:
+            self.prune()
         db = self._connect()
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
@@ -91,10 +108,8 @@ class Journal:
 
     def prune(self) -> int:
         """Forget decisions older than the retention (their inputs were committed long ago)."""
+        self._pruned_at = time.monotonic()
         cur = self._connect().execute(
             "DELETE FROM decisions WHERE created_at < ?", (time.time() - self.retention_s,)
         )
         return cur.rowcount
-
-    def __len__(self) -> int:
-        return self._connect().execute("SELECT COUNT(*) FROM decisions").fetchone()[0]

@@ -5,9 +5,11 @@ The follower reads the topic without a consumer group: every process must see ev
 broadcast), while the stages of a process share one group. It starts from the beginning of the
 topic, so a process that (re)starts serves the newest announced version at once. Updates older
 than the one applied are ignored (a redelivery, or two trainers racing), as are updates whose
-folder was pruned. Only roles this process has loaded are reloaded; a backend shared with a role
-that did not change keeps its weights: the moved role gets a copy of its own (BackendPool).
-Stages look their backend up per batch, so what they emit next carries the new version.
+folder was pruned or that fail to load (a corrupt checkpoint: the role keeps its weights and
+takes the next update). A failing read of the topic is retried with backoff. Only roles this
+process has loaded are reloaded; a backend shared with a role that did not change keeps its
+weights: the moved role gets a copy of its own (BackendPool). Stages look their backend up per
+batch, so what they emit next carries the new version.
 """
 
 from __future__ import annotations
@@ -65,7 +67,12 @@ class ModelFollower:
                     update.path,
                 )
                 continue
-            if self._reload(role, update.path):
+            try:
+                reloaded = self._reload(role, update.path)
+            except Exception:  # a corrupt checkpoint: keep the weights served, wait for the next
+                log.exception("reload: %s %s could not be loaded, skipped", role, update.version)
+                reloaded = False
+            if reloaded:
                 log.info("reload: %s now serves %s", role, update.version)
                 metrics.MODEL_RELOADS.labels(role=role).inc()
                 metrics.MODEL_VERSION.labels(role=role).set(number)
@@ -95,6 +102,22 @@ class ModelFollower:
                 await self._task
 
     async def _follow(self) -> None:
+        """Follow the topic for the life of the process: a broker that is away or a failing
+        read is retried with backoff (updates already applied are ignored when read again)."""
+        backoff = 1.0
+        while True:
+            try:
+                await self._follow_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "reload: following the models topic failed; retrying in %.0f s", backoff
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
+
+    async def _follow_once(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         from streams.cluster import aiokafka_config
@@ -108,8 +131,8 @@ class ModelFollower:
             auto_offset_reset="earliest",
         )
         loop = asyncio.get_running_loop()
-        await consumer.start()
         try:
+            await consumer.start()
             partitions = consumer.partitions_for_topic(topic) or {0}
             consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
             await consumer.seek_to_beginning()
@@ -130,10 +153,6 @@ class ModelFollower:
                     pending = []
                 if not pending:
                     since = time.monotonic()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("reload: following %s failed; this process keeps its weights", topic)
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()

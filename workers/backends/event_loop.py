@@ -34,11 +34,26 @@ class LoopThread:
             raise BackendError(f"{self.what} was closed during the call") from exc
 
     def stop(self, timeout_s: float) -> None:
-        """Stop the loop; close it once its thread has ended (a thread still inside a call after
-        ``timeout_s`` keeps the loop, which dies with the process)."""
+        """Cancel the calls still running (their callers get a BackendError), stop the loop, and
+        close it once its thread has ended (a call that ignores cancellation for ``timeout_s``
+        keeps the loop, which dies with the process)."""
         if self.loop.is_closed():
             return
-        self.loop.call_soon_threadsafe(self.loop.stop)
+
+        def cancel_then_stop() -> None:
+            task = self.loop.create_task(_cancel_pending())
+            task.add_done_callback(lambda _: self.loop.stop())
+
+        self.loop.call_soon_threadsafe(cancel_then_stop)
         self._thread.join(timeout=timeout_s)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def _cancel_pending() -> None:
+    """Cancel every other task of the running loop and wait until they have ended."""
+    current = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not current]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)

@@ -45,6 +45,10 @@ class AnnotateStage(ModelStage[SeedProblem]):
         if uses_teacher(self.settings):  # no teacher, no model to load
             super().setup()
 
+    def _continuous(self) -> bool:
+        # Without a teacher no backend is looked up (that would load it): whole micro-batches.
+        return uses_teacher(self.settings) and super()._continuous()
+
     def _concepts(self, seeds: list[SeedProblem]) -> list[list[str] | ParseError]:
         cfg = self.settings.annotate
         if cfg.concept_source == "lexicon":
@@ -73,14 +77,16 @@ class AnnotateStage(ModelStage[SeedProblem]):
     def process(self, records: list[SeedProblem]) -> list[Emit]:
         if not uses_teacher(self.settings):
             return [self._from_seed(seed) for seed in records]
+        teacher = self.backend(Role.ANNOTATOR)
+        version = teacher.model_version  # before the calls: a reload may come during them
+        models = {str(Role.ANNOTATOR): version}
         emits: list[Emit] = []
         ready: list[tuple[SeedProblem, list[str]]] = []
         for seed, concepts in zip(records, self._concepts(records), strict=True):
             if isinstance(concepts, ParseError):
-                emits.append(self.reject(seed, concepts.reason, concepts.detail))
+                emits.append(self.reject(seed, concepts.reason, concepts.detail, models=models))
             else:
                 ready.append((seed, concepts))
-        teacher = self.backend(Role.ANNOTATOR)
         prompts = [
             RATIONALE_ANNOTATION.render(teacher, concepts=format_concepts(c), problem=s.text)
             for s, c in ready
@@ -92,20 +98,20 @@ class AnnotateStage(ModelStage[SeedProblem]):
                     raise ParseError(c.error or "generation_failed")
                 rationale = parse_rationale(c.text, truncated=c.truncated)
             except ParseError as exc:
-                emits.append(self.reject(seed, exc.reason, exc.detail))
+                emits.append(self.reject(seed, exc.reason, exc.detail, models=models))
                 continue
             emits.append(
                 self.emit(
                     SEEDS_ANNOTATED,
                     AnnotatedSeed.derived_from(
                         seed,
-                        models=self.model_versions(),
+                        models=models,
                         templates={
                             CONCEPT_ANNOTATION.name: CONCEPT_ANNOTATION.hash,
                             RATIONALE_ANNOTATION.name: RATIONALE_ANNOTATION.hash,
                         },
                         seed_id=seed.id,
-                        annotator=teacher.model_version,
+                        annotator=version,
                         domain=seed.domain,
                         text=seed.text,
                         concepts=concepts,
@@ -124,7 +130,7 @@ class AnnotateStage(ModelStage[SeedProblem]):
                 seed, cfg.concepts_per_seed, cfg.rationale_max_chars
             )
         except ParseError as exc:
-            return self.reject(seed, exc.reason, exc.detail)
+            return self.reject(seed, exc.reason, exc.detail, models={})  # no model judged it
         return self.emit(
             SEEDS_ANNOTATED,
             AnnotatedSeed.derived_from(

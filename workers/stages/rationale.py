@@ -90,7 +90,7 @@ class RationaleStage(ModelStage[AnnotatedSeed]):
             seed=int(records[0].id[-8:], 16) if records else 0,
         )
         emits: list[Emit] = []
-        for seed, completions in zip(records, samples, strict=True):
+        for annotated, completions in zip(records, samples, strict=True):
             parsed: list[tuple[int, str]] = []
             failures: dict[str, int] = {}
             for i, c in enumerate(completions):
@@ -100,7 +100,7 @@ class RationaleStage(ModelStage[AnnotatedSeed]):
                     parsed.append((i, parse_rationale(c.text, truncated=c.truncated)))
                 except ParseError as exc:
                     failures[exc.reason] = failures.get(exc.reason, 0) + 1
-            terms = rewards(p_model, seed, [z for _, z in parsed])
+            terms = rewards(p_model, annotated, [z for _, z in parsed])
             kept = 0
             for (index, z), term in zip(parsed, terms, strict=True):
                 if isinstance(term, str):
@@ -111,17 +111,17 @@ class RationaleStage(ModelStage[AnnotatedSeed]):
                     self.emit(
                         RATIONALES,
                         Rationale.derived_from(
-                            seed,
+                            annotated,
                             models=versions,
                             templates={
                                 RATIONALE_MODEL.name: RATIONALE_MODEL.hash,
                                 SYNTHESIS.name: SYNTHESIS.hash,
                             },
-                            seed_id=seed.seed_id,
-                            domain=seed.domain,
-                            concepts=seed.concepts,
-                            difficulty=seed.difficulty or "",
-                            problem=seed.text,
+                            seed_id=annotated.seed_id,
+                            domain=annotated.domain,
+                            concepts=annotated.concepts,
+                            difficulty=annotated.difficulty or "",
+                            problem=annotated.text,
                             text=z,
                             sample_index=index,
                             reward=term.reward,
@@ -129,7 +129,7 @@ class RationaleStage(ModelStage[AnnotatedSeed]):
                             logp_rationale=term.logp_rationale,
                             rationale_model=versions[Role.RATIONALE_MODEL],
                             prompt_model=versions[Role.PROMPT_MODEL],
-                            epoch=seed.epoch,
+                            epoch=annotated.epoch,
                         ),
                     )
                 )
@@ -137,7 +137,7 @@ class RationaleStage(ModelStage[AnnotatedSeed]):
                 reason = max(failures, key=failures.get) if failures else "no_samples"
                 emits.append(
                     self.reject(
-                        seed, reason, f"0 of {len(completions)} rationales usable: {failures}"
+                        annotated, reason, f"0 of {len(completions)} rationales usable: {failures}"
                     )
                 )
         return emits

@@ -9,6 +9,8 @@ Then validity filters and the difficulty band (default: solved sometimes, at mos
 
 from __future__ import annotations
 
+import threading
+
 from streams import metrics
 from streams.records import CandidateProblem, Rollout, TestCase, Verdict, content_hash
 from streams.topics import CANDIDATES_UNIQUE, VERDICTS
@@ -40,22 +42,26 @@ class VerifyStage(ModelStage[CandidateProblem]):
         super().__init__(settings, backends)
         self._oracle = None  # started on the first math batch
         self._sandbox = None  # set up on the first code batch
+        # Batches may be in process together (a continuous-batching server): one of each.
+        self._start_lock = threading.Lock()
 
     @property
     def oracle(self):
-        if self._oracle is None:
-            from workers.mathcheck import EquivalenceOracle
+        with self._start_lock:
+            if self._oracle is None:
+                from workers.mathcheck import EquivalenceOracle
 
-            self._oracle = EquivalenceOracle(self.settings.verify.math)
-        return self._oracle
+                self._oracle = EquivalenceOracle(self.settings.verify.math)
+            return self._oracle
 
     @property
     def sandbox(self):
-        if self._sandbox is None:
-            from workers.sandbox import Sandbox
+        with self._start_lock:
+            if self._sandbox is None:
+                from workers.sandbox import Sandbox
 
-            self._sandbox = Sandbox(self.settings.verify.sandbox)
-        return self._sandbox
+                self._sandbox = Sandbox(self.settings.verify.sandbox)
+            return self._sandbox
 
     def close(self) -> None:
         for resource in (self._oracle, self._sandbox):
@@ -89,6 +95,7 @@ class VerifyStage(ModelStage[CandidateProblem]):
         candidate: CandidateProblem,
         rollouts: list[Rollout],
         templates: dict[str, str],
+        models: dict[str, str],
         *,
         rejection: str | None,
         detail: str = "",
@@ -96,8 +103,6 @@ class VerifyStage(ModelStage[CandidateProblem]):
         tests: list[TestCase] | None = None,
     ) -> Emit:
         v = self.settings.verify
-        judges = (Role.SOLVER, Role.TEST_WRITER) if tests is not None else (Role.SOLVER,)
-        models = self.model_versions(*judges)
         pass_rate = sum(r.passed for r in rollouts) / len(rollouts) if rollouts else 0.0
         if rejection is None:
             rejection = difficulty_issue(pass_rate, v.min_pass_rate, v.max_pass_rate)
@@ -142,12 +147,13 @@ class VerifyStage(ModelStage[CandidateProblem]):
         from workers.mathcheck import extract_answer, validity_issue, vote
 
         templates = {SOLVER_MATH.name: SOLVER_MATH.hash}
+        models = self.model_versions(Role.SOLVER)  # before the calls: a reload may come during
         emits: list[Emit] = []
         solvable = []
         for c in candidates:  # a proof problem has no answer to vote on: don't spend rollouts
             issue = validity_issue(c.problem, None)
             if issue:
-                emits.append(self._judge(c, [], templates, rejection=issue))
+                emits.append(self._judge(c, [], templates, models, rejection=issue))
             else:
                 solvable.append(c)
         for c, completions in zip(solvable, self._rollouts(SOLVER_MATH, solvable), strict=True):
@@ -175,6 +181,7 @@ class VerifyStage(ModelStage[CandidateProblem]):
                     c,
                     rollouts,
                     templates,
+                    models,
                     rejection=rejection,
                     detail=detail,
                     reference=result.reference,
@@ -191,6 +198,7 @@ class VerifyStage(ModelStage[CandidateProblem]):
 
         v = self.settings.verify
         templates = {SOLVER_CODE.name: SOLVER_CODE.hash, TEST_WRITER.name: TEST_WRITER.hash}
+        models = self.model_versions(Role.SOLVER, Role.TEST_WRITER)  # before the calls
         tw = self.backend(Role.TEST_WRITER)
         test_outs = self.generate(
             Role.TEST_WRITER,
@@ -208,11 +216,7 @@ class VerifyStage(ModelStage[CandidateProblem]):
         ):
             report = verify_code(
                 [x.text if x.ok else "" for x in completions],
-                [
-                    TEST_WRITER.full_output(t.text) + ("\n```" if t.ok else "")
-                    for t in tests_raw
-                    if t.ok
-                ],
+                [TEST_WRITER.full_output(t.text) + "\n```" for t in tests_raw if t.ok],
                 self.sandbox,
             )
             rollouts = [
@@ -236,7 +240,13 @@ class VerifyStage(ModelStage[CandidateProblem]):
             )
             emits.append(
                 self._judge(
-                    c, rollouts, templates, rejection=report.rejection, detail=detail, tests=tests
+                    c,
+                    rollouts,
+                    templates,
+                    models,
+                    rejection=report.rejection,
+                    detail=detail,
+                    tests=tests,
                 )
             )
         return emits
