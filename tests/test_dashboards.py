@@ -45,6 +45,8 @@ LABEL_VALUES = {
     "group": ["promptcot-generate"],
     "partition": ["0", "1"],
     "step": ["m_step"],
+    "benchmark": ["gsm8k"],
+    "version": ["solver/v0002-dpo"],
 }
 
 

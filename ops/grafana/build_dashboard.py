@@ -157,8 +157,8 @@ PANELS = [
             "margin {{role}}": "max by (role) (promptcot_trainer_margin)",
         },
         w=8,
-        description="E-step: best-of-K R(z) and best minus mean (rationale_model). "
-        "DPO: chosen implicit reward and chosen minus rejected (solver).",
+        description="E-step: mean R(z) of q_φ's greedy rationales on held-out seeds "
+        "(rationale_model). DPO: chosen minus rejected log-likelihood on held-out pairs (solver).",
     ),
     panel(
         "Model version per role",
@@ -166,9 +166,17 @@ PANELS = [
             "{{role}} newest": "max by (role) (promptcot_model_version)",
             "{{role}} oldest served": "min by (role) (promptcot_model_version)",
         },
-        w=24,
+        w=12,
         description="newest: announced by the trainer; oldest served: the process furthest "
         "behind. Apart for long: a worker missed a reload (see its `reload:` log lines).",
+    ),
+    panel(
+        "Solver accuracy per version (eval)",
+        {"{{benchmark}} {{version}}": "max by (benchmark, version) (promptcot_eval_accuracy)"},
+        unit="percentunit",
+        w=12,
+        description="Share of a fixed benchmark subset solved by each solver version "
+        "(trainer.eval after DPO, or `promptcot eval`); it should not fall below the base.",
     ),
     row("Latency and models"),
     panel(
