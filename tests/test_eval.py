@@ -102,3 +102,16 @@ def test_the_trainer_scores_each_new_solver_version_when_asked(tmp_path, tiny_mo
         if labels["role"] == "solver"
     ]
     assert any(v.startswith("v0001-dpo@") for v in versions)  # the new checkpoint's weights
+
+
+def test_the_trainer_evaluates_on_its_own_device_and_dtype(tmp_path, tiny_model_dir):
+    from trainer_data import trainer_settings
+
+    from trainer.checkpoints import training_device
+    from trainer.dpo import eval_backend_settings
+
+    settings = trainer_settings(tmp_path, tiny_model_dir, device="auto", dtype="bfloat16")
+    backend = eval_backend_settings(settings.trainer)
+    assert (backend.device, backend.dtype) == (training_device("auto"), "bfloat16")
+    settings = trainer_settings(tmp_path, tiny_model_dir, device="meta", dtype="float32")
+    assert eval_backend_settings(settings.trainer).device == "meta"

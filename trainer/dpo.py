@@ -23,11 +23,13 @@ from trainer.checkpoints import (
     TrainedLedger,
     load_role_model,
     save_role_model,
+    training_device,
 )
 from trainer.config import TrainerSettings
 from trainer.heldout import HeldoutPool, is_heldout
 from trainer.sft import common_training_args, continuation_nll, quiet_datasets
 from trainer.updates import WindowResult, model_update, update_from_manifest
+from workers.backends.base import BackendSettings
 from workers.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
 from workers.roles import Role
 
@@ -97,6 +99,12 @@ def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettin
         result = trainer.train()
     rm.model.eval()
     return float(result.training_loss)
+
+
+def eval_backend_settings(settings: TrainerSettings) -> BackendSettings:
+    """The backend that scores a new solver version: on the device and in the dtype the trainer
+    trains with (the backend's own default is cpu, float32)."""
+    return BackendSettings(device=training_device(settings.device), dtype=settings.dtype)
 
 
 class DPOTrainerLoop:
@@ -185,7 +193,8 @@ class DPOTrainerLoop:
         if s.eval.after_dpo:
             from trainer.evaluate import evaluate_path
 
-            result = evaluate_path(str(ckpt.path), s.eval, role=Role.SOLVER)
+            backend = eval_backend_settings(s)
+            result = evaluate_path(str(ckpt.path), s.eval, role=Role.SOLVER, backend=backend)
             metrics[f"eval_{s.eval.benchmark}_accuracy"] = result.accuracy
         log.info("DPO window: %d pairs, %s margin %.3f -> %.3f", len(rows), label, before, after)
         return WindowResult([*again, model_update(rm, "dpo", metrics, parents)], metrics=metrics)
