@@ -437,6 +437,20 @@ def test_a_lora_checkpoint_is_served_on_the_base_it_names(tmp_path, tiny_model):
     assert direct.score([prompt], [pairs(1)[0].chosen])[0].total_logprob == pytest.approx(want)
 
 
+def test_an_adapter_merged_away_for_full_fine_tuning_trains_float32_weights(tmp_path, tiny_model):
+    """LoRA switched off after an adapter checkpoint, dtype bfloat16: the base loads in bf16
+    for the merge, and the merged model full fine-tuning trains is float32 again."""
+    from trainer.checkpoints import load_role_model, save_role_model
+    from trainer.config import LoraConfig
+
+    store = CheckpointStore(tmp_path)
+    lora = load_role_model(store, "p", str(tiny_model), use_lora=True, lora=LoraConfig(r=4))
+    save_role_model(store, lora, "dpo")
+    full = load_role_model(store, "p", str(tiny_model), use_lora=False, dtype="bfloat16")
+    assert not hasattr(full.model, "peft_config")
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
+
+
 def test_bf16_profile_keeps_trained_weights_in_float32_and_trains_under_autocast(
     tmp_path, tiny_model
 ):
