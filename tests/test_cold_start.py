@@ -120,6 +120,18 @@ def test_the_em_stage_cold_starts_both_models_on_first_start(tmp_path, tiny_mode
     assert [c.tag for c in store.list("prompt_model")] == ["v0001-cold_start"]
 
 
+def test_up_goes_on_from_the_base_models_when_the_cold_start_fails(tmp_path, capsys):
+    """As the em stage does: a failed cold start before `up` runs its stages is one line, and
+    the run goes on from the base models (nothing is published, no checkpoint is written)."""
+    from promptcot.cli.factory import cold_start_first
+
+    settings = _settings(tmp_path, tmp_path / "no-such-model")
+    cold_start_first(settings, "127.0.0.1:1")  # no broker there: nothing may be published
+    out = capsys.readouterr().out
+    assert "cold start failed" in out and "base models" in out
+    assert CheckpointStore(tmp_path / "ckpt").latest("prompt_model") is None
+
+
 def test_train_cold_start_command(tmp_path, tiny_model_dir, monkeypatch):
     from promptcot.cli import app
 
