@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from promptcot.cli.app import ConfigOpt, app, console, load
+
+if TYPE_CHECKING:
+    from workers.backends.base import BackendSettings
 
 
 @app.command("eval")
 def evaluate(
     model: Annotated[
         str | None,
-        typer.Argument(help="A model folder (full, or a LoRA adapter on its base)."),
+        typer.Argument(
+            help="A model folder (full, or a LoRA adapter on its base). Scored in process: "
+            "with the --role's settings when that role is served in process (transformers, "
+            "vllm: its device and dtype), else (openai) with transformers on the cpu."
+        ),
     ] = None,
     role: Annotated[
         str, typer.Option(help="Without MODEL: the role whose checkpoint (or model) to score.")
@@ -53,7 +60,7 @@ def evaluate(
     cfg = EvalConfig(
         benchmark=benchmark, limit=limit or 10**9, max_tokens=max_tokens, batch_size=batch_size
     )
-    backend = settings.models.role(role) if role else None
+    backend = local_backend(settings.models.role(role)) if role else None
     with console.status(f"solving {benchmark} with {path}..."):
         result = evaluate_path(path, cfg, role=role if not model else "", backend=backend)
     console.print(
@@ -66,6 +73,15 @@ def evaluate(
     if prom:
         write_prometheus(prom)
         console.print(f"wrote {prom}")
+
+
+def local_backend(role: BackendSettings) -> BackendSettings:
+    """The settings that load a model folder in process: the role's own when it is served in
+    process; an openai role's (a served model name on a server) do not apply to a folder, so it
+    is loaded with transformers' defaults."""
+    from workers.backends.base import BackendSettings
+
+    return role if role.kind != "openai" else BackendSettings()
 
 
 def resolve_model(settings, role: str, version: str) -> str:
