@@ -48,7 +48,13 @@ def test_the_rationale_is_derived_from_the_worked_solution():
     assert "<<" not in z and "####" not in z
     long = "\n".join(f"Step {i} adds {i} = <<{i}={i}>>{i} more." for i in range(40)) + "\n#### 9"
     short = solution_rationale(["counting"], long, "9", max_chars=300)
-    assert len(short) < 360 and "more steps of the same kind" in short  # fits the budget
+    assert len(short) <= 300 and "more steps of the same kind" in short  # fits the budget
+    # max_chars is a hard cap, whatever the length of the step that no longer fits.
+    for width in (5, 30, 70):
+        steps = "\n".join(f"Step {i}: " + "x" * (width + i % 7) for i in range(30))
+        for cap in range(170, 500, 7):  # from where head, tail and "Then..." fit
+            z = solution_rationale(["counting"], steps + "\n#### 9", "9", max_chars=cap)
+            assert len(z) <= cap, (width, cap, len(z))
 
 
 def test_without_a_teacher_annotate_builds_the_triples_from_the_shipped_seeds():
