@@ -26,6 +26,8 @@ from pydantic import Field, model_validator
 from streams.settings import Section, deep_merge
 
 Profile = Literal["cpu", "gpu"]
+# The benchmarks trainer/evaluate.py scores (with reference answers shipped in corpora/).
+Benchmark = Literal["gsm8k", "aime24", "aime25", "hmmt25"]
 
 
 class LoraConfig(Section):
@@ -109,10 +111,10 @@ class EvalConfig(Section):
     (trainer/evaluate.py; ``promptcot eval`` runs the same on demand)."""
 
     after_dpo: bool = False
-    benchmark: str = "gsm8k"
+    benchmark: Benchmark = "gsm8k"
     limit: int = Field(20, ge=1)  # the first N problems: the same subset every time
     max_tokens: int = 256
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
 
 
 class TrainerSettings(Section):

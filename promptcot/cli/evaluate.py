@@ -37,7 +37,7 @@ def evaluate(
         int | None, typer.Option(help="Score the first N problems (the same subset every time).")
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="Token budget of each solution.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Problems per generate call.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Problems per generate call.", min=1)] = 8,
     out: Annotated[Path | None, typer.Option(help="Write the result (with items) as JSON.")] = None,
     prom: Annotated[
         Path | None,
@@ -49,11 +49,16 @@ def evaluate(
     equivalence oracle; prints the accuracy and sets promptcot_eval_accuracy{benchmark,role,
     version}. LiveCodeBench ships no tests, so it cannot be scored."""
     from trainer.config import EvalConfig
-    from trainer.evaluate import evaluate_path, write_json
+    from trainer.evaluate import BENCHMARKS, NOT_SCORABLE, evaluate_path, write_json
 
     settings = load(config)
     if limit is not None and limit < 1:
         raise typer.BadParameter("--limit must be at least 1")
+    if benchmark in NOT_SCORABLE:
+        raise typer.BadParameter(f"--benchmark: {NOT_SCORABLE[benchmark]}")
+    if benchmark not in BENCHMARKS:
+        known = ", ".join(BENCHMARKS)
+        raise typer.BadParameter(f"--benchmark: unknown benchmark {benchmark!r} (known: {known})")
     path = model or resolve_model(settings, role, version)
     if not Path(path).is_dir():
         raise typer.BadParameter(f"not a model folder: {path}")
