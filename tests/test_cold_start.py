@@ -161,32 +161,45 @@ def test_train_cold_start_command(tmp_path, tiny_model_dir, monkeypatch):
 
 @pytest.mark.slow
 def test_cold_start_under_torchrun_trains_data_parallel_and_rank_0_writes(tmp_path, tiny_model_dir):
-    """The documented several-GPU launch (docs/training.md), on CPU: two processes (gloo)."""
+    """The documented several-GPU launch (docs/training.md), on CPU: two processes (gloo);
+    with --publish, rank 0 alone announces the versions."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {
-        **os.environ,
-        "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(tiny_model_dir),
-        "PROMPTCOT_MODELS__RATIONALE_MODEL__MODEL": str(tiny_model_dir),
-        "PROMPTCOT_TRAINER": json.dumps(
-            {"checkpoint_dir": str(tmp_path / "ckpt"), "cold_start": FAST}
-        ),
-        "OMP_NUM_THREADS": "1",
-    }
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node", "2", "-m", "promptcot"]
-    done = subprocess.run(
-        [*command, "train", "cold-start", "--seeds", "8"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from streams.broker import EmbeddedBroker
+    from streams.clients import kafka_python_config, read_all
+    from streams.settings import KafkaSettings
+    from streams.topics import ensure_topics
+
+    with EmbeddedBroker() as broker:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+        ensure_topics(kafka_python_config(kafka, kafka.bootstrap_servers), kafka.namespace, 1, 1)
+        env = {
+            **os.environ,
+            "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(tiny_model_dir),
+            "PROMPTCOT_MODELS__RATIONALE_MODEL__MODEL": str(tiny_model_dir),
+            "PROMPTCOT_TRAINER": json.dumps(
+                {"checkpoint_dir": str(tmp_path / "ckpt"), "cold_start": FAST}
+            ),
+            "OMP_NUM_THREADS": "1",
+        }
+        torchrun = Path(sys.executable).with_name("torchrun")
+        command = [str(torchrun), "--nproc_per_node", "2", "-m", "promptcot"]
+        done = subprocess.run(
+            [*command, "train", "cold-start", "--seeds", "8", "--publish"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        topic = MODELS.full_name(kafka.namespace)
+        announced = list(read_all(kafka, kafka.bootstrap_servers, topic))
     store = CheckpointStore(tmp_path / "ckpt")
     for role in ("rationale_model", "prompt_model"):
         assert [c.tag for c in store.list(role)] == ["v0001-cold_start"]  # one, not one a rank
     assert done.stdout.count("annotated 8 seeds") == 1  # rank 0 reports, the other is quiet
+    assert len(announced) == 2  # one update per role, from rank 0 only

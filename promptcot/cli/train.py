@@ -71,7 +71,7 @@ def cold_start(
     for u in updates:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(u.metrics.items()))
         console.print(f"[bold]{u.version}[/] {u.path}\n  {shown}", soft_wrap=True, highlight=False)
-    if target:
+    if target and distributed_rank() == 0:  # every rank has the updates: one announces them
         from streams.clients import publish as send
         from streams.topics import MODELS
 
