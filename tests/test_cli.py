@@ -168,3 +168,11 @@ def test_up_ephemeral_leaves_no_scratch_folder_behind_on_an_error(tmp_path, monk
     result = runner.invoke(app, ["up", "--ephemeral", "--stages", "sampler", "--seeds", "0"])
     assert result.exit_code != 0
     assert list(tmp_path.glob("promptcot-ephemeral-*")) == []
+
+
+def test_worker_help_says_what_each_stage_does():
+    from promptcot.registry import STAGES
+
+    text = " ".join(runner.invoke(app, ["worker", "--help"]).output.split())
+    for name, spec in STAGES.items():
+        assert spec.doc and f"{name}: {spec.doc}" in text

@@ -235,7 +235,9 @@ def stage_names(stages: str | None, train: bool) -> list[str]:
     return names
 
 
-@app.command()
+@app.command(
+    epilog="Stages: " + "; ".join(f"{name}: {spec.doc}" for name, spec in STAGES.items()) + "."
+)
 def worker(
     stage: Annotated[str, typer.Argument(help=f"Stage to run: {', '.join(STAGES)}.")],
     config: ConfigOpt = None,
