@@ -120,8 +120,7 @@ def live_run(out: Path, duration_s: float, seeds: int) -> dict[str, Any]:
             str(seeds),
         ]
         started = time.time()
-        with open(out / "up.log", "w") as log:
-            subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+        run_up(command, env, out / "up.log")
         ended = time.time()
         records: dict[str, list[Any]] = {}
         for topic in ("candidates", "verdicts", "models", "rationales", "pairs"):
@@ -139,6 +138,18 @@ def live_run(out: Path, duration_s: float, seeds: int) -> dict[str, Any]:
                     continue
             records[topic] = decoded
     return {"started": started, "ended": ended, "records": records}
+
+
+class UpFailed(RuntimeError):
+    """`promptcot up` of the live run exited non-zero: nothing after it would mean anything."""
+
+
+def run_up(command: list[str], env: dict[str, str], log_path: Path) -> None:
+    """Run ``command`` (`promptcot up`) with its output in ``log_path``; UpFailed if it fails."""
+    with open(log_path, "w") as log:
+        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise UpFailed(f"promptcot up exited with code {done.returncode}: see {log_path}")
 
 
 def live_yield(records: dict[str, list[Any]], seconds: float) -> dict[str, Any]:
@@ -221,7 +232,9 @@ def versions(settings: Any) -> dict[str, list[dict[str, Any]]]:
 
 
 def spaced(items: list[Any], most: int) -> list[Any]:
-    """At most ``most`` items, evenly spaced, always the first and the last."""
+    """At most ``most`` (>= 2) items, evenly spaced, always the first and the last."""
+    if most < 2:
+        raise ValueError(f"most must be at least 2 (the first and the last), not {most}")
     if len(items) <= most:
         return items
     step = (len(items) - 1) / (most - 1)
@@ -357,7 +370,8 @@ def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 16) -> li
         settings.trainer, {r: model_path_for(settings.models, r) for r in EMTrainer.ROLES}
     )
     started = time.monotonic()
-    trainer.cold_start(cold_start_data(settings).seeds)
+    data = cold_start_data(settings)
+    trainer.cold_start(data.seeds)
     rows.append(row("cold start (both models), wall time", time.monotonic() - started, "s"))
     sets = fixed_concept_sets(concept_sets)
     base = offline_yield(settings, model_path_for(settings.models, "prompt_model"), sets)
@@ -374,7 +388,22 @@ def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 16) -> li
             1 - cold <= 0.2,
         ),
     ]
+    report = {
+        "quick": True,
+        "seeds": seeds,
+        "cold_start_seeds": len(data.seeds),
+        "settings": json.loads(settings.model_dump_json()),
+        "figures": rows,
+    }
+    write_report(out, report)
     return rows
+
+
+def write_report(out: Path, report: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return path
 
 
 def run_experiment(
@@ -396,7 +425,7 @@ def run_experiment(
         "live": live,
         "figures": rows,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_report(out, report)
     plot(by_role, out / "report.png")
     return rows
 
@@ -413,7 +442,7 @@ def measure(
     return run_experiment(out, duration_s, seeds=16, concept_sets=24, eval_limit=50, most=5)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from promptcot.cli.app import parse_duration
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -424,23 +453,28 @@ def main() -> None:
     ap.add_argument("--concept-sets", type=int, default=24, help="fixed sets for the yield")
     ap.add_argument("--eval-limit", type=int, default=50, help="GSM8K-test problems per solver")
     ap.add_argument("--versions", type=int, default=5, help="most versions measured per role")
-    args = ap.parse_args()
-    if args.quick:
-        rows = measure_cold_start(args.out, args.concept_sets)
-    else:
-        rows = run_experiment(
-            args.out,
-            parse_duration(args.duration),
-            args.seeds,
-            args.concept_sets,
-            args.eval_limit,
-            args.versions,
-        )
+    args = ap.parse_args(argv)
+    if args.versions < 2:
+        ap.error("--versions must be at least 2: the base and the last version are compared")
+    try:
+        if args.quick:
+            rows = measure_cold_start(args.out, args.concept_sets, args.seeds)
+        else:
+            rows = run_experiment(
+                args.out,
+                parse_duration(args.duration),
+                args.seeds,
+                args.concept_sets,
+                args.eval_limit,
+                args.versions,
+            )
+    except UpFailed as e:
+        raise SystemExit(f"error: {e}") from None
     for r in rows:
         mark = "" if r["ok"] is None else ("  ok" if r["ok"] else "  MISSED")
         goal = f"  (goal {r['goal']})" if r["goal"] else ""
         print(f"{r['name']}: {r['value']} {r['unit']}{goal}{mark}")
-    print(f"report: {args.out}")
+    print(f"report: {args.out / 'report.json'}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ class FactoryProgress:
         }
 
     def model_versions(self) -> dict[str, int]:
-        """role -> newest version the trainer announced in this process (no entry: base)."""
+        """role -> the version in this process's promptcot_model_version gauge: the newest the
+        trainer announced here, or the one a reload follower (workers/reload.py) moved a served
+        role to, whichever was set last (no entry: base)."""
         return {
             labels["role"]: int(value)
             for labels, value in metrics.gauge_samples(metrics.MODEL_VERSION)

@@ -158,3 +158,21 @@ def test_up_serves_each_trained_role_from_its_newest_checkpoint(tmp_path):
     serve_newest(settings)
     assert settings.models.prompt_model.model == str(newest.path)
     assert settings.models.solver.model == ""  # no checkpoint: the embedded default
+
+
+def test_up_ephemeral_leaves_no_scratch_folder_behind_on_an_error(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("PROMPTCOT_TRAINER__DTYPE", "float8")  # the settings do not load
+    result = runner.invoke(app, ["up", "--ephemeral", "--stages", "sampler", "--seeds", "0"])
+    assert result.exit_code != 0
+    assert list(tmp_path.glob("promptcot-ephemeral-*")) == []
+
+
+def test_worker_help_says_what_each_stage_does():
+    from promptcot.registry import STAGES
+
+    text = " ".join(runner.invoke(app, ["worker", "--help"]).output.split())
+    for name, spec in STAGES.items():
+        assert spec.doc and f"{name}: {spec.doc}" in text

@@ -176,6 +176,22 @@ CASES = [
         "error: not a duration: 'soon' (examples: 90s, 25m, 1h30m) (see promptcot up --help)",
     ),
     (
+        "eval with a batch size of 0",
+        ["eval", "--batch-size", "0", "{tmp}"],
+        {},
+        2,
+        "error: Invalid value for '--batch-size': Input should be greater than or equal to 1 "
+        "(see promptcot eval --help)",
+    ),
+    (
+        "eval of an unknown benchmark",
+        ["eval", "--benchmark", "gsm8", "{tmp}"],
+        {},
+        2,
+        "error: --benchmark: unknown benchmark 'gsm8' (known: gsm8k, aime24, "
+        "aime25, hmmt25) (see promptcot eval --help)",
+    ),
+    (
         "--debug shows the traceback",
         ["--debug", "config", "-c", "{tmp}/nope.yaml"],
         {},

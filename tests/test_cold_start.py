@@ -48,7 +48,13 @@ def test_the_rationale_is_derived_from_the_worked_solution():
     assert "<<" not in z and "####" not in z
     long = "\n".join(f"Step {i} adds {i} = <<{i}={i}>>{i} more." for i in range(40)) + "\n#### 9"
     short = solution_rationale(["counting"], long, "9", max_chars=300)
-    assert len(short) < 360 and "more steps of the same kind" in short  # fits the budget
+    assert len(short) <= 300 and "more steps of the same kind" in short  # fits the budget
+    # max_chars is a hard cap, whatever the length of the step that no longer fits.
+    for width in (5, 30, 70):
+        steps = "\n".join(f"Step {i}: " + "x" * (width + i % 7) for i in range(30))
+        for cap in range(170, 500, 7):  # from where head, tail and "Then..." fit
+            z = solution_rationale(["counting"], steps + "\n#### 9", "9", max_chars=cap)
+            assert len(z) <= cap, (width, cap, len(z))
 
 
 def test_without_a_teacher_annotate_builds_the_triples_from_the_shipped_seeds():
@@ -120,6 +126,18 @@ def test_the_em_stage_cold_starts_both_models_on_first_start(tmp_path, tiny_mode
     assert [c.tag for c in store.list("prompt_model")] == ["v0001-cold_start"]
 
 
+def test_up_goes_on_from_the_base_models_when_the_cold_start_fails(tmp_path, capsys):
+    """As the em stage does: a failed cold start before `up` runs its stages is one line, and
+    the run goes on from the base models (nothing is published, no checkpoint is written)."""
+    from promptcot.cli.factory import cold_start_first
+
+    settings = _settings(tmp_path, tmp_path / "no-such-model")
+    cold_start_first(settings, "127.0.0.1:1")  # no broker there: nothing may be published
+    out = capsys.readouterr().out
+    assert "cold start failed" in out and "base models" in out
+    assert CheckpointStore(tmp_path / "ckpt").latest("prompt_model") is None
+
+
 def test_train_cold_start_command(tmp_path, tiny_model_dir, monkeypatch):
     from promptcot.cli import app
 
@@ -143,32 +161,45 @@ def test_train_cold_start_command(tmp_path, tiny_model_dir, monkeypatch):
 
 @pytest.mark.slow
 def test_cold_start_under_torchrun_trains_data_parallel_and_rank_0_writes(tmp_path, tiny_model_dir):
-    """The documented several-GPU launch (docs/training.md), on CPU: two processes (gloo)."""
+    """The documented several-GPU launch (docs/training.md), on CPU: two processes (gloo);
+    with --publish, rank 0 alone announces the versions."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = {
-        **os.environ,
-        "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(tiny_model_dir),
-        "PROMPTCOT_MODELS__RATIONALE_MODEL__MODEL": str(tiny_model_dir),
-        "PROMPTCOT_TRAINER": json.dumps(
-            {"checkpoint_dir": str(tmp_path / "ckpt"), "cold_start": FAST}
-        ),
-        "OMP_NUM_THREADS": "1",
-    }
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node", "2", "-m", "promptcot"]
-    done = subprocess.run(
-        [*command, "train", "cold-start", "--seeds", "8"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from streams.broker import EmbeddedBroker
+    from streams.clients import kafka_python_config, read_all
+    from streams.settings import KafkaSettings
+    from streams.topics import ensure_topics
+
+    with EmbeddedBroker() as broker:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+        ensure_topics(kafka_python_config(kafka, kafka.bootstrap_servers), kafka.namespace, 1, 1)
+        env = {
+            **os.environ,
+            "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(tiny_model_dir),
+            "PROMPTCOT_MODELS__RATIONALE_MODEL__MODEL": str(tiny_model_dir),
+            "PROMPTCOT_TRAINER": json.dumps(
+                {"checkpoint_dir": str(tmp_path / "ckpt"), "cold_start": FAST}
+            ),
+            "OMP_NUM_THREADS": "1",
+        }
+        torchrun = Path(sys.executable).with_name("torchrun")
+        command = [str(torchrun), "--nproc_per_node", "2", "-m", "promptcot"]
+        done = subprocess.run(
+            [*command, "train", "cold-start", "--seeds", "8", "--publish"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        topic = MODELS.full_name(kafka.namespace)
+        announced = list(read_all(kafka, kafka.bootstrap_servers, topic))
     store = CheckpointStore(tmp_path / "ckpt")
     for role in ("rationale_model", "prompt_model"):
         assert [c.tag for c in store.list(role)] == ["v0001-cold_start"]  # one, not one a rank
     assert done.stdout.count("annotated 8 seeds") == 1  # rank 0 reports, the other is quiet
+    assert len(announced) == 2  # one update per role, from rank 0 only

@@ -81,6 +81,25 @@ def test_eval_command_writes_json_and_a_prometheus_file(tiny_model_dir, tmp_path
     assert none.exit_code != 0
 
 
+def test_eval_loads_a_model_folder_locally_even_when_the_role_is_served_over_http(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """A folder is weights on disk: an openai solver's settings (a served model name) do not
+    apply to it, the folder is scored in process."""
+    from promptcot.cli import app
+
+    monkeypatch.setenv("PROMPTCOT_MODELS__SOLVER__KIND", "openai")
+    monkeypatch.setenv("PROMPTCOT_MODELS__SOLVER__BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("PROMPTCOT_MODELS__SOLVER__MAX_RETRIES", "0")
+    out = tmp_path / "eval.json"
+    args = ["eval", str(tiny_model_dir), "--limit", "2", "--max-tokens", "8", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["version"].startswith(tiny_model_dir.name + "@")
+    assert all(i["finish"] in ("stop", "length") for i in data["items"])
+
+
 def test_the_trainer_scores_each_new_solver_version_when_asked(tmp_path, tiny_model_dir):
     from trainer_data import fast, pairs, trainer_settings
 
@@ -102,3 +121,16 @@ def test_the_trainer_scores_each_new_solver_version_when_asked(tmp_path, tiny_mo
         if labels["role"] == "solver"
     ]
     assert any(v.startswith("v0001-dpo@") for v in versions)  # the new checkpoint's weights
+
+
+def test_the_trainer_evaluates_on_its_own_device_and_dtype(tmp_path, tiny_model_dir):
+    from trainer_data import trainer_settings
+
+    from trainer.checkpoints import training_device
+    from trainer.dpo import eval_backend_settings
+
+    settings = trainer_settings(tmp_path, tiny_model_dir, device="auto", dtype="bfloat16")
+    backend = eval_backend_settings(settings.trainer)
+    assert (backend.device, backend.dtype) == (training_device("auto"), "bfloat16")
+    settings = trainer_settings(tmp_path, tiny_model_dir, device="meta", dtype="float32")
+    assert eval_backend_settings(settings.trainer).device == "meta"

@@ -217,6 +217,16 @@ def test_wrong_type_names_the_key_and_the_value():
     assert "'many'" in err.value.problems[0]
 
 
+def test_an_eval_benchmark_or_batch_size_the_trainer_cannot_use_fails_the_load():
+    """Caught when the settings load, not after a DPO window trained."""
+    with pytest.raises(SettingsError) as err:
+        Settings(trainer={"eval": {"benchmark": "gsm8"}})
+    assert err.value.problems[0].startswith("trainer.eval.benchmark: Input should be 'gsm8k'")
+    with pytest.raises(SettingsError) as err:
+        Settings(trainer={"eval": {"batch_size": 0}})
+    assert err.value.problems[0].startswith("trainer.eval.batch_size: Input should be greater")
+
+
 def test_env_vars_that_name_no_setting_are_errors_and_other_promptcot_vars_are_not(monkeypatch):
     from promptcot.settings import unknown_env_settings
 

@@ -263,6 +263,48 @@ def test_dpo_stage_raises_the_preference_margin(tmp_path, tiny_model):
     assert preference_margin(trained, tok, rows) > preference_margin(base, tok, rows) + 1.0
 
 
+def test_dpo_window_refilled_after_a_crash_reannounces_and_trains_its_new_pairs(
+    tmp_path, tiny_model
+):
+    """A redelivered window may come back with a different make-up (later pairs refill it):
+    the version that trained on part of it is announced again, and its new pairs are trained
+    even when they are fewer than min_records (the window they arrived in was big enough).
+    A window whose usable fresh pairs are under min_records, with nothing of it trained
+    before, trains nothing."""
+    settings = trainer_settings(
+        tmp_path,
+        tiny_model,
+        heldout_fraction=0.0,
+        dpo=fast(lr=2e-3, epochs=1, window={"min_records": 4}, beta=0.1),
+    )
+    stage = DPOStage(settings)
+    first = [e.record for e in stage.process(pairs(6))]
+    assert len(first) == 1
+    later = pairs(9)[6:]
+    refilled = [e.record for e in stage.process(pairs(6)[:2] + later[:1])]
+    assert [u.id for u in refilled][:1] == [first[0].id]
+    assert len(refilled) == 2 and refilled[1].version.endswith("v0002-dpo")
+    assert set(refilled[1].parent_ids) == {later[0].id}
+    # Four new pairs, of which only three are usable (one has chosen == rejected).
+    equal = later[2].model_copy(update={"rejected": later[2].chosen})
+    assert stage.process([*pairs(12)[9:], equal]) == []
+    assert [c.version for c in CheckpointStore(tmp_path / "ckpt").list("solver")] == [1, 2]
+
+
+def test_dpo_heldout_pool_keeps_each_pair_under_its_own_id(tmp_path, tiny_model):
+    """Held-out pairs go to the pool keyed by their own id, even when a pair before them is
+    dropped as unusable (chosen == rejected)."""
+    from trainer.dpo import DPOTrainerLoop
+
+    settings = trainer_settings(tmp_path, tiny_model, heldout_fraction=1.0)
+    window = pairs(3)
+    window[0] = window[0].model_copy(update={"rejected": window[0].chosen})
+    loop = DPOTrainerLoop(settings.trainer, str(tiny_model))
+    assert loop.run_window(window).updates == []
+    rows = [json.loads(line) for line in loop.heldout.path.read_text().splitlines()]
+    assert {r["key"]: r["item"]["chosen"] for r in rows} == {p.id: p.chosen for p in window[1:]}
+
+
 def test_trainer_stages_respect_the_enabled_switch(tmp_path, tiny_model):
     settings = trainer_settings(tmp_path, tiny_model, enabled=False)
     assert EStepStage(settings).process(rationales(["s1", "s2", "s3"], k=4)) == []
@@ -393,6 +435,20 @@ def test_a_lora_checkpoint_is_served_on_the_base_it_names(tmp_path, tiny_model):
     # Named directly, an adapter folder is served on its base too (what `promptcot eval` loads).
     direct = TransformersBackend(BackendSettings(model=str(adapter)))
     assert direct.score([prompt], [pairs(1)[0].chosen])[0].total_logprob == pytest.approx(want)
+
+
+def test_an_adapter_merged_away_for_full_fine_tuning_trains_float32_weights(tmp_path, tiny_model):
+    """LoRA switched off after an adapter checkpoint, dtype bfloat16: the base loads in bf16
+    for the merge, and the merged model full fine-tuning trains is float32 again."""
+    from trainer.checkpoints import load_role_model, save_role_model
+    from trainer.config import LoraConfig
+
+    store = CheckpointStore(tmp_path)
+    lora = load_role_model(store, "p", str(tiny_model), use_lora=True, lora=LoraConfig(r=4))
+    save_role_model(store, lora, "dpo")
+    full = load_role_model(store, "p", str(tiny_model), use_lora=False, dtype="bfloat16")
+    assert not hasattr(full.model, "peft_config")
+    assert {p.dtype for p in full.model.parameters()} == {torch.float32}
 
 
 def test_bf16_profile_keeps_trained_weights_in_float32_and_trains_under_autocast(

@@ -172,3 +172,23 @@ def test_dpo_window_raises_the_margin_on_heldout_pairs(tmp_path, tiny_model):
     trained = PeftModel.from_pretrained(base, update.path)
     assert preference_margin(trained, tok, rows) > before + 1.0
     assert _gauge(metrics.TRAINER_MARGIN, role="solver") == pytest.approx(m["heldout_margin_after"])
+
+
+def test_the_heldout_gauges_carry_heldout_figures_only():
+    """promptcot_trainer_heldout_nll and _margin are set from held-out measurements only: a
+    window measured on its training items (no held-out pool yet) leaves them as they were."""
+    from streams.records import ModelUpdate
+    from trainer.updates import publish_metrics
+
+    def update(role: str, step: str, **m: float) -> ModelUpdate:
+        return ModelUpdate(
+            role=role, version=f"{role}/v0001-{step}", path="/x", step=step, metrics=m
+        )
+
+    role_p, role_s = "gauge_test_prompt_model", "gauge_test_solver"
+    publish_metrics(update(role_p, "m_step", heldout_problem_nll_after=2.5))
+    publish_metrics(update(role_s, "dpo", heldout_margin_after=0.75))
+    publish_metrics(update(role_p, "m_step", train_problem_nll_after=9.0))
+    publish_metrics(update(role_s, "dpo", train_margin_after=-3.0))
+    assert _gauge(metrics.TRAINER_HELDOUT_NLL, role=role_p) == 2.5
+    assert _gauge(metrics.TRAINER_MARGIN, role=role_s) == 0.75

@@ -35,7 +35,7 @@ _STALE_TMP_S = 3600.0  # temporary folders older than this belong to a crashed w
 class Checkpoint:
     role: str
     version: int
-    step: str  # "cold_start" | "e_step" | "m_step" | "dpo" | "sft"
+    step: str  # "cold_start" | "e_step" | "m_step" | "dpo"
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -270,15 +270,16 @@ def load_role_model(
     training device, so scoring and decoding run where the HF Trainer trains.
 
     Weights that train stay float32 (bf16 master weights would round EM-sized updates, lr 2e-6,
-    away); ``dtype`` bfloat16 loads a frozen LoRA base in bf16 and trains under bf16 autocast
-    (trainer/sft.py)."""
+    away); ``dtype`` bfloat16 loads a frozen LoRA base (``use_lora``) in bf16 and trains under
+    bf16 autocast (trainer/sft.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = store.latest(role)
     adapter = ckpt is not None and ckpt.is_adapter
-    frozen_base = use_lora or adapter
-    load_dtype = getattr(torch, dtype) if frozen_base else torch.float32
+    # Only a base that stays frozen under an adapter loads in ``dtype``: an adapter merged away
+    # (LoRA switched off) leaves a model full fine-tuning trains, so its base loads float32.
+    load_dtype = getattr(torch, dtype) if use_lora else torch.float32
     if adapter:
         assert ckpt is not None
         base_path = str(ckpt.metadata.get("base_model") or base_path)

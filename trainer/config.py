@@ -2,8 +2,9 @@
 a config per training step, sized for the machine by a named profile (docs/training.md).
 
 - ``gpu``: the paper's settings (cold start lr 2e-5, batch 16, 2 epochs; EM steps lr 2e-6, batch
-  16; DPO lr 1e-6, batch 16), full fine-tuning, bf16 mixed precision. These are the class
-  defaults below.
+  16; DPO lr 1e-6, batch 16), full fine-tuning, bf16 mixed precision. The class defaults below
+  are these learning rates and batch sizes, with float32 (``dtype``): bf16 comes from the
+  profile (``PROFILES["gpu"]``).
 - ``cpu``: what moves a 135M model measurably within minutes on a few cores: LoRA adapters,
   short sequences, small windows and learning rates in LoRA's range (the paper's rates are for
   7B+ models and barely move a small one: docs/training.md has the measurements).
@@ -26,6 +27,8 @@ from pydantic import Field, model_validator
 from streams.settings import Section, deep_merge
 
 Profile = Literal["cpu", "gpu"]
+# The benchmarks trainer/evaluate.py scores (with reference answers shipped in corpora/).
+Benchmark = Literal["gsm8k", "aime24", "aime25", "hmmt25"]
 
 
 class LoraConfig(Section):
@@ -109,10 +112,10 @@ class EvalConfig(Section):
     (trainer/evaluate.py; ``promptcot eval`` runs the same on demand)."""
 
     after_dpo: bool = False
-    benchmark: str = "gsm8k"
+    benchmark: Benchmark = "gsm8k"
     limit: int = Field(20, ge=1)  # the first N problems: the same subset every time
     max_tokens: int = 256
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
 
 
 class TrainerSettings(Section):

@@ -23,11 +23,13 @@ from trainer.checkpoints import (
     TrainedLedger,
     load_role_model,
     save_role_model,
+    training_device,
 )
 from trainer.config import TrainerSettings
 from trainer.heldout import HeldoutPool, is_heldout
 from trainer.sft import common_training_args, continuation_nll, quiet_datasets
 from trainer.updates import WindowResult, model_update, update_from_manifest
+from workers.backends.base import BackendSettings
 from workers.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
 from workers.roles import Role
 
@@ -45,12 +47,18 @@ def dpo_prompt(tokenizer: Any, pair: PreferencePair) -> str:
     return render_chat(tokenizer, template.system, prompt, template.assistant_prefix)
 
 
+def usable(pair: PreferencePair) -> bool:
+    """A pair DPO can learn from: both answers non-empty and different."""
+    return bool(pair.chosen.strip() and pair.rejected.strip() and pair.chosen != pair.rejected)
+
+
+def dpo_row(tokenizer: Any, pair: PreferencePair) -> dict[str, str]:
+    return {"prompt": dpo_prompt(tokenizer, pair), "chosen": pair.chosen, "rejected": pair.rejected}
+
+
 def dpo_rows(tokenizer: Any, pairs: Sequence[PreferencePair]) -> list[dict[str, str]]:
-    return [
-        {"prompt": dpo_prompt(tokenizer, p), "chosen": p.chosen, "rejected": p.rejected}
-        for p in pairs
-        if p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected
-    ]
+    """The rows of the usable pairs (the others are dropped)."""
+    return [dpo_row(tokenizer, p) for p in pairs if usable(p)]
 
 
 def preference_margin(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]]) -> float:
@@ -91,6 +99,12 @@ def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettin
         result = trainer.train()
     rm.model.eval()
     return float(result.training_loss)
+
+
+def eval_backend_settings(settings: TrainerSettings) -> BackendSettings:
+    """The backend that scores a new solver version: on the device and in the dtype the trainer
+    trains with (the backend's own default is cpu, float32)."""
+    return BackendSettings(device=training_device(settings.device), dtype=settings.dtype)
 
 
 class DPOTrainerLoop:
@@ -135,26 +149,31 @@ class DPOTrainerLoop:
                 raise
 
     def _run_window(self, pairs: list[PreferencePair]) -> WindowResult:
+        """Held-out pairs join the pool; the versions that trained on part of this window
+        before (a window redelivered after a crash, maybe refilled with later pairs) are
+        announced again; the usable pairs not trained on yet are trained. ``min_records``
+        counts those fresh pairs: under it a window trains nothing, unless part of it was
+        trained before (its first delivery was big enough; the pairs that refilled it would
+        otherwise be committed untrained), as the EM trainer trains the rest of a window."""
         s = self.settings
-        ids = [p.id for p in pairs]
+        rm = self.solver
         held = [p for p in pairs if is_heldout(p.problem_id, s.heldout_fraction)]
+        self.heldout.add((p.id, dpo_row(rm.tokenizer, p)) for p in held if usable(p))
+        done = [p.id for p in pairs if self.ledger.get(Role.SOLVER, p.id) is not None]
+        found = (update_from_manifest(m) for m in self.ledger.manifests_for(Role.SOLVER, done))
+        again = [u for u in found if u is not None]
         fresh = [
             p
             for p in pairs
-            if self.ledger.get(Role.SOLVER, p.id) is None
-            and not is_heldout(p.problem_id, s.heldout_fraction)
+            if usable(p) and p.id not in done and not is_heldout(p.problem_id, s.heldout_fraction)
         ]
-        rm = self.solver
-        self.heldout.add((p.id, row) for p, row in zip(held, dpo_rows(rm.tokenizer, held)))
         if not fresh:
-            found = (update_from_manifest(m) for m in self.ledger.manifests_for(Role.SOLVER, ids))
-            again = [u for u in found if u is not None]
-            return WindowResult(again, "no pair to train on (held out, or trained on already)")
-        rows = dpo_rows(rm.tokenizer, fresh)
-        if len(rows) < s.dpo.window.min_records:
+            return WindowResult(again, "no pair to train on (held out, unusable or trained on)")
+        if len(fresh) < s.dpo.window.min_records and not done:
             return WindowResult(
-                [], f"{len(rows)} usable pairs < min_records {s.dpo.window.min_records}"
+                again, f"{len(fresh)} usable fresh pairs < min_records {s.dpo.window.min_records}"
             )
+        rows = [dpo_row(rm.tokenizer, p) for p in fresh]
         signal = self.heldout.items()
         label = "heldout" if signal else "train"
         signal = signal or rows
@@ -174,7 +193,8 @@ class DPOTrainerLoop:
         if s.eval.after_dpo:
             from trainer.evaluate import evaluate_path
 
-            result = evaluate_path(str(ckpt.path), s.eval, role=Role.SOLVER)
+            backend = eval_backend_settings(s)
+            result = evaluate_path(str(ckpt.path), s.eval, role=Role.SOLVER, backend=backend)
             metrics[f"eval_{s.eval.benchmark}_accuracy"] = result.accuracy
         log.info("DPO window: %d pairs, %s margin %.3f -> %.3f", len(rows), label, before, after)
-        return WindowResult([model_update(rm, "dpo", metrics, parents)], metrics=metrics)
+        return WindowResult([*again, model_update(rm, "dpo", metrics, parents)], metrics=metrics)

@@ -14,10 +14,11 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import corpora
 from streams import metrics
+from trainer.config import Benchmark
 from workers.backends.base import Backend, BackendSettings
 from workers.prompts import SOLVER_MATH
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from trainer.config import EvalConfig
 
 MATH_SETS = {"aime24": "aime24.jsonl", "aime25": "aime25.jsonl", "hmmt25": "hmmt25.jsonl"}
-BENCHMARKS = ("gsm8k", *MATH_SETS)
+BENCHMARKS: tuple[str, ...] = get_args(Benchmark)
 NOT_SCORABLE = {
     "lcb_v5": "LiveCodeBench v5 ships its prompts only, not its tests: it cannot be scored here",
     "lcb_v6": "LiveCodeBench v6 ships its prompts only, not its tests: it cannot be scored here",

@@ -58,6 +58,3 @@ class HeldoutPool:
     def items(self) -> list[dict[str, Any]]:
         with self._lock:
             return [self._items[k] for k in sorted(self._items)]
-
-    def __len__(self) -> int:
-        return len(self._items)

@@ -124,14 +124,9 @@ class DPOStage(_TrainerStage[PreferencePair]):
         if not cfg.enabled or not cfg.dpo.enabled:
             log.info("dpo: trainer disabled, %d pairs not trained on", len(pairs))
             return []
-        if len(pairs) < cfg.dpo.window.min_records:
-            log.info(
-                "dpo: window of %d pairs < min_records %d, skipped",
-                len(pairs),
-                cfg.dpo.window.min_records,
-            )
-            return []
         self.ensure_ready()
+        # min_records is counted by the trainer on the fresh pairs (trainer/dpo.py): a window
+        # redelivered after a crash re-announces its versions whatever its size.
         result = self.trainer.run_window(pairs)
         if result.skipped:
             log.info("dpo: %s", result.skipped)

@@ -41,7 +41,8 @@ def solution_steps(solution: str) -> list[str]:
 def solution_rationale(
     concepts: Sequence[str], solution: str, answer: str | None, max_chars: int = 480
 ) -> str:
-    """Design notes from concepts to the problem, derived from its worked solution."""
+    """Design notes from concepts to the problem, derived from its worked solution; at most
+    ``max_chars`` long whenever the head, the tail and one "Then N more steps" line fit."""
     steps = solution_steps(solution)
     n = len(steps)
     head = (
@@ -49,12 +50,18 @@ def solution_rationale(
         f"One word problem that takes {n} step{'s' if n != 1 else ''} to solve:"
     )
     tail = "Ask for the final quantity" + (f", so the answer is {answer}." if answer else ".")
+
+    def more(i: int) -> str:
+        return f"{i}. Then {n - i + 1} more step{'s' if n - i else ''} of the same kind."
+
     lines = [head]
-    used = len(head) + len(tail) + 2
+    used = len(head) + 1 + len(tail)  # the text is the lines joined by newlines
     for i, step in enumerate(steps, 1):
         line = f"{i}. {step}"
-        if used + len(line) + 1 > max_chars:
-            lines.append(f"{i}. Then {n - i + 1} more step{'s' if n - i else ''} of the same kind.")
+        # A step is taken only if room stays for the line that says how many steps follow.
+        reserve = len(more(i + 1)) + 1 if i < n else 0
+        if used + len(line) + 1 + reserve > max_chars:
+            lines.append(more(i))
             break
         lines.append(line)
         used += len(line) + 1

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from promptcot.cli.app import ConfigOpt, app, console, load
+
+if TYPE_CHECKING:
+    from workers.backends.base import BackendSettings
 
 
 @app.command("eval")
 def evaluate(
     model: Annotated[
         str | None,
-        typer.Argument(help="A model folder (full, or a LoRA adapter on its base)."),
+        typer.Argument(
+            help="A model folder (full, or a LoRA adapter on its base). Scored in process: "
+            "with the --role's settings when that role is served in process (transformers, "
+            "vllm: its device and dtype), else (openai) with transformers on the cpu."
+        ),
     ] = None,
     role: Annotated[
         str, typer.Option(help="Without MODEL: the role whose checkpoint (or model) to score.")
@@ -30,7 +37,7 @@ def evaluate(
         int | None, typer.Option(help="Score the first N problems (the same subset every time).")
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="Token budget of each solution.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Problems per generate call.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Problems per generate call.", min=1)] = 8,
     out: Annotated[Path | None, typer.Option(help="Write the result (with items) as JSON.")] = None,
     prom: Annotated[
         Path | None,
@@ -42,18 +49,23 @@ def evaluate(
     equivalence oracle; prints the accuracy and sets promptcot_eval_accuracy{benchmark,role,
     version}. LiveCodeBench ships no tests, so it cannot be scored."""
     from trainer.config import EvalConfig
-    from trainer.evaluate import evaluate_path, write_json
+    from trainer.evaluate import BENCHMARKS, NOT_SCORABLE, evaluate_path, write_json
 
     settings = load(config)
     if limit is not None and limit < 1:
         raise typer.BadParameter("--limit must be at least 1")
+    if benchmark in NOT_SCORABLE:
+        raise typer.BadParameter(f"--benchmark: {NOT_SCORABLE[benchmark]}")
+    if benchmark not in BENCHMARKS:
+        known = ", ".join(BENCHMARKS)
+        raise typer.BadParameter(f"--benchmark: unknown benchmark {benchmark!r} (known: {known})")
     path = model or resolve_model(settings, role, version)
     if not Path(path).is_dir():
         raise typer.BadParameter(f"not a model folder: {path}")
     cfg = EvalConfig(
         benchmark=benchmark, limit=limit or 10**9, max_tokens=max_tokens, batch_size=batch_size
     )
-    backend = settings.models.role(role) if role else None
+    backend = local_backend(settings.models.role(role)) if role else None
     with console.status(f"solving {benchmark} with {path}..."):
         result = evaluate_path(path, cfg, role=role if not model else "", backend=backend)
     console.print(
@@ -66,6 +78,15 @@ def evaluate(
     if prom:
         write_prometheus(prom)
         console.print(f"wrote {prom}")
+
+
+def local_backend(role: BackendSettings) -> BackendSettings:
+    """The settings that load a model folder in process: the role's own when it is served in
+    process; an openai role's (a served model name on a server) do not apply to a folder, so it
+    is loaded with transformers' defaults."""
+    from workers.backends.base import BackendSettings
+
+    return role if role.kind != "openai" else BackendSettings()
 
 
 def resolve_model(settings, role: str, version: str) -> str:

@@ -76,64 +76,70 @@ def up(
     from workers.runtime import run_stages
 
     scratch = Path(tempfile.mkdtemp(prefix="promptcot-ephemeral-")) if ephemeral else None
-    settings = load(config, bootstrap, **(ephemeral_overrides(scratch) if scratch else {}))
-    names = stage_names(stages, train)
-    limit_s = parse_duration(duration)
-    # The time limit counts the cold start too.
-    progress = FactoryProgress(started=time.monotonic())
-    supervisor = Supervisor(
-        settings.kafka,
-        settings.worker.shutdown_grace_s,
-        on_force=lambda: console.print(progress.table()),
-    )
-    metrics.serve(settings.metrics.host, settings.metrics.port)
-
-    with console.status("starting broker and topics..."):
-        cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
-    supervisor.watch(cluster)
-    # Stages read the topics they restore from (the sampler's position) at this address.
-    settings.kafka.bootstrap_servers = cluster.bootstrap
-    where = "embedded broker" if cluster.broker else "cluster"
-    if cluster.broker is not None:
-        where += f" ({cluster.broker.data_dir})" if cluster.broker.durable else " (in memory)"
-    console.print(
-        f"[bold]PromptCoT factory[/] on {where} [cyan]{cluster.bootstrap}[/], "
-        f"stages: {', '.join(names)}"
-    )
-    if settings.metrics.port:
-        console.print(f"metrics: http://{settings.metrics.host}:{settings.metrics.port}/metrics")
-    progress.carried = carried_over(settings, cluster.bootstrap, FACTORY_GROUP)
-    if (continued := progress.continued()) is not None:
-        console.print(continued)
-    if seeds and "annotate" in names:
-        n = publish_seeds(settings, cluster.bootstrap, "gsm8k", seeds)
-        console.print(f"published {n} seed problems for annotate/rationale")
-    if "em" in names:
-        cold_start_first(settings, cluster.bootstrap)
-        serve_newest(settings)
-
-    stop = asyncio.Event()
-
-    async def until() -> None:
-        supervisor.attach(stop)
-        with Live(progress.table(), console=console, refresh_per_second=2, transient=True) as live:
-            while not stop.is_set():
-                live.update(progress.table())
-                if supervisor.check_cluster():
-                    break
-                if progress.accepted() >= max_problems:
-                    progress.stop_reason = f"{max_problems} verified problems"
-                    break
-                if time.monotonic() - progress.started >= limit_s:
-                    progress.stop_reason = f"time limit {duration}"
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
-            if not progress.stop_reason:
-                progress.stop_reason = supervisor.failure or "interrupted"
-            live.update(progress.table())
-
+    cluster = None
+    # Whatever stops the run, the broker closes and an --ephemeral run's scratch folder goes.
     try:
+        settings = load(config, bootstrap, **(ephemeral_overrides(scratch) if scratch else {}))
+        names = stage_names(stages, train)
+        limit_s = parse_duration(duration)
+        # The time limit counts the cold start too.
+        progress = FactoryProgress(started=time.monotonic())
+        supervisor = Supervisor(
+            settings.kafka,
+            settings.worker.shutdown_grace_s,
+            on_force=lambda: console.print(progress.table()),
+        )
+        metrics.serve(settings.metrics.host, settings.metrics.port)
+
+        with console.status("starting broker and topics..."):
+            cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
+        supervisor.watch(cluster)
+        # Stages read the topics they restore from (the sampler's position) at this address.
+        settings.kafka.bootstrap_servers = cluster.bootstrap
+        where = "embedded broker" if cluster.broker else "cluster"
+        if cluster.broker is not None:
+            where += f" ({cluster.broker.data_dir})" if cluster.broker.durable else " (in memory)"
+        console.print(
+            f"[bold]PromptCoT factory[/] on {where} [cyan]{cluster.bootstrap}[/], "
+            f"stages: {', '.join(names)}"
+        )
+        if settings.metrics.port:
+            console.print(
+                f"metrics: http://{settings.metrics.host}:{settings.metrics.port}/metrics"
+            )
+        progress.carried = carried_over(settings, cluster.bootstrap, FACTORY_GROUP)
+        if (continued := progress.continued()) is not None:
+            console.print(continued)
+        if seeds and "annotate" in names:
+            n = publish_seeds(settings, cluster.bootstrap, "gsm8k", seeds)
+            console.print(f"published {n} seed problems for annotate/rationale")
+        if "em" in names:
+            cold_start_first(settings, cluster.bootstrap)
+            serve_newest(settings)
+
+        stop = asyncio.Event()
+
+        async def until() -> None:
+            supervisor.attach(stop)
+            with Live(
+                progress.table(), console=console, refresh_per_second=2, transient=True
+            ) as live:
+                while not stop.is_set():
+                    live.update(progress.table())
+                    if supervisor.check_cluster():
+                        break
+                    if progress.accepted() >= max_problems:
+                        progress.stop_reason = f"{max_problems} verified problems"
+                        break
+                    if time.monotonic() - progress.started >= limit_s:
+                        progress.stop_reason = f"time limit {duration}"
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=1.0)
+                if not progress.stop_reason:
+                    progress.stop_reason = supervisor.failure or "interrupted"
+                live.update(progress.table())
+
         asyncio.run(
             run_stages(
                 settings,
@@ -144,7 +150,8 @@ def up(
             )
         )
     finally:
-        cluster.close()
+        if cluster is not None:
+            cluster.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     if supervisor.failure:
@@ -184,9 +191,18 @@ def cold_start_first(settings, bootstrap: str) -> None:
     if not trainer.needs_cold_start():
         return
     n = cfg.cold_start.seeds
-    with console.status(f"cold start: annotating {n} seeds, training p_θ and q_φ on them..."):
-        data = cold_start_data(settings)
-        updates = trainer.cold_start(data.seeds)
+    try:
+        with console.status(f"cold start: annotating {n} seeds, training p_θ and q_φ on them..."):
+            data = cold_start_data(settings)
+            updates = trainer.cold_start(data.seeds)
+    except Exception as e:  # noqa: BLE001  (as the em stage: the loop runs from the base models)
+        message = f"{type(e).__name__}: {e}".splitlines()[0]
+        console.print(
+            f"[yellow]the cold start failed ({message}); EM starts from the base models[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     publish(settings.kafka, bootstrap, MODELS, updates)
     console.print(
         f"cold start on {len(data.seeds)} annotated seeds: " + ", ".join(u.version for u in updates)
@@ -219,7 +235,9 @@ def stage_names(stages: str | None, train: bool) -> list[str]:
     return names
 
 
-@app.command()
+@app.command(
+    epilog="Stages: " + "; ".join(f"{name}: {spec.doc}" for name, spec in STAGES.items()) + "."
+)
 def worker(
     stage: Annotated[str, typer.Argument(help=f"Stage to run: {', '.join(STAGES)}.")],
     config: ConfigOpt = None,

@@ -30,8 +30,10 @@ def cold_start(
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
-    """SFT of p_θ and q_φ on annotated seeds (c, z, x): by the teacher when one is configured
-    (annotate.concept_source: model / models.annotator), else built from each seed (lexicon
+    """SFT of p_θ and q_φ on annotated seeds (c, z, x). With a teacher configured
+    (models.annotator.model, or annotate.concept_source / rationale_source: model) the teacher
+    writes the rationale, and the concepts too with annotate.concept_source: model (else they
+    come from the lexicon); without one each seed is annotated without a model (lexicon
     concepts, rationale from its worked solution). Writes checkpoints under
     trainer.checkpoint_dir. Under torchrun / accelerate launch every process trains (data
     parallel) and rank 0 writes and reports (docs/training.md)."""
@@ -69,7 +71,7 @@ def cold_start(
     for u in updates:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(u.metrics.items()))
         console.print(f"[bold]{u.version}[/] {u.path}\n  {shown}", soft_wrap=True, highlight=False)
-    if target:
+    if target and distributed_rank() == 0:  # every rank has the updates: one announces them
         from streams.clients import publish as send
         from streams.topics import MODELS
 

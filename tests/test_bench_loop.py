@@ -1,0 +1,43 @@
+"""bench/loop.py's own wiring: --quick writes its report and uses --seeds, a failed `up` stops
+the experiment with a line that points to its log, and --versions below 2 is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from bench import loop
+
+
+@pytest.mark.slow  # a cold start of the tiny model and annotate over all GSM8K train: ~1 min
+def test_quick_writes_its_report_and_uses_the_seeds_given(tiny_model_dir, tmp_path, monkeypatch):
+    for role in ("PROMPT_MODEL", "RATIONALE_MODEL", "SOLVER"):
+        monkeypatch.setenv(f"PROMPTCOT_MODELS__{role}__MODEL", str(tiny_model_dir))
+    step = {"epochs": 1.0, "batch_size": 4, "per_device_batch_size": 4, "max_seq_len": 256}
+    monkeypatch.setenv("PROMPTCOT_TRAINER__COLD_START", json.dumps({**step, "seeds": 4}))
+    out = tmp_path / "quick"
+    loop.main(["--quick", "--out", str(out), "--seeds", "3", "--concept-sets", "2"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["quick"] is True and report["seeds"] == 3
+    assert any("the 3 seeds" in r["name"] for r in report["figures"])
+
+
+def test_a_failed_up_stops_the_experiment_pointing_to_its_log(tmp_path):
+    log = tmp_path / "up.log"
+    command = [sys.executable, "-c", "print('broker gone'); raise SystemExit(3)"]
+    with pytest.raises(loop.UpFailed, match=f"exited with code 3: see {log}"):
+        loop.run_up(command, dict(os.environ), log)
+    assert "broker gone" in log.read_text()
+
+
+def test_versions_below_two_are_refused_and_spaced_keeps_first_and_last(capsys):
+    assert loop.spaced(list(range(10)), 2) == [0, 9]
+    assert loop.spaced(list(range(10)), 4) == [0, 3, 6, 9]
+    with pytest.raises(ValueError, match="at least 2"):
+        loop.spaced(list(range(10)), 1)
+    with pytest.raises(SystemExit) as exit_:
+        loop.main(["--versions", "1"])
+    assert exit_.value.code == 2 and "--versions must be at least 2" in capsys.readouterr().err
