@@ -85,8 +85,8 @@ TRAINER_LOSS = Gauge(
 )
 TRAINER_HELDOUT_NLL = Gauge(
     "promptcot_trainer_heldout_nll",
-    "Per-token NLL of held-out seed problems under p_θ after the last M-step (train seeds when "
-    "none is held out yet)",
+    "Per-token NLL of held-out seed problems under p_θ after the last M-step (unset until the "
+    "held-out pool has items)",
     ["role"],
 )
 TRAINER_REWARD = Gauge(

@@ -83,6 +83,10 @@ def test_a_window_replayed_after_the_e_step_runs_the_m_step_and_announces_both(
     assert sorted(m_ckpt.metadata["trained_ids"]) == sorted(r.id for r in window)
     assert sorted(e.record.seed_id for e in emits if e.topic is SEEDS_ANNOTATED) == SEEDS
 
+    # Part of it again, in a window under min_records: its versions are still announced.
+    again = _models(EStepStage(_em_settings(tmp_path, tiny_model)).process(window[:1]))
+    assert sorted((u.role, u.id) for u in again) == sorted((u.role, u.id) for u in updates)
+
 
 def _adapter_or_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file

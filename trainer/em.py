@@ -286,6 +286,10 @@ class EMTrainer:
         found = (update_from_manifest(m) for m in self.ledger.manifests_for(role, record_ids))
         return [u for u in found if u is not None]
 
+    def announced(self, record_ids: list[str]) -> list[ModelUpdate]:
+        """Every role's updates that trained on any of these records."""
+        return [u for role in self.ROLES for u in self._announced(role, record_ids)]
+
     def _signal_items(self, fallback: Sequence[SeedItem]) -> tuple[list[SeedItem], str]:
         pool = [SeedItem(**row) for row in self.heldout.items()]
         return (pool, "heldout") if pool else (list(fallback), "train")

@@ -95,8 +95,10 @@ class EStepStage(_TrainerStage[Rationale]):
                 len(records),
                 cfg.e_step.window.min_records,
             )
+            # Records trained on before (a redelivery): their versions are announced again.
+            announced = self.trainer.announced([r.id for r in records])
             seeds = self.trainer.next_epoch_seeds(records)
-            return [self.emit(SEEDS_ANNOTATED, s) for s in seeds]
+            return self._emit_updates(announced) + [self.emit(SEEDS_ANNOTATED, s) for s in seeds]
         result = self.trainer.run_window(records)
         if result.skipped:
             log.info("em: %s", result.skipped)
