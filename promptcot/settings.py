@@ -40,7 +40,13 @@ from streams.settings import (
     Section,
     deep_merge,
 )
-from trainer.config import PROFILE_WINDOWS, PROFILES, TrainerSettings, resolve_profile
+from trainer.config import (
+    PROFILE_SAMPLING,
+    PROFILE_WINDOWS,
+    PROFILES,
+    TrainerSettings,
+    resolve_profile,
+)
 from vectorstore.settings import VectorStoreSettings
 from workers.roles import ModelRoles
 from workers.settings import (
@@ -111,15 +117,17 @@ class Settings(BaseSettings, Section):
     @model_validator(mode="before")
     @classmethod
     def _trainer_profile(cls, data: Any) -> Any:
-        """Apply the trainer profile (trainer/config.py) to the ``trainer`` section and to the
-        trainer stages' windows (``stages.em`` / ``stages.dpo``), under any key set explicitly.
+        """Apply the trainer profile (trainer/config.py) to the ``trainer`` section, the trainer
+        stages' windows (``stages.em`` / ``stages.dpo``) and the E-step sampling
+        (``rationale``), under any key set explicitly.
         Here, before the sections fill in their defaults, so an explicit key is still told
         apart from a default."""
         if not isinstance(data, dict) or isinstance(data.get("trainer"), TrainerSettings):
             return data
         trainer = data.get("trainer", {})
         stages = data.get("stages", {})
-        if not isinstance(trainer, dict) or not isinstance(stages, dict):
+        rationale = data.get("rationale", {})
+        if not all(isinstance(x, dict) for x in (trainer, stages, rationale)):
             return data
         try:
             profile = resolve_profile(trainer.get("profile", "auto"))
@@ -129,6 +137,7 @@ class Settings(BaseSettings, Section):
             **data,
             "trainer": {**deep_merge(PROFILES[profile], trainer), "profile": profile},
             "stages": deep_merge(PROFILE_WINDOWS[profile], stages),
+            "rationale": deep_merge(PROFILE_SAMPLING[profile], rationale),
         }
 
     @classmethod

@@ -268,6 +268,10 @@ def test_trainer_profiles_size_the_loop_for_the_machine(monkeypatch):
     assert cpu.trainer.e_step.lr >= 100 * gpu.trainer.e_step.lr
     assert cpu.trainer.e_step.max_seq_len < gpu.trainer.e_step.max_seq_len
     assert cpu.stage("em").batch_within_s < gpu.stage("em").batch_within_s
+    # E-step sampling: the paper's K=8 on gpu; fewer, shorter rationales on cpu.
+    assert (gpu.rationale.samples, cpu.rationale.samples) == (8, 4)
+    assert cpu.rationale.max_tokens < gpu.rationale.max_tokens
+    assert Settings(trainer={"profile": "cpu"}, rationale={"samples": 6}).rationale.samples == 6
     # auto: gpu only where an NVIDIA device is visible to this process.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert Settings().trainer.profile == "cpu"

@@ -214,6 +214,14 @@ PROFILES: dict[str, dict[str, Any]] = {
     ),
 }
 
+# E-step sampling per profile (the rationale stage, ``rationale.*``): on a CPU, K=8 rationales
+# of 192 tokens per seed take the rationale stage longer than a README run lasts, so no EM window
+# would ever form; 4 of 128 tokens (the M-step's decode budget) close one within minutes.
+PROFILE_SAMPLING: dict[str, dict[str, Any]] = {
+    "gpu": {"samples": 8, "max_tokens": 192},
+    "cpu": {"samples": 4, "max_tokens": 128},
+}
+
 # The trainer stages' windows per profile (``stages.em`` / ``stages.dpo``): on a CPU a window
 # must close within minutes, or the first model update of a run comes too late to matter.
 PROFILE_WINDOWS: dict[str, dict[str, dict[str, Any]]] = {
