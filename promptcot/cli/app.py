@@ -54,6 +54,10 @@ def load(config: Path | None, bootstrap: str | None = None, **overrides: Any) ->
         level=getattr(logging, settings.log_level.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # kafka-python warns whenever one of its own poll tasks runs over 0.1 s, which on a busy
+    # 2-core machine is every few seconds and says nothing a user can act on.
+    if settings.log_level.upper() != "DEBUG":
+        logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     return settings
 
 
