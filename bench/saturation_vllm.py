@@ -148,13 +148,21 @@ def inside_venv(quick: bool) -> list[Row]:
             list(pool.map(lambda cs: stage.process([cs]), sets))
         return len(sets) / (time.perf_counter() - started)
 
-    run_offline(bench_concept_sets(4, tag="warm"))
-    run_stage(bench_concept_sets(4, tag="warm"))
     off, staged = [], []
-    for r in range(runs):
-        sets = bench_concept_sets(n_records, tag=f"run{r}")
-        off.append(run_offline(sets))
-        staged.append(run_stage(sets))
+    try:
+        run_offline(bench_concept_sets(4, tag="warm"))
+        run_stage(bench_concept_sets(4, tag="warm"))
+        for r in range(runs):
+            sets = bench_concept_sets(n_records, tag=f"run{r}")
+            off.append(run_offline(sets))
+            staged.append(run_stage(sets))
+    finally:
+        # Both engines run their core in a process of its own, which outlives this one unless
+        # shut down (a leaked pair held 4 GB and spun on the cores through the other cases).
+        backend.close()
+        core = getattr(getattr(offline, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
     setup = f"{n_records} concept sets, 2 x {max_tokens} tokens, {threads} threads"
     return [
         timing(
