@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 from tenacity import (
@@ -44,9 +43,7 @@ from workers.backends.base import (
     failed_score,
     mark_empty,
 )
-from workers.backends.event_loop import LoopThread
-
-T = TypeVar("T")
+from workers.backends.event_loop import LoopThread, gather_or_cancel
 
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _OVERFLOW_HINTS = (
@@ -138,17 +135,6 @@ class OpenAIBackend(Backend):
             raise BadRequestError(f"{path}: HTTP {resp.status_code} {text}")
         return resp.json()
 
-    async def _all(self, coros: list[Coroutine[Any, Any, T]]) -> list[T]:
-        """Results in order; the first whole-call error cancels the rest of this call."""
-        tasks = [asyncio.ensure_future(c) for c in coros]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
     # -- generation ---------------------------------------------------------------------------
 
     def generate(
@@ -173,7 +159,7 @@ class OpenAIBackend(Backend):
             sampling["seed"] = seed
         if not prompts:
             return []
-        return self._loop.run(self._all([self._complete(p, n, sampling) for p in prompts]))
+        return self._loop.run(gather_or_cancel([self._complete(p, n, sampling) for p in prompts]))
 
     async def _complete(self, prompt: str, n: int, sampling: dict[str, Any]) -> list[Completion]:
         body = {"model": self._served_model, "prompt": prompt, **sampling}
@@ -201,7 +187,7 @@ class OpenAIBackend(Backend):
         if not prompts:
             return []
         return self._loop.run(
-            self._all([self._score(p, c) for p, c in zip(prompts, continuations)])
+            gather_or_cancel([self._score(p, c) for p, c in zip(prompts, continuations)])
         )
 
     async def _score(self, prompt: str, continuation: str) -> Score:

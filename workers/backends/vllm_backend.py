@@ -17,7 +17,6 @@ live CPU engine does not work: docs/models.md, "vLLM on CPU"). A restart stops t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import itertools
@@ -41,7 +40,7 @@ from workers.backends.base import (
     mark_empty,
     weights_version,
 )
-from workers.backends.event_loop import LoopThread
+from workers.backends.event_loop import LoopThread, gather_or_cancel
 
 
 def vllm_available() -> bool:
@@ -123,14 +122,7 @@ class VLLMBackend(Backend):
                 final = out
             return final
 
-        tasks = [asyncio.ensure_future(one(p, sp)) for p, sp in requests]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        return await gather_or_cancel([one(p, sp) for p, sp in requests])
 
     def reload(self, model_path: str) -> None:
         """Serve ``model_path``: a full model folder (engine restart), or a LoRA adapter on the
