@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -18,6 +19,8 @@ from streams.cluster import kafka_python_config
 from streams.records import Record
 from streams.settings import KafkaSettings
 from streams.topics import CATALOGUE, TopicSpec
+
+R = TypeVar("R", bound=Record)
 
 
 class _CancelledRefresh(logging.Filter):
@@ -113,10 +116,16 @@ def read_topic(
 ) -> Iterator[Record]:
     """Decoded records of a topic (unreadable ones are skipped: they are the DLQ's business)."""
     full, spec = resolve_topic(kafka, name)
-    for message in read_raw(
+    messages = read_raw(
         kafka, bootstrap or kafka.bootstrap_servers or "", full, idle_s=idle_s, follow=follow
-    ):
+    )
+    yield from decoded(messages, spec.record)
+
+
+def decoded(messages: Iterable, record_type: type[R]) -> Iterator[R]:
+    """The records of ``messages`` as ``record_type``; unreadable ones are skipped."""
+    for message in messages:
         try:
-            yield serde.decode(message.value, spec.record)
+            yield serde.decode(message.value, record_type)
         except serde.RecordDecodeError:
             continue

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from streams import serde
-from streams.clients import publish, read_all
+from streams.clients import decoded, publish, read_all
 from streams.cluster import kafka_python_config
 from streams.records import DeadLetter, DeadLetterReplay
 from streams.settings import KafkaSettings
@@ -47,11 +46,8 @@ class Selection:
 def dead_letters(kafka: KafkaSettings, bootstrap: str) -> list[DeadLetter]:
     """Every dead letter, each id once (the runtime may dead-letter a redelivered record again)."""
     seen: dict[str, DeadLetter] = {}
-    for message in read_all(kafka, bootstrap, DEAD_LETTERS.full_name(kafka.namespace)):
-        try:
-            letter = serde.decode(message.value, DeadLetter)
-        except serde.RecordDecodeError:
-            continue
+    messages = read_all(kafka, bootstrap, DEAD_LETTERS.full_name(kafka.namespace))
+    for letter in decoded(messages, DeadLetter):
         seen.setdefault(letter.id, letter)
     return list(seen.values())
 
@@ -66,11 +62,8 @@ def coordinates(letter: DeadLetter | DeadLetterReplay) -> Coordinates:
 def replays(kafka: KafkaSettings, bootstrap: str) -> dict[Coordinates, DeadLetterReplay]:
     """Source record -> its replay."""
     out: dict[Coordinates, DeadLetterReplay] = {}
-    for message in read_all(kafka, bootstrap, DEAD_LETTER_REPLAYS.full_name(kafka.namespace)):
-        try:
-            replay = serde.decode(message.value, DeadLetterReplay)
-        except serde.RecordDecodeError:
-            continue
+    messages = read_all(kafka, bootstrap, DEAD_LETTER_REPLAYS.full_name(kafka.namespace))
+    for replay in decoded(messages, DeadLetterReplay):
         out.setdefault(coordinates(replay), replay)
     return out
 
