@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -72,3 +74,40 @@ async def wait_until(check: Callable[[], bool], timeout_s: float, poll_s: float 
             return
         await asyncio.sleep(poll_s)
     raise TimeoutError(f"condition not met within {timeout_s}s")
+
+
+def start_worker(settings: Settings, argv: list[str], log: Path, env: dict[str, str]):
+    """A worker process on the test's broker and namespace (no metrics port, INFO logs) in a
+    session of its own, its output appended to ``log``; ``env`` adds or overrides variables."""
+    full = {
+        **os.environ,
+        "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
+        "PROMPTCOT_METRICS__PORT": "0",
+        "PROMPTCOT_LOG_LEVEL": "INFO",
+        **env,
+    }
+    return subprocess.Popen(
+        argv, env=full, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def wait_for(
+    predicate: Callable[[], bool],
+    proc: subprocess.Popen,
+    log: Path,
+    timeout_s: float,
+    poll_s: float = 0.3,
+) -> None:
+    """Poll ``predicate`` until true; fail with the worker's log tail if it exits or time runs
+    out."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(poll_s)
+    pytest.fail(f"timed out; worker log:\n{log.read_text()[-3000:]}")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from factory_harness import factory_settings, read_records
+from factory_harness import factory_settings, read_records, start_worker, wait_for
 
 from streams.broker import EmbeddedBroker
 from streams.clients import publish
@@ -60,25 +58,15 @@ def test_follower_moves_matching_roles_to_newer_weights_only(tmp_path):
 
 def _worker(settings, model_dir: Path, log: Path) -> subprocess.Popen:
     env = {
-        **os.environ,
-        "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
         "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(model_dir),
-        "PROMPTCOT_METRICS__PORT": "0",
         "PROMPTCOT_WORKER__JOURNAL_DIR": str(log.parent / "journal"),
         "PROMPTCOT_STAGES__GENERATE__BATCH_SIZE": "2",
         "PROMPTCOT_STAGES__GENERATE__BATCH_WITHIN_S": "0.2",
         "PROMPTCOT_GENERATION__MAX_RATIONALE_TOKENS": "32",
         "PROMPTCOT_GENERATION__MAX_PROBLEM_TOKENS": "32",
-        "PROMPTCOT_LOG_LEVEL": "INFO",
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "promptcot", "worker", "generate"],
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    argv = [sys.executable, "-m", "promptcot", "worker", "generate"]
+    return start_worker(settings, argv, log, env)
 
 
 def _versions(settings) -> dict[str, str]:
@@ -121,7 +109,13 @@ def test_a_generate_worker_in_its_own_process_serves_each_announced_version(
         try:
             before = _sets("before", 3)
             publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, before)
-            _wait(lambda: set(_versions(settings)) >= {s.id for s in before}, worker, log)
+            wait_for(
+                lambda: set(_versions(settings)) >= {s.id for s in before},
+                worker,
+                log,
+                timeout_s=180,
+                poll_s=0.5,
+            )
             old = {_versions(settings)[s.id] for s in before}
             assert len(old) == 1 and old.pop().startswith("base@")
 
@@ -130,11 +124,23 @@ def test_a_generate_worker_in_its_own_process_serves_each_announced_version(
                 "prompt_model", "m_step", lambda d: shutil.copytree(base, d, dirs_exist_ok=True)
             )
             publish(settings.kafka, broker.bootstrap_servers, MODELS, [_update(ckpt)])
-            _wait(lambda: "now serves prompt_model/v0001-m_step" in log.read_text(), worker, log)
+            wait_for(
+                lambda: "now serves prompt_model/v0001-m_step" in log.read_text(),
+                worker,
+                log,
+                timeout_s=180,
+                poll_s=0.5,
+            )
 
             after = _sets("after", 3)
             publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, after)
-            _wait(lambda: set(_versions(settings)) >= {s.id for s in after}, worker, log)
+            wait_for(
+                lambda: set(_versions(settings)) >= {s.id for s in after},
+                worker,
+                log,
+                timeout_s=180,
+                poll_s=0.5,
+            )
             new = {_versions(settings)[s.id] for s in after}
             assert new == {f"{ckpt.path.name}@" + old_hash(base)}, new
         finally:
@@ -146,17 +152,6 @@ def old_hash(folder: Path) -> str:
     from workers.backends.base import weights_version
 
     return weights_version(folder).split("@", 1)[1]
-
-
-def _wait(predicate, proc, log: Path, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")
 
 
 def test_a_role_follows_checkpoints_unless_a_server_is_rolled_by_its_deployment(

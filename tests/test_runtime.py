@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import faust
 import pytest
-from factory_harness import read_records, wait_until
+from factory_harness import read_records, start_worker, wait_for, wait_until
 from scripted_stage import ScriptedStage
 
 from promptcot.settings import Settings
@@ -365,36 +365,14 @@ def test_a_failing_app_start_stops_the_model_follower_and_the_stage(broker, tmp_
 
 
 def _worker(settings, tmp_path: Path, log: Path, **env: str) -> subprocess.Popen:
-    full = {
-        **os.environ,
+    scripted = {
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-        "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
-        "PROMPTCOT_METRICS__PORT": "0",
         "PROMPTCOT_WORKER__JOURNAL_DIR": str(tmp_path / "journal"),
-        "PROMPTCOT_LOG_LEVEL": "INFO",
         "SCRIPTED_GROUP": f"{settings.kafka.namespace}-workers",
         "SCRIPTED_LOG": str(tmp_path / "decisions.jsonl"),
         **env,
     }
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPT)],
-        env=full,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _await(predicate, proc, log: Path, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-    pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")
+    return start_worker(settings, [sys.executable, str(SCRIPT)], log, scripted)
 
 
 def _decided(tmp_path: Path) -> Counter:
@@ -418,15 +396,18 @@ def test_sigterm_mid_batch_exits_cleanly_and_loses_nothing(broker, tmp_path, gra
         "PROMPTCOT_STAGES__GENERATE__BATCH_SIZE": "4",
     }
     first = _worker(settings, tmp_path, log, **env)
-    _await(lambda: sum(_decided(tmp_path).values()) >= 4, first, log)
+    wait_for(lambda: sum(_decided(tmp_path).values()) >= 4, first, log, timeout_s=90)
     started = time.monotonic()
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=30) == 0
     assert time.monotonic() - started < 30
     second = _worker(settings, tmp_path, log, SCRIPTED_DELAY_S="0")
     try:
-        _await(
-            lambda: {v.subject_id for v in _verdicts(settings)} >= {s.id for s in sets}, second, log
+        wait_for(
+            lambda: {v.subject_id for v in _verdicts(settings)} >= {s.id for s in sets},
+            second,
+            log,
+            timeout_s=90,
         )
     finally:
         second.send_signal(signal.SIGTERM)
@@ -447,12 +428,12 @@ def test_kill_minus_nine_mid_flight_loses_and_duplicates_nothing(broker, tmp_pat
     log = tmp_path / "worker.log"
     env = {"SCRIPTED_DELAY_S": "0.4", "SCRIPTED_CHUNK": "1", "SCRIPTED_IN_FLIGHT": "6"}
     first = _worker(settings, tmp_path, log, **env)
-    _await(lambda: sum(_decided(tmp_path).values()) >= 8, first, log)
+    wait_for(lambda: sum(_decided(tmp_path).values()) >= 8, first, log, timeout_s=90)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=10)
     second = _worker(settings, tmp_path, log, **env)
     try:
-        _await(
+        wait_for(
             lambda: {v.subject_id for v in _verdicts(settings)} >= {s.id for s in sets},
             second,
             log,

@@ -21,13 +21,11 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from factory_harness import factory_settings, read_records, wait_until
+from factory_harness import factory_settings, read_records, start_worker, wait_for, wait_until
 from trainer_data import build_tiny_model, fast, rationales, trainer_settings
 
 from streams.records import ModelUpdate
@@ -135,34 +133,14 @@ def _worker(settings, model: Path, ckpt: Path, m_epochs: float, log_path: Path):
         "m_step": fast(epochs=m_epochs, max_rationale_tokens=16),
     }
     env = {
-        **os.environ,
-        "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
         "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(model),
         "PROMPTCOT_MODELS__RATIONALE_MODEL__MODEL": str(model),
-        "PROMPTCOT_METRICS__PORT": "0",
         "PROMPTCOT_STAGES": json.dumps({"em": {"batch_size": 9, "batch_within_s": 2.0}}),
         "PROMPTCOT_TRAINER": json.dumps(trainer),
-        "PROMPTCOT_LOG_LEVEL": "INFO",
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "promptcot", "worker", "em"],
-        env=env,
-        stdout=open(log_path, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    return start_worker(
+        settings, [sys.executable, "-m", "promptcot", "worker", "em"], log_path, env
     )
-
-
-def _wait(predicate, timeout_s: float, proc, log_path: Path, poll_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(poll_s)
-    pytest.fail(f"timed out; worker log:\n{log_path.read_text()[-3000:]}")
 
 
 @pytest.mark.slow
@@ -190,7 +168,7 @@ def test_worker_killed_between_e_and_m_step_completes_the_window_on_restart(tmp_
 
         # A long M-step, so the kill lands between the E-step's checkpoint and the M-step's.
         first = _worker(settings, tiny_model, ckpt, 400.0, log_path)
-        _wait(lambda: store.latest("rationale_model") is not None, 240, first, log_path)
+        wait_for(lambda: store.latest("rationale_model") is not None, first, log_path, 240, 0.05)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
         assert store.latest("prompt_model") is None, "the M-step finished before the kill"
@@ -198,11 +176,11 @@ def test_worker_killed_between_e_and_m_step_completes_the_window_on_restart(tmp_
 
         second = _worker(settings, tiny_model, ckpt, 1.0, log_path)
         try:
-            _wait(
+            wait_for(
                 lambda: len(read_records(settings, "models", idle_s=0.3)) >= 2,
-                240,
                 second,
                 log_path,
+                240,
                 poll_s=1.0,
             )
         finally:

@@ -9,11 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 
 import pytest
-from factory_harness import factory_settings, read_records
+from factory_harness import factory_settings, read_records, start_worker, wait_for
 
 from streams.broker import EmbeddedBroker
 from streams.clients import publish
@@ -27,24 +26,14 @@ N_SETS = 40
 
 def _worker(settings, model_dir, log_path) -> subprocess.Popen:
     env = {
-        **os.environ,
-        "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "PROMPTCOT_KAFKA__NAMESPACE": settings.kafka.namespace,
         "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(model_dir),
-        "PROMPTCOT_METRICS__PORT": "0",
         "PROMPTCOT_WORKER__JOURNAL_DIR": str(log_path.parent / "journal"),
         "PROMPTCOT_STAGES": json.dumps({"generate": {"batch_size": 2, "batch_within_s": 0.2}}),
         "PROMPTCOT_GENERATION__MAX_RATIONALE_TOKENS": "64",
         "PROMPTCOT_GENERATION__MAX_PROBLEM_TOKENS": "64",
-        "PROMPTCOT_LOG_LEVEL": "INFO",
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "promptcot", "worker", "generate"],
-        env=env,
-        stdout=open(log_path, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    argv = [sys.executable, "-m", "promptcot", "worker", "generate"]
+    return start_worker(settings, argv, log_path, env)
 
 
 def _fates(settings) -> dict[str, set[str]]:
@@ -69,17 +58,6 @@ def _candidates_written(settings) -> int:
     )
 
 
-def _wait(predicate, timeout_s: float, proc: subprocess.Popen, log_path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"timed out; worker log:\n{log_path.read_text()[-3000:]}")
-
-
 def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir):
     with EmbeddedBroker() as broker:
         settings = factory_settings(tmp_path, broker.bootstrap_servers, tiny_model_dir)
@@ -99,7 +77,7 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(tmp_path, t
         log_path = tmp_path / "worker.log"
 
         first = _worker(settings, tiny_model_dir, log_path)
-        _wait(lambda: _candidates_written(settings) >= 1, 180, first, log_path)
+        wait_for(lambda: _candidates_written(settings) >= 1, first, log_path, 180, poll_s=0.2)
         os.killpg(first.pid, signal.SIGKILL)  # no commit, no goodbye to the group
         first.wait(timeout=10)
         settled_before = len(_fates(settings))
@@ -107,7 +85,7 @@ def test_worker_killed_mid_stream_resumes_without_loss_or_duplicates(tmp_path, t
 
         second = _worker(settings, tiny_model_dir, log_path)
         try:
-            _wait(lambda: len(_fates(settings)) == N_SETS, 420, second, log_path)
+            wait_for(lambda: len(_fates(settings)) == N_SETS, second, log_path, 420, poll_s=0.2)
         finally:
             os.killpg(second.pid, signal.SIGTERM)
             second.wait(timeout=30)
