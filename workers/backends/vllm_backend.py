@@ -133,13 +133,14 @@ class VLLMBackend(Backend):
             weights = base or model_path
             if base is None or Path(base).resolve() != Path(self._model_path).resolve():
                 with self._restarting():
-                    old = self._model_path
+                    old = (self._model_path, self._lora, self.model_version)
                     self._shutdown()
                     self._lora = None
                     try:
                         self._start(weights)
                     except Exception:
-                        self._start(old)
+                        self._start(old[0])  # with the adapter it had, if any
+                        self._lora, self.model_version = old[1], old[2]
                         raise
             if base:
                 self._attach(model_path)
