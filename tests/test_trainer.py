@@ -347,6 +347,33 @@ def test_lora_dpo_checkpoint_is_an_adapter_a_real_backend_reloads(tmp_path, tiny
     assert backend.generate([prompt], max_tokens=4, temperature=0)[0][0].n_completion_tokens > 0
 
 
+def test_lora_dpo_trains_window_after_window_on_the_same_adapter(tmp_path, tiny_model):
+    """TRL anchors a LoRA policy on a copy of its adapter named "ref": the second window on
+    the solver kept in memory must not find the first window's copy (it failed, and only a
+    retry that reloaded the checkpoint trained it), and no checkpoint carries that copy."""
+    settings = trainer_settings(
+        tmp_path,
+        tiny_model,
+        heldout_fraction=0.0,
+        dpo=fast(
+            lr=5e-3,
+            epochs=1,
+            use_lora=True,
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            window={"min_records": 2},
+        ),
+    )
+    stage = DPOStage(settings)
+    first = stage.process(pairs(3))
+    second = stage.process(pairs(6)[3:])
+    assert [e.record.version[-9:] for e in first + second] == ["v0001-dpo", "v0002-dpo"]
+    for update in (first[0].record, second[0].record):
+        folder = Path(update.path)
+        assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == []
+        assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
+    assert "ref" not in stage.trainer.solver.model.peft_config
+
+
 def test_tokenizer_end_of_turn_is_normalized_for_chatml(tiny_model):
     from transformers import AutoTokenizer
 

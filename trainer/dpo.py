@@ -4,8 +4,8 @@ rejected = a failing one), with TRL's DPOTrainer.
 The reference model is the policy as it was at the start of the window: TRL precomputes the
 reference log-probs with the policy before the first step (``precompute_ref_log_probs``), so no
 second copy of the model sits in memory. Window after window this is iterative DPO, each round
-anchored to the previous round's weights. With LoRA the reference is the base model (TRL
-disables the adapter to compute it).
+anchored to the previous round's weights. With LoRA TRL copies the adapter as the reference
+(``drop_reference_adapter`` removes the copy once the window is trained).
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ def preference_margin(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]]
     return sum(margins) / len(margins) if margins else float("nan")
 
 
+REFERENCE_ADAPTER = "ref"  # the name TRL's DPOTrainer gives its copy of a LoRA policy
+
+
 def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettings) -> float:
     """DPO on ``rows`` in place; returns the mean training loss."""
     from datasets import Dataset
@@ -90,15 +93,27 @@ def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettin
             precompute_ref_log_probs=True,
             dataset_num_proc=None,
         )
-        trainer = DPOTrainer(
-            model=rm.model,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=rm.tokenizer,
-        )
-        result = trainer.train()
+        try:
+            trainer = DPOTrainer(
+                model=rm.model,
+                args=args,
+                train_dataset=Dataset.from_list(rows),
+                processing_class=rm.tokenizer,
+            )
+            result = trainer.train()
+        finally:
+            drop_reference_adapter(rm.model)
     rm.model.eval()
     return float(result.training_loss)
+
+
+def drop_reference_adapter(model: Any) -> None:
+    """Remove the frozen copy of the adapter TRL adds to a LoRA policy as its reference: left
+    in place, the next window's DPOTrainer cannot add its own (it refuses an existing name)
+    and every checkpoint saves the stale copy beside the adapter."""
+    if REFERENCE_ADAPTER in (getattr(model, "peft_config", None) or {}):
+        model.set_adapter("default")
+        model.delete_adapter(REFERENCE_ADAPTER)
 
 
 def eval_backend_settings(settings: TrainerSettings) -> BackendSettings:
