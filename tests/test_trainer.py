@@ -33,6 +33,7 @@ from trainer_data import (
 from streams.records import ModelUpdate, version_number
 from streams.topics import MODELS, SEEDS_ANNOTATED
 from trainer.checkpoints import CheckpointStore
+from trainer.config import StepConfig
 from trainer.em import EMTrainer, SeedItem, best_of_k, problem_nll
 from trainer.heldout import is_heldout
 from trainer.stages import DPOStage, EStepStage
@@ -372,6 +373,47 @@ def test_lora_dpo_trains_window_after_window_on_the_same_adapter(tmp_path, tiny_
         assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == []
         assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
     assert "ref" not in stage.trainer.solver.model.peft_config
+
+
+def test_trainers_sharing_a_process_take_turns(tmp_path, tiny_model):
+    """`promptcot up` runs the em and dpo stages as threads of one process. The HF Trainer's
+    accelerator state is process-wide and every new TrainingArguments resets it, so a DPO
+    window that started while an SFT trained broke the SFT mid-epoch (AttributeError:
+    AcceleratorState has no distributed_type) and cost the window a retry."""
+    import threading
+
+    import trl
+
+    from trainer.checkpoints import load_role_model
+    from trainer.dpo import dpo_rows, dpo_train
+    from trainer.sft import sft
+
+    settings = trainer_settings(tmp_path, tiny_model, dpo=fast(epochs=1))
+    store = CheckpointStore(tmp_path / "ckpt")
+    policy = load_role_model(store, "prompt_model", str(tiny_model))
+    solver = load_role_model(store, "solver", str(tiny_model))
+    examples = [{"prompt": problem(i), "completion": rationale(i, 0)} for i in range(64)]
+    rows = dpo_rows(solver.tokenizer, pairs(4))
+    failures: list[BaseException] = []
+    started = threading.Event()
+    # Imported here first: two threads importing TRL's lazy names at once can fail as well (the
+    # lock covers that too), but this test is about the shared accelerator state.
+    assert trl.SFTConfig and trl.SFTTrainer and trl.DPOConfig and trl.DPOTrainer
+
+    def long_sft() -> None:
+        started.set()
+        try:
+            sft(policy, examples, StepConfig(**fast(epochs=8, per_device_batch_size=1)))
+        except BaseException as exc:  # noqa: BLE001  (the assertion below reports it)
+            failures.append(exc)
+
+    worker = threading.Thread(target=long_sft)
+    worker.start()
+    started.wait()
+    for _ in range(3):
+        dpo_train(solver, rows, settings.trainer)
+    worker.join()
+    assert failures == []
 
 
 def test_tokenizer_end_of_turn_is_normalized_for_chatml(tiny_model):

@@ -27,7 +27,7 @@ from trainer.checkpoints import (
 )
 from trainer.config import TrainerSettings
 from trainer.heldout import HeldoutPool, is_heldout
-from trainer.sft import common_training_args, continuation_nll, quiet_datasets
+from trainer.sft import TRAINING_LOCK, common_training_args, continuation_nll, quiet_datasets
 from trainer.updates import WindowResult, model_update, update_from_manifest
 from workers.backends.base import BackendSettings
 from workers.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
@@ -77,6 +77,11 @@ REFERENCE_ADAPTER = "ref"  # the name TRL's DPOTrainer gives its copy of a LoRA 
 
 def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettings) -> float:
     """DPO on ``rows`` in place; returns the mean training loss."""
+    with TRAINING_LOCK:
+        return _dpo_train(rm, rows, settings)
+
+
+def _dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettings) -> float:
     from datasets import Dataset
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +60,13 @@ def common_training_args(
     }
 
 
+# One HF/TRL training at a time in a process (`promptcot up` runs the em and dpo stages as
+# threads of one): every new TrainingArguments resets the accelerator state that is shared by
+# the whole process, under the feet of a training in progress, and TRL's lazily imported names
+# can fail to import from two threads at once.
+TRAINING_LOCK = threading.RLock()
+
+
 def quiet_datasets() -> None:
     # Per-window dataset maps would otherwise print progress bars into the worker's log.
     import datasets
@@ -75,6 +83,13 @@ def sft(
 ) -> float:
     """Fine-tune ``rm.model`` in place on prompt/completion examples; returns the mean training
     loss. The completion-only loss is TRL's default for prompt/completion data."""
+    with TRAINING_LOCK:
+        return _sft(rm, examples, cfg, seed, dtype)
+
+
+def _sft(
+    rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig, seed: int, dtype: str
+) -> float:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
