@@ -90,7 +90,8 @@ class FactoryProgress:
             style="cyan",
         )
 
-    def summary(self, output_dir: Path) -> Group:
+    def summary(self, output_dir: Path | None) -> Group:
+        """The end-of-run summary; ``output_dir`` None: the run kept nothing (--ephemeral)."""
         elapsed = time.monotonic() - self.started
         accepted = self.accepted()
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -121,20 +122,25 @@ class FactoryProgress:
                     f"{accepted / max(elapsed, 1e-9) * 3600:,.1f} problems/hour"
                 )
             )
-        if accepted:
-            lines.append(
-                Text(
-                    f"verified problems: {Path(output_dir, 'problems').resolve()} "
-                    "(Parquet; `promptcot export` for one file or a HF dataset)",
-                    style="bold green",
-                )
-            )
-        else:
-            lines.append(
-                Text(
-                    "no problem passed verification; the rejections above say why "
-                    "(a 135M model writes mostly unusable problems - see README)",
-                    style="bold yellow",
-                )
-            )
+        lines.append(where_problems_are(accepted, output_dir))
         return Group(*lines)
+
+
+def where_problems_are(accepted: int, output_dir: Path | None) -> Text:
+    """The summary's last line: where the verified problems are, or why there are none."""
+    if not accepted:
+        return Text(
+            "no problem passed verification; the rejections above say why "
+            "(a 135M model writes mostly unusable problems - see README)",
+            style="bold yellow",
+        )
+    if output_dir is None:
+        return Text(
+            f"{accepted} verified problems, not kept (--ephemeral removed the sink with the run)",
+            style="bold yellow",
+        )
+    return Text(
+        f"verified problems: {Path(output_dir, 'problems').resolve()} "
+        "(Parquet; `promptcot export` for one file or a HF dataset)",
+        style="bold green",
+    )

@@ -170,6 +170,18 @@ def test_up_ephemeral_leaves_no_scratch_folder_behind_on_an_error(tmp_path, monk
     assert list(tmp_path.glob("promptcot-ephemeral-*")) == []
 
 
+def test_summary_says_where_the_problems_are_and_an_ephemeral_run_points_nowhere(tmp_path):
+    """An --ephemeral run removes its sink before the summary prints: the summary must not
+    name that folder."""
+    from promptcot.progress import where_problems_are
+
+    kept = where_problems_are(2, tmp_path).plain
+    assert kept.startswith(f"verified problems: {tmp_path.resolve() / 'problems'} ")
+    gone = where_problems_are(2, None).plain
+    assert gone.startswith("2 verified problems, not kept") and str(tmp_path) not in gone
+    assert where_problems_are(0, None).plain.startswith("no problem passed verification")
+
+
 def test_worker_help_says_what_each_stage_does():
     from promptcot.registry import STAGES
 

@@ -156,7 +156,7 @@ def up(
             shutil.rmtree(scratch, ignore_errors=True)
     if supervisor.failure:
         err_console.print(f"[red]error:[/] {supervisor.failure}", highlight=False, soft_wrap=True)
-    console.print(progress.summary(Path(settings.sink.output_dir)))
+    console.print(progress.summary(None if scratch else Path(settings.sink.output_dir)))
     # A model call still running in a stage thread cannot be interrupted and would hold the exit
     # for minutes; its input was never committed, so a next run redelivers it. Nothing is lost.
     sys.stdout.flush()
