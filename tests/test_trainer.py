@@ -313,21 +313,26 @@ def test_trainer_stages_respect_the_enabled_switch(tmp_path, tiny_model):
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_lora_dpo_checkpoint_is_an_adapter_a_real_backend_reloads(tmp_path, tiny_model):
-    from workers.backends.transformers_backend import TransformersBackend
-
-    settings = trainer_settings(
+def lora_dpo_settings(tmp_path: Path, model: Path, epochs: float, min_records: int):
+    """DPO of a LoRA adapter (r 8) on every pair (none held out)."""
+    return trainer_settings(
         tmp_path,
-        tiny_model,
+        model,
         heldout_fraction=0.0,
         dpo=fast(
             lr=5e-3,
-            epochs=3,
+            epochs=epochs,
             use_lora=True,
             lora={"r": 8, "alpha": 16, "dropout": 0.0},
-            window={"min_records": 4},
+            window={"min_records": min_records},
         ),
     )
+
+
+def test_lora_dpo_checkpoint_is_an_adapter_a_real_backend_reloads(tmp_path, tiny_model):
+    from workers.backends.transformers_backend import TransformersBackend
+
+    settings = lora_dpo_settings(tmp_path, tiny_model, epochs=3, min_records=4)
     update = DPOStage(settings).process(pairs(6))[0].record
     folder = Path(update.path)
     assert (folder / "adapter_config.json").is_file() and not (
@@ -352,19 +357,7 @@ def test_lora_dpo_trains_window_after_window_on_the_same_adapter(tmp_path, tiny_
     """TRL anchors a LoRA policy on a copy of its adapter named "ref": the second window on
     the solver kept in memory must not find the first window's copy (it failed, and only a
     retry that reloaded the checkpoint trained it), and no checkpoint carries that copy."""
-    settings = trainer_settings(
-        tmp_path,
-        tiny_model,
-        heldout_fraction=0.0,
-        dpo=fast(
-            lr=5e-3,
-            epochs=1,
-            use_lora=True,
-            lora={"r": 8, "alpha": 16, "dropout": 0.0},
-            window={"min_records": 2},
-        ),
-    )
-    stage = DPOStage(settings)
+    stage = DPOStage(lora_dpo_settings(tmp_path, tiny_model, epochs=1, min_records=2))
     first = stage.process(pairs(3))
     second = stage.process(pairs(6)[3:])
     assert [e.record.version[-9:] for e in first + second] == ["v0001-dpo", "v0002-dpo"]
