@@ -41,3 +41,34 @@ def test_versions_below_two_are_refused_and_spaced_keeps_first_and_last(capsys):
     with pytest.raises(SystemExit) as exit_:
         loop.main(["--versions", "1"])
     assert exit_.value.code == 2 and "--versions must be at least 2" in capsys.readouterr().err
+
+
+def _p_version(version: int, step: str, before: float, after: float) -> dict:
+    metrics = {"heldout_problem_nll_before": before, "heldout_problem_nll_after": after}
+    return {"version": version, "step": step, "metrics": metrics}
+
+
+def test_the_nll_goal_is_judged_over_the_em_iterations_not_the_cold_start():
+    """The cold start lowers the held-out NLL a lot; M-steps that then raise it again must not
+    pass for an NLL that falls over the EM iterations."""
+    rising = [_p_version(1, "cold_start", 2.05, 1.82)] + [
+        _p_version(v, "m_step", 1.82 + 0.02 * (v - 2), 1.82 + 0.02 * (v - 1)) for v in (2, 3, 4)
+    ]
+    base = {"version": 0, "step": "base", "metrics": {}, "yield": 0.1}
+    by_role = {
+        "prompt_model": [base, *rising[:-1], {**rising[-1], "yield": 0.8}],
+        "rationale_model": [],
+        "solver": [{"version": 0, "step": "base", "metrics": {}, "gsm8k_accuracy": 0.0}],
+    }
+    rows = {r["name"].split(" (")[0]: r for r in loop.goals(by_role)}
+    em = rows["held-out problem NLL over the EM iterations"]
+    assert em["value"] == pytest.approx([1.82, 1.88]) and em["ok"] is False
+    assert rows["held-out problem NLL, base -> last"]["value"] == pytest.approx([2.05, 1.88])
+    assert rows["EM iterations"]["ok"] is True
+
+    falling = [_p_version(v, "m_step", 1.9 - 0.01 * v, 1.89 - 0.01 * v) for v in (2, 3, 4)]
+    by_role["prompt_model"] = [base, rising[0], *falling[:-1], {**falling[-1], "yield": 0.8}]
+    em = {r["name"].split(" (")[0]: r for r in loop.goals(by_role)}[
+        "held-out problem NLL over the EM iterations"
+    ]
+    assert em["value"] == pytest.approx([1.88, 1.85]) and em["ok"] is True
