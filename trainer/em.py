@@ -456,6 +456,9 @@ class EMTrainer:
         m_items = [i.with_rationale(z) if z else i for i, z in zip(train, decoded)]
         signal, label = self._signal_items(train)
         before = problem_nll(p.model, p.tokenizer, signal)
+        # The same on the window's own (c, z, x): falling while the held-out NLL rises is
+        # p_θ fitting the seeds it revisits epoch after epoch, not learning the task.
+        fit_before = problem_nll(p.model, p.tokenizer, m_items)
         loss = self._train(p, [prompt_model_example(p.tokenizer, i) for i in m_items], s.m_step)
         after = problem_nll(p.model, p.tokenizer, signal)
         metrics = {
@@ -465,6 +468,8 @@ class EMTrainer:
             "greedy_fallbacks": sum(z is None for z in decoded),
             f"{label}_problem_nll_before": before,
             f"{label}_problem_nll_after": after,
+            "window_problem_nll_before": fit_before,
+            "window_problem_nll_after": problem_nll(p.model, p.tokenizer, m_items),
         }
         parents = [best[i.seed_id].id for i in train]
         log.info("M-step: %d seeds, %s NLL %.4f -> %.4f", len(train), label, before, after)
