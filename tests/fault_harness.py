@@ -108,16 +108,26 @@ class Proc:
                 return int(float(line.rsplit(" ", 1)[1]))
         return 0
 
-    def _metrics(self) -> str:
+    def _metrics(self, path: str = "/metrics") -> str:
         if self.metrics_port is None or not self.alive():
             return ""
+        import urllib.error
         import urllib.request
 
         try:
-            url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+            url = f"http://127.0.0.1:{self.metrics_port}{path}"
             return urllib.request.urlopen(url, timeout=5).read().decode()
+        except urllib.error.HTTPError as e:  # /readyz answers 503 with its reason
+            return e.read().decode()
         except OSError:
             return ""  # not serving yet
+
+    def running(self) -> bool:
+        """Past its start-up (its stages run), or not a process that can say (no metrics)."""
+        if self.metrics_port is None:
+            return True
+        answer = self._metrics("/readyz")
+        return bool(answer) and not answer.startswith("starting")
 
     def count_consumed(self) -> None:
         """Add what the running incarnation consumed so far (its records-in counter); called

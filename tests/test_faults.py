@@ -88,6 +88,9 @@ def _run_faults(settings, procs, points, apply, n_sets, busy=None):
     Then run to the end. Each fault is printed with how far the run was."""
     everyone = list(procs.values())
     wait_until(lambda: settled(settings)[1], 420, everyone, "a first set settled")
+    # A fault during a worker's start-up is another test: on a loaded machine a slow start (the
+    # filter loads its embedding model) met the broker's stop, and that worker exited.
+    wait_until(lambda: all(p.running() for p in everyone), 420, everyone, "every worker running")
     remaining = list(points)
     while remaining:
         time.sleep(remaining[0][0])
