@@ -106,17 +106,22 @@ def test_a_generate_worker_in_its_own_process_serves_each_announced_version(
         shutil.copytree(tiny_model_dir, base)
         log = tmp_path / "worker.log"
         worker = _worker(settings, base, log)
-        try:
-            before = _sets("before", 3)
-            publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, before)
+
+        def served(label: str) -> set[str]:
+            """The versions that wrote the candidates of three new concept sets."""
+            sets = _sets(label, 3)
+            publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
             wait_for(
-                lambda: set(_versions(settings)) >= {s.id for s in before},
+                lambda: set(_versions(settings)) >= {s.id for s in sets},
                 worker,
                 log,
                 timeout_s=180,
                 poll_s=0.5,
             )
-            old = {_versions(settings)[s.id] for s in before}
+            return {_versions(settings)[s.id] for s in sets}
+
+        try:
+            old = served("before")
             assert len(old) == 1 and old.pop().startswith("base@")
 
             store = CheckpointStore(tmp_path / "ckpt")
@@ -132,16 +137,7 @@ def test_a_generate_worker_in_its_own_process_serves_each_announced_version(
                 poll_s=0.5,
             )
 
-            after = _sets("after", 3)
-            publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, after)
-            wait_for(
-                lambda: set(_versions(settings)) >= {s.id for s in after},
-                worker,
-                log,
-                timeout_s=180,
-                poll_s=0.5,
-            )
-            new = {_versions(settings)[s.id] for s in after}
+            new = served("after")
             assert new == {f"{ckpt.path.name}@" + old_hash(base)}, new
         finally:
             worker.send_signal(signal.SIGTERM)
