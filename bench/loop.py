@@ -364,9 +364,10 @@ def plot(by_role: dict[str, list[dict[str, Any]]], path: Path) -> None:
 # The two measurements
 
 
-def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 16) -> list[dict[str, Any]]:
+def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 128) -> list[dict[str, Any]]:
     """Annotate's success rate on the loop's seeds and all GSM8K train seeds; yield of the base
     p_θ vs the cold-started one on the same concept sets."""
+    from promptcot.cli.factory import up_seeds
     from streams.topics import SEEDS_ANNOTATED
     from trainer.coldstart import cold_start_data
     from trainer.em import EMTrainer
@@ -377,8 +378,10 @@ def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 16) -> li
     settings = bench_settings(out, "loop-quick")
     rows = []
     stage = AnnotateStage(settings)
-    for label, limit in ((f"the {seeds} seeds `promptcot up` publishes", seeds), ("all", None)):
-        shipped = load_seeds("gsm8k", "train", limit)
+    for label, shipped in (
+        (f"the {seeds} seeds `promptcot up` publishes", up_seeds(settings, ["em"], seeds)),
+        ("all", load_seeds("gsm8k", "train")),
+    ):
         emits = stage.process(shipped)
         rate = sum(e.topic is SEEDS_ANNOTATED for e in emits) / len(shipped)
         rows.append(row(f"annotate success, GSM8K train, {label} ({len(shipped)})", rate, "share"))
@@ -388,7 +391,7 @@ def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 16) -> li
     )
     started = time.monotonic()
     data = cold_start_data(settings)
-    trainer.cold_start(data.seeds)
+    trainer.cold_start(data.triples)
     rows.append(row("cold start (both models), wall time", time.monotonic() - started, "s"))
     sets = fixed_concept_sets(concept_sets)
     base = offline_yield(settings, model_path_for(settings.models, "prompt_model"), sets)
@@ -456,7 +459,7 @@ def measure(
     out = out or Path(tempfile.mkdtemp(prefix="promptcot-loop-"))
     if quick:
         return measure_cold_start(out)
-    return run_experiment(out, duration_s, seeds=16, concept_sets=24, eval_limit=50, most=5)
+    return run_experiment(out, duration_s, seeds=128, concept_sets=24, eval_limit=50, most=5)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -466,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration", default="2h", help="live run length (e.g. 2h, 10m)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/loop"), help="report folder")
     ap.add_argument("--quick", action="store_true", help="the cold start alone, no live run")
-    ap.add_argument("--seeds", type=int, default=16, help="seed problems of the EM loop")
+    ap.add_argument("--seeds", type=int, default=128, help="seed problems of the EM loop")
     ap.add_argument("--concept-sets", type=int, default=24, help="fixed sets for the yield")
     ap.add_argument("--eval-limit", type=int, default=50, help="GSM8K-test problems per solver")
     ap.add_argument("--versions", type=int, default=5, help="most versions measured per role")

@@ -16,12 +16,13 @@ from trainer.checkpoints import CheckpointStore
 from trainer.coldstart import cold_start_data
 from trainer.heldout import is_heldout
 from workers.annotation import ANNOTATOR, solution_rationale, solution_steps
-from workers.seeds import load_seeds
+from workers.seeds import iter_seeds, load_seeds
 from workers.stages.annotate import AnnotateStage, uses_teacher
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
+HELDOUT_SEEDS = 5
 FAST = {
     "lr": 5e-3,
     "epochs": 2.0,
@@ -93,6 +94,7 @@ def _settings(tmp_path, model, **trainer) -> Settings:
         trainer={
             "checkpoint_dir": tmp_path / "ckpt",
             "heldout_fraction": 0.25,
+            "heldout_seeds": HELDOUT_SEEDS,
             "cold_start": {**FAST, "seeds": 8},
             **trainer,
         },
@@ -113,13 +115,16 @@ def test_the_em_stage_cold_starts_both_models_on_first_start(tmp_path, tiny_mode
     ]
     seeds = load_seeds("gsm8k", "train", 8)
     held = [s for s in seeds if is_heldout(s.id, 0.25)]
-    assert held and len(held) < len(seeds)
+    assert held and len(held) < HELDOUT_SEEDS
     assert updates[1].metrics["n_seeds"] == len(seeds) - len(held)
-    # The held-out seeds are never trained on: they are what the NLL is measured on.
+    # The held-out seeds are never trained on: they are what the NLL is measured on. The cold
+    # start fills the pool beyond its own seeds, so that every version is measured on the same
+    # HELDOUT_SEEDS seeds from the first one on.
     m = updates[1].metrics
     assert m["heldout_problem_nll_after"] < m["heldout_problem_nll_before"] - 0.1, m
     pool = [json.loads(line)["key"] for line in (tmp_path / "ckpt" / "heldout-seeds.jsonl").open()]
-    assert sorted(pool) == sorted(s.id for s in held)
+    first_held = [s.id for s in iter_seeds("gsm8k", "train") if is_heldout(s.id, 0.25)]
+    assert sorted(pool) == sorted(first_held[:HELDOUT_SEEDS])
     # Checkpoints exist now: a restarted stage does not cold-start again.
     assert EStepStage(settings).start() == []
     store = CheckpointStore(tmp_path / "ckpt")
@@ -203,3 +208,20 @@ def test_cold_start_under_torchrun_trains_data_parallel_and_rank_0_writes(tmp_pa
         assert [c.tag for c in store.list(role)] == ["v0001-cold_start"]  # one, not one a rank
     assert done.stdout.count("annotated 8 seeds") == 1  # rank 0 reports, the other is quiet
     assert len(announced) == 2  # one update per role, from rank 0 only
+
+
+def test_up_publishes_seeds_the_cold_start_did_not_train_on(tmp_path):
+    """With the trainer among its stages, `up` publishes the seeds after the cold start's: the
+    M-steps then learn from problems p_θ was not fitted on (revisiting the cold start's own seeds
+    held the held-out NLL flat, then raised it; docs/training.md, "The experiment")."""
+    from promptcot.cli.factory import up_seeds
+
+    settings = _settings(tmp_path, tmp_path / "unused")
+    data = cold_start_data(settings)
+    cold = {s.seed_id for s in data.seeds if not is_heldout(s.seed_id, 0.25)}  # trained on
+    loop = up_seeds(settings, ["annotate", "rationale", "em"], 6)
+    assert len(loop) == 6 and not cold & {s.id for s in loop}
+    assert [s.id for s in loop] == [s.id for s in load_seeds("gsm8k", "train", 6, skip=8)]
+    # A pure generator has no cold start: it publishes from the first seed on.
+    plain = up_seeds(settings, ["annotate", "generate"], 6)
+    assert [s.id for s in plain] == [s.id for s in load_seeds("gsm8k", "train", 6)]

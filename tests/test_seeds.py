@@ -23,6 +23,9 @@ def test_gsm8k_seeds_counts_and_answers():
         float(seed.answer)
     assert len({s.id for s in train}) == len(train)
     assert len(load_seeds("gsm8k", "train", limit=10)) == 10
+    assert [s.id for s in load_seeds("gsm8k", "train", limit=3, skip=7)] == [
+        s.id for s in train[7:10]
+    ]
 
 
 def test_gsm8k_answer_parsing():

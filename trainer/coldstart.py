@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING
 
-from streams.records import AnnotatedSeed
+from streams.records import AnnotatedSeed, SeedProblem
 from streams.topics import SEEDS_ANNOTATED
+from trainer.heldout import is_heldout
 
 if TYPE_CHECKING:
     from promptcot.settings import Settings
@@ -18,8 +20,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class ColdStartData:
-    seeds: list[AnnotatedSeed]
+    seeds: list[AnnotatedSeed]  # the first N seeds of the source, annotated
     rejected: Counter[str] = field(default_factory=Counter)  # reason -> seeds not annotated
+    # Held-out seeds further on in the source, annotated to fill the held-out pool.
+    heldout: list[AnnotatedSeed] = field(default_factory=list)
+
+    @property
+    def triples(self) -> list[AnnotatedSeed]:
+        """What the trainer's cold start takes (it trains on the seeds not held out)."""
+        return self.seeds + self.heldout
 
     @property
     def success_rate(self) -> float:
@@ -29,23 +38,40 @@ class ColdStartData:
 
 def cold_start_data(settings: Settings, limit: int | None = None) -> ColdStartData:
     """The first ``trainer.cold_start.seeds`` (or ``limit``) seeds of the configured source,
-    annotated in batches of the annotate stage's size."""
-    from workers.seeds import load_seeds
+    annotated in batches of the annotate stage's size; then held-out seeds further on until
+    ``trainer.heldout_seeds`` held-out ones are annotated in all (the trainer never trains on
+    them: they fill the held-out pool). At most twice that many are tried, so that a teacher
+    that rejects most seeds does not annotate the whole source."""
+    from workers.seeds import iter_seeds
     from workers.stages.annotate import AnnotateStage
 
-    cfg = settings.trainer.cold_start
-    seeds = load_seeds(cfg.source, "train", limit or cfg.seeds)
+    t = settings.trainer
+    source = iter_seeds(t.cold_start.source, "train")
+    first = list(islice(source, limit or t.cold_start.seeds))
+    further = islice(
+        (s for s in source if is_heldout(s.id, t.heldout_fraction)), 2 * t.heldout_seeds
+    )
     stage = AnnotateStage(settings)
     stage.ensure_ready()
     batch = settings.stage("annotate").batch_size
-    data = ColdStartData([])
-    try:
+
+    def annotate(seeds: list[SeedProblem], rejected: Counter[str]) -> list[AnnotatedSeed]:
+        done: list[AnnotatedSeed] = []
         for start in range(0, len(seeds), batch):
             for emit in stage.process(seeds[start : start + batch]):
                 if emit.topic is SEEDS_ANNOTATED:
-                    data.seeds.append(emit.record)  # type: ignore[arg-type]
+                    done.append(emit.record)  # type: ignore[arg-type]
                 else:
-                    data.rejected[emit.record.reason] += 1  # type: ignore[attr-defined]
+                    rejected[emit.record.reason] += 1  # type: ignore[attr-defined]
+        return done
+
+    try:
+        data = ColdStartData([])
+        data.seeds = annotate(first, data.rejected)
+        held = sum(is_heldout(s.seed_id, t.heldout_fraction) for s in data.seeds)
+        while held < t.heldout_seeds and (more := list(islice(further, t.heldout_seeds - held))):
+            data.heldout += annotate(more, Counter())
+            held = sum(is_heldout(s.seed_id, t.heldout_fraction) for s in data.triples)
     finally:
         stage.close()
     return data

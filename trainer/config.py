@@ -129,6 +129,10 @@ class TrainerSettings(Section):
     # float32; LoRA adapters are a few MB.
     keep_last: int = 2
     heldout_fraction: float = 0.1  # seeds / pairs (by id hash) never trained on: the signals
+    # The held-out seed pool's size: the cold start fills it from the seed source, so that p_θ's
+    # NLL and q_φ's reward are measured on the same seeds from the first version on (0: no
+    # pool, the signals are measured on the window's own seeds).
+    heldout_seeds: int = Field(16, ge=0)
     # Mixed precision of training and scoring. Weights being trained stay float32 (bf16 master
     # weights would round EM-sized updates away); a LoRA base is loaded in this dtype.
     dtype: Literal["float32", "bfloat16"] = "float32"

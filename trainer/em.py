@@ -247,7 +247,9 @@ class EMTrainer:
         self.store = CheckpointStore(settings.checkpoint_dir, settings.keep_last)
         self._models: dict[str, RoleModel] = {}
         self.ledger = TrainedLedger.load(self.store, list(self.ROLES))
-        self.heldout = HeldoutPool(settings.checkpoint_dir / "heldout-seeds.jsonl")
+        self.heldout = HeldoutPool(
+            settings.checkpoint_dir / "heldout-seeds.jsonl", settings.heldout_seeds
+        )
         self._lock = threading.RLock()  # the cold start (stage start) and windows take turns
         if settings.torch_threads:
             torch_module().set_num_threads(settings.torch_threads)

@@ -73,12 +73,14 @@ class EStepStage(_TrainerStage[Rationale]):
         try:
             data = cold_start_data(self.settings)
             log.info(
-                "em: cold start on %d annotated seeds (%.0f%% of the seeds annotated; %s)",
+                "em: cold start on %d annotated seeds (%.0f%% of the seeds annotated; %s)"
+                " and %d held-out seeds further on",
                 len(data.seeds),
                 100 * data.success_rate,
                 dict(data.rejected) or "none rejected",
+                len(data.heldout),
             )
-            return self._emit_updates(self.trainer.cold_start(data.seeds))
+            return self._emit_updates(self.trainer.cold_start(data.triples))
         except Exception:  # noqa: BLE001  (the loop still runs, from the base models)
             log.exception("em: the cold start failed; EM starts from the base models")
             return []

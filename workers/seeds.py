@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -91,19 +92,21 @@ def _codeforces(split: str) -> Iterator[SeedProblem]:
         )
 
 
-def load_seeds(
-    source: Source | str, split: str = "train", limit: int | None = None
-) -> list[SeedProblem]:
-    """Seed problems from a shipped corpus, in file order (``limit`` takes the first N)."""
+def iter_seeds(source: Source | str, split: str = "train") -> Iterator[SeedProblem]:
+    """Seed problems from a shipped corpus, in file order, read as they are asked for."""
     readers = {"gsm8k": _gsm8k, "codeforces": _codeforces}
     if source not in readers:
         raise ValueError(f"unknown seed source {source!r} (known: {sorted(readers)})")
-    seeds: list[SeedProblem] = []
-    for seed in readers[source](split):
-        if limit is not None and len(seeds) >= limit:
-            break
-        seeds.append(seed)
-    return seeds
+    return readers[source](split)
+
+
+def load_seeds(
+    source: Source | str, split: str = "train", limit: int | None = None, skip: int = 0
+) -> list[SeedProblem]:
+    """Seed problems from a shipped corpus, in file order: ``skip`` leaves out the first N,
+    ``limit`` takes the N after them."""
+    seeds = iter_seeds(source, split)
+    return list(islice(seeds, skip, None if limit is None else skip + limit))
 
 
 def lexicon_annotations(seeds: list[SeedProblem], k: int = 5) -> list[tuple[str, list[str]]]:

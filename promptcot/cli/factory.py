@@ -44,8 +44,12 @@ def up(
     max_problems: Annotated[int, typer.Option(help="Stop after this many verified problems.")] = 3,
     duration: Annotated[str, typer.Option(help="Stop after this long (e.g. 25m).")] = "25m",
     seeds: Annotated[
-        int, typer.Option(help="Seed problems to publish for annotate (the EM loop's seed set).")
-    ] = 16,
+        int,
+        typer.Option(
+            help="Seed problems to publish for annotate (the EM loop's seed set; with the "
+            "trainer on, the ones after the cold start's)."
+        ),
+    ] = 128,
     stages: Annotated[
         str | None,
         typer.Option(
@@ -111,7 +115,7 @@ def up(
         if (continued := progress.continued()) is not None:
             console.print(continued)
         if seeds and "annotate" in names:
-            n = publish_seeds(settings, cluster.bootstrap, "gsm8k", seeds)
+            n = publish_seeds(settings, cluster.bootstrap, up_seeds(settings, names, seeds))
             console.print(f"published {n} seed problems for annotate/rationale")
         if "em" in names:
             cold_start_first(settings, cluster.bootstrap)
@@ -194,7 +198,7 @@ def cold_start_first(settings, bootstrap: str) -> None:
     try:
         with console.status(f"cold start: annotating {n} seeds, training p_θ and q_φ on them..."):
             data = cold_start_data(settings)
-            updates = trainer.cold_start(data.seeds)
+            updates = trainer.cold_start(data.triples)
     except Exception as e:  # noqa: BLE001  (as the em stage: the loop runs from the base models)
         message = f"{type(e).__name__}: {e}".splitlines()[0]
         console.print(
@@ -323,9 +327,18 @@ def broker(
             asyncio.run(until_signal())
 
 
-def publish_seeds(settings, bootstrap: str, source: str, limit: int | None) -> int:
-    from streams.clients import publish
-    from streams.topics import SEEDS
+def up_seeds(settings, names: list[str], n: int) -> list:
+    """The GSM8K train seeds `up` publishes: with the trainer among the stages, the n after the
+    cold start's, so that the M-steps learn from problems the cold start did not fit p_θ on
+    (on its own seeds p_θ's held-out NLL stayed flat, then rose: docs/training.md)."""
     from workers.seeds import load_seeds
 
-    return publish(settings.kafka, bootstrap, SEEDS, load_seeds(source, "train", limit))
+    skip = settings.trainer.cold_start.seeds if "em" in names else 0
+    return load_seeds("gsm8k", "train", n, skip=skip)
+
+
+def publish_seeds(settings, bootstrap: str, seeds: list) -> int:
+    from streams.clients import publish
+    from streams.topics import SEEDS
+
+    return publish(settings.kafka, bootstrap, SEEDS, seeds)

@@ -75,14 +75,18 @@ def models_prepare(
 def seeds_load(
     source: Annotated[str, typer.Option(help="gsm8k or codeforces.")] = "gsm8k",
     limit: Annotated[int | None, typer.Option(help="At most this many seeds.")] = None,
+    skip: Annotated[
+        int, typer.Option(min=0, help="Leave out the first N (e.g. the cold start's seeds).")
+    ] = 0,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Publish shipped seed problems to the seeds topic (annotate picks them up)."""
     from promptcot.cli.factory import publish_seeds
+    from workers.seeds import load_seeds
 
     settings = load(config, bootstrap)
-    n = publish_seeds(settings, require_cluster(settings), source, limit)
+    n = publish_seeds(settings, require_cluster(settings), load_seeds(source, "train", limit, skip))
     console.print(f"published {n} {source} seeds")
 
 

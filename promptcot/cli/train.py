@@ -63,11 +63,12 @@ def cold_start(
     rejected = ", ".join(f"{k} {v}" for k, v in data.rejected.most_common()) or "none"
     console.print(
         f"annotated {len(data.seeds)} seeds ({100 * data.success_rate:.1f}%; rejected: {rejected})"
+        f", and {len(data.heldout)} held-out seeds further on for the held-out pool"
     )
     if not data.seeds:
         raise typer.BadParameter("no seed could be annotated: nothing to train on")
     with console.status(f"training {Role.RATIONALE_MODEL} and {Role.PROMPT_MODEL}..."):
-        updates = trainer.cold_start(data.seeds, force=force)
+        updates = trainer.cold_start(data.triples, force=force)
     for u in updates:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(u.metrics.items()))
         console.print(f"[bold]{u.version}[/] {u.path}\n  {shown}", soft_wrap=True, highlight=False)
