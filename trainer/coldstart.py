@@ -70,8 +70,9 @@ def cold_start_data(settings: Settings, limit: int | None = None) -> ColdStartDa
         data.seeds = annotate(first, data.rejected)
         held = sum(is_heldout(s.seed_id, t.heldout_fraction) for s in data.seeds)
         while held < t.heldout_seeds and (more := list(islice(further, t.heldout_seeds - held))):
-            data.heldout += annotate(more, Counter())
-            held = sum(is_heldout(s.seed_id, t.heldout_fraction) for s in data.triples)
+            annotated = annotate(more, Counter())  # held out, every one of them
+            data.heldout += annotated
+            held += len(annotated)
     finally:
         stage.close()
     return data
