@@ -377,6 +377,30 @@ def test_empty_store_lookups(tmp_path):
     assert store.ids_by_hash(["abc"]) == {}
 
 
+def test_processes_opening_a_new_store_at_once_all_open_it(tmp_path):
+    """Two filter workers start on one empty folder: the table is created once and both use it
+    (a check-then-create race failed one of them with "Table 'problems' already exists")."""
+    barrier = threading.Barrier(4)
+    errors: list[Exception] = []
+
+    def open_store(uri: str) -> None:
+        barrier.wait()
+        try:
+            ProblemStore(8, StoreSettings(uri=uri))
+        except Exception as exc:  # noqa: BLE001 - the failure is what is asserted
+            errors.append(exc)
+
+    for attempt in range(5):  # a fresh folder each time: the race is on the first creation
+        uri = str(tmp_path / f"store{attempt}")
+        threads = [threading.Thread(target=open_store, args=(uri,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert ProblemStore(8, StoreSettings(uri=str(tmp_path / "store4"))).count() == 0
+
+
 # Diversity and report ------------------------------------------------------------------------
 
 

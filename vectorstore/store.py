@@ -58,11 +58,11 @@ class ProblemStore:
         self.settings = settings or StoreSettings()
         self.dim = dim
         self._db = lancedb.connect(self.settings.uri)
-        name = self.settings.table
-        if name in self._db.list_tables().tables:
-            self._table = self._db.open_table(name)
-        else:
-            self._table = self._db.create_table(name, schema=problem_schema(dim))
+        # exist_ok: workers starting together on an empty folder race to create the table;
+        # the losers open the winner's (a list-then-create check failed one of them).
+        self._table = self._db.create_table(
+            self.settings.table, schema=problem_schema(dim), exist_ok=True
+        )
         self._writes = 0  # add() calls since the last optimize()
         self._indexed_rows = self._vector_index_rows()  # rows when the index was last trained
         self.optimizations = 0
