@@ -10,6 +10,7 @@ from fractions import Fraction
 import pytest
 from scripted_backend import ScriptedBackend
 
+from promptcot.settings import Settings
 from vectorstore.benchmarks import load_benchmarks
 from vectorstore.calibrate import load_paraphrase_set
 from vectorstore.paraphrase import (
@@ -19,8 +20,9 @@ from vectorstore.paraphrase import (
     problem_numbers,
 )
 from vectorstore.settings import DecontamSettings, JudgeSettings
-from workers.judge import ModelJudge
+from workers.judge import ModelJudge, build_judge
 from workers.prompts import PARAPHRASE_JUDGE, ParseError, parse_judge_verdict
+from workers.roles import Role
 
 SET = load_paraphrase_set()
 BENCHMARK = {b.id: b.text for b in load_benchmarks(DecontamSettings().benchmark_sets)}
@@ -151,3 +153,21 @@ def test_an_unreadable_model_answer_never_rejects_by_itself(cheap):
     empty, _ = _model_judge(lambda prompt, _: "", cheap)
     [verdict] = empty.judge([_pair("miss:gsm8k_test:9")])
     assert verdict.malformed and not verdict.same and "empty_completion" in verdict.detail
+
+
+def test_settings_choose_the_judge_and_a_model_judge_needs_a_model():
+    texts = list(BENCHMARK.values())[:50]
+
+    def judge(kind: str, **models):
+        return build_judge(
+            Settings(vectorstore={"decontam": {"judge": {"kind": kind}}}, models=models), texts
+        )
+
+    assert judge("off") is None
+    assert isinstance(judge("skeleton"), SkeletonJudge)
+    with pytest.raises(ValueError, match="models.judge.model is not set"):
+        judge("model")  # the embedded SmolLM2 cannot judge: refused, not silently used
+    scripted = ScriptedBackend(lambda prompt, _: " SAME")
+    settings = Settings(vectorstore={"decontam": {"judge": {"kind": "model"}}})
+    built = build_judge(settings, texts, {Role.JUDGE: scripted})
+    assert isinstance(built, ModelJudge) and built.backend is scripted

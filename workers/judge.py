@@ -18,6 +18,7 @@ from vectorstore.settings import JudgeSettings
 from workers.backends.base import Backend
 from workers.prompts import PARAPHRASE_JUDGE, ParseError, parse_judge_verdict
 from workers.roles import Role, backend_for
+from workers.stage import ModelStage
 
 if TYPE_CHECKING:
     from promptcot.settings import Settings
@@ -47,6 +48,7 @@ class ModelJudge:
             max_tokens=self.settings.max_tokens,
             stop=list(PARAPHRASE_JUDGE.stop),
         )
+        ModelStage.count_tokens(Role.JUDGE, (c for samples in completions for c in samples))
         out = []
         for pair, (completion, *_) in zip(pairs, completions, strict=True):
             try:
@@ -80,5 +82,13 @@ def build_judge(
     cheap = SkeletonJudge.for_benchmarks(benchmark_texts, cfg)
     if cfg.kind == "skeleton":
         return cheap
-    backend = (backends or {}).get(Role.JUDGE) or backend_for(settings.models, Role.JUDGE)
+    backend = (backends or {}).get(Role.JUDGE)
+    if backend is None:
+        if not settings.models.judge.model:
+            # The embedded default model (SmolLM2-135M) cannot judge: refuse, don't pretend.
+            raise ValueError(
+                "vectorstore.decontam.judge.kind is 'model' but models.judge.model is not set: "
+                "name the judge model (a teacher), or use kind 'skeleton'"
+            )
+        backend = backend_for(settings.models, Role.JUDGE)
     return ModelJudge(backend, cfg, fallback=cheap)
