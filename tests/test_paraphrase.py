@@ -4,6 +4,7 @@ fallback with a scripted backend (the real model path runs in tests/test_filter_
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from fractions import Fraction
 
@@ -171,3 +172,19 @@ def test_settings_choose_the_judge_and_a_model_judge_needs_a_model():
     settings = Settings(vectorstore={"decontam": {"judge": {"kind": "model"}}})
     built = build_judge(settings, texts, {Role.JUDGE: scripted})
     assert isinstance(built, ModelJudge) and built.backend is scripted
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "7" * 20_000,  # past Python's 4,300-digit int conversion limit
+        "1" * 6_000 + ":5 and 3/" + "9" * 5_000,
+        "\\frac" + " " * 8_000 + "x",  # whitespace where a regex could backtrack
+        "{" + " " * 8_000 + "\\over 3}",
+    ],
+)
+def test_hostile_text_is_read_quickly_and_never_raises(text, cheap):
+    start = time.perf_counter()
+    problem_numbers(text)
+    cheap.judge([JudgePair(text, "x", BENCHMARK["aime24:0"], 0.6)])
+    assert time.perf_counter() - start < 0.2

@@ -156,7 +156,8 @@ class DedupFilter:
         above the lower bound: their top-k neighbours there, judged. Per candidate: the judged
         pairs and the first (most similar) neighbour judged the same problem."""
         cfg = self.contamination.settings.judge
-        if self.judge is None or cfg.kind == "off":
+        judge = self.judge
+        if judge is None or cfg.kind == "off":
             return {}
         rows = [
             row
@@ -174,17 +175,16 @@ class DedupFilter:
                 pairs.append(JudgePair(texts[i], m.benchmark_id, text, m.similarity))
                 owners.append(i)
         result: dict[int, tuple[tuple[JudgedPair, ...], BenchmarkMatch | None]] = {}
-        for i, pair, verdict in zip(owners, pairs, self._verdicts(pairs), strict=True):
+        for i, pair, verdict in zip(owners, pairs, self._verdicts(judge, pairs), strict=True):
             judged, match = result.get(i, ((), None))
             if match is None and verdict.same:
                 match = BenchmarkMatch(pair.benchmark_id, pair.similarity)
             result[i] = ((*judged, JudgedPair(pair.benchmark_id, pair.similarity, verdict)), match)
         return result
 
-    def _verdicts(self, pairs: list[JudgePair]) -> list[PairVerdict]:
+    def _verdicts(self, judge: PairJudge, pairs: list[JudgePair]) -> list[PairVerdict]:
         """The judge's verdict per pair; a pair judged before in this process (same candidate
         text, same benchmark item) keeps its verdict and costs no second call."""
-        assert self.judge is not None
         keys = [(hash_key(p.candidate), p.benchmark_id) for p in pairs]
         with self._memo_lock:
             known = {key: self._memo[key] for key in keys if key in self._memo}
@@ -193,7 +193,7 @@ class DedupFilter:
             if key not in known:
                 first.setdefault(key, j)
         if first:
-            fresh = self.judge.judge([pairs[j] for j in first.values()])
+            fresh = judge.judge([pairs[j] for j in first.values()])
             with self._memo_lock:
                 self.judge_calls += 1
                 for v in fresh:

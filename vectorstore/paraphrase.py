@@ -92,12 +92,15 @@ _WORD_VALUES: dict[str, Fraction] = {
     "decagon": Fraction(10),
     "dodecagon": Fraction(12),
 }
-# \frac{1}{2}, \tfrac12, \dfrac{3}{4}, {1 \over 2}; a ratio 1:2 (not a clock time 1:00).
+# \frac{1}{2}, \tfrac12, \dfrac{3}{4}, {1 \over 2}; a ratio 1:2 (not a clock time 1:00). No two
+# unbounded quantifiers side by side, and a ratio starts where a digit run starts: linear time
+# on any text (hostile text reaches every stage that reads completions).
 _FRACTION = re.compile(
-    r"\\[dt]?frac\s*\{?\s*(\d+)\s*\}?\s*\{?\s*(\d+)\s*\}?"
-    r"|\{\s*(\d+)\s*\\over\s*(\d+)\s*\}"
-    r"|\b(\d+)\s*:\s*([1-9]\d?)\b(?!\s*[AaPp]\.?[Mm])"
+    r"\\[dt]?frac\s*\{?(\d{1,9})\}?\s*\{?(\d{1,9})\}?"
+    r"|\{\s*(\d{1,9}) ?\\over ?(\d{1,9})\s*\}"
+    r"|(?<!\d)(\d{1,9}) ?: ?([1-9]\d?)(?!\d)(?! ?[AaPp]\.?[Mm])"
 )
+_LONGEST_NUMBER = 24  # characters; a longer digit run is no quantity a rewording keeps
 # LaTeX commands (skipped), numbers with thousands separators (1,000 and LaTeX's 6{,}000) and
 # decimals, words.
 _TOKEN = re.compile(r"\\[A-Za-z]+|\d+(?:(?:,|\{,\})\d{3})*(?:\.\d+)?|[A-Za-z]+")
@@ -124,7 +127,8 @@ def problem_numbers(text: str) -> frozenset[Fraction]:
         if token[0] == "\\":
             continue
         if token[0].isdigit():
-            values.add(Fraction(token.replace("{,}", "").replace(",", "")))
+            if len(token) <= _LONGEST_NUMBER:
+                values.add(Fraction(token.replace("{,}", "").replace(",", "")))
         elif (value := _WORD_VALUES.get(token.lower())) is not None:
             values.add(value)
     return frozenset(values)

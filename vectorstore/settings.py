@@ -94,8 +94,8 @@ class JudgeSettings(Section):
     # Domains judged. Code is left out: the paraphrase set has no code problems to measure on,
     # and code statements share their constraint numbers (1 <= N <= 2 x 10^5) far more often.
     domains: list[Domain] = Field(default_factory=lambda: ["math"])
-    # Verdicts remembered per (candidate text, benchmark item): a candidate seen again in this
-    # process (redelivered past the journal, or twice in a batch) is never judged twice.
+    # The latest verdicts, per (candidate text, benchmark item): a candidate seen again in this
+    # process (redelivered past the journal, or twice in a batch) is not judged twice.
     memo_size: int = 4096
     # The model judge: tokens of its answer ("SAME" / "DIFFERENT") and characters of each
     # problem shown to it.
