@@ -22,6 +22,12 @@ RECORDS_OUT = Counter(
 REJECTED = Counter(
     "promptcot_rejected_total", "Rejections by stage and reason code", ["stage", "reason"]
 )
+JUDGED_PAIRS = Counter(
+    "promptcot_filter_judged_pairs_total",
+    "Candidate/benchmark pairs the decontamination judge decided, by verdict "
+    "(same, different, malformed: an unreadable model answer, decided by the cheap signal)",
+    ["verdict"],
+)
 ACCEPTED = Counter("promptcot_accepted_total", "Problems accepted by the verifier", ["domain"])
 DEAD_LETTERS = Counter(
     "promptcot_dead_letters_total",

@@ -16,7 +16,7 @@ import re
 import time
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -31,9 +31,25 @@ def content_hash(payload: Any, length: int = 20) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
 
 
+class Judgment(BaseModel):
+    """A judge's verdict on a record against another item, e.g. the filter's decontamination
+    judge on a candidate and a benchmark problem it resembles."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str  # which stage asked
+    other_id: str  # what the record was compared with, e.g. "aime24:12"
+    similarity: float  # cosine of the two
+    same: bool  # the judge's verdict: the same problem
+    judge: str  # "skeleton@v1" or the judge model's version
+    template: str = ""  # the model judge's prompt template id
+    detail: str = ""  # why, briefly
+    malformed: bool = False  # the model's answer was unreadable; the cheap signal decided
+
+
 class Lineage(BaseModel):
-    """Where a record came from: the concept set at the root, every ancestor id, and which model
-    versions and prompt templates touched it on the way."""
+    """Where a record came from: the concept set at the root, every ancestor id, which model
+    versions and prompt templates touched it on the way, and what judges said about it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +57,16 @@ class Lineage(BaseModel):
     ancestors: list[str] = Field(default_factory=list)
     models: dict[str, str] = Field(default_factory=dict)  # role -> model version
     templates: dict[str, str] = Field(default_factory=dict)  # template name -> hash
+    judgments: list[Judgment] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _omit_no_judgments(self, handler: Any) -> dict[str, Any]:
+        """Without judgments the lineage serializes as before the field existed, so a reader of
+        an earlier release still reads every record no judge touched."""
+        data = handler(self)
+        if not self.judgments:
+            data.pop("judgments", None)
+        return data
 
     def extend(
         self,
@@ -55,6 +81,7 @@ class Lineage(BaseModel):
             else self.ancestors,
             models={**self.models, **(models or {})},
             templates={**self.templates, **(templates or {})},
+            judgments=list(self.judgments),
         )
 
 

@@ -47,6 +47,7 @@ LABEL_VALUES = {
     "step": ["m_step"],
     "benchmark": ["gsm8k"],
     "version": ["solver/v0002-dpo"],
+    "verdict": ["same"],
 }
 
 

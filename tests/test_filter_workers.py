@@ -1,4 +1,7 @@
-"""Two `promptcot worker filter` processes on one stream let no near-duplicate through.
+"""The filter stage on real parts: two `promptcot worker filter` processes on one stream let no
+near-duplicate through; and the decontamination judge (vectorstore/paraphrase.py,
+workers/judge.py) rejects a reworded benchmark problem, passes a near miss, records its verdicts
+in lineage, and is never asked twice about a redelivered candidate (the tests at the end).
 
 Both workers are real subprocesses against the embedded broker, with the same namespace, the same
 LanceDB folder and the same consumer group. We publish 30 candidates: 10 distinct GSM8K-style
@@ -20,24 +23,35 @@ id (already in the store) rather than accepting a sibling.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from factory_harness import read_records
+from factory_harness import read_records, wait_until
+from scripted_backend import ScriptedBackend
 
 from promptcot.settings import Settings
+from streams import metrics
 from streams.broker import EmbeddedBroker
 from streams.clients import publish
 from streams.cluster import kafka_python_config
-from streams.records import CandidateProblem, Lineage
-from streams.topics import CANDIDATES, ensure_topics
+from streams.records import CandidateProblem, Lineage, Verdict
+from streams.topics import CANDIDATES, CANDIDATES_UNIQUE, VERDICTS, ensure_topics
+from vectorstore.benchmarks import load_benchmarks
+from vectorstore.calibrate import load_paraphrase_set
+from vectorstore.settings import DecontamSettings
+from workers.prompts import PARAPHRASE_JUDGE
+from workers.roles import Role
+from workers.runtime import run_stages
+from workers.stages.filter import FilterStage
 
 pytestmark = pytest.mark.slow
 
@@ -330,3 +344,211 @@ def test_two_filter_workers_let_no_near_duplicate_through(tmp_path, benchmark_ca
     )
     rejections = {reason for o in outcomes.values() for topic, reason in o if topic == "verdicts"}
     assert rejections <= {"near_duplicate", "exact_duplicate"}, rejections
+
+
+# --- the decontamination judge ------------------------------------------------------------------
+
+SET = {i.id: i for i in load_paraphrase_set()}
+BENCHMARK = {b.id: b.text for b in load_benchmarks(DecontamSettings().benchmark_sets)}
+# An ordinary candidate: written for this file, like PROBLEMS above.
+ORDINARY = PROBLEMS[2][0].format(name="Lena", n=1000)
+
+
+def _candidate(text: str, key: str) -> CandidateProblem:
+    concept_set_id = f"cs-judge-{key}"
+    return CandidateProblem(
+        concept_set_id=concept_set_id,
+        generator="test-filter-judge",
+        domain="math",
+        difficulty="AIME",
+        concepts=["counting"],
+        rationale="",
+        problem=text,
+        parent_ids=[concept_set_id],
+        lineage=Lineage(concept_set_id=concept_set_id),
+    )
+
+
+def _judge_settings(tmp_path: Path, kind: str, **kafka: str) -> Settings:
+    return Settings(
+        kafka=kafka or {},
+        metrics={"port": 0},
+        worker={"journal_dir": str(tmp_path / "journal")},
+        stages={"filter": {"batch_size": 4, "batch_within_s": 0.3}},
+        vectorstore={
+            "store": {"uri": str(tmp_path / "lancedb")},
+            "decontam": {"cache_dir": str(CACHE_DIR), "judge": {"kind": kind}},
+        },
+    )
+
+
+def _teacher(same: list, garbage: list = ()) -> ScriptedBackend:
+    """A scripted judge model: SAME when asked about a paraphrase (of ``same``) and the item it
+    was written from, an unreadable answer about the items in ``garbage``, else DIFFERENT."""
+    same_pairs = {(i.text, BENCHMARK[i.source]) for i in same}
+    unreadable = {i.text for i in garbage}
+
+    def respond(prompt: str, _: int) -> str:
+        question = prompt.split("Problem A:\n", 1)[1]
+        candidate, benchmark = question.split("\n\nProblem B:\n", 1)
+        benchmark = benchmark.split("\n\nIs Problem A", 1)[0]
+        if candidate in unreadable:
+            return "Well, it depends on how you read it"
+        return " SAME" if (candidate, benchmark) in same_pairs else " DIFFERENT"
+
+    return ScriptedBackend(respond, version="teacher@v1")
+
+
+def _by_subject(emits) -> dict[str, object]:
+    return {
+        (e.record.subject_id if isinstance(e.record, Verdict) else e.record.id): e for e in emits
+    }
+
+
+def test_the_filter_rejects_a_paraphrase_passes_a_near_miss_and_keeps_the_verdicts(
+    tmp_path, benchmark_cache
+):
+    """The embedded default (no model): the cheap judge on the real index, store and embedder.
+    The paraphrase's nearest item is another problem (gsm8k_test:893); its source comes second,
+    so the judge must look past the first neighbour (k = 2)."""
+    para, miss = SET["para:gsm8k_test:9"], SET["miss:gsm8k_test:2"]  # 150% -> 120%
+    candidates = [_candidate(para.text, "para"), _candidate(miss.text, "miss")]
+    stage = FilterStage(_judge_settings(tmp_path, "skeleton"))
+    stage.ensure_ready()
+    before = metrics.counter_value(metrics.JUDGED_PAIRS, verdict="same")
+    out = _by_subject(stage.process(candidates))
+
+    rejected = out[candidates[0].id]
+    assert rejected.topic is VERDICTS
+    verdict = rejected.record
+    assert verdict.reason == "benchmark_paraphrase" and not verdict.accepted
+    assert verdict.nearest_id == para.source and verdict.similarity < 0.80
+    judgments = verdict.lineage.judgments  # its top-k neighbours, most similar first
+    assert [j.other_id for j in judgments if j.same] == [para.source]
+    [judgment] = [j for j in judgments if j.same]
+    assert judgment.judge == "skeleton@v1" and judgment.stage == "filter"
+    assert judgment.similarity == round(verdict.similarity, 4)
+    assert "numbers: same" in judgment.detail
+
+    passed = out[candidates[1].id]
+    assert passed.topic is CANDIDATES_UNIQUE and passed.record.id == candidates[1].id
+    assert passed.record.lineage.judgments, "the near miss's judged pairs travel with it"
+    assert not any(j.same for j in passed.record.lineage.judgments)
+    assert passed.record.lineage.judgments[0].other_id == miss.source
+    assert "new 120" in passed.record.lineage.judgments[0].detail
+    assert metrics.counter_value(metrics.JUDGED_PAIRS, verdict="same") == before + 1
+
+
+def test_the_model_judge_decides_and_an_unreadable_answer_falls_back(tmp_path, benchmark_cache):
+    """The judge role on a scripted teacher: it catches a paraphrase whose numbers are too
+    common for the cheap signal, passes a near miss that asks another question about the same
+    numbers (the cheap signal would reject it), and its unreadable answer leaves the decision to
+    the cheap signal, marked and counted."""
+    para = SET["para:hmmt25:22"]  # areas 1, 2, 3, 4: too little evidence for the cheap signal
+    miss = SET["miss:gsm8k_test:8"]  # same numbers, another question
+    garbled = SET["para:gsm8k_test:2"]
+    candidates = [_candidate(t.text, t.id) for t in (para, miss, garbled)]
+    teacher = _teacher(same=[para], garbage=[garbled])
+    stage = FilterStage(_judge_settings(tmp_path, "model"), backends={Role.JUDGE: teacher})
+    stage.ensure_ready()
+    before = metrics.counter_value(metrics.JUDGED_PAIRS, verdict="malformed")
+    out = _by_subject(stage.process(candidates))
+
+    caught = out[candidates[0].id].record
+    assert caught.reason == "benchmark_paraphrase" and caught.nearest_id == para.source
+    [judgment] = [j for j in caught.lineage.judgments if j.other_id == para.source]
+    assert judgment.judge == "teacher@v1" and judgment.template == PARAPHRASE_JUDGE.id
+    assert judgment.same and "SAME" in judgment.detail and not judgment.malformed
+
+    assert out[candidates[1].id].topic is CANDIDATES_UNIQUE
+    assert not any(j.same for j in out[candidates[1].id].record.lineage.judgments)
+
+    fallback = out[candidates[2].id].record
+    assert fallback.reason == "benchmark_paraphrase" and fallback.nearest_id == garbled.source
+    marked = [j for j in fallback.lineage.judgments if j.other_id == garbled.source]
+    assert marked[0].malformed and "skeleton@v1" in marked[0].detail
+    malformed = metrics.counter_value(metrics.JUDGED_PAIRS, verdict="malformed")
+    assert malformed == before + len(fallback.lineage.judgments)
+    assert len(teacher.prompts) == sum(len(out[c.id].record.lineage.judgments) for c in candidates)
+
+
+class _RecordingFilter(FilterStage):
+    """The filter stage, noting every candidate id it decides."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decided: list[str] = []
+        self._lock = threading.Lock()
+
+    def process(self, records):
+        with self._lock:
+            self.decided += [r.id for r in records]
+        return super().process(records)
+
+
+def test_a_redelivered_candidate_keeps_its_decision_without_a_second_judge_call(
+    tmp_path, benchmark_cache
+):
+    """Through the real broker: the filter with the model judge decides a paraphrase, a near miss
+    and an ordinary candidate; the paraphrase is then published again (a redelivery, same id).
+    The runtime's journal answers it: the same verdict, and neither the filter nor the judge
+    sees it twice."""
+    para, miss = SET["para:gsm8k_test:9"], SET["miss:gsm8k_test:9"]
+    candidates = [_candidate(para.text, "p"), _candidate(miss.text, "m"), _candidate(ORDINARY, "o")]
+    teacher = _teacher(same=[para])
+
+    with EmbeddedBroker() as broker:
+        settings = _judge_settings(
+            tmp_path,
+            "model",
+            bootstrap_servers=broker.bootstrap_servers,
+            namespace=f"t{os.urandom(4).hex()}",
+        )
+        ensure_topics(
+            kafka_python_config(settings.kafka, broker.bootstrap_servers),
+            settings.kafka.namespace,
+            2,
+            1,
+        )
+        stage = _RecordingFilter(settings, backends={Role.JUDGE: teacher})
+        ids = {c.id for c in candidates}
+
+        def outcomes() -> dict[str, list]:
+            found = defaultdict(list)
+            for r, _ in read_records(settings, "candidates.unique"):
+                if r and r.id in ids:
+                    found[r.id].append(r)
+            for r, _ in read_records(settings, "verdicts"):
+                if r and r.subject_id in ids:
+                    found[r.subject_id].append(r)
+            return found
+
+        async def until() -> None:
+            loop = asyncio.get_running_loop()
+            send = publish, settings.kafka, broker.bootstrap_servers, CANDIDATES
+            await loop.run_in_executor(None, *send, candidates)
+            await wait_until(lambda: set(outcomes()) == ids, timeout_s=180, poll_s=1)
+            await loop.run_in_executor(None, *send, candidates[:1])  # the redelivery
+            await wait_until(lambda: len(outcomes()[candidates[0].id]) == 2, 120, poll_s=1)
+
+        asyncio.run(
+            run_stages(
+                settings,
+                [stage],
+                broker.bootstrap_servers,
+                app_id=f"{settings.kafka.namespace}-filter",
+                until=until,
+            )
+        )
+        final = outcomes()
+
+    first, again = final[candidates[0].id]
+    assert first.reason == "benchmark_paraphrase" and first.nearest_id == para.source
+    assert again.model_dump() == first.model_dump(), "the same decision, the same record"
+    assert stage.decided.count(candidates[0].id) == 1, "the journal answered the redelivery"
+    asked = [p for p in teacher.prompts if para.text in p]
+    assert len(asked) == len(first.lineage.judgments) >= 1, "one judge call per pair, once"
+    [passed] = final[candidates[1].id]
+    assert isinstance(passed, CandidateProblem) and passed.lineage.judgments
+    [ordinary] = final[candidates[2].id]
+    assert isinstance(ordinary, CandidateProblem), ordinary

@@ -37,6 +37,8 @@ def test_every_template_renders_with_its_fields():
         "kind": P.KIND_BY_DOMAIN["math"],
         "problem": "What is 1+1?",
         "k": 5,
+        "candidate": "What is 2+2?",
+        "benchmark": "Compute 2+2.",
     }
     for template in P.TEMPLATES.values():
         text = template.render(None, **fields)

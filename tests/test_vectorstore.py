@@ -15,7 +15,7 @@ import pytest
 
 from vectorstore import dedup as d
 from vectorstore.benchmarks import load_benchmarks, resolve_path
-from vectorstore.calibrate import edit_numbers, edit_reorder, load_gsm8k
+from vectorstore.calibrate import edit_numbers, edit_reorder, load_gsm8k, load_paraphrase_set
 from vectorstore.decontam import ContaminationIndex
 from vectorstore.dedup import CandidateText, DedupFilter
 from vectorstore.diversity import (
@@ -25,6 +25,7 @@ from vectorstore.diversity import (
     mean_pairwise_distance,
 )
 from vectorstore.embedder import Embedder, EmptyTextError
+from vectorstore.paraphrase import SkeletonJudge
 from vectorstore.report import write_map
 from vectorstore.settings import BenchmarkSetSpec, DecontamSettings, StoreSettings
 from vectorstore.store import ProblemStore, StoredProblem
@@ -274,6 +275,67 @@ def test_reworded_benchmark_problem_caught_by_embedding(dedup, benchmark_text):
     assert decision.reason == d.BENCHMARK_NEAR_DUPLICATE
     assert decision.nearest_id == "gsm8k_test:0"
     assert decision.similarity >= dedup.contamination.settings.embedding_threshold
+
+
+class CountingJudge:
+    """The real cheap judge, with its calls counted."""
+
+    def __init__(self, judge):
+        self.judge_, self.calls, self.pairs = judge, 0, []
+
+    def judge(self, pairs):
+        self.calls += 1
+        self.pairs += pairs
+        return self.judge_.judge(pairs)
+
+
+@pytest.fixture()
+def judged(embedder, contamination, tmp_path) -> DedupFilter:
+    cheap = SkeletonJudge.for_benchmarks(
+        (i.text for i in contamination.items), contamination.settings.judge
+    )
+    store = ProblemStore(embedder.dim, StoreSettings(uri=str(tmp_path / "lance")))
+    return DedupFilter(embedder, contamination, store, judge=CountingJudge(cheap))
+
+
+PARAPHRASES = {i.id: i for i in load_paraphrase_set()}
+
+
+def test_a_reworded_benchmark_problem_under_the_threshold_is_caught_by_the_judge(judged, dedup):
+    """New names, new story, numbers kept: under the embedding threshold, so the checks before
+    the judge let it through (``dedup`` has no judge); the judge catches it."""
+    para = PARAPHRASES["para:gsm8k_test:9"]
+    item = CandidateText("p", para.text, "math")
+    assert check(dedup, [item])[0].accepted  # without the judge: not caught
+    [decision] = check(judged, [item])
+    assert decision.reason == d.BENCHMARK_PARAPHRASE, decision
+    assert decision.nearest_id == "gsm8k_test:9" == para.source
+    settings = judged.contamination.settings
+    assert settings.judge.lower_bound <= decision.similarity < settings.embedding_threshold
+    assert decision.judged[0].benchmark_id == "gsm8k_test:9" and decision.judged[0].verdict.same
+    assert judged.verdicts["same"] >= 1 and judged.store.count() == 0
+
+
+def test_a_near_miss_passes_and_its_judged_pairs_are_kept(judged):
+    miss = PARAPHRASES["miss:gsm8k_test:9"]  # 50 hours worked instead of 45
+    [decision] = check(judged, [CandidateText("m", miss.text, "math")])
+    assert decision.accepted
+    assert [j.benchmark_id for j in decision.judged][0] == "gsm8k_test:9"
+    assert not any(j.verdict.same for j in decision.judged)
+    assert "new 50" in decision.judged[0].verdict.detail
+    assert judged.store.count() == 1
+
+
+def test_a_candidate_seen_again_is_not_judged_again(judged):
+    para = PARAPHRASES["para:gsm8k_test:2"]
+    items = [CandidateText("a", para.text, "math"), CandidateText("a", para.text, "math")]
+    first = check(judged, items)  # twice in one batch: one judgement per pair
+    calls, pairs = judged.judge.calls, len(judged.judge.pairs)
+    assert calls == 1 and pairs == len(first[0].judged) >= 1
+    again = check(judged, [items[0]])  # redelivered later (past the runtime's journal)
+    assert judged.judge.calls == calls and len(judged.judge.pairs) == pairs
+    assert again[0].reason == first[0].reason == first[1].reason == d.BENCHMARK_PARAPHRASE
+    assert again[0].judged == first[0].judged
 
 
 def test_empty_enormous_and_non_utf8_text(dedup):

@@ -1,4 +1,5 @@
-"""Calibrate the cosine thresholds on data (``promptcot vectorstore calibrate [--n 600]``).
+"""Calibrate the cosine thresholds on data (``promptcot vectorstore calibrate [--n 600]``), and the
+gray zone's judge on the paraphrase set (``promptcot vectorstore paraphrase-curve``).
 
 Near-duplicate pairs: GSM8K test problems vs lightly edited copies (whitespace, renamed people,
 changed numbers, reordered sentences, all at once). Distinct pairs: each test problem vs its
@@ -12,14 +13,16 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 import corpora
-from vectorstore.benchmarks import load_benchmarks
+from vectorstore.benchmarks import load_benchmark_set, load_benchmarks, resolve_path
 from vectorstore.embedder import Embedder
-from vectorstore.settings import DecontamSettings
+from vectorstore.settings import BenchmarkSetSpec, DecontamSettings
 
 _NAMES = ["Priya", "Tomasz", "Aiko", "Mateo", "Olu", "Freya", "Dmitri", "Lena", "Kwame", "Ines"]
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -141,3 +144,159 @@ def calibrate(n: int = 600, seed: int = 0) -> Iterator[str]:
             f"fp_math_nn={np.mean(math_nn >= t):.3f} fp_random={np.mean(distinct_random >= t):.4f}"
         )
     yield f"embedder: {embedder.texts_embedded} texts, {embedder.tokens_embedded} tokens"
+
+
+# --- the gray zone: a judge over the nearest benchmark items ------------------------------------
+
+PARAPHRASE_SET = "paraphrases/paraphrases.jsonl"  # under corpora/; corpora/paraphrases/README.md
+
+
+@dataclass(frozen=True)
+class ParaphraseItem:
+    id: str  # "para:<benchmark id>" or "miss:<benchmark id>"
+    kind: str  # "paraphrase" (the same problem reworded) | "near_miss" (a different problem)
+    source: str  # the benchmark item it was written from, e.g. "aime24:12"
+    text: str
+    change: str = ""  # near misses: what makes it a different problem
+
+
+def load_paraphrase_set(path: str | Path = PARAPHRASE_SET) -> list[ParaphraseItem]:
+    with resolve_path(path).open(encoding="utf-8") as lines:
+        return [ParaphraseItem(**json.loads(line)) for line in lines if line.strip()]
+
+
+@dataclass
+class _Outcome:
+    """What the filter's benchmark checks make of one text, for any lower bound, k and bits."""
+
+    ngram: str | None  # benchmark id of an n-gram match
+    # (benchmark id, cosine, same numbers, their bits), most similar first
+    neighbours: list[tuple[str, float, bool, float]]
+    threshold: float
+
+    def decide(self, lower_bound: float, k: int, min_bits: float) -> tuple[str, str | None]:
+        """(how it ends: "ngram" | "embedding" | "judge" | "accepted", the matched item)."""
+        if self.ngram:
+            return "ngram", self.ngram
+        best_id, best = self.neighbours[0][:2] if self.neighbours else (None, -1.0)
+        if best >= self.threshold:
+            return "embedding", best_id
+        for benchmark_id, similarity, same, bits in self.neighbours[:k]:
+            if similarity >= lower_bound and same and bits >= min_bits:
+                return "judge", benchmark_id
+        return "accepted", None
+
+    def judged(self, lower_bound: float) -> bool:
+        return self.ngram is None and lower_bound <= self.neighbours[0][1] < self.threshold
+
+
+def _outcomes(index, judge, texts: list[str], vectors: np.ndarray, max_k: int) -> list[_Outcome]:
+    from vectorstore.paraphrase import JudgePair
+
+    threshold = index.settings.threshold_for("math")
+    out = []
+    for text, found in zip(texts, index.neighbours(vectors, max_k, at_least=-1.0), strict=True):
+        neighbours = []
+        for m in found:
+            pair = JudgePair(text, m.benchmark_id, index.text_of(m.benchmark_id), m.similarity)
+            diff, bits = judge.evidence(pair)
+            neighbours.append((m.benchmark_id, m.similarity, diff.same, bits))
+        ngram = index.ngram_match(text)
+        out.append(_Outcome(ngram.benchmark_id if ngram else None, neighbours, threshold))
+    return out
+
+
+def paraphrase_curve(
+    lower_bounds: Sequence[float] = (0.50, 0.55, 0.60, 0.65, 0.70, 0.75),
+    ks: Sequence[int] = (1, 2, 3, 5),
+    min_bits: Sequence[float] = (0.0, 2.0, 4.0, 6.0, 8.0),
+    train_limit: int | None = None,
+) -> Iterator[str]:
+    """The report's lines (``promptcot vectorstore paraphrase-curve``): recall on the paraphrase
+    set and false positives on its near misses and on GSM8K train, for each lower bound and k
+    (at the configured ``min_number_bits``), then for each ``min_number_bits`` (at the
+    configured lower bound and k), with the cheap judge behind the filter's other checks."""
+    from vectorstore.decontam import ContaminationIndex, cached_embeddings
+    from vectorstore.paraphrase import SkeletonJudge
+
+    settings = DecontamSettings()
+    cfg = settings.judge
+    embedder = Embedder()
+    index = ContaminationIndex.from_settings(embedder, settings)
+    judge = SkeletonJudge.for_benchmarks((i.text for i in index.items), cfg)
+    items = load_paraphrase_set()
+    paraphrases = [i for i in items if i.kind == "paraphrase"]
+    near_misses = [i for i in items if i.kind == "near_miss"]
+    spec = BenchmarkSetSpec(name="gsm8k_train", path="gsm8k/train.jsonl", text_field="question")
+    train = load_benchmark_set(spec)
+    train_vectors = cached_embeddings(embedder, train, [spec], settings.cache_dir)
+    if train_limit is not None:
+        train, train_vectors = train[:train_limit], train_vectors[:train_limit]
+    sets = {"paraphrase": paraphrases, "near_miss": near_misses, "gsm8k_train": train}
+    outcomes = {
+        name: _outcomes(
+            index,
+            judge,
+            [row.text for row in rows],
+            train_vectors if name == "gsm8k_train" else embedder.embed([r.text for r in rows]),
+            max(*ks, cfg.top_k),
+        )
+        for name, rows in sets.items()
+    }
+
+    threshold = settings.threshold_for("math")
+    yield (
+        f"# {len(paraphrases)} paraphrases, {len(near_misses)} near misses "
+        f"({PARAPHRASE_SET}), {len(train)} GSM8K train questions; judge {SkeletonJudge.name}; "
+        f"embedding threshold {threshold:.2f}"
+    )
+    cosines = np.array([o.neighbours[0][1] for o in outcomes["paraphrase"]])
+    under = sum(o.decide(threshold, 0, 0.0)[0] == "accepted" for o in outcomes["paraphrase"])
+    yield (
+        f"paraphrases: cosine to the nearest benchmark item {percentiles(cosines)}; "
+        f"{under} of {len(paraphrases)} pass the n-gram and embedding checks"
+    )
+    yield (
+        "## recall: paraphrases rejected (right_item: naming the item they were written from); "
+        "fp_near: near misses rejected by the judge (near_all: by any benchmark check); "
+        "fp_train: GSM8K train rejected by the judge (train_all: by any check); judged: share "
+        "of GSM8K train that reaches the judge (its calls per candidate)"
+    )
+
+    def line(lower_bound: float, k: int, bits: float) -> str:
+        ends = {
+            name: [o.decide(lower_bound, k, bits) for o in found]
+            for name, found in outcomes.items()
+        }
+
+        def share(name: str, *how: str) -> float:
+            return float(np.mean([end in how for end, _ in ends[name]]))
+
+        right = [m == p.source for p, (_, m) in zip(paraphrases, ends["paraphrase"], strict=True)]
+        judged = np.mean([o.judged(lower_bound) for o in outcomes["gsm8k_train"]])
+        caught = ("ngram", "embedding", "judge")
+        return (
+            f"L={lower_bound:.2f} k={k} bits={bits:g} "
+            f"recall={share('paraphrase', *caught):.3f} right_item={np.mean(right):.3f} "
+            f"fp_near={share('near_miss', 'judge'):.3f} near_all={share('near_miss', *caught):.3f} "
+            f"fp_train={share('gsm8k_train', 'judge'):.4f} "
+            f"train_all={share('gsm8k_train', *caught):.4f} judged={judged:.3f}"
+        )
+
+    yield f"## lower bound L x neighbours k, at min_number_bits={cfg.min_number_bits:g}"
+    for lower_bound in lower_bounds:
+        for k in ks:
+            yield line(lower_bound, k, cfg.min_number_bits)
+    yield f"## min_number_bits, at L={cfg.lower_bound:.2f} k={cfg.top_k}"
+    for bits in min_bits:
+        yield line(cfg.lower_bound, cfg.top_k, bits)
+    defaults = f"L={cfg.lower_bound:.2f}, k={cfg.top_k}, bits={cfg.min_number_bits:g}"
+    yield f"## at the defaults ({defaults}): what becomes of each set"
+    for name, rows in sets.items():
+        ends = [o.decide(cfg.lower_bound, cfg.top_k, cfg.min_number_bits) for o in outcomes[name]]
+        counts = {end: sum(e == end for e, _ in ends) for end in ("ngram", "embedding", "judge")}
+        yield f"{name}: {counts}, accepted {sum(e == 'accepted' for e, _ in ends)}"
+        for row, (end, match) in zip(rows, ends, strict=True):
+            missed = name == "paraphrase" and (end == "accepted" or match != row.source)
+            if missed or (name != "paraphrase" and end == "judge"):
+                yield f"  {row.id}: {end} {match or ''}"

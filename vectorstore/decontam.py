@@ -47,6 +47,7 @@ class ContaminationIndex:
         self.vectors = np.asarray(vectors, dtype=np.float32)
         if len(self.vectors) != len(self.items):
             raise ValueError("one vector per benchmark item")
+        self._position = {item.id: i for i, item in enumerate(self.items)}
         self._short_lengths: set[int] = set()  # items shorter than n are indexed whole
         self._owners = self._build_ngram_index()
 
@@ -55,7 +56,7 @@ class ContaminationIndex:
         settings = settings or DecontamSettings()
         specs = [*settings.benchmark_sets, *settings.extra_benchmark_sets]
         items = load_benchmarks(specs)
-        vectors = _cached_embeddings(embedder, items, specs, settings.cache_dir)
+        vectors = cached_embeddings(embedder, items, specs, settings.cache_dir)
         return cls(items, vectors, settings)
 
     def _build_ngram_index(self) -> dict[int, tuple[int, ...]]:
@@ -108,6 +109,31 @@ class ContaminationIndex:
             for row, b in enumerate(best)
         ]
 
+    def neighbours(
+        self, vectors: np.ndarray, k: int, at_least: float
+    ) -> list[list[BenchmarkMatch]]:
+        """Per query, up to k benchmark items with cosine >= at_least, most similar first."""
+        queries = np.asarray(vectors, dtype=np.float32).reshape(-1, self.vectors.shape[1])
+        if len(self.items) == 0 or len(queries) == 0 or k <= 0:
+            return [[] for _ in range(len(queries))]
+        similarities = queries @ self.vectors.T
+        k = min(k, len(self.items))
+        top = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
+        out = []
+        for row, candidates in enumerate(top):
+            ranked = sorted(candidates, key=lambda b: -similarities[row, b])
+            out.append(
+                [
+                    BenchmarkMatch(self.items[b].id, float(similarities[row, b]))
+                    for b in ranked
+                    if similarities[row, b] >= at_least
+                ]
+            )
+        return out
+
+    def text_of(self, benchmark_id: str) -> str:
+        return self.items[self._position[benchmark_id]].text
+
     def embedding_matches(
         self, vectors: np.ndarray, domains: Sequence[str] | None = None
     ) -> list[BenchmarkMatch | None]:
@@ -134,10 +160,11 @@ def _model_identity(model_path: str | Path) -> str:
     return "|".join(parts)
 
 
-def _cached_embeddings(
+def cached_embeddings(
     embedder: Embedder, items: list[BenchmarkItem], specs, cache_dir: Path | None
 ) -> np.ndarray:
-    """Benchmark vectors, reused across restarts when cache_dir is set (key: model + file bytes)."""
+    """Vectors of JSONL-backed items (the benchmark sets; GSM8K train for calibration), reused
+    across restarts when cache_dir is set (key: model, set specs and file bytes)."""
     if not items:
         return np.zeros((0, embedder.dim), dtype=np.float32)
     if cache_dir is None:

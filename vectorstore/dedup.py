@@ -5,7 +5,9 @@
 
 Checks, in this order (the first failing one is the reason):
   empty text -> exact normalized-text hash (store + batch) -> benchmark n-gram overlap ->
-  benchmark embedding similarity -> embedding near-duplicate (store + earlier items of the batch).
+  benchmark embedding similarity -> a judge's verdict on the benchmark neighbours in the gray zone
+  under the embedding threshold (vectorstore/paraphrase.py) -> embedding near-duplicate (store +
+  earlier items of the batch).
 ``decide_and_commit`` writes the accepted items to the store before returning, in one batched
 write, so the next batch sees them. Only one owner may call it per store (docs/vectorstore.md).
 A redelivered item (same id already stored) is accepted again without a second write, even when
@@ -14,14 +16,17 @@ its text differs (a regenerated candidate), so at-least-once delivery stays idem
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from vectorstore.decontam import BenchmarkMatch, ContaminationIndex
 from vectorstore.embedder import Embedder, EmptyTextError
+from vectorstore.paraphrase import JudgedPair, JudgePair, PairJudge, PairVerdict
 from vectorstore.settings import DedupSettings
 from vectorstore.store import ProblemStore, StoredProblem
 from vectorstore.text import clean_problem_text, hash_key
@@ -30,12 +35,14 @@ EMPTY_TEXT = "empty_text"
 EXACT_DUPLICATE = "exact_duplicate"
 BENCHMARK_NGRAM_OVERLAP = "benchmark_ngram_overlap"
 BENCHMARK_NEAR_DUPLICATE = "benchmark_near_duplicate"
+BENCHMARK_PARAPHRASE = "benchmark_paraphrase"
 NEAR_DUPLICATE = "near_duplicate"
 REASONS = (
     EMPTY_TEXT,
     EXACT_DUPLICATE,
     BENCHMARK_NGRAM_OVERLAP,
     BENCHMARK_NEAR_DUPLICATE,
+    BENCHMARK_PARAPHRASE,
     NEAR_DUPLICATE,
 )
 
@@ -56,6 +63,7 @@ class FilterDecision:
     nearest_id: str | None = None  # stored problem or benchmark item ("aime24:12") matched
     # Cosine for embedding checks; share of the candidate's n-grams for the n-gram check.
     similarity: float | None = None
+    judged: tuple[JudgedPair, ...] = ()  # the gray zone's pairs and the judge's verdicts
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class ScreenedCandidate:
     empty: bool = False
     ngram_match: BenchmarkMatch | None = None
     benchmark_match: BenchmarkMatch | None = None  # only when over the threshold
+    paraphrase_match: BenchmarkMatch | None = None  # a neighbour the judge called the same
+    judged: tuple[JudgedPair, ...] = ()
 
 
 class DedupFilter:
@@ -80,11 +90,20 @@ class DedupFilter:
         contamination: ContaminationIndex,
         store: ProblemStore | None = None,  # screeners need none; the owner needs it
         settings: DedupSettings | None = None,
+        judge: PairJudge | None = None,  # None: no gray-zone judging
     ):
         self.embedder = embedder
         self.contamination = contamination
         self.store = store
         self.settings = settings or DedupSettings()
+        self.judge = judge
+        self._memo: OrderedDict[tuple[str, str], PairVerdict] = OrderedDict()
+        self._memo_lock = threading.Lock()
+        # Counters for metrics (the worker exports them).
+        self.judge_calls = 0  # calls into the judge (one batch of model requests each)
+        # Pairs the judge decided (memo hits excluded), by verdict; "malformed": a model answer
+        # that could not be read (the cheap signal decided those).
+        self.verdicts = {"same": 0, "different": 0, "malformed": 0}
 
     # Stateless half --------------------------------------------------------------------------
 
@@ -99,11 +118,14 @@ class DedupFilter:
         live = [i for i, text in enumerate(texts) if text]
         vectors = self.embedder.embed([texts[i] for i in live])
         bench = self.contamination.embedding_matches(vectors, [items[i].domain for i in live])
+        ngram = {i: self.contamination.ngram_match(texts[i]) for i in live}
+        gray = self._judge_gray_zone(items, texts, live, vectors, bench, ngram)
         vector_of = {i: (vectors[row], bench[row]) for row, i in enumerate(live)}
         screened = []
         for i, item in enumerate(items):
             text = texts[i]
             vector, bench_match = vector_of.get(i, (None, None))
+            judged, paraphrase_match = gray.get(i, ((), None))
             screened.append(
                 ScreenedCandidate(
                     id=item.id,
@@ -113,11 +135,77 @@ class DedupFilter:
                     vector=vector,
                     metadata=dict(item.metadata),
                     empty=not text,
-                    ngram_match=self.contamination.ngram_match(text) if text else None,
+                    ngram_match=ngram.get(i),
                     benchmark_match=bench_match,
+                    paraphrase_match=paraphrase_match,
+                    judged=judged,
                 )
             )
         return screened
+
+    def _judge_gray_zone(
+        self,
+        items: Sequence[CandidateText],
+        texts: list[str],
+        live: list[int],
+        vectors: np.ndarray,
+        bench: list[BenchmarkMatch | None],
+        ngram: dict[int, BenchmarkMatch | None],
+    ) -> dict[int, tuple[tuple[JudgedPair, ...], BenchmarkMatch | None]]:
+        """Candidates no other benchmark check caught whose nearest benchmark item is at or
+        above the lower bound: their top-k neighbours there, judged. Per candidate: the judged
+        pairs and the first (most similar) neighbour judged the same problem."""
+        cfg = self.contamination.settings.judge
+        judge = self.judge
+        if judge is None or cfg.kind == "off":
+            return {}
+        rows = [
+            row
+            for row, i in enumerate(live)
+            if bench[row] is None and ngram[i] is None and items[i].domain in cfg.domains
+        ]
+        if not rows:
+            return {}
+        found = self.contamination.neighbours(vectors[rows], cfg.top_k, cfg.lower_bound)
+        owners, pairs = [], []
+        for row, neighbours in zip(rows, found, strict=True):
+            i = live[row]
+            for m in neighbours:
+                text = self.contamination.text_of(m.benchmark_id)
+                pairs.append(JudgePair(texts[i], m.benchmark_id, text, m.similarity))
+                owners.append(i)
+        result: dict[int, tuple[tuple[JudgedPair, ...], BenchmarkMatch | None]] = {}
+        for i, pair, verdict in zip(owners, pairs, self._verdicts(judge, pairs), strict=True):
+            judged, match = result.get(i, ((), None))
+            if match is None and verdict.same:
+                match = BenchmarkMatch(pair.benchmark_id, pair.similarity)
+            result[i] = ((*judged, JudgedPair(pair.benchmark_id, pair.similarity, verdict)), match)
+        return result
+
+    def _verdicts(self, judge: PairJudge, pairs: list[JudgePair]) -> list[PairVerdict]:
+        """The judge's verdict per pair; a pair judged before in this process (same candidate
+        text, same benchmark item) keeps its verdict and costs no second call."""
+        keys = [(hash_key(p.candidate), p.benchmark_id) for p in pairs]
+        with self._memo_lock:
+            known = {key: self._memo[key] for key in keys if key in self._memo}
+        first: dict[tuple[str, str], int] = {}  # each unknown pair once, even if repeated
+        for j, key in enumerate(keys):
+            if key not in known:
+                first.setdefault(key, j)
+        if first:
+            fresh = judge.judge([pairs[j] for j in first.values()])
+            with self._memo_lock:
+                self.judge_calls += 1
+                for v in fresh:
+                    self.verdicts[
+                        "malformed" if v.malformed else "same" if v.same else "different"
+                    ] += 1
+                for key, verdict in zip(first, fresh, strict=True):
+                    known[key] = self._memo[key] = verdict
+                    self._memo.move_to_end(key)
+                while len(self._memo) > self.contamination.settings.judge.memo_size:
+                    self._memo.popitem(last=False)
+        return [known[key] for key in keys]
 
     # Owner half ------------------------------------------------------------------------------
 
@@ -148,6 +236,8 @@ class DedupFilter:
             decision = self._decide(
                 item, stored_by_hash, nearest_of.get(id(item)), batch_hashes, accepted
             )
+            if item.judged:
+                decision = replace(decision, judged=item.judged)
             decisions.append(decision)
             if decision.accepted:
                 already_stored = stored_by_hash.get(item.text_hash) == item.id or (
@@ -193,6 +283,11 @@ class DedupFilter:
             m = item.benchmark_match
             return FilterDecision(
                 item.id, False, BENCHMARK_NEAR_DUPLICATE, m.benchmark_id, m.similarity
+            )
+        if item.paraphrase_match is not None:
+            m = item.paraphrase_match
+            return FilterDecision(
+                item.id, False, BENCHMARK_PARAPHRASE, m.benchmark_id, m.similarity
             )
         threshold = self.settings.threshold_for(item.domain)
         best_id, best_sim = stored_nearest if stored_nearest else (None, -1.0)

@@ -74,8 +74,38 @@ def _default_benchmark_sets() -> list[BenchmarkSetSpec]:
     )
 
 
+class JudgeSettings(Section):
+    """The gray zone under the embedding threshold: a candidate whose nearest benchmark item is at
+    or above ``lower_bound`` (and under the threshold) is compared with its ``top_k`` benchmark
+    neighbours in that band by a judge (vectorstore/paraphrase.py), and rejected as
+    ``benchmark_paraphrase`` when the judge says one of them is the same problem reworded.
+    ``lower_bound`` and ``top_k`` come from the curve on the paraphrase set
+    (``promptcot vectorstore paraphrase-curve``, docs/vectorstore.md)."""
+
+    # "skeleton": the cheap signal (numbers kept), no model; "model": the ``judge`` model role
+    # (models.judge, a teacher), with the cheap signal where its answer is unreadable; "off".
+    kind: Literal["skeleton", "model", "off"] = "skeleton"
+    lower_bound: float = 0.55
+    top_k: int = 2
+    # The cheap judge: the numbers both problems state must be worth this many bits (a number
+    # stated by a share p of the benchmark items is worth -log2 p): {3, 60} is ~5 bits, a lone
+    # "4" ~1 bit, {80000, 50000, 150} ~25 bits.
+    min_number_bits: float = 4.0
+    # Domains judged. Code is left out: the paraphrase set has no code problems to measure on,
+    # and code statements share their constraint numbers (1 <= N <= 2 x 10^5) far more often.
+    domains: list[Domain] = Field(default_factory=lambda: ["math"])
+    # The latest verdicts, per (candidate text, benchmark item): a candidate seen again in this
+    # process (redelivered past the journal, or twice in a batch) is not judged twice.
+    memo_size: int = 4096
+    # The model judge: tokens of its answer ("SAME" / "DIFFERENT") and characters of each
+    # problem shown to it.
+    max_tokens: int = 8
+    max_problem_chars: int = 3000
+
+
 class DecontamSettings(Section):
-    """Benchmark contamination checks: n-gram overlap and embedding similarity."""
+    """Benchmark contamination checks: n-gram overlap, embedding similarity, and a judge for the
+    gray zone under the embedding threshold."""
 
     benchmark_sets: list[BenchmarkSetSpec] = Field(default_factory=_default_benchmark_sets)
     # Added to the defaults (so users extend rather than restate the list).
@@ -94,6 +124,7 @@ class DecontamSettings(Section):
     # the 2.2k default items takes 1-3 min on 2 cores, paid once instead of at every restart.
     # None disables the cache.
     cache_dir: Path | None = Path.home() / ".cache" / "promptcot" / "embeddings"
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
 
     def threshold_for(self, domain: str) -> float:
         return self.embedding_threshold_by_domain.get(domain, self.embedding_threshold)

@@ -198,6 +198,20 @@ TEST_WRITER = Template(
     stop=("\n```",),
 )
 
+# The decontamination judge (models.judge): is a candidate a benchmark problem in other words?
+# One word after the prefilled "Verdict:", read by parse_judge_verdict.
+PARAPHRASE_JUDGE = Template(
+    name="paraphrase_judge",
+    version=1,
+    system="You compare two problems and decide whether they are the same problem.",
+    user="Problem A:\n{candidate}\n\nProblem B:\n{benchmark}\n\n"
+    "Is Problem A the same problem as Problem B told in other words? Different names, story, "
+    "notation or sentence order do not matter. A different question, or a number that changes "
+    "the answer, makes them different problems. Answer with one word: SAME or DIFFERENT.",
+    assistant_prefix="Verdict:",
+    stop=("\n",),
+)
+
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
@@ -208,6 +222,7 @@ TEMPLATES: dict[str, Template] = {
         SOLVER_MATH,
         SOLVER_CODE,
         TEST_WRITER,
+        PARAPHRASE_JUDGE,
     )
 }
 
@@ -339,3 +354,18 @@ def parse_synthesis(completion: str, *, truncated: bool = False) -> Synthesis:
     if not problem:
         raise ParseError("empty_problem")
     return Synthesis(rationale=rationale, problem=problem)
+
+
+_VERDICT = re.compile(r"\b(NOT\s+(?:THE\s+)?SAME|SAME|DIFFERENT)\b")
+
+
+def parse_judge_verdict(completion: str) -> bool:
+    """The judge's answer: True for SAME, False for DIFFERENT (or NOT SAME); the first verdict
+    word counts, whatever the case or markup around it (``**Same**.``)."""
+    text = completion.strip()
+    if not text:
+        raise ParseError("empty_verdict")
+    found = _VERDICT.search(text[:200].upper())
+    if found is None:
+        raise ParseError("malformed_verdict", text[:80])
+    return found.group(1) == "SAME"

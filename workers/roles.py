@@ -26,6 +26,7 @@ class Role(StrEnum):
     SOLVER = "solver"  # the policy: solves problems, trained by self-play DPO
     TEST_WRITER = "test_writer"  # writes stdin/stdout tests for code problems
     ANNOTATOR = "annotator"  # the cold-start teacher: concepts and rationales for seeds
+    JUDGE = "judge"  # decontamination: is a candidate a reworded benchmark problem? (a teacher)
 
 
 class ModelRoles(Section):
@@ -36,6 +37,7 @@ class ModelRoles(Section):
     solver: BackendSettings = Field(default_factory=BackendSettings)
     test_writer: BackendSettings = Field(default_factory=BackendSettings)
     annotator: BackendSettings = Field(default_factory=BackendSettings)
+    judge: BackendSettings = Field(default_factory=BackendSettings)
 
     def role(self, name: str) -> BackendSettings:
         if name not in type(self).model_fields:

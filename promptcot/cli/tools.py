@@ -140,3 +140,17 @@ def vectorstore_calibrate(
 
     for line in calibrate(n=n, seed=seed):
         console.print(line, highlight=False, markup=False)
+
+
+@vectorstore_app.command("paraphrase-curve")
+def vectorstore_paraphrase_curve(
+    train_limit: Annotated[
+        int | None, typer.Option(help="GSM8K train questions to use (default: all 7,473).")
+    ] = None,
+) -> None:
+    """Recall on the paraphrase set vs false positives (its near misses, GSM8K train) of the
+    decontamination judge, per lower bound, k and min_number_bits (docs/vectorstore.md)."""
+    from vectorstore.calibrate import paraphrase_curve
+
+    for line in paraphrase_curve(train_limit=train_limit):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
