@@ -16,9 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.harness import ROOT, Row, ratios, timing
 from streams.records import PreferencePair, Rationale
-from trainer.config import TrainerSettings
 from trainer.dpo import DPOTrainerLoop
 from trainer.em import EMTrainer
+from trainer.settings import TrainerSettings
 
 CASE = "trainer (tiny model)"
 NAMES = ["Ana", "Ben", "Carla", "Dev", "Eva", "Femi", "Gus", "Hana"]

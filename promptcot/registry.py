@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from trainer.config import PROFILE_WINDOWS
+from trainer.settings import PROFILE_WINDOWS
 from workers.settings import StageRuntime
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ STAGES: dict[str, StageSpec] = {
         "workers.stages.sink:SinkStage", doc="accepted verdicts -> problems topic + Parquet"
     ),
     # Trainer windows are long, or a trickle of records arrives in windows too small to train on;
-    # the trainer profile sizes them (trainer/config.py, PROFILE_WINDOWS; these are the gpu ones).
+    # the trainer profile sizes them (trainer/settings.py, PROFILE_WINDOWS; these are the gpu ones).
     "em": StageSpec(
         "trainer.stages:EStepStage",
         StageRuntime(**PROFILE_WINDOWS["gpu"]["em"]),

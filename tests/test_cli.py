@@ -131,7 +131,7 @@ def test_durations():
 
 
 def test_up_trains_by_default_and_no_train_makes_a_pure_generator():
-    from promptcot.cli.factory import stage_names
+    from promptcot.cli.launch import stage_names
     from promptcot.registry import DATA_STAGES, TRAINER_STAGES
 
     assert "--no-train" in runner.invoke(app, ["up", "--help"]).output
@@ -147,7 +147,7 @@ def test_up_trains_by_default_and_no_train_makes_a_pure_generator():
 
 
 def test_up_serves_each_trained_role_from_its_newest_checkpoint(tmp_path):
-    from promptcot.cli.factory import serve_newest
+    from promptcot.cli.launch import serve_newest
     from promptcot.settings import Settings
     from trainer.checkpoints import CheckpointStore
 

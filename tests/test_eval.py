@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from streams import metrics
-from trainer.config import EvalConfig
 from trainer.evaluate import evaluate_path, load_problems, score
+from trainer.settings import EvalConfig
 
 
 def test_benchmarks_load_with_references_and_livecodebench_says_why_not():
@@ -29,7 +29,7 @@ def test_benchmarks_load_with_references_and_livecodebench_says_why_not():
 
 
 def test_answers_are_extracted_and_checked_by_the_verifiers_oracle():
-    from workers.mathcheck import EquivalenceOracle
+    from verification.mathcheck import EquivalenceOracle
 
     problems = load_problems("gsm8k", 4)  # references 18, 3, 70000, 540
     solutions = [

@@ -63,8 +63,8 @@ def _load(trainer: EMTrainer, role: str):
 
 def test_e_step_window_raises_the_heldout_reward(tmp_path, tiny_model):
     from trainer.checkpoints import save_role_model
-    from trainer.config import StepConfig
     from trainer.em import mean_reward, prompt_model_example, sft
+    from trainer.settings import StepConfig
 
     settings = trainer_settings(
         tmp_path,

@@ -11,7 +11,7 @@ from trainer.checkpoints import (
     RoleModel,
     TrainedLedger,
 )
-from trainer.config import (
+from trainer.settings import (
     ColdStartConfig,
     DPOConfig,
     EStepConfig,

@@ -17,7 +17,7 @@ A window is idempotent and resumable: what each checkpoint was trained on is in 
 steps it had not finished (a kill between the E-step checkpoint and the M-step: the M-step runs)
 and announces every version the window produced, old and new.
 
-Training goes through trainer/sft.py (TRL). Prompts and completions come from workers/prompts.py:
+Training goes through trainer/sft.py (TRL). Prompts and completions come from llm/prompts.py:
 the targets are exactly the text the stages generate and score.
 """
 
@@ -30,19 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from streams.records import AnnotatedSeed, ModelUpdate, Rationale
-from trainer.checkpoints import (
-    CheckpointStore,
-    RoleModel,
-    TrainedLedger,
-    load_role_model,
-    save_role_model,
-)
-from trainer.config import StepConfig, TrainerSettings
-from trainer.heldout import HeldoutPool, is_heldout
-from trainer.sft import continuation_nll, greedy_decode, sft, torch_module
-from trainer.updates import WindowResult, model_update, update_from_manifest
-from workers.prompts import (
+from llm.prompts import (
     RATIONALE_MODEL,
     SYNTHESIS,
     ParseError,
@@ -52,7 +40,19 @@ from workers.prompts import (
     synthesis_fields,
     synthesis_parts,
 )
-from workers.roles import Role
+from llm.roles import Role
+from streams.records import AnnotatedSeed, ModelUpdate, Rationale
+from trainer.checkpoints import (
+    CheckpointStore,
+    RoleModel,
+    TrainedLedger,
+    load_role_model,
+    save_role_model,
+)
+from trainer.heldout import HeldoutPool, is_heldout
+from trainer.settings import StepConfig, TrainerSettings
+from trainer.sft import continuation_nll, greedy_decode, sft, torch_module
+from trainer.updates import WindowResult, model_update, update_from_manifest
 
 log = logging.getLogger(__name__)
 

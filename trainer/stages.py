@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 from typing import TypeVar
 
+from llm.roles import Role, model_path_for
 from streams.records import ModelUpdate, PreferencePair, Rationale
 from streams.topics import MODELS, PAIRS, RATIONALES, SEEDS_ANNOTATED
-from trainer.config import TrainerSettings
-from workers.roles import Role, model_path_for
+from trainer.settings import TrainerSettings
 from workers.stage import Emit, Stage
 
 log = logging.getLogger(__name__)

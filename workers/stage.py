@@ -16,11 +16,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from llm.backends.base import Backend, Completion
+from llm.roles import Role, backend_for
 from streams import metrics
 from streams.records import Record, Verdict
 from streams.topics import VERDICTS, TopicSpec
-from workers.backends.base import Backend, Completion
-from workers.roles import Role, backend_for
 
 if TYPE_CHECKING:  # the root settings compose every layer's sections; stages only read them
     from promptcot.settings import Settings

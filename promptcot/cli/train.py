@@ -37,10 +37,10 @@ def cold_start(
     concepts, rationale from its worked solution). Writes checkpoints under
     trainer.checkpoint_dir. Under torchrun / accelerate launch every process trains (data
     parallel) and rank 0 writes and reports (docs/training.md)."""
+    from llm.roles import Role, model_path_for
     from trainer.checkpoints import distributed_rank
     from trainer.coldstart import cold_start_data
     from trainer.em import EMTrainer
-    from workers.roles import Role, model_path_for
 
     settings = load(config, bootstrap)
     console.quiet = distributed_rank() != 0

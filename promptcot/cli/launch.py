@@ -185,11 +185,11 @@ def cold_start_first(settings, bootstrap: str) -> None:
     cfg = settings.trainer
     if not (cfg.enabled and cfg.cold_start.enabled and cfg.cold_start.on_first_start):
         return
+    from llm.roles import model_path_for
     from streams.clients import publish
     from streams.topics import MODELS
     from trainer.coldstart import cold_start_data
     from trainer.em import EMTrainer
-    from workers.roles import model_path_for
 
     trainer = EMTrainer(cfg, {r: model_path_for(settings.models, r) for r in EMTrainer.ROLES})
     if not trainer.needs_cold_start():
@@ -216,8 +216,8 @@ def cold_start_first(settings, bootstrap: str) -> None:
 def serve_newest(settings) -> None:
     """Every trained role starts on its newest checkpoint (a LoRA one on its base), not on the
     base model: a restarted factory goes on where its models were."""
+    from llm.roles import Role
     from trainer.checkpoints import CheckpointStore
-    from workers.roles import Role
 
     store = CheckpointStore(settings.trainer.checkpoint_dir)
     for role in (Role.PROMPT_MODEL, Role.RATIONALE_MODEL, Role.SOLVER):
