@@ -368,7 +368,7 @@ def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 128) -> l
     """Annotate's success rate on the loop's seeds and all GSM8K train seeds; yield of the base
     p_θ vs the cold-started one on the same concept sets."""
     from llm.roles import model_path_for
-    from promptcot.cli.launch import up_seeds
+    from promptcot.startup import up_seeds
     from streams.topics import SEEDS_ANNOTATED
     from trainer.coldstart import cold_start_data
     from trainer.em import EMTrainer

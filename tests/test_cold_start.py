@@ -214,7 +214,7 @@ def test_up_publishes_seeds_the_cold_start_did_not_train_on(tmp_path):
     """With the trainer among its stages, `up` publishes the seeds after the cold start's: the
     M-steps then learn from problems p_θ was not fitted on (revisiting the cold start's own seeds
     held the held-out NLL flat, then raised it; docs/training.md, "The experiment")."""
-    from promptcot.cli.launch import up_seeds
+    from promptcot.startup import up_seeds
 
     settings = _settings(tmp_path, tmp_path / "unused")
     data = cold_start_data(settings)

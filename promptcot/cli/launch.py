@@ -26,7 +26,17 @@ from promptcot.cli.app import (
     parse_duration,
     require_cluster,
 )
-from promptcot.registry import DATA_STAGES, STAGES, TRAINER_STAGES, make_stage
+from promptcot.registry import STAGES
+from promptcot.startup import (
+    FACTORY_GROUP,
+    ephemeral_overrides,
+    make_stage,
+    publish_seeds,
+    serve_newest,
+    stage_names,
+    up_seeds,
+    worker_group,
+)
 
 EphemeralOpt = Annotated[
     bool,
@@ -36,7 +46,6 @@ EphemeralOpt = Annotated[
         "folder removed at exit (default: everything survives a restart).",
     ),
 ]
-FACTORY_GROUP = "promptcot-factory"  # `up` runs every stage in one consumer group
 
 
 @app.command()
@@ -115,7 +124,7 @@ def up(
         if (continued := progress.continued()) is not None:
             console.print(continued)
         if seeds and "annotate" in names:
-            n = publish_seeds(settings, cluster.bootstrap, up_seeds(settings, names, seeds))
+            n = publish_seeds(settings.kafka, cluster.bootstrap, up_seeds(settings, names, seeds))
             console.print(f"published {n} seed problems for annotate/rationale")
         if "em" in names:
             cold_start_first(settings, cluster.bootstrap)
@@ -167,17 +176,6 @@ def up(
     os._exit(supervisor.exit_code)
 
 
-def ephemeral_overrides(scratch: Path) -> dict:
-    """Settings of a run that keeps nothing: everything it writes goes under ``scratch``."""
-    return {
-        "embedded_broker": {"ephemeral": True},
-        "vectorstore": {"store": {"uri": str(scratch / "vectorstore")}},
-        "sink": {"output_dir": str(scratch)},
-        "worker": {"journal_dir": str(scratch / "journal")},
-        "trainer": {"checkpoint_dir": str(scratch / "checkpoints")},
-    }
-
-
 def cold_start_first(settings, bootstrap: str) -> None:
     """The paper's cold start before anything generates, when p_θ or q_φ has no checkpoint yet
     (the em stage would run it too, but in one process it would share the CPU with every other
@@ -213,32 +211,6 @@ def cold_start_first(settings, bootstrap: str) -> None:
     )
 
 
-def serve_newest(settings) -> None:
-    """Every trained role starts on its newest checkpoint (a LoRA one on its base), not on the
-    base model: a restarted factory goes on where its models were."""
-    from llm.roles import Role
-    from trainer.checkpoints import CheckpointStore
-
-    store = CheckpointStore(settings.trainer.checkpoint_dir)
-    for role in (Role.PROMPT_MODEL, Role.RATIONALE_MODEL, Role.SOLVER):
-        newest = store.latest(role)
-        if newest is not None:
-            settings.models.role(role).model = str(newest.path)
-
-
-def stage_names(stages: str | None, train: bool) -> list[str]:
-    """The stages `up` runs: ``stages`` exactly as listed (name em/dpo there to train), else the
-    data path plus the trainer unless not ``train``."""
-    if stages:
-        names = [s.strip() for s in stages.split(",")]
-    else:
-        names = list(DATA_STAGES) + (list(TRAINER_STAGES) if train else [])
-    unknown = [n for n in names if n not in STAGES]
-    if unknown:
-        raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
-    return names
-
-
 @app.command(
     epilog="Stages: " + "; ".join(f"{name}: {spec.doc}" for name, spec in STAGES.items()) + "."
 )
@@ -265,13 +237,7 @@ def worker(
     cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
     supervisor.watch(cluster)
     console.print(f"worker [bold]{stage}[/] on {cluster.bootstrap}")
-    # A sampler closes only its own concept sets, so every replica must see every verdict: one
-    # consumer group per sampler seed (workers/stages/sampler.py).
-    group = (
-        f"{settings.kafka.consumer_group_prefix}-sampler-{settings.concepts.seed}"
-        if stage == "sampler"
-        else None
-    )
+    group = worker_group(stage, settings.kafka, settings.concepts)
 
     async def until() -> None:
         stop = asyncio.Event()
@@ -325,20 +291,3 @@ def broker(
         console.print(f"broker ready: [cyan]{b.bootstrap_servers}[/] ({kept}; Ctrl-C to stop)")
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(until_signal())
-
-
-def up_seeds(settings, names: list[str], n: int) -> list:
-    """The GSM8K train seeds `up` publishes: with the trainer among the stages, the n after the
-    cold start's, so that the M-steps learn from problems the cold start did not fit p_θ on
-    (on its own seeds p_θ's held-out NLL stayed flat, then rose: docs/training.md)."""
-    from workers.seeds import load_seeds
-
-    skip = settings.trainer.cold_start.seeds if "em" in names else 0
-    return load_seeds("gsm8k", "train", n, skip=skip)
-
-
-def publish_seeds(settings, bootstrap: str, seeds: list) -> int:
-    from streams.clients import publish
-    from streams.topics import SEEDS
-
-    return publish(settings.kafka, bootstrap, SEEDS, seeds)

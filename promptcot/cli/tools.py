@@ -82,11 +82,12 @@ def seeds_load(
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Publish shipped seed problems to the seeds topic (annotate picks them up)."""
-    from promptcot.cli.launch import publish_seeds
+    from promptcot.startup import publish_seeds
     from workers.seeds import load_seeds
 
     settings = load(config, bootstrap)
-    n = publish_seeds(settings, require_cluster(settings), load_seeds(source, "train", limit, skip))
+    target = require_cluster(settings)
+    n = publish_seeds(settings.kafka, target, load_seeds(source, "train", limit, skip))
     console.print(f"published {n} {source} seeds")
 
 
