@@ -370,7 +370,7 @@ def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 128) -> l
     from llm.roles import model_path_for
     from promptcot.startup import up_seeds
     from streams.topics import SEEDS_ANNOTATED
-    from trainer.coldstart import cold_start_data
+    from trainer.coldstart import cold_start
     from trainer.em import EMTrainer
     from workers.seeds import load_seeds
     from workers.stages.annotate import AnnotateStage
@@ -386,12 +386,12 @@ def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 128) -> l
         rate = sum(e.topic is SEEDS_ANNOTATED for e in emits) / len(shipped)
         rows.append(row(f"annotate success, GSM8K train, {label} ({len(shipped)})", rate, "share"))
         rows[-1].update(goal=">= 0.9", ok=rate >= 0.9)
-    trainer = EMTrainer(
-        settings.trainer, {r: model_path_for(settings.models, r) for r in EMTrainer.ROLES}
-    )
+    trainer = EMTrainer.on_models(settings.trainer, settings.models)
     started = time.monotonic()
-    data = cold_start_data(settings)
-    trainer.cold_start(data.triples)
+    done = cold_start(settings, trainer)
+    if done is None:
+        raise SystemExit(f"{out} holds cold-started models already: measure in a fresh folder")
+    data = done.data
     rows.append(row("cold start (both models), wall time", time.monotonic() - started, "s"))
     sets = fixed_concept_sets(concept_sets)
     base = offline_yield(settings, model_path_for(settings.models, "prompt_model"), sets)

@@ -40,7 +40,7 @@ from llm.prompts import (
     synthesis_fields,
     synthesis_parts,
 )
-from llm.roles import Role
+from llm.roles import ModelRoles, Role, model_path_for
 from streams.records import AnnotatedSeed, ModelUpdate, Rationale
 from trainer.checkpoints import (
     CheckpointStore,
@@ -253,6 +253,12 @@ class EMTrainer:
         self._lock = threading.RLock()  # the cold start (stage start) and windows take turns
         if settings.torch_threads:
             torch_module().set_num_threads(settings.torch_threads)
+
+    @classmethod
+    def on_models(cls, settings: TrainerSettings, models: ModelRoles) -> EMTrainer:
+        """The trainer of the configured p_θ and q_φ (the embedded SmolLM2 where none is
+        named)."""
+        return cls(settings, {role: model_path_for(models, role) for role in cls.ROLES})
 
     def model(self, role: str, cfg: StepConfig) -> RoleModel:
         if role not in self._models:

@@ -19,6 +19,7 @@ from typing import TypeVar
 from llm.roles import Role, model_path_for
 from streams.records import ModelUpdate, PreferencePair, Rationale
 from streams.topics import MODELS, PAIRS, RATIONALES, SEEDS_ANNOTATED
+from trainer.coldstart import ColdStartData, cold_start, on_first_start
 from trainer.settings import TrainerSettings
 from workers.stage import Emit, Stage
 
@@ -51,39 +52,20 @@ class EStepStage(_TrainerStage[Rationale]):
     def setup(self) -> None:
         from trainer.em import EMTrainer
 
-        self.trainer = EMTrainer(
-            self.trainer_cfg,
-            {
-                role: model_path_for(self.settings.models, role)
-                for role in (Role.PROMPT_MODEL, Role.RATIONALE_MODEL)
-            },
-        )
+        self.trainer = EMTrainer.on_models(self.trainer_cfg, self.settings.models)
 
     def start(self) -> list[Emit]:
         """The paper's cold start, when p_θ or q_φ has no checkpoint yet: SFT of both on the
         annotated seeds, before any EM window trains (the trainer holds windows meanwhile)."""
-        cfg = self.trainer_cfg
-        if not (cfg.enabled and cfg.cold_start.enabled and cfg.cold_start.on_first_start):
+        if not on_first_start(self.trainer_cfg):
             return []
         self.ensure_ready()
-        if not self.trainer.needs_cold_start():
-            return []
-        from trainer.coldstart import cold_start_data
-
         try:
-            data = cold_start_data(self.settings)
-            log.info(
-                "em: cold start on %d annotated seeds (%.0f%% of the seeds annotated; %s)"
-                " and %d held-out seeds further on",
-                len(data.seeds),
-                100 * data.success_rate,
-                dict(data.rejected) or "none rejected",
-                len(data.heldout),
-            )
-            return self._emit_updates(self.trainer.cold_start(data.triples))
+            done = cold_start(self.settings, self.trainer, annotated=_log_annotated)
         except Exception:  # noqa: BLE001  (the loop still runs, from the base models)
             log.exception("em: the cold start failed; EM starts from the base models")
             return []
+        return self._emit_updates(done.updates) if done is not None else []
 
     def process(self, records: list[Rationale]) -> list[Emit]:
         cfg = self.trainer_cfg
@@ -107,6 +89,17 @@ class EStepStage(_TrainerStage[Rationale]):
         return self._emit_updates(result.updates) + [
             self.emit(SEEDS_ANNOTATED, s) for s in result.next_epoch
         ]
+
+
+def _log_annotated(data: ColdStartData) -> None:
+    log.info(
+        "em: cold start on %d annotated seeds (%.0f%% of the seeds annotated; %s)"
+        " and %d held-out seeds further on",
+        len(data.seeds),
+        100 * data.success_rate,
+        dict(data.rejected) or "none rejected",
+        len(data.heldout),
+    )
 
 
 class DPOStage(_TrainerStage[PreferencePair]):

@@ -180,23 +180,19 @@ def cold_start_first(settings, bootstrap: str) -> None:
     """The paper's cold start before anything generates, when p_θ or q_φ has no checkpoint yet
     (the em stage would run it too, but in one process it would share the CPU with every other
     stage, and generation would meanwhile run on the base model). Announced on the models topic."""
-    cfg = settings.trainer
-    if not (cfg.enabled and cfg.cold_start.enabled and cfg.cold_start.on_first_start):
-        return
-    from llm.roles import model_path_for
     from streams.clients import publish
     from streams.topics import MODELS
-    from trainer.coldstart import cold_start_data
+    from trainer.coldstart import cold_start, on_first_start
     from trainer.em import EMTrainer
 
-    trainer = EMTrainer(cfg, {r: model_path_for(settings.models, r) for r in EMTrainer.ROLES})
-    if not trainer.needs_cold_start():
+    cfg = settings.trainer
+    if not on_first_start(cfg):
         return
+    trainer = EMTrainer.on_models(cfg, settings.models)
     n = cfg.cold_start.seeds
     try:
         with console.status(f"cold start: annotating {n} seeds, training p_θ and q_φ on them..."):
-            data = cold_start_data(settings)
-            updates = trainer.cold_start(data.triples)
+            done = cold_start(settings, trainer)
     except Exception as e:  # noqa: BLE001  (as the em stage: the loop runs from the base models)
         message = f"{type(e).__name__}: {e}".splitlines()[0]
         console.print(
@@ -205,9 +201,12 @@ def cold_start_first(settings, bootstrap: str) -> None:
             soft_wrap=True,
         )
         return
-    publish(settings.kafka, bootstrap, MODELS, updates)
+    if done is None:  # both models have checkpoints already
+        return
+    publish(settings.kafka, bootstrap, MODELS, done.updates)
     console.print(
-        f"cold start on {len(data.seeds)} annotated seeds: " + ", ".join(u.version for u in updates)
+        f"cold start on {len(done.data.seeds)} annotated seeds: "
+        + ", ".join(u.version for u in done.updates)
     )
 
 
