@@ -121,7 +121,8 @@ def measure(quick: bool = False) -> list[Row]:
                 checkpoint_dir=Path(tmp),
                 heldout_fraction=0.0,
                 torch_threads=2,
-                e_step=step,
+                # Every window trains, however small (the EM trainer applies min_records).
+                e_step={**step, "window": {"min_records": 1}},
                 m_step={**step, "max_rationale_tokens": 32},
                 dpo={**step, "window": {"min_records": 1}},
             )

@@ -11,6 +11,9 @@ q_φ(z | c, x) (docs/architecture.md, "The method"; docs/training.md).
   held-out seeds, before and after.
 - Epochs: every seed of a window is sent round again (``WindowResult.next_epoch``), so EM
   iterates over the seed set; the epoch is part of each sample's id.
+- Windows: one under ``e_step.window.min_records`` rationales trains nothing (its seeds still go
+  round again, and the versions that trained on its records before are announced again). A
+  window's best-of-K choice and its held-out split are made once (``Window``).
 
 A window is idempotent and resumable: what each checkpoint was trained on is in its manifest
 (trainer/checkpoints.py, ``TrainedLedger``). A window redelivered after a crash trains only the
@@ -150,6 +153,34 @@ def best_of_k(rationales: Iterable[Rationale]) -> dict[str, Rationale]:
         ):
             best[r.seed_id] = r
     return best
+
+
+@dataclass(frozen=True)
+class Window:
+    """A window of scored rationales, read once: the best-of-K rationale per seed, and those
+    seeds split into the ones trained on and the held-out ones (never trained on)."""
+
+    rationales: list[Rationale]
+    best: dict[str, Rationale]
+    train: list[SeedItem]
+    heldout: list[SeedItem]
+
+    @classmethod
+    def of(cls, rationales: Sequence[Rationale], heldout_fraction: float) -> Window:
+        best = best_of_k(rationales)
+        train: list[SeedItem] = []
+        heldout: list[SeedItem] = []
+        for _, r in sorted(best.items()):
+            item = SeedItem.from_rationale(r)
+            (heldout if is_heldout(item.seed_id, heldout_fraction) else train).append(item)
+        return cls(list(rationales), best, train, heldout)
+
+    def part(self, rationales: list[Rationale], heldout_fraction: float) -> Window:
+        """The window of some of its rationales (what a step has still to train on when the
+        window comes again after a crash): itself when they are all of it."""
+        if [r.id for r in rationales] == [r.id for r in self.rationales]:
+            return self
+        return Window.of(rationales, heldout_fraction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +395,8 @@ class EMTrainer:
     # -- one EM window ------------------------------------------------------------------------
 
     def run_window(self, rationales: Sequence[Rationale]) -> WindowResult:
-        """E-step then M-step on one window of scored rationales."""
+        """E-step then M-step on one window of scored rationales; a window under
+        ``e_step.window.min_records`` trains nothing (module docstring, "Windows")."""
         with self._lock:
             try:
                 return self._run_window(list(rationales))
@@ -380,13 +412,18 @@ class EMTrainer:
     def _run_window(self, rationales: list[Rationale]) -> WindowResult:
         s = self.settings
         window_ids = [r.id for r in rationales]
-        next_epoch = self.next_epoch_seeds(rationales)
-        best = best_of_k(rationales)
-        items = [SeedItem.from_rationale(r) for _, r in sorted(best.items())]
-        train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
-        self._remember_heldout(i for i in items if is_heldout(i.seed_id, s.heldout_fraction))
-        if len(train) < s.e_step.min_seeds:
-            reason = f"{len(train)} trainable seeds < min_seeds {s.e_step.min_seeds}"
+        window = Window.of(rationales, s.heldout_fraction)
+        next_epoch = self.next_epoch_seeds(window)
+        if len(rationales) < s.e_step.window.min_records:
+            # Records trained on before (a redelivery): their versions are announced again.
+            reason = (
+                f"window of {len(rationales)} rationales < min_records "
+                f"{s.e_step.window.min_records}: not trained on"
+            )
+            return WindowResult(self.announced(window_ids), reason, next_epoch=next_epoch)
+        self._remember_heldout(window.heldout)
+        if len(window.train) < s.e_step.min_seeds:
+            reason = f"{len(window.train)} trainable seeds < min_seeds {s.e_step.min_seeds}"
             return WindowResult([], reason, next_epoch=next_epoch)
         q_role, p_role = Role.RATIONALE_MODEL, Role.PROMPT_MODEL
         e_todo = [r for r in rationales if self.ledger.get(q_role, r.id) is None]
@@ -402,7 +439,7 @@ class EMTrainer:
         ):
             pending = {r.id for r in todo}
             updates += self._announced(role, [i for i in window_ids if i not in pending])
-            update = step(todo) if enabled and todo else None
+            update = step(window.part(todo, s.heldout_fraction)) if enabled and todo else None
             if update is not None:
                 updates.append(update)
                 metrics.update(update.metrics)
@@ -411,18 +448,10 @@ class EMTrainer:
             skipped = f"all {len(rationales)} rationales already trained on; versions re-announced"
         return WindowResult(updates, skipped, metrics or None, next_epoch)
 
-    def _best_train_items(
-        self, rationales: list[Rationale]
-    ) -> tuple[dict[str, Rationale], list[SeedItem]]:
-        """The best-of-K rationale per seed, and the seeds to train on (held-out ones never)."""
-        best = best_of_k(rationales)
-        items = [SeedItem.from_rationale(r) for _, r in sorted(best.items())]
-        return best, [i for i in items if not is_heldout(i.seed_id, self.settings.heldout_fraction)]
-
-    def _e_step(self, rationales: list[Rationale]) -> ModelUpdate | None:
+    def _e_step(self, window: Window) -> ModelUpdate | None:
         """q_φ learns to write the rationale that best explains each problem."""
         s = self.settings
-        best, train = self._best_train_items(rationales)
+        rationales, best, train = window.rationales, window.best, window.train
         if not train:
             return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
@@ -445,11 +474,11 @@ class EMTrainer:
         log.info("E-step: %d seeds, %s reward %.3f -> %.3f", len(train), label, before, after)
         return self._save(q, "e_step", metrics, [r.id for r in rationales], parents)
 
-    def _m_step(self, rationales: list[Rationale]) -> ModelUpdate | None:
+    def _m_step(self, window: Window) -> ModelUpdate | None:
         """p_θ learns c -> (z, x) with z from the updated q_φ (greedy). A seed whose decode does
         not parse keeps its best-of-K z: the sampled z is still a valid rationale."""
         s = self.settings
-        best, train = self._best_train_items(rationales)
+        rationales, best, train = window.rationales, window.best, window.train
         if not train:
             return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
@@ -485,14 +514,14 @@ class EMTrainer:
 
     # -- epochs -------------------------------------------------------------------------------
 
-    def next_epoch_seeds(self, rationales: Sequence[Rationale]) -> list[AnnotatedSeed]:
+    def next_epoch_seeds(self, window: Window) -> list[AnnotatedSeed]:
         """Each seed of the window once more, one epoch on (``max_epochs`` caps the loop). The
         best rationale so far travels as the seed's annotation; the id names (seed, epoch), so
         a redelivered window sends the same seeds again, not new ones."""
         chosen: dict[str, Rationale] = {}
-        for r in rationales:  # the first of each seed, replaced by the best-of-K one
+        for r in window.rationales:  # the first of each seed, replaced by the best-of-K one
             chosen.setdefault(r.seed_id, r)
-        chosen.update(best_of_k(rationales))
+        chosen.update(window.best)
         cap = self.settings.max_epochs
         out = []
         for seed_id in sorted(chosen):

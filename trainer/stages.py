@@ -4,7 +4,8 @@ solver update. Every process serving a role follows the updates (workers/reload.
 
 Windows are the runtime's micro-batches; these stages get long ones (``settings.stages``, sized
 by the trainer profile), or a trickle of records would arrive in windows too small to train on.
-A window under ``min_records`` trains nothing (its seeds still go round again). ``process`` is
+A window under ``min_records`` trains nothing (its seeds still go round again; the rule is the
+trainer's: trainer/em.py, trainer/dpo.py). ``process`` is
 idempotent: a window redelivered after a crash trains only what it had not finished and announces
 every version it produced (trainer/em.py). A training error raises: the runtime retries the
 window, and dead-letters it if it keeps failing. Models load on first use, in the worker thread,
@@ -73,16 +74,6 @@ class EStepStage(_TrainerStage[Rationale]):
             log.info("em: trainer disabled, %d rationales not trained on", len(records))
             return []
         self.ensure_ready()
-        if len(records) < cfg.e_step.window.min_records:
-            log.info(
-                "em: window of %d rationales < min_records %d: not trained on",
-                len(records),
-                cfg.e_step.window.min_records,
-            )
-            # Records trained on before (a redelivery): their versions are announced again.
-            announced = self.trainer.announced([r.id for r in records])
-            seeds = self.trainer.next_epoch_seeds(records)
-            return self._emit_updates(announced) + [self.emit(SEEDS_ANNOTATED, s) for s in seeds]
         result = self.trainer.run_window(records)
         if result.skipped:
             log.info("em: %s", result.skipped)
