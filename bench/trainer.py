@@ -73,7 +73,7 @@ def plain_trl_dpo(model_path: str, rows: list[dict[str, str]], settings: Trainer
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from trainer.checkpoints import apply_lora_setting, normalize_end_of_turn
+    from trainer.role_models import apply_lora_setting, normalize_end_of_turn
     from trainer.sft import common_training_args
 
     model = AutoModelForCausalLM.from_pretrained(

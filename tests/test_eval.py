@@ -126,8 +126,8 @@ def test_the_trainer_scores_each_new_solver_version_when_asked(tmp_path, tiny_mo
 def test_the_trainer_evaluates_on_its_own_device_and_dtype(tmp_path, tiny_model_dir):
     from trainer_data import trainer_settings
 
-    from trainer.checkpoints import training_device
     from trainer.dpo import eval_backend_settings
+    from trainer.role_models import training_device
 
     settings = trainer_settings(tmp_path, tiny_model_dir, device="auto", dtype="bfloat16")
     backend = eval_backend_settings(settings.trainer)

@@ -5,12 +5,8 @@ topics (docs/training.md).
 torch/transformers/trl are imported only when a model is loaded or trained.
 """
 
-from trainer.checkpoints import (
-    Checkpoint,
-    CheckpointStore,
-    RoleModel,
-    TrainedLedger,
-)
+from trainer.checkpoints import Checkpoint, CheckpointStore, TrainedLedger
+from trainer.role_models import RoleModel
 from trainer.settings import (
     ColdStartConfig,
     DPOConfig,

@@ -45,14 +45,9 @@ from llm.prompts import (
 )
 from llm.roles import ModelRoles, Role, model_path_for
 from streams.records import AnnotatedSeed, ModelUpdate, Rationale
-from trainer.checkpoints import (
-    CheckpointStore,
-    RoleModel,
-    TrainedLedger,
-    load_role_model,
-    save_role_model,
-)
+from trainer.checkpoints import CheckpointStore, TrainedLedger
 from trainer.heldout import HeldoutPool, is_heldout
+from trainer.role_models import RoleModel, load_role_model, save_role_model
 from trainer.settings import StepConfig, TrainerSettings
 from trainer.sft import continuation_nll, greedy_decode, sft, torch_module
 from trainer.updates import WindowResult, model_update, update_from_manifest

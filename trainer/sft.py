@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from trainer.checkpoints import RoleModel
+from trainer.role_models import RoleModel
 from trainer.settings import StepConfig
 
 
@@ -34,7 +34,7 @@ def common_training_args(
     dtype: str = "float32",
 ) -> dict[str, Any]:
     """TrainingArguments shared by SFT and DPO: on the model's own device (the trainer placed
-    it: trainer/checkpoints.py), bf16 autocast when ``dtype`` says so, no gradient checkpointing
+    it: trainer/role_models.py), bf16 autocast when ``dtype`` says so, no gradient checkpointing
     (costs time and buys nothing at these sizes), no saving by the HF Trainer (checkpoints are
     ours), and an accumulation that still steps on a tiny window."""
     per_device = max(1, min(cfg.per_device_batch_size, n_examples))

@@ -39,8 +39,8 @@ def cold_start(
     parallel) and rank 0 writes and reports (docs/training.md)."""
     from llm.roles import Role
     from trainer import coldstart
-    from trainer.checkpoints import distributed_rank
     from trainer.em import EMTrainer
+    from trainer.role_models import distributed_rank
 
     settings = load(config, bootstrap)
     console.quiet = distributed_rank() != 0
