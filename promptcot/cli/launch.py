@@ -84,7 +84,7 @@ def up(
     from promptcot.carryover import carried_over
     from promptcot.cli.supervise import Supervisor
     from promptcot.progress import FactoryProgress
-    from streams import metrics
+    from streams import health
     from streams.cluster import Cluster
     from workers.runtime import run_stages
 
@@ -102,7 +102,7 @@ def up(
             settings.worker.shutdown_grace_s,
             on_force=lambda: console.print(progress.table()),
         )
-        metrics.serve(settings.metrics.host, settings.metrics.port)
+        health.serve(settings.metrics.host, settings.metrics.port)
 
         with console.status("starting broker and topics..."):
             cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
@@ -223,7 +223,7 @@ def worker(
     stops it within a deadline; a cluster gone for `kafka.unreachable_exit_s` ends it with one
     line and a non-zero exit (the orchestrator restarts it)."""
     from promptcot.cli.supervise import Supervisor
-    from streams import metrics
+    from streams import health
     from streams.cluster import Cluster
     from workers.runtime import run_stages
 
@@ -232,7 +232,7 @@ def worker(
     settings = load(config, bootstrap)
     require_cluster(settings)
     supervisor = Supervisor(settings.kafka, settings.worker.shutdown_grace_s, lambda: None)
-    metrics.serve(settings.metrics.host, settings.metrics.port)
+    health.serve(settings.metrics.host, settings.metrics.port)
     cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
     supervisor.watch(cluster)
     console.print(f"worker [bold]{stage}[/] on {cluster.bootstrap}")
