@@ -76,20 +76,14 @@ class SeedItem:
     @classmethod
     def from_annotated(cls, seed: AnnotatedSeed) -> SeedItem:
         return cls(
-            seed.seed_id,
-            seed.domain,
-            list(seed.concepts),
-            seed.difficulty or "",
-            seed.text,
-            seed.rationale,
-            seed.id,
+            seed_id=seed.seed_id, rationale=seed.rationale, source_id=seed.id, **seed.payload()
         )
 
     @classmethod
     def from_rationale(cls, r: Rationale) -> SeedItem:
         # The rationale stage scored R(z) with the seed's difficulty or "": training on the same
         # text keeps the reward and the targets on one format.
-        return cls(r.seed_id, r.domain, list(r.concepts), r.difficulty, r.problem, r.text, r.id)
+        return cls(seed_id=r.seed_id, rationale=r.text, source_id=r.id, **r.payload())
 
     def with_rationale(self, rationale: str) -> SeedItem:
         return SeedItem(
@@ -528,11 +522,8 @@ class EMTrainer:
                     r,
                     seed_id=r.seed_id,
                     annotator=NEXT_EPOCH_ANNOTATOR,
-                    domain=r.domain,
-                    text=r.problem,
-                    concepts=list(r.concepts),
+                    **AnnotatedSeed.carrying(r.payload()),
                     rationale=r.text,
-                    difficulty=r.difficulty or None,
                     epoch=r.epoch + 1,
                 )
             )

@@ -90,11 +90,8 @@ class GenerateStage(ModelStage[ConceptSet]):
                         templates={SYNTHESIS.name: SYNTHESIS.hash},
                         concept_set_id=cs.id,
                         generator=version,
-                        domain=cs.domain,
-                        difficulty=cs.difficulty,
-                        concepts=cs.concepts,
+                        **cs.payload(parsed.problem),
                         rationale=parsed.rationale,
-                        problem=parsed.problem,
                     ),
                 )
             )

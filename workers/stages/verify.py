@@ -15,7 +15,7 @@ from llm.backends.base import Completion
 from llm.prompts import SOLVER_CODE, SOLVER_MATH, TEST_WRITER
 from llm.roles import Role
 from streams import metrics
-from streams.records import CandidateProblem, Rollout, TestCase, Verdict, content_hash
+from streams.records import ACCEPTED, CandidateProblem, Rollout, TestCase, Verdict, content_hash
 from streams.topics import CANDIDATES_UNIQUE, VERDICTS
 from workers.stage import Emit, ModelStage
 
@@ -125,18 +125,12 @@ class VerifyStage(ModelStage[CandidateProblem]):
         metrics.PASS_RATE.labels(domain=candidate.domain).observe(pass_rate)
         return self.emit(
             VERDICTS,
-            Verdict.derived_from(
+            Verdict.on(
                 candidate,
+                stage=self.name,
+                reason=ACCEPTED,
                 models=models,
                 templates=templates,
-                subject_id=candidate.id,
-                stage=self.name,
-                accepted=True,
-                reason="accepted",
-                domain=candidate.domain,
-                difficulty=candidate.difficulty,
-                concepts=candidate.concepts,
-                problem=candidate.problem,
                 **fields,
             ),
         )
