@@ -51,7 +51,7 @@ def bench_concept_sets(count: int, tag: str = "bench") -> list:
 
 def render(backend, concept_set) -> str:
     """The synthesis prompt the generate stage renders for ``concept_set``."""
-    from workers import prompts as P
+    from llm import prompts as P
 
     cs = concept_set
     return P.SYNTHESIS.render(backend, **P.synthesis_fields(cs.concepts, cs.difficulty, cs.domain))
@@ -60,7 +60,7 @@ def render(backend, concept_set) -> str:
 def direct_calls(backend, gen, prompts: list[str], seed: int) -> int:
     """The generate stage's two backend calls for ``prompts``, made directly (no records, no
     parsing, no metrics): completion tokens."""
-    from workers import prompts as P
+    from llm import prompts as P
     from workers.stages.generate import BRIDGE
 
     def call(batch: list[str], max_tokens: int, stop: list[str], seed: int) -> list:
@@ -113,8 +113,8 @@ def measure(quick: bool = False) -> list[Row]:
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_model import tiny_model_dir
 
+    from llm.roles import Role
     from promptcot.settings import Settings
-    from workers.roles import Role
     from workers.stages.generate import GenerateStage, batch_seed
 
     n_prompts, max_tokens, runs, batch = (16, 32, 3, 16) if quick else (32, 64, 3, 16)

@@ -362,9 +362,9 @@ def run_pass(probe: Probe, label: str, base: Path, sizes: Sizes, work: Path, cpu
 
 def em_steps(probe: Probe, label: str, base: Path, sizes: Sizes, settings: Any) -> None:
     """The cold start, then one EM window (its E-step and M-step measured apart)."""
+    from llm.roles import Role
     from trainer.coldstart import cold_start_data
     from trainer.em import EMTrainer
-    from workers.roles import Role
 
     t = settings.trainer
     q_role, p_role = Role.RATIONALE_MODEL, Role.PROMPT_MODEL
@@ -402,10 +402,10 @@ def em_steps(probe: Probe, label: str, base: Path, sizes: Sizes, settings: Any) 
 
 def dpo_steps(probe: Probe, label: str, base: Path, sizes: Sizes, settings: Any) -> None:
     """One DPO window, then the eval the trainer runs after it (``trainer.eval``)."""
+    from llm.roles import Role
     from trainer.checkpoints import CheckpointStore
     from trainer.dpo import DPOTrainerLoop, eval_backend_settings
     from trainer.evaluate import evaluate_path
-    from workers.roles import Role
 
     t = settings.trainer
     loop = DPOTrainerLoop(t, str(base))

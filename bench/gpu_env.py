@@ -84,7 +84,8 @@ CARRIED: dict[str, str] = {
     "pydantic-settings": "the root settings (promptcot/settings.py); not on the image",
     "python-dotenv": "pydantic-settings needs it; not on the image",
     "prometheus-client": "pyproject pins 0.26.0 (streams/metrics.py); the image's is not known",
-    "cachetools": "the eval's equivalence oracle (workers/mathcheck/oracle.py); not on the image",
+    "cachetools": "the eval's equivalence oracle (verification/mathcheck/oracle.py); "
+    "not on the image",
     "math-verify": "the eval's equivalence oracle; not on the image",
     "latex2sympy2-extended": "math-verify needs it; not on the image",
     "antlr4-python3-runtime": "math-verify's LaTeX parser (pyproject: math-verify[antlr4_13_2])",
@@ -323,7 +324,7 @@ def copy_model_files(source: Path, dest: Path) -> list[Path]:
 
 
 def prepare(dest: Path = DEFAULT_DIR, python_version: str = IMAGE_PYTHON) -> None:
-    from workers.models import prepare_smollm2
+    from llm.smollm2 import prepare_smollm2
 
     wheels = download_wheels(dest / "wheels", python_version)
     copy_model_files(prepare_smollm2(), dest / "smollm2-135m")

@@ -197,10 +197,10 @@ def fixed_concept_sets(n: int, seed: int = 7) -> list[Any]:
 
 def offline_yield(settings: Any, model_path: str, concept_sets: list[Any]) -> float:
     """Well-formed candidates per concept set from the generate stage with this p_θ."""
+    from llm.backends import BackendSettings
+    from llm.backends.pool import new_backend
+    from llm.roles import Role
     from streams.topics import CANDIDATES
-    from workers.backends import BackendSettings
-    from workers.backends.factory import new_backend
-    from workers.roles import Role
     from workers.stages.generate import GenerateStage
 
     backend = new_backend(BackendSettings(model=model_path, max_batch_size=8))
@@ -244,9 +244,9 @@ def spaced(items: list[Any], most: int) -> list[Any]:
 def measure_versions(
     settings: Any, concept_sets: int, eval_limit: int, most: int
 ) -> dict[str, list[dict[str, Any]]]:
-    from trainer.config import EvalConfig
+    from llm.roles import model_path_for
     from trainer.evaluate import evaluate_path
-    from workers.roles import model_path_for
+    from trainer.settings import EvalConfig
 
     found = versions(settings)
     sets = fixed_concept_sets(concept_sets)
@@ -367,11 +367,11 @@ def plot(by_role: dict[str, list[dict[str, Any]]], path: Path) -> None:
 def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 128) -> list[dict[str, Any]]:
     """Annotate's success rate on the loop's seeds and all GSM8K train seeds; yield of the base
     p_θ vs the cold-started one on the same concept sets."""
-    from promptcot.cli.factory import up_seeds
+    from llm.roles import model_path_for
+    from promptcot.startup import up_seeds
     from streams.topics import SEEDS_ANNOTATED
-    from trainer.coldstart import cold_start_data
+    from trainer.coldstart import cold_start
     from trainer.em import EMTrainer
-    from workers.roles import model_path_for
     from workers.seeds import load_seeds
     from workers.stages.annotate import AnnotateStage
 
@@ -386,12 +386,12 @@ def measure_cold_start(out: Path, concept_sets: int = 40, seeds: int = 128) -> l
         rate = sum(e.topic is SEEDS_ANNOTATED for e in emits) / len(shipped)
         rows.append(row(f"annotate success, GSM8K train, {label} ({len(shipped)})", rate, "share"))
         rows[-1].update(goal=">= 0.9", ok=rate >= 0.9)
-    trainer = EMTrainer(
-        settings.trainer, {r: model_path_for(settings.models, r) for r in EMTrainer.ROLES}
-    )
+    trainer = EMTrainer.on_models(settings.trainer, settings.models)
     started = time.monotonic()
-    data = cold_start_data(settings)
-    trainer.cold_start(data.triples)
+    done = cold_start(settings, trainer)
+    if done is None:
+        raise SystemExit(f"{out} holds cold-started models already: measure in a fresh folder")
+    data = done.data
     rows.append(row("cold start (both models), wall time", time.monotonic() - started, "s"))
     sets = fixed_concept_sets(concept_sets)
     base = offline_yield(settings, model_path_for(settings.models, "prompt_model"), sets)

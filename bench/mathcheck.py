@@ -14,7 +14,7 @@ import time
 
 import corpora
 from bench.harness import Row, row, timing
-from workers.mathcheck import (
+from verification.mathcheck import (
     EquivalenceOracle,
     MathCheckSettings,
     extract_answer,

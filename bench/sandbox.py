@@ -36,9 +36,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import corpora
-from workers.sandbox import Limits, ProgramTest, Sandbox, SandboxSettings
-from workers.sandbox.harness import frame
-from workers.sandbox.runner import HARNESS_SOURCE
+from verification.sandbox import Limits, ProgramTest, Sandbox, SandboxSettings
+from verification.sandbox.harness import frame
+from verification.sandbox.runner import HARNESS_SOURCE
 
 CODEFORCES = corpora.path("benchmarks", "codeforces.jsonl")
 GOAL = 1.5

@@ -28,10 +28,10 @@ CASE = "engine saturation (loopback)"
 
 
 def measure(quick: bool = False) -> list[Row]:
+    from llm.backends import make_backend
+    from llm.roles import Role
     from streams.broker import EmbeddedBroker
     from streams.topics import CONCEPTS
-    from workers.backends import make_backend
-    from workers.roles import Role
     from workers.stages.generate import GenerateStage
 
     capacity = 16 if quick else 32

@@ -75,9 +75,9 @@ def inside_venv(quick: bool) -> list[Row]:
     from vllm.inputs import TokensPrompt
 
     from bench.generation import bench_concept_sets, render
+    from llm import prompts as P
+    from llm.roles import Role
     from promptcot.settings import Settings
-    from workers import prompts as P
-    from workers.roles import Role
     from workers.stages.generate import BRIDGE, GenerateStage, batch_seed
 
     n_records, runs, max_tokens = (48, 3, 32) if quick else (192, 3, 48)
@@ -98,7 +98,7 @@ def inside_venv(quick: bool) -> list[Row]:
     stage.ensure_ready()
     backend = stage.backend(Role.PROMPT_MODEL)
     threads = min(backend.max_in_flight, n_records)
-    # The same engine arguments as the backend's (workers/backends/vllm_backend.py).
+    # The same engine arguments as the backend's (llm/backends/vllm_backend.py).
     offline = LLM(
         model=model,
         dtype="float32",

@@ -16,9 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.harness import ROOT, Row, ratios, timing
 from streams.records import PreferencePair, Rationale
-from trainer.config import TrainerSettings
 from trainer.dpo import DPOTrainerLoop
 from trainer.em import EMTrainer
+from trainer.settings import TrainerSettings
 
 CASE = "trainer (tiny model)"
 NAMES = ["Ana", "Ben", "Carla", "Dev", "Eva", "Femi", "Gus", "Hana"]
@@ -73,7 +73,7 @@ def plain_trl_dpo(model_path: str, rows: list[dict[str, str]], settings: Trainer
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from trainer.checkpoints import apply_lora_setting, normalize_end_of_turn
+    from trainer.role_models import apply_lora_setting, normalize_end_of_turn
     from trainer.sft import common_training_args
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -121,7 +121,8 @@ def measure(quick: bool = False) -> list[Row]:
                 checkpoint_dir=Path(tmp),
                 heldout_fraction=0.0,
                 torch_threads=2,
-                e_step=step,
+                # Every window trains, however small (the EM trainer applies min_records).
+                e_step={**step, "window": {"min_records": 1}},
                 m_step={**step, "max_rationale_tokens": 32},
                 dpo={**step, "window": {"min_records": 1}},
             )

@@ -2,22 +2,16 @@
 its default micro-batching. The one place that names them all (the CLI, ``promptcot up``, the
 ``stages`` settings section and the tests read it from here).
 
-Classes are named by import path and imported on demand, so ``promptcot worker sink`` never
-loads torch.
+A table and nothing else: classes are named by import path, and promptcot/startup.py imports
+them on demand, so ``promptcot worker sink`` never loads torch.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from trainer.config import PROFILE_WINDOWS
+from trainer.settings import PROFILE_WINDOWS
 from workers.settings import StageRuntime
-
-if TYPE_CHECKING:
-    from promptcot.settings import Settings
-    from workers.stage import Stage
 
 
 @dataclass(frozen=True)
@@ -26,10 +20,6 @@ class StageSpec:
     runtime: StageRuntime = field(default_factory=StageRuntime)  # default micro-batching
     trainer: bool = False  # part of the training loop rather than the data path
     doc: str = ""
-
-    def load(self) -> type[Stage]:
-        module, cls = self.target.split(":")
-        return getattr(importlib.import_module(module), cls)
 
 
 def _rt(batch_size: int, within: float) -> StageRuntime:
@@ -73,7 +63,7 @@ STAGES: dict[str, StageSpec] = {
         "workers.stages.sink:SinkStage", doc="accepted verdicts -> problems topic + Parquet"
     ),
     # Trainer windows are long, or a trickle of records arrives in windows too small to train on;
-    # the trainer profile sizes them (trainer/config.py, PROFILE_WINDOWS; these are the gpu ones).
+    # the trainer profile sizes them (trainer/settings.py, PROFILE_WINDOWS; these are the gpu ones).
     "em": StageSpec(
         "trainer.stages:EStepStage",
         StageRuntime(**PROFILE_WINDOWS["gpu"]["em"]),
@@ -89,13 +79,3 @@ STAGES: dict[str, StageSpec] = {
 }
 TRAINER_STAGES = tuple(name for name, spec in STAGES.items() if spec.trainer)
 DATA_STAGES = tuple(name for name, spec in STAGES.items() if not spec.trainer)
-
-
-def stage_class(name: str) -> type[Stage]:
-    if name not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return STAGES[name].load()
-
-
-def make_stage(name: str, settings: Settings) -> Stage:
-    return stage_class(name)(settings)

@@ -7,9 +7,9 @@ deep inside a section and leaves its siblings alone. An unknown key anywhere is 
 names its full path and the nearest valid name.
 
 Where each section is defined (docs/architecture.md has the table): ``kafka``,
-``embedded_broker``, ``metrics`` in streams/settings.py; ``models`` in workers/roles.py;
+``embedded_broker``, ``metrics`` in streams/settings.py; ``models`` in llm/roles.py;
 ``stages`` here, from the stage registry; the worker sections in workers/settings.py;
-``vectorstore`` in vectorstore/settings.py; ``trainer`` in trainer/config.py.
+``vectorstore`` in vectorstore/settings.py; ``trainer`` in trainer/settings.py.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from llm.roles import ModelRoles
 from promptcot.registry import STAGES
 from streams.settings import (
     EmbeddedBrokerSettings,
@@ -40,7 +41,7 @@ from streams.settings import (
     Section,
     deep_merge,
 )
-from trainer.config import (
+from trainer.settings import (
     PROFILE_SAMPLING,
     PROFILE_WINDOWS,
     PROFILES,
@@ -48,7 +49,6 @@ from trainer.config import (
     resolve_profile,
 )
 from vectorstore.settings import VectorStoreSettings
-from workers.roles import ModelRoles
 from workers.settings import (
     AnnotateSettings,
     ConceptSettings,
@@ -117,7 +117,7 @@ class Settings(BaseSettings, Section):
     @model_validator(mode="before")
     @classmethod
     def _trainer_profile(cls, data: Any) -> Any:
-        """Apply the trainer profile (trainer/config.py) to the ``trainer`` section, the trainer
+        """Apply the trainer profile (trainer/settings.py) to the ``trainer`` section, the trainer
         stages' windows (``stages.em`` / ``stages.dpo``) and the E-step sampling
         (``rationale``), under any key set explicitly.
         Here, before the sections fill in their defaults, so an explicit key is still told

@@ -1,4 +1,5 @@
-"""Liveness and readiness of a worker process, served next to /metrics (``metrics.serve``).
+"""The HTTP endpoint of a worker process (``serve``): /metrics, its Prometheus registry
+(streams/metrics.py), and beside it liveness and readiness.
 
 - ``/healthz`` (liveness): the process answers, and once the runtime runs, its event loop runs
   a callback within ``metrics.loop_timeout_s``. A blocked loop stops heartbeats and commits:
@@ -14,11 +15,19 @@ Both answer 200 or 503 with one line of text that says why.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, make_wsgi_app
 
 from streams import metrics
+
+log = logging.getLogger(__name__)
 
 
 def _by_stage(gauge) -> dict[str, float]:
@@ -102,3 +111,47 @@ def wsgi(metrics_app, health: Health = HEALTH):
         return [body]
 
     return app
+
+
+_server_started = False
+
+
+def serve(host: str, port: int) -> int | None:
+    """Start the /metrics, /healthz and /readyz endpoint once per process; port 0 disables it."""
+    global _server_started
+    if port == 0 or _server_started:
+        return None
+    try:
+        start_server(host, port)
+    except OSError as exc:  # a second worker on the same machine: say so, keep working
+        log.warning("metrics endpoint %s:%s not started: %s", host, port, exc)
+        return None
+    _server_started = True
+    return port
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress never holds the exit
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # one line per scrape is noise
+        pass
+
+
+def start_server(host: str, port: int) -> WSGIServer:
+    """Serve /metrics (this process's registry) and the health checks on a daemon thread; the
+    caller may ``shutdown()`` the returned server."""
+    server = make_server(
+        host,
+        port,
+        wsgi(make_wsgi_app(REGISTRY)),
+        server_class=_Server6 if ":" in host else _Server,
+        handler_class=_QuietHandler,
+    )
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -1,19 +1,11 @@
-"""Prometheus metrics every stage reports, and the /metrics endpoint (with /healthz, /readyz).
+"""Prometheus metrics every stage reports (served by streams/health.py, with /healthz, /readyz).
 
 One registry per process; names are stable API for the Grafana dashboards in ops/grafana.
 """
 
 from __future__ import annotations
 
-import logging
-import socket
-import threading
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
-
-log = logging.getLogger(__name__)
+from prometheus_client import Counter, Gauge, Histogram
 
 RECORDS_IN = Counter("promptcot_records_in_total", "Records consumed by a stage", ["stage"])
 RECORDS_OUT = Counter(
@@ -126,51 +118,6 @@ EVAL_ACCURACY = Gauge(
     "Share of benchmark problems solved (the solver template, greedy), per model version",
     ["benchmark", "role", "version"],
 )
-
-_server_started = False
-
-
-def serve(host: str, port: int) -> int | None:
-    """Start the /metrics, /healthz and /readyz endpoint once per process; port 0 disables it."""
-    global _server_started
-    if port == 0 or _server_started:
-        return None
-    try:
-        start_server(host, port)
-    except OSError as exc:  # a second worker on the same machine: say so, keep working
-        log.warning("metrics endpoint %s:%s not started: %s", host, port, exc)
-        return None
-    _server_started = True
-    return port
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a scrape in progress never holds the exit
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # one line per scrape is noise
-        pass
-
-
-def start_server(host: str, port: int) -> WSGIServer:
-    """Serve /metrics (this process's registry) and the health checks (streams/health.py) on a
-    daemon thread; the caller may ``shutdown()`` the returned server."""
-    from streams.health import wsgi  # health reads this module's gauges
-
-    server = make_server(
-        host,
-        port,
-        wsgi(make_wsgi_app(REGISTRY)),
-        server_class=_Server6 if ":" in host else _Server,
-        handler_class=_QuietHandler,
-    )
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    return server
 
 
 def counter_samples(counter: Counter) -> list[tuple[dict[str, str], float]]:

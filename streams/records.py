@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 SCHEMA_VERSION = 1
+MAX_DETAIL_CHARS = 2000  # Verdict.detail is cut to this
 
 Domain = Literal["math", "code"]
 
@@ -145,6 +146,35 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def problem_payload(
+    domain: str, difficulty: str, concepts: list[str], problem: str
+) -> dict[str, Any]:
+    """The fields of ``ProblemPayload``, as keywords for the next record."""
+    return {
+        "domain": domain,
+        "difficulty": difficulty,
+        "concepts": list(concepts),
+        "problem": problem,
+    }
+
+
+class ProblemPayload(BaseModel):
+    """The problem a record carries from hop to hop (rationale; candidate -> verdict -> problem):
+    the conditions c (domain, concepts, difficulty) and the problem text x. ``payload()`` is what
+    the next record takes over unchanged. An annotated seed carries its problem in ``text`` (and
+    no difficulty as None) until a schema version renames it: ``AnnotatedSeed.payload``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    domain: Domain
+    difficulty: str
+    concepts: list[str]
+    problem: str
+
+    def payload(self) -> dict[str, Any]:
+        return problem_payload(self.domain, self.difficulty, self.concepts, self.problem)
+
+
 # --- seeds and concepts -------------------------------------------------------------------------
 
 
@@ -184,6 +214,20 @@ class AnnotatedSeed(Record):
     difficulty: str | None = None
     epoch: int = 0
 
+    def payload(self) -> dict[str, Any]:
+        """The seed's problem as the records after it carry it (``ProblemPayload``)."""
+        return problem_payload(self.domain, self.difficulty or "", self.concepts, self.text)
+
+    @staticmethod
+    def carrying(payload: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a seed that carries ``payload`` (the inverse of ``payload``)."""
+        return {
+            "domain": payload["domain"],
+            "text": payload["problem"],
+            "concepts": list(payload["concepts"]),
+            "difficulty": payload["difficulty"] or None,
+        }
+
 
 class ConceptSet(Record):
     """What p_θ is conditioned on: k concepts and a difficulty level."""
@@ -204,8 +248,12 @@ class ConceptSet(Record):
             self.lineage.concept_set_id = self.id
         return self
 
+    def payload(self, problem: str = "") -> dict[str, Any]:
+        """The payload of ``problem`` written for this concept set (none written yet: "")."""
+        return problem_payload(self.domain, self.difficulty, self.concepts, problem)
 
-class Rationale(Record):
+
+class Rationale(ProblemPayload, Record):
     """One q_φ sample for a seed, with its reward under the current p_θ:
     R(z) = log p_θ(x | z, c) + log p_θ(z | c)."""
 
@@ -220,10 +268,7 @@ class Rationale(Record):
     )
 
     seed_id: str
-    domain: Domain
-    concepts: list[str]
-    difficulty: str = ""
-    problem: str
+    difficulty: str = ""  # the seed's, "" when it has none
     text: str
     sample_index: int
     reward: float
@@ -237,18 +282,14 @@ class Rationale(Record):
 # --- candidates and verification ----------------------------------------------------------------
 
 
-class CandidateProblem(Record):
+class CandidateProblem(ProblemPayload, Record):
     kind: ClassVar[str] = "candidate"
     id_prefix: ClassVar[str] = "cand"
     id_fields: ClassVar[tuple[str, ...]] = ("concept_set_id", "generator")
 
     concept_set_id: str
     generator: str = ""  # model version of p_θ that wrote it
-    domain: Domain
-    difficulty: str
-    concepts: list[str]
     rationale: str
-    problem: str
 
 
 class Rollout(BaseModel):
@@ -270,8 +311,11 @@ class TestCase(BaseModel):
     output: str
 
 
-class Verdict(Record):
-    """The fate of one candidate (or of a concept set whose generation failed)."""
+ACCEPTED = "accepted"  # Verdict.reason of an accepted problem
+
+
+class Verdict(ProblemPayload, Record):
+    """The fate of one candidate (or of a seed or concept set that yielded none)."""
 
     kind: ClassVar[str] = "verdict"
     id_prefix: ClassVar[str] = "verd"
@@ -280,9 +324,9 @@ class Verdict(Record):
     subject_id: str  # the candidate id, or the concept set id when no candidate was produced
     stage: str  # which stage decided
     accepted: bool
-    reason: str  # "accepted" or a rejection reason code
+    reason: str  # ACCEPTED or a rejection reason code
     detail: str = ""
-    domain: Domain
+    # A verdict on a seed or a concept set has no problem of the factory's to carry.
     difficulty: str = ""
     concepts: list[str] = Field(default_factory=list)
     problem: str = ""
@@ -294,8 +338,47 @@ class Verdict(Record):
     nearest_id: str | None = None
     similarity: float | None = None
 
+    @classmethod
+    def on(
+        cls,
+        subject: Record,
+        *,
+        stage: str,
+        reason: str,
+        detail: str = "",
+        models: dict[str, str] | None = None,
+        templates: dict[str, str] | None = None,
+        **fields: Any,
+    ) -> Verdict:
+        """The verdict of ``stage`` on ``subject``: accepted when ``reason`` is ACCEPTED, else
+        rejected with that reason code; ``models`` and ``templates`` (what judged it) join the
+        lineage. It carries the subject's problem: the whole payload of a record that has one
+        (a candidate), else what a seed or concept set has of it (domain, concepts,
+        difficulty), no problem text."""
+        if isinstance(subject, ProblemPayload):
+            payload = subject.payload()
+        else:
+            payload = problem_payload(
+                getattr(subject, "domain", "math"),
+                getattr(subject, "difficulty", "") or "",
+                getattr(subject, "concepts", []) or [],
+                "",
+            )
+        return cls.derived_from(
+            subject,
+            models=models,
+            templates=templates,
+            subject_id=subject.id,
+            stage=stage,
+            accepted=reason == ACCEPTED,
+            reason=reason,
+            detail=detail[:MAX_DETAIL_CHARS],
+            **payload,
+            **fields,
+        )
 
-class Problem(Record):
+
+class Problem(ProblemPayload, Record):
     """The product: a verified problem, as downstream teams consume it."""
 
     kind: ClassVar[str] = "problem"
@@ -303,10 +386,6 @@ class Problem(Record):
     id_fields: ClassVar[tuple[str, ...]] = ("candidate_id",)
 
     candidate_id: str
-    domain: Domain
-    difficulty: str
-    concepts: list[str]
-    problem: str
     rationale: str
     reference_answer: str | None = None
     tests: list[TestCase] = Field(default_factory=list)

@@ -198,11 +198,11 @@ def redeliveries(settings: Settings, workers: dict[str, Proc]) -> dict[str, int]
     """Per stage: records its workers consumed, over all their incarnations, beyond the
     messages on its input topic: the redelivered ones (a lower bound: a killed incarnation's
     count is read a moment before the kill)."""
-    from promptcot.registry import STAGES
+    from promptcot.startup import stage_class
 
     out = {}
     for stage, proc in workers.items():
-        topic = STAGES[stage].load().input.full_name(settings.kafka.namespace)
+        topic = stage_class(stage).input.full_name(settings.kafka.namespace)
         kafka = settings.kafka
         on_topic = sum(1 for _ in read_all(kafka, kafka.bootstrap_servers, topic))
         out[stage] = max(0, proc.consumed[stage] - on_topic)

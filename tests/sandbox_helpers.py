@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from workers.sandbox import Limits, Sandbox, SandboxSettings, processes_of_uid
+from verification.sandbox import Limits, Sandbox, SandboxSettings, processes_of_uid
 
 IS_ROOT = os.geteuid() == 0
 FAST = Limits(

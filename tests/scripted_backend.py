@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from workers.backends.base import (
+from llm.backends.base import (
     Backend,
     BackendSettings,
     Completion,

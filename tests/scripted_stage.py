@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llm.backends.base import UnreachableError  # noqa: E402
 from streams.records import ConceptSet, Verdict  # noqa: E402
 from streams.topics import CONCEPTS, VERDICTS  # noqa: E402
-from workers.backends.base import UnreachableError  # noqa: E402
 from workers.stage import Emit, Stage  # noqa: E402
 
 

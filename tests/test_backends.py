@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from workers import prompts as P
-from workers.backends import (
+from llm import prompts as P
+from llm.backends import (
     BackendPool,
     BackendSettings,
     BackendTimeoutError,
@@ -25,10 +25,10 @@ from workers.backends import (
     make_backend,
     render_chat,
 )
-from workers.backends.openai_backend import OpenAIBackend
-from workers.backends.transformers_backend import TransformersBackend
-from workers.mathcheck import extract_answer
-from workers.roles import ModelRoles
+from llm.backends.openai_backend import OpenAIBackend
+from llm.backends.transformers_backend import TransformersBackend
+from llm.roles import ModelRoles
+from verification.mathcheck import extract_answer
 
 MAX_LEN = 512
 
@@ -443,8 +443,8 @@ def test_openai_slow_endpoint_times_out(server):
 def test_stopping_the_loop_thread_fails_a_call_in_flight_instead_of_hanging_it():
     import asyncio
 
-    from workers.backends.base import BackendError
-    from workers.backends.event_loop import LoopThread
+    from llm.backends.base import BackendError
+    from llm.backends.event_loop import LoopThread
 
     loop = LoopThread("test-loop", "the test backend")
     started = threading.Event()

@@ -131,8 +131,8 @@ def test_durations():
 
 
 def test_up_trains_by_default_and_no_train_makes_a_pure_generator():
-    from promptcot.cli.factory import stage_names
     from promptcot.registry import DATA_STAGES, TRAINER_STAGES
+    from promptcot.startup import stage_names
 
     assert "--no-train" in runner.invoke(app, ["up", "--help"]).output
     assert {"em", "dpo"} <= set(TRAINER_STAGES)
@@ -147,8 +147,8 @@ def test_up_trains_by_default_and_no_train_makes_a_pure_generator():
 
 
 def test_up_serves_each_trained_role_from_its_newest_checkpoint(tmp_path):
-    from promptcot.cli.factory import serve_newest
     from promptcot.settings import Settings
+    from promptcot.startup import serve_newest
     from trainer.checkpoints import CheckpointStore
 
     store = CheckpointStore(tmp_path, keep_last=5)

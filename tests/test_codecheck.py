@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 import corpora
-from workers import codecheck as cc
-from workers.codecheck import CodeParseError, extract_program, parse_tests, verify_code
-from workers.sandbox import Limits, ProgramTest, Sandbox, SandboxSettings
+from verification import codecheck as cc
+from verification.codecheck import CodeParseError, extract_program, parse_tests, verify_code
+from verification.sandbox import Limits, ProgramTest, Sandbox, SandboxSettings
 
 CODEFORCES = corpora.path("benchmarks", "codeforces.jsonl")
 LIMITS = Limits(cpu_seconds=2, wall_seconds=3, memory_mb=256, max_processes=8)

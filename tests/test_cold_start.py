@@ -134,7 +134,7 @@ def test_the_em_stage_cold_starts_both_models_on_first_start(tmp_path, tiny_mode
 def test_up_goes_on_from_the_base_models_when_the_cold_start_fails(tmp_path, capsys):
     """As the em stage does: a failed cold start before `up` runs its stages is one line, and
     the run goes on from the base models (nothing is published, no checkpoint is written)."""
-    from promptcot.cli.factory import cold_start_first
+    from promptcot.cli.launch import cold_start_first
 
     settings = _settings(tmp_path, tmp_path / "no-such-model")
     cold_start_first(settings, "127.0.0.1:1")  # no broker there: nothing may be published
@@ -214,7 +214,7 @@ def test_up_publishes_seeds_the_cold_start_did_not_train_on(tmp_path):
     """With the trainer among its stages, `up` publishes the seeds after the cold start's: the
     M-steps then learn from problems p_θ was not fitted on (revisiting the cold start's own seeds
     held the held-out NLL flat, then raised it; docs/training.md, "The experiment")."""
-    from promptcot.cli.factory import up_seeds
+    from promptcot.startup import up_seeds
 
     settings = _settings(tmp_path, tmp_path / "unused")
     data = cold_start_data(settings)

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from streams import metrics
-from trainer.config import EvalConfig
 from trainer.evaluate import evaluate_path, load_problems, score
+from trainer.settings import EvalConfig
 
 
 def test_benchmarks_load_with_references_and_livecodebench_says_why_not():
@@ -29,7 +29,7 @@ def test_benchmarks_load_with_references_and_livecodebench_says_why_not():
 
 
 def test_answers_are_extracted_and_checked_by_the_verifiers_oracle():
-    from workers.mathcheck import EquivalenceOracle
+    from verification.mathcheck import EquivalenceOracle
 
     problems = load_problems("gsm8k", 4)  # references 18, 3, 70000, 540
     solutions = [
@@ -126,8 +126,8 @@ def test_the_trainer_scores_each_new_solver_version_when_asked(tmp_path, tiny_mo
 def test_the_trainer_evaluates_on_its_own_device_and_dtype(tmp_path, tiny_model_dir):
     from trainer_data import trainer_settings
 
-    from trainer.checkpoints import training_device
     from trainer.dpo import eval_backend_settings
+    from trainer.role_models import training_device
 
     settings = trainer_settings(tmp_path, tiny_model_dir, device="auto", dtype="bfloat16")
     backend = eval_backend_settings(settings.trainer)

@@ -38,6 +38,8 @@ import pytest
 from factory_harness import read_records, wait_until
 from scripted_backend import ScriptedBackend
 
+from llm.prompts import PARAPHRASE_JUDGE
+from llm.roles import Role
 from promptcot.settings import Settings
 from streams import metrics
 from streams.broker import EmbeddedBroker
@@ -48,8 +50,6 @@ from streams.topics import CANDIDATES, CANDIDATES_UNIQUE, VERDICTS, ensure_topic
 from vectorstore.benchmarks import load_benchmarks
 from vectorstore.calibrate import load_paraphrase_set
 from vectorstore.settings import DecontamSettings
-from workers.prompts import PARAPHRASE_JUDGE
-from workers.roles import Role
 from workers.runtime import run_stages
 from workers.stages.filter import FilterStage
 

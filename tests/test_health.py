@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from streams import metrics
-from streams.health import HEALTH
+from streams.health import HEALTH, start_server
 
 
 def _free_port() -> int:
@@ -40,7 +40,7 @@ def server():
     metrics.LAST_PROGRESS.clear()
     HEALTH.loop, HEALTH.started_at, HEALTH.stopping = None, None, False
     port = _free_port()
-    srv = metrics.start_server("127.0.0.1", port)
+    srv = start_server("127.0.0.1", port)
     yield f"http://127.0.0.1:{port}"
     srv.shutdown()
     srv.server_close()

@@ -1,5 +1,6 @@
-"""Imports run one way (docs/architecture.md): streams/ and corpora/ at the bottom, then
-vectorstore/, workers/, trainer/, and promptcot/ (settings root, stage registry, CLI) on top.
+"""Imports run one way (docs/architecture.md): streams/ and corpora/ at the bottom, then the
+libraries vectorstore/, verification/ and llm/ (none imports another), workers/, trainer/, and
+promptcot/ (settings root, stage registry, CLI) on top.
 
 Every import statement of every module counts, including imports inside functions (they run
 too); only ``if TYPE_CHECKING:`` blocks are exempt (type hints, never executed).
@@ -17,9 +18,11 @@ ALLOWED: dict[str, set[str]] = {
     "corpora": set(),
     "streams": set(),
     "vectorstore": {"streams", "corpora"},
-    "workers": {"vectorstore", "streams", "corpora"},
-    "trainer": {"workers", "vectorstore", "streams", "corpora"},
-    "promptcot": {"trainer", "workers", "vectorstore", "streams", "corpora"},
+    "verification": {"streams", "corpora"},
+    "llm": {"streams", "corpora"},
+    "workers": {"llm", "verification", "vectorstore", "streams", "corpora"},
+    "trainer": {"workers", "llm", "verification", "vectorstore", "streams", "corpora"},
+    "promptcot": {"trainer", "workers", "llm", "verification", "vectorstore", "streams", "corpora"},
 }
 
 

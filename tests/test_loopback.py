@@ -1,4 +1,4 @@
-"""The loopback model server (workers/backends/loopback.py) and the asynchronous OpenAI-compatible
+"""The loopback model server (llm/backends/loopback.py) and the asynchronous OpenAI-compatible
 backend driving it: concurrent requests are served concurrently (read from the server's own
 in-flight report, not from wall time), the backend keeps up to ``concurrency`` requests in
 flight across calls from many threads, and the completions protocol (n, stop, seed, echo +
@@ -17,9 +17,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from workers.backends import BackendSettings, BadRequestError
-from workers.backends.loopback import LoopbackServer, LoopbackSettings, token_logprob, tokenize
-from workers.backends.openai_backend import OpenAIBackend
+from llm.backends import BackendSettings, BadRequestError
+from llm.backends.loopback import LoopbackServer, LoopbackSettings, token_logprob, tokenize
+from llm.backends.openai_backend import OpenAIBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 

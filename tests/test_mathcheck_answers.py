@@ -1,4 +1,4 @@
-"""Answer extraction and normalization (workers/mathcheck/answers.py), on real GSM8K data."""
+"""Answer extraction and normalization (verification/mathcheck/answers.py), on real GSM8K data."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 from mathcheck_data import ROWS, gold_of
 
-from workers.mathcheck import extract_answer, normalize_answer
+from verification.mathcheck import extract_answer, normalize_answer
 
 
 def test_extractor_recovers_gsm8k_gold_from_reference_solutions():

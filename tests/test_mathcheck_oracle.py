@@ -1,4 +1,4 @@
-"""The equivalence oracle (workers/mathcheck/oracle.py): math-verify in a bounded process."""
+"""The equivalence oracle (verification/mathcheck/oracle.py): math-verify in a bounded process."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from mathcheck_data import sample_golds
 
 from streams import metrics
-from workers.mathcheck import (
+from verification.mathcheck import (
     EquivalenceOracle,
     MathCheckSettings,
     WorkerStartError,
@@ -17,7 +17,7 @@ from workers.mathcheck import (
     validity_issue,
     vote,
 )
-from workers.mathcheck.oracle import MATH_VERIFY
+from verification.mathcheck.oracle import MATH_VERIFY
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
-"""MathCheckSettings (workers/mathcheck/settings.py)."""
+"""MathCheckSettings (verification/mathcheck/settings.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from workers.mathcheck import MathCheckSettings
+from verification.mathcheck import MathCheckSettings
 
 
 def test_settings_defaults_and_bounds():

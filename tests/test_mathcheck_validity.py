@@ -1,10 +1,10 @@
-"""Validity filters (workers/mathcheck/validity.py)."""
+"""Validity filters (verification/mathcheck/validity.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from workers.mathcheck import validity_issue
+from verification.mathcheck import validity_issue
 
 
 @pytest.mark.parametrize(

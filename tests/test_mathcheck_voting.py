@@ -1,10 +1,10 @@
-"""Majority voting by equivalence (workers/mathcheck/voting.py)."""
+"""Majority voting by equivalence (verification/mathcheck/voting.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from workers.mathcheck import EquivalenceOracle, MathCheckSettings, vote
+from verification.mathcheck import EquivalenceOracle, MathCheckSettings, vote
 
 
 @pytest.fixture(scope="module")

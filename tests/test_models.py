@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from workers import models
-from workers import prompts as P
-from workers.backends import BackendSettings
-from workers.backends.transformers_backend import TransformersBackend
+from llm import prompts as P
+from llm import smollm2 as models
+from llm.backends import BackendSettings
+from llm.backends.transformers_backend import TransformersBackend
 
 
 def test_gguf_is_located_without_importing_the_package():

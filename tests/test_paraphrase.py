@@ -11,6 +11,8 @@ from fractions import Fraction
 import pytest
 from scripted_backend import ScriptedBackend
 
+from llm.prompts import PARAPHRASE_JUDGE, ParseError, parse_judge_verdict
+from llm.roles import Role
 from promptcot.settings import Settings
 from vectorstore.benchmarks import load_benchmarks
 from vectorstore.calibrate import load_paraphrase_set
@@ -22,8 +24,6 @@ from vectorstore.paraphrase import (
 )
 from vectorstore.settings import DecontamSettings, JudgeSettings
 from workers.judge import ModelJudge, build_judge
-from workers.prompts import PARAPHRASE_JUDGE, ParseError, parse_judge_verdict
-from workers.roles import Role
 
 SET = load_paraphrase_set()
 BENCHMARK = {b.id: b.text for b in load_benchmarks(DecontamSettings().benchmark_sets)}

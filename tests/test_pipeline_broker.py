@@ -17,7 +17,8 @@ from collections import defaultdict
 import pytest
 from factory_harness import factory_settings, read_records, wait_until
 
-from promptcot.registry import DATA_STAGES, make_stage
+from promptcot.registry import DATA_STAGES
+from promptcot.startup import make_stage
 from streams.broker import EmbeddedBroker
 from streams.clients import publish
 from streams.cluster import kafka_python_config

@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from workers import prompts as P
-from workers.prompts import ParseError
+from llm import prompts as P
+from llm.prompts import ParseError
 
 
 def reason(fn, *args, **kwargs) -> str:

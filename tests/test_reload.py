@@ -145,7 +145,7 @@ def test_a_generate_worker_in_its_own_process_serves_each_announced_version(
 
 
 def old_hash(folder: Path) -> str:
-    from workers.backends.base import weights_version
+    from llm.backends.base import weights_version
 
     return weights_version(folder).split("@", 1)[1]
 
@@ -153,7 +153,7 @@ def old_hash(folder: Path) -> str:
 def test_a_role_follows_checkpoints_unless_a_server_is_rolled_by_its_deployment(
     tmp_path, tiny_model_dir
 ):
-    from workers.roles import ModelRoles, backend_for, reload_role
+    from llm.roles import ModelRoles, backend_for, reload_role
 
     served = ModelRoles(solver={"kind": "openai", "model": "solver"})
     assert not served.solver.follows_checkpoints  # a remote server keeps its served name
@@ -177,7 +177,7 @@ def test_a_checkpoint_that_fails_to_load_is_skipped_and_the_next_one_is_served(
     """A corrupt checkpoint must not end hot reload for the rest of the process's life."""
     import asyncio
 
-    from workers.roles import ModelRoles, backend_for
+    from llm.roles import ModelRoles, backend_for
 
     solver = backend_for(ModelRoles(solver={"model": str(tiny_model_dir)}), "solver")
     store = CheckpointStore(tmp_path / "ckpt")

@@ -1,4 +1,4 @@
-"""`promptcot report` (workers.reporting) and the rolling diversity window of the filter stage,
+"""`promptcot report` (promptcot.reporting) and the rolling diversity window of the filter stage,
 with the real embedding model (loaded once for the module). Kept small: the machine is shared."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from promptcot.reporting import write_report
 from promptcot.settings import Settings
 from streams import metrics
 from streams.records import Problem
 from vectorstore.embedder import Embedder
 from vectorstore.settings import EmbedderSettings
 from workers.diversity_window import DiversityWindow
-from workers.reporting import write_report
 from workers.stages.sink import problems_table
 
 VARIED_MATH = [

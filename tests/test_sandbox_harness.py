@@ -1,4 +1,4 @@
-"""The in-sandbox harness (workers/sandbox/harness.py): one definition of the comparison rule,
+"""The in-sandbox harness (verification/sandbox/harness.py): one definition of the comparison rule,
 per-test stdin and limits, output capture, and the tamper-proof result channel."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
 except ImportError:  # pragma: no cover
     from tests.sandbox_helpers import FAST, assert_no_leftovers, sandbox_fixture
 
-import workers.sandbox as sandbox_pkg
-from workers.sandbox import ProgramTest, Sandbox, harness, normalize_output
+import verification.sandbox as sandbox_pkg
+from verification.sandbox import ProgramTest, Sandbox, harness, normalize_output
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Host-side isolation of slots (workers/sandbox/isolation.py): one unprivileged uid per slot,
+"""Host-side isolation of slots (verification/sandbox/isolation.py): one unprivileged uid per slot,
 claimed machine-wide with a lock file, parallel slots, and process listing."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
         sandbox_fixture,
     )
 
-from workers.sandbox import Sandbox, processes_of_uid
+from verification.sandbox import Sandbox, processes_of_uid
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -1,4 +1,4 @@
-"""The Sandbox class (workers/sandbox/runner.py): choosing an isolation kind, refusing to run
+"""The Sandbox class (verification/sandbox/runner.py): choosing an isolation kind, refusing to run
 unsandboxed unless allowed, and the run API."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
 except ImportError:  # pragma: no cover
     from tests.sandbox_helpers import BACKENDS, IS_ROOT, assert_no_leftovers, sandbox_fixture
 
-from workers.sandbox import Sandbox, SandboxSettings, SandboxUnavailable, runner
+from verification.sandbox import Sandbox, SandboxSettings, SandboxUnavailable, runner
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -1,5 +1,5 @@
-"""Security tests of the sandbox (workers/sandbox/) with real bwrap / unshare and real processes:
-each attack runs on both isolation kinds.
+"""Security tests of the sandbox (verification/sandbox/) with real bwrap / unshare and real
+processes: each attack runs on both isolation kinds.
 
 Every containment test also asserts that no live process of the slot uids remains afterwards.
 """
@@ -22,7 +22,7 @@ try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
 except ImportError:  # pragma: no cover
     from tests.sandbox_helpers import BACKENDS, FAST, IS_ROOT, assert_no_leftovers, sandbox_fixture
 
-from workers.sandbox import Sandbox
+from verification.sandbox import Sandbox
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -1,5 +1,5 @@
-"""What the sandbox sees (workers/sandbox/view.py): only the interpreter's own paths, read-only,
-enough for every standard-library extension module, and nothing of the host besides."""
+"""What the sandbox sees (verification/sandbox/view.py): only the interpreter's own paths,
+read-only, enough for every standard-library extension module, and nothing of the host besides."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
 except ImportError:  # pragma: no cover
     from tests.sandbox_helpers import BACKENDS, assert_no_leftovers, sandbox_fixture
 
-from workers.sandbox import Sandbox
-from workers.sandbox.view import _elf_interpreter, _resolve, interpreter_view
+from verification.sandbox import Sandbox
+from verification.sandbox.view import _elf_interpreter, _resolve, interpreter_view
 
 PYTHON = "/usr/bin/python3"
 

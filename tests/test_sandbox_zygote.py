@@ -1,4 +1,4 @@
-"""The zygote (workers/sandbox/zygote.py and the harness's per-solution fork): one sandboxed
+"""The zygote (verification/sandbox/zygote.py and the harness's per-solution fork): one sandboxed
 harness per slot serves every solution, and still each solution starts from a clean slate: its
 own pid namespace and /proc, fresh /tmp and /dev/shm, no IPC objects, keys or processes of the
 previous one, and the limits of its own request."""
@@ -19,7 +19,7 @@ try:  # tests/ as a plain folder (rootdir on sys.path) or as a package
 except ImportError:  # pragma: no cover
     from tests.sandbox_helpers import BACKENDS, FAST, IS_ROOT, assert_no_leftovers, sandbox_fixture
 
-from workers.sandbox import Sandbox
+from verification.sandbox import Sandbox
 
 # Everything a solution can leave behind in a sandbox that is reused, each in its own way.
 LEAVE_TRACES = r"""

@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from promptcot.settings import Settings, SettingsError, load_settings, sources
 from streams.settings import Section
-from trainer.config import PROFILE_WINDOWS
+from trainer.settings import PROFILE_WINDOWS
 
 
 def _window(s: Settings, stage: str, key: str) -> float:
@@ -251,7 +251,7 @@ def test_env_vars_that_name_no_setting_are_errors_and_other_promptcot_vars_are_n
         load_settings()
 
 
-# --- the trainer profiles (trainer/config.py) ---------------------------------------------------
+# --- the trainer profiles (trainer/settings.py) ---------------------------------------------------
 
 
 def test_trainer_profiles_size_the_loop_for_the_machine(monkeypatch):

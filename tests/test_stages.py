@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llm.prompts import SYNTHESIS, synthesis_fields, synthesis_parts
+from llm.roles import Role
 from promptcot.settings import Settings
 from streams.records import (
     AnnotatedSeed,
@@ -17,8 +19,6 @@ from streams.records import (
     Verdict,
 )
 from streams.topics import CANDIDATES, CONCEPTS, RATIONALES, SEEDS_ANNOTATED, VERDICTS
-from workers.prompts import SYNTHESIS, synthesis_fields, synthesis_parts
-from workers.roles import Role
 from workers.stages.annotate import AnnotateStage
 from workers.stages.generate import GenerateStage
 from workers.stages.pairs import PairsStage, build_pairs

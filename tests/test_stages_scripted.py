@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from scripted_backend import ScriptedBackend
 
+from llm.prompts import PROBLEM_OPEN
+from llm.roles import Role
 from promptcot.settings import Settings
 from streams.records import CandidateProblem, ConceptSet, SeedProblem, Verdict
 from streams.topics import CANDIDATES, SEEDS_ANNOTATED, VERDICTS
-from workers.prompts import PROBLEM_OPEN
-from workers.roles import Role
 from workers.stages.annotate import AnnotateStage
 from workers.stages.generate import GenerateStage
 from workers.stages.verify import VerifyStage
@@ -187,8 +187,8 @@ def test_verify_builds_one_oracle_and_one_sandbox_under_concurrent_batches(monke
 
         return Built
 
-    monkeypatch.setattr("workers.mathcheck.EquivalenceOracle", slow("oracle"))
-    monkeypatch.setattr("workers.sandbox.Sandbox", slow("sandbox"))
+    monkeypatch.setattr("verification.mathcheck.EquivalenceOracle", slow("oracle"))
+    monkeypatch.setattr("verification.sandbox.Sandbox", slow("sandbox"))
     for attribute in ("oracle", "sandbox"):
         stage = VerifyStage(SETTINGS)
         both_in.reset()

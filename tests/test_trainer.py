@@ -30,15 +30,15 @@ from trainer_data import (
     trainer_settings,
 )
 
+from llm import prompts as P
+from llm.backends.base import BackendSettings
 from streams.records import ModelUpdate, version_number
 from streams.topics import MODELS, SEEDS_ANNOTATED
 from trainer.checkpoints import CheckpointStore
-from trainer.config import StepConfig
 from trainer.em import EMTrainer, SeedItem, best_of_k, problem_nll
 from trainer.heldout import is_heldout
+from trainer.settings import StepConfig
 from trainer.stages import DPOStage, EStepStage
-from workers import prompts as P
-from workers.backends.base import BackendSettings
 from workers.reload import ModelFollower
 
 
@@ -333,7 +333,7 @@ def lora_dpo_settings(tmp_path: Path, model: Path, epochs: float, min_records: i
 
 
 def test_lora_dpo_checkpoint_is_an_adapter_a_real_backend_reloads(tmp_path, tiny_model):
-    from workers.backends.transformers_backend import TransformersBackend
+    from llm.backends.transformers_backend import TransformersBackend
 
     settings = lora_dpo_settings(tmp_path, tiny_model, epochs=3, min_records=4)
     update = DPOStage(settings).process(pairs(6))[0].record
@@ -380,8 +380,8 @@ def test_trainers_sharing_a_process_take_turns(tmp_path, tiny_model):
 
     import trl
 
-    from trainer.checkpoints import load_role_model
     from trainer.dpo import dpo_rows, dpo_train
+    from trainer.role_models import load_role_model
     from trainer.sft import sft
 
     settings = trainer_settings(tmp_path, tiny_model, dpo=fast(epochs=1))
@@ -415,7 +415,7 @@ def test_trainers_sharing_a_process_take_turns(tmp_path, tiny_model):
 def test_tokenizer_end_of_turn_is_normalized_for_chatml(tiny_model):
     from transformers import AutoTokenizer
 
-    from trainer.checkpoints import normalize_end_of_turn
+    from trainer.role_models import normalize_end_of_turn
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model), local_files_only=True)
     tok.eos_token = "<|im_start|>"  # what the GGUF-converted SmolLM2 folder says
@@ -453,9 +453,9 @@ def test_cold_start_trains_both_models_on_annotated_seeds(tmp_path, tiny_model):
 
 
 def test_m_step_decodes_the_rationale_q_phi_learned(tmp_path, tiny_model):
-    from trainer.checkpoints import load_role_model
-    from trainer.config import StepConfig
     from trainer.em import greedy_rationales, rationale_model_example, sft
+    from trainer.role_models import load_role_model
+    from trainer.settings import StepConfig
 
     item = SeedItem(
         "s", "math", ["addition of whole numbers", "counting"], "", problem(1), rationale(1, 0)
@@ -474,7 +474,7 @@ def test_a_lora_checkpoint_is_served_on_the_base_it_names(tmp_path, tiny_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from workers.backends.transformers_backend import TransformersBackend
+    from llm.backends.transformers_backend import TransformersBackend
 
     # Another version with full weights (what a backend may serve when an adapter arrives).
     other = tmp_path / "v0002-dpo"
@@ -505,8 +505,8 @@ def test_a_lora_checkpoint_is_served_on_the_base_it_names(tmp_path, tiny_model):
 def test_an_adapter_merged_away_for_full_fine_tuning_trains_float32_weights(tmp_path, tiny_model):
     """LoRA switched off after an adapter checkpoint, dtype bfloat16: the base loads in bf16
     for the merge, and the merged model full fine-tuning trains is float32 again."""
-    from trainer.checkpoints import load_role_model, save_role_model
-    from trainer.config import LoraConfig
+    from trainer.role_models import load_role_model, save_role_model
+    from trainer.settings import LoraConfig
 
     store = CheckpointStore(tmp_path)
     lora = load_role_model(store, "p", str(tiny_model), use_lora=True, lora=LoraConfig(r=4))
@@ -522,9 +522,9 @@ def test_bf16_profile_keeps_trained_weights_in_float32_and_trains_under_autocast
     """The gpu profile's dtype on CPU (where it is slow but runs): a LoRA base loads in bf16,
     trained weights stay float32, training runs under bf16 autocast, and scoring and greedy
     decoding put their inputs on the model's own device."""
-    from trainer.checkpoints import load_role_model
-    from trainer.config import LoraConfig, StepConfig
     from trainer.em import greedy_rationales, prompt_model_example, sft
+    from trainer.role_models import load_role_model
+    from trainer.settings import LoraConfig, StepConfig
     from trainer.sft import common_training_args, model_device
 
     store = CheckpointStore(tmp_path)

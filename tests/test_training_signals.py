@@ -53,7 +53,7 @@ def _gauge(gauge, **labels) -> float:
 
 
 def _load(trainer: EMTrainer, role: str):
-    from trainer.checkpoints import load_role_model
+    from trainer.role_models import load_role_model
 
     cfg = trainer.settings.e_step
     return load_role_model(
@@ -62,9 +62,9 @@ def _load(trainer: EMTrainer, role: str):
 
 
 def test_e_step_window_raises_the_heldout_reward(tmp_path, tiny_model):
-    from trainer.checkpoints import save_role_model
-    from trainer.config import StepConfig
     from trainer.em import mean_reward, prompt_model_example, sft
+    from trainer.role_models import save_role_model
+    from trainer.settings import StepConfig
 
     settings = trainer_settings(
         tmp_path,

@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from workers import prompts as P
-from workers.backends import BackendSettings
-from workers.backends.vllm_backend import vllm_available
+from llm import prompts as P
+from llm.backends import BackendSettings
+from llm.backends.vllm_backend import vllm_available
 
 pytestmark = [
     pytest.mark.vllm,
@@ -39,14 +39,14 @@ PER_TOKEN_TOL = 2e-3
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    from workers.backends.transformers_backend import TransformersBackend
+    from llm.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend(BackendSettings(model=str(tiny_model_dir), max_model_len=MAX_LEN))
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from workers.backends.vllm_backend import VLLMBackend
+    from llm.backends.vllm_backend import VLLMBackend
 
     backend = VLLMBackend(
         BackendSettings(
@@ -215,7 +215,7 @@ def vllm_server(tiny_model_dir):
 
 
 def test_openai_backend_against_vllm_serve(vllm_server, reference, prompts):
-    from workers.backends.openai_backend import OpenAIBackend
+    from llm.backends.openai_backend import OpenAIBackend
 
     remote = OpenAIBackend(
         BackendSettings(
@@ -307,7 +307,7 @@ def _identity_adapter(base: Path, dst: Path, r: int = 8) -> Path:
 def test_vllm_reload_runs_one_engine_and_puts_an_adapter_on_its_own_base(
     tiny_model_dir, reference, prompts, tmp_path
 ):
-    from workers.backends.vllm_backend import VLLMBackend
+    from llm.backends.vllm_backend import VLLMBackend
 
     other = _other_weights(tiny_model_dir, tmp_path / "v0002-dpo")
     adapter = _identity_adapter(tiny_model_dir, tmp_path / "v0003-dpo")

@@ -5,7 +5,7 @@ rationale + arithmetic word problem, the math solver with a small boxed integer 
 learned arithmetic, so answers vary and majority voting is non-trivial), the code solver with one
 fenced python block, and the test writer with a JSON block.
 
-Built once per content of this file + workers/prompts.py and cached under
+Built once per content of this file + llm/prompts.py and cached under
 ``~/.cache/promptcot/tiny-model-<hash>`` (override the root with PROMPTCOT_CACHE_DIR).
 
     python tests/tiny_model.py        # build (or find) it and print its folder
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from workers import prompts as P
+from llm import prompts as P
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 VOCAB_SIZE = 2048

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from llm import prompts as P
 from promptcot.settings import Settings
 from streams.records import PreferencePair, Rationale
-from workers import prompts as P
 
 # ---------------------------------------------------------------------------------------------
 # A tiny model

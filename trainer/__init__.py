@@ -5,13 +5,9 @@ topics (docs/training.md).
 torch/transformers/trl are imported only when a model is loaded or trained.
 """
 
-from trainer.checkpoints import (
-    Checkpoint,
-    CheckpointStore,
-    RoleModel,
-    TrainedLedger,
-)
-from trainer.config import (
+from trainer.checkpoints import Checkpoint, CheckpointStore, TrainedLedger
+from trainer.role_models import RoleModel
+from trainer.settings import (
     ColdStartConfig,
     DPOConfig,
     EStepConfig,

@@ -1,21 +1,26 @@
-"""The cold start's data: annotated (c, z, x) triples from the shipped seed problems, made by the
-annotate stage's own code (workers/stages/annotate.py): the teacher model when one is configured,
-else from the seed itself, with no model (workers/annotation.py). docs/training.md, "Cold start".
+"""The cold start, the one way `promptcot up`, the em stage and `promptcot train cold-start` run
+it: annotated (c, z, x) triples from the shipped seed problems, made by the annotate stage's own
+code (workers/stages/annotate.py): the teacher model when one is configured, else from the seed
+itself, with no model (workers/annotation.py); then p_θ and q_φ fine-tuned on them
+(``EMTrainer.cold_start``). docs/training.md, "Cold start".
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING
 
-from streams.records import AnnotatedSeed, SeedProblem
+from streams.records import AnnotatedSeed, ModelUpdate, SeedProblem
 from streams.topics import SEEDS_ANNOTATED
 from trainer.heldout import is_heldout
 
 if TYPE_CHECKING:
     from promptcot.settings import Settings
+    from trainer.em import EMTrainer
+    from trainer.settings import TrainerSettings
 
 
 @dataclass
@@ -76,3 +81,36 @@ def cold_start_data(settings: Settings, limit: int | None = None) -> ColdStartDa
     finally:
         stage.close()
     return data
+
+
+@dataclass
+class ColdStart:
+    """What one cold start did: the seeds it annotated and the versions it announces."""
+
+    data: ColdStartData
+    updates: list[ModelUpdate]
+
+
+def on_first_start(trainer: TrainerSettings) -> bool:
+    """Whether a starting loop (`promptcot up`, the em stage) runs the cold start itself."""
+    return trainer.enabled and trainer.cold_start.enabled and trainer.cold_start.on_first_start
+
+
+def cold_start(
+    settings: Settings,
+    trainer: EMTrainer,
+    *,
+    limit: int | None = None,
+    force: bool = False,
+    annotated: Callable[[ColdStartData], None] | None = None,
+) -> ColdStart | None:
+    """The paper's cold start when p_θ or q_φ has no checkpoint yet (or ``force``): the seeds
+    annotated (``cold_start_data``; ``annotated`` sees them before any training, and may refuse
+    them by raising), then both models fine-tuned on them. None when both have checkpoints:
+    there is nothing to do."""
+    if not force and not trainer.needs_cold_start():
+        return None
+    data = cold_start_data(settings, limit)
+    if annotated is not None:
+        annotated(data)
+    return ColdStart(data, trainer.cold_start(data.triples, force=force))

@@ -16,22 +16,16 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from llm.backends.base import BackendSettings
+from llm.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
+from llm.roles import Role
 from streams.records import PreferencePair
-from trainer.checkpoints import (
-    CheckpointStore,
-    RoleModel,
-    TrainedLedger,
-    load_role_model,
-    save_role_model,
-    training_device,
-)
-from trainer.config import TrainerSettings
+from trainer.checkpoints import CheckpointStore, TrainedLedger
 from trainer.heldout import HeldoutPool, is_heldout
+from trainer.role_models import RoleModel, load_role_model, save_role_model, training_device
+from trainer.settings import TrainerSettings
 from trainer.sft import TRAINING_LOCK, common_training_args, continuation_nll, quiet_datasets
 from trainer.updates import WindowResult, model_update, update_from_manifest
-from workers.backends.base import BackendSettings
-from workers.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
-from workers.roles import Role
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,16 @@ q_φ(z | c, x) (docs/architecture.md, "The method"; docs/training.md).
   held-out seeds, before and after.
 - Epochs: every seed of a window is sent round again (``WindowResult.next_epoch``), so EM
   iterates over the seed set; the epoch is part of each sample's id.
+- Windows: one under ``e_step.window.min_records`` rationales trains nothing (its seeds still go
+  round again, and the versions that trained on its records before are announced again). A
+  window's best-of-K choice and its held-out split are made once (``Window``).
 
 A window is idempotent and resumable: what each checkpoint was trained on is in its manifest
 (trainer/checkpoints.py, ``TrainedLedger``). A window redelivered after a crash trains only the
 steps it had not finished (a kill between the E-step checkpoint and the M-step: the M-step runs)
 and announces every version the window produced, old and new.
 
-Training goes through trainer/sft.py (TRL). Prompts and completions come from workers/prompts.py:
+Training goes through trainer/sft.py (TRL). Prompts and completions come from llm/prompts.py:
 the targets are exactly the text the stages generate and score.
 """
 
@@ -30,19 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from streams.records import AnnotatedSeed, ModelUpdate, Rationale
-from trainer.checkpoints import (
-    CheckpointStore,
-    RoleModel,
-    TrainedLedger,
-    load_role_model,
-    save_role_model,
-)
-from trainer.config import StepConfig, TrainerSettings
-from trainer.heldout import HeldoutPool, is_heldout
-from trainer.sft import continuation_nll, greedy_decode, sft, torch_module
-from trainer.updates import WindowResult, model_update, update_from_manifest
-from workers.prompts import (
+from llm.prompts import (
     RATIONALE_MODEL,
     SYNTHESIS,
     ParseError,
@@ -52,7 +43,14 @@ from workers.prompts import (
     synthesis_fields,
     synthesis_parts,
 )
-from workers.roles import Role
+from llm.roles import ModelRoles, Role, model_path_for
+from streams.records import AnnotatedSeed, ModelUpdate, Rationale
+from trainer.checkpoints import CheckpointStore, TrainedLedger
+from trainer.heldout import HeldoutPool, is_heldout
+from trainer.role_models import RoleModel, load_role_model, save_role_model
+from trainer.settings import StepConfig, TrainerSettings
+from trainer.sft import continuation_nll, greedy_decode, sft, torch_module
+from trainer.updates import WindowResult, model_update, update_from_manifest
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +76,14 @@ class SeedItem:
     @classmethod
     def from_annotated(cls, seed: AnnotatedSeed) -> SeedItem:
         return cls(
-            seed.seed_id,
-            seed.domain,
-            list(seed.concepts),
-            seed.difficulty or "",
-            seed.text,
-            seed.rationale,
-            seed.id,
+            seed_id=seed.seed_id, rationale=seed.rationale, source_id=seed.id, **seed.payload()
         )
 
     @classmethod
     def from_rationale(cls, r: Rationale) -> SeedItem:
         # The rationale stage scored R(z) with the seed's difficulty or "": training on the same
         # text keeps the reward and the targets on one format.
-        return cls(r.seed_id, r.domain, list(r.concepts), r.difficulty, r.problem, r.text, r.id)
+        return cls(seed_id=r.seed_id, rationale=r.text, source_id=r.id, **r.payload())
 
     def with_rationale(self, rationale: str) -> SeedItem:
         return SeedItem(
@@ -150,6 +142,34 @@ def best_of_k(rationales: Iterable[Rationale]) -> dict[str, Rationale]:
         ):
             best[r.seed_id] = r
     return best
+
+
+@dataclass(frozen=True)
+class Window:
+    """A window of scored rationales, read once: the best-of-K rationale per seed, and those
+    seeds split into the ones trained on and the held-out ones (never trained on)."""
+
+    rationales: list[Rationale]
+    best: dict[str, Rationale]
+    train: list[SeedItem]
+    heldout: list[SeedItem]
+
+    @classmethod
+    def of(cls, rationales: Sequence[Rationale], heldout_fraction: float) -> Window:
+        best = best_of_k(rationales)
+        train: list[SeedItem] = []
+        heldout: list[SeedItem] = []
+        for _, r in sorted(best.items()):
+            item = SeedItem.from_rationale(r)
+            (heldout if is_heldout(item.seed_id, heldout_fraction) else train).append(item)
+        return cls(list(rationales), best, train, heldout)
+
+    def part(self, rationales: list[Rationale], heldout_fraction: float) -> Window:
+        """The window of some of its rationales (what a step has still to train on when the
+        window comes again after a crash): itself when they are all of it."""
+        if [r.id for r in rationales] == [r.id for r in self.rationales]:
+            return self
+        return Window.of(rationales, heldout_fraction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +273,12 @@ class EMTrainer:
         self._lock = threading.RLock()  # the cold start (stage start) and windows take turns
         if settings.torch_threads:
             torch_module().set_num_threads(settings.torch_threads)
+
+    @classmethod
+    def on_models(cls, settings: TrainerSettings, models: ModelRoles) -> EMTrainer:
+        """The trainer of the configured p_θ and q_φ (the embedded SmolLM2 where none is
+        named)."""
+        return cls(settings, {role: model_path_for(models, role) for role in cls.ROLES})
 
     def model(self, role: str, cfg: StepConfig) -> RoleModel:
         if role not in self._models:
@@ -358,7 +384,8 @@ class EMTrainer:
     # -- one EM window ------------------------------------------------------------------------
 
     def run_window(self, rationales: Sequence[Rationale]) -> WindowResult:
-        """E-step then M-step on one window of scored rationales."""
+        """E-step then M-step on one window of scored rationales; a window under
+        ``e_step.window.min_records`` trains nothing (module docstring, "Windows")."""
         with self._lock:
             try:
                 return self._run_window(list(rationales))
@@ -374,13 +401,18 @@ class EMTrainer:
     def _run_window(self, rationales: list[Rationale]) -> WindowResult:
         s = self.settings
         window_ids = [r.id for r in rationales]
-        next_epoch = self.next_epoch_seeds(rationales)
-        best = best_of_k(rationales)
-        items = [SeedItem.from_rationale(r) for _, r in sorted(best.items())]
-        train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
-        self._remember_heldout(i for i in items if is_heldout(i.seed_id, s.heldout_fraction))
-        if len(train) < s.e_step.min_seeds:
-            reason = f"{len(train)} trainable seeds < min_seeds {s.e_step.min_seeds}"
+        window = Window.of(rationales, s.heldout_fraction)
+        next_epoch = self.next_epoch_seeds(window)
+        if len(rationales) < s.e_step.window.min_records:
+            # Records trained on before (a redelivery): their versions are announced again.
+            reason = (
+                f"window of {len(rationales)} rationales < min_records "
+                f"{s.e_step.window.min_records}: not trained on"
+            )
+            return WindowResult(self.announced(window_ids), reason, next_epoch=next_epoch)
+        self._remember_heldout(window.heldout)
+        if len(window.train) < s.e_step.min_seeds:
+            reason = f"{len(window.train)} trainable seeds < min_seeds {s.e_step.min_seeds}"
             return WindowResult([], reason, next_epoch=next_epoch)
         q_role, p_role = Role.RATIONALE_MODEL, Role.PROMPT_MODEL
         e_todo = [r for r in rationales if self.ledger.get(q_role, r.id) is None]
@@ -396,7 +428,7 @@ class EMTrainer:
         ):
             pending = {r.id for r in todo}
             updates += self._announced(role, [i for i in window_ids if i not in pending])
-            update = step(todo) if enabled and todo else None
+            update = step(window.part(todo, s.heldout_fraction)) if enabled and todo else None
             if update is not None:
                 updates.append(update)
                 metrics.update(update.metrics)
@@ -405,18 +437,10 @@ class EMTrainer:
             skipped = f"all {len(rationales)} rationales already trained on; versions re-announced"
         return WindowResult(updates, skipped, metrics or None, next_epoch)
 
-    def _best_train_items(
-        self, rationales: list[Rationale]
-    ) -> tuple[dict[str, Rationale], list[SeedItem]]:
-        """The best-of-K rationale per seed, and the seeds to train on (held-out ones never)."""
-        best = best_of_k(rationales)
-        items = [SeedItem.from_rationale(r) for _, r in sorted(best.items())]
-        return best, [i for i in items if not is_heldout(i.seed_id, self.settings.heldout_fraction)]
-
-    def _e_step(self, rationales: list[Rationale]) -> ModelUpdate | None:
+    def _e_step(self, window: Window) -> ModelUpdate | None:
         """q_φ learns to write the rationale that best explains each problem."""
         s = self.settings
-        best, train = self._best_train_items(rationales)
+        rationales, best, train = window.rationales, window.best, window.train
         if not train:
             return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
@@ -439,11 +463,11 @@ class EMTrainer:
         log.info("E-step: %d seeds, %s reward %.3f -> %.3f", len(train), label, before, after)
         return self._save(q, "e_step", metrics, [r.id for r in rationales], parents)
 
-    def _m_step(self, rationales: list[Rationale]) -> ModelUpdate | None:
+    def _m_step(self, window: Window) -> ModelUpdate | None:
         """p_θ learns c -> (z, x) with z from the updated q_φ (greedy). A seed whose decode does
         not parse keeps its best-of-K z: the sampled z is still a valid rationale."""
         s = self.settings
-        best, train = self._best_train_items(rationales)
+        rationales, best, train = window.rationales, window.best, window.train
         if not train:
             return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
@@ -479,14 +503,14 @@ class EMTrainer:
 
     # -- epochs -------------------------------------------------------------------------------
 
-    def next_epoch_seeds(self, rationales: Sequence[Rationale]) -> list[AnnotatedSeed]:
+    def next_epoch_seeds(self, window: Window) -> list[AnnotatedSeed]:
         """Each seed of the window once more, one epoch on (``max_epochs`` caps the loop). The
         best rationale so far travels as the seed's annotation; the id names (seed, epoch), so
         a redelivered window sends the same seeds again, not new ones."""
         chosen: dict[str, Rationale] = {}
-        for r in rationales:  # the first of each seed, replaced by the best-of-K one
+        for r in window.rationales:  # the first of each seed, replaced by the best-of-K one
             chosen.setdefault(r.seed_id, r)
-        chosen.update(best_of_k(rationales))
+        chosen.update(window.best)
         cap = self.settings.max_epochs
         out = []
         for seed_id in sorted(chosen):
@@ -498,11 +522,8 @@ class EMTrainer:
                     r,
                     seed_id=r.seed_id,
                     annotator=NEXT_EPOCH_ANNOTATOR,
-                    domain=r.domain,
-                    text=r.problem,
-                    concepts=list(r.concepts),
+                    **AnnotatedSeed.carrying(r.payload()),
                     rationale=r.text,
-                    difficulty=r.difficulty or None,
                     epoch=r.epoch + 1,
                 )
             )

@@ -1,6 +1,6 @@
-"""Score a model as a solver on a shipped benchmark: the solver's own template (workers/prompts.py
+"""Score a model as a solver on a shipped benchmark: the solver's own template (llm/prompts.py
 ``SOLVER_MATH``), greedy decoding in batches, the final answer extracted and compared by the
-verifier's equivalence oracle (workers/mathcheck). ``promptcot eval`` runs it on any model; the
+verifier's equivalence oracle (verification/mathcheck). ``promptcot eval`` runs it on any model; the
 trainer runs it on a fixed subset after each DPO update (``trainer.eval``).
 
 Benchmarks: ``gsm8k`` (the test split), ``aime24``, ``aime25``, ``hmmt25`` (corpora/benchmarks).
@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 import corpora
+from llm.backends.base import Backend, BackendSettings
+from llm.prompts import SOLVER_MATH
 from streams import metrics
-from trainer.config import Benchmark
-from workers.backends.base import Backend, BackendSettings
-from workers.prompts import SOLVER_MATH
+from trainer.settings import Benchmark
 
 if TYPE_CHECKING:
-    from trainer.config import EvalConfig
+    from trainer.settings import EvalConfig
 
 MATH_SETS = {"aime24": "aime24.jsonl", "aime25": "aime25.jsonl", "hmmt25": "hmmt25.jsonl"}
 BENCHMARKS: tuple[str, ...] = get_args(Benchmark)
@@ -86,9 +86,9 @@ def load_problems(benchmark: str, limit: int | None = None) -> list[Problem]:
 
 
 def score(problems: list[Problem], solutions: list[str], oracle: Any) -> list[dict[str, Any]]:
-    """Per problem: the solution's final answer (workers/mathcheck) and whether the oracle finds
-    it equivalent to the reference."""
-    from workers.mathcheck import extract_answer
+    """Per problem: the solution's final answer (verification/mathcheck) and whether the oracle
+    finds it equivalent to the reference."""
+    from verification.mathcheck import extract_answer
 
     answers = [extract_answer(text) if text else None for text in solutions]
     pairs = [(a, p.reference) for a, p in zip(answers, problems) if a is not None]
@@ -116,7 +116,7 @@ def evaluate(
 ) -> EvalResult:
     """Greedy solutions to the first ``limit`` problems, scored; sets the accuracy gauge of
     this version."""
-    from workers.mathcheck import EquivalenceOracle
+    from verification.mathcheck import EquivalenceOracle
 
     problems = load_problems(benchmark, limit)
     started = time.monotonic()
@@ -151,7 +151,7 @@ def evaluate_path(
 ) -> EvalResult:
     """``evaluate`` on a model folder (a full model, or a LoRA adapter folder on its base),
     loaded with the transformers backend unless ``backend`` says otherwise."""
-    from workers.backends.factory import new_backend
+    from llm.backends.pool import new_backend
 
     settings = (backend or BackendSettings()).model_copy(
         update={"model": model_path, "max_batch_size": max(cfg.batch_size, 1)}

@@ -15,8 +15,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from trainer.checkpoints import RoleModel
-from trainer.config import StepConfig
+from trainer.role_models import RoleModel
+from trainer.settings import StepConfig
 
 
 def model_device(model: Any) -> Any:
@@ -34,7 +34,7 @@ def common_training_args(
     dtype: str = "float32",
 ) -> dict[str, Any]:
     """TrainingArguments shared by SFT and DPO: on the model's own device (the trainer placed
-    it: trainer/checkpoints.py), bf16 autocast when ``dtype`` says so, no gradient checkpointing
+    it: trainer/role_models.py), bf16 autocast when ``dtype`` says so, no gradient checkpointing
     (costs time and buys nothing at these sizes), no saving by the HF Trainer (checkpoints are
     ours), and an accumulation that still steps on a tiny window."""
     per_device = max(1, min(cfg.per_device_batch_size, n_examples))
@@ -127,7 +127,7 @@ def continuation_nll(
 ) -> tuple[float, int]:
     """(summed NLL, token count) of the continuations given their prompts, teacher-forced.
     A token straddling the boundary counts as continuation (as in the backends' score())."""
-    from workers.backends.base import continuation_span
+    from llm.backends.base import continuation_span
 
     torch = torch_module()
     total, count = 0.0, 0
@@ -178,7 +178,7 @@ def greedy_decode(
 ) -> list[tuple[str, bool]]:
     """(text, finished) per prompt, decoded greedily on the model's device: the text is cut at
     the first stop string; ``finished`` is False when the token budget ran out first."""
-    from workers.backends.base import truncate_at_stop
+    from llm.backends.base import truncate_at_stop
 
     torch = torch_module()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")

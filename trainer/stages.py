@@ -4,7 +4,8 @@ solver update. Every process serving a role follows the updates (workers/reload.
 
 Windows are the runtime's micro-batches; these stages get long ones (``settings.stages``, sized
 by the trainer profile), or a trickle of records would arrive in windows too small to train on.
-A window under ``min_records`` trains nothing (its seeds still go round again). ``process`` is
+A window under ``min_records`` trains nothing (its seeds still go round again; the rule is the
+trainer's: trainer/em.py, trainer/dpo.py). ``process`` is
 idempotent: a window redelivered after a crash trains only what it had not finished and announces
 every version it produced (trainer/em.py). A training error raises: the runtime retries the
 window, and dead-letters it if it keeps failing. Models load on first use, in the worker thread,
@@ -16,10 +17,11 @@ from __future__ import annotations
 import logging
 from typing import TypeVar
 
+from llm.roles import Role, model_path_for
 from streams.records import ModelUpdate, PreferencePair, Rationale
 from streams.topics import MODELS, PAIRS, RATIONALES, SEEDS_ANNOTATED
-from trainer.config import TrainerSettings
-from workers.roles import Role, model_path_for
+from trainer.coldstart import ColdStartData, cold_start, on_first_start
+from trainer.settings import TrainerSettings
 from workers.stage import Emit, Stage
 
 log = logging.getLogger(__name__)
@@ -51,39 +53,20 @@ class EStepStage(_TrainerStage[Rationale]):
     def setup(self) -> None:
         from trainer.em import EMTrainer
 
-        self.trainer = EMTrainer(
-            self.trainer_cfg,
-            {
-                role: model_path_for(self.settings.models, role)
-                for role in (Role.PROMPT_MODEL, Role.RATIONALE_MODEL)
-            },
-        )
+        self.trainer = EMTrainer.on_models(self.trainer_cfg, self.settings.models)
 
     def start(self) -> list[Emit]:
         """The paper's cold start, when p_θ or q_φ has no checkpoint yet: SFT of both on the
         annotated seeds, before any EM window trains (the trainer holds windows meanwhile)."""
-        cfg = self.trainer_cfg
-        if not (cfg.enabled and cfg.cold_start.enabled and cfg.cold_start.on_first_start):
+        if not on_first_start(self.trainer_cfg):
             return []
         self.ensure_ready()
-        if not self.trainer.needs_cold_start():
-            return []
-        from trainer.coldstart import cold_start_data
-
         try:
-            data = cold_start_data(self.settings)
-            log.info(
-                "em: cold start on %d annotated seeds (%.0f%% of the seeds annotated; %s)"
-                " and %d held-out seeds further on",
-                len(data.seeds),
-                100 * data.success_rate,
-                dict(data.rejected) or "none rejected",
-                len(data.heldout),
-            )
-            return self._emit_updates(self.trainer.cold_start(data.triples))
+            done = cold_start(self.settings, self.trainer, annotated=_log_annotated)
         except Exception:  # noqa: BLE001  (the loop still runs, from the base models)
             log.exception("em: the cold start failed; EM starts from the base models")
             return []
+        return self._emit_updates(done.updates) if done is not None else []
 
     def process(self, records: list[Rationale]) -> list[Emit]:
         cfg = self.trainer_cfg
@@ -91,22 +74,23 @@ class EStepStage(_TrainerStage[Rationale]):
             log.info("em: trainer disabled, %d rationales not trained on", len(records))
             return []
         self.ensure_ready()
-        if len(records) < cfg.e_step.window.min_records:
-            log.info(
-                "em: window of %d rationales < min_records %d: not trained on",
-                len(records),
-                cfg.e_step.window.min_records,
-            )
-            # Records trained on before (a redelivery): their versions are announced again.
-            announced = self.trainer.announced([r.id for r in records])
-            seeds = self.trainer.next_epoch_seeds(records)
-            return self._emit_updates(announced) + [self.emit(SEEDS_ANNOTATED, s) for s in seeds]
         result = self.trainer.run_window(records)
         if result.skipped:
             log.info("em: %s", result.skipped)
         return self._emit_updates(result.updates) + [
             self.emit(SEEDS_ANNOTATED, s) for s in result.next_epoch
         ]
+
+
+def _log_annotated(data: ColdStartData) -> None:
+    log.info(
+        "em: cold start on %d annotated seeds (%.0f%% of the seeds annotated; %s)"
+        " and %d held-out seeds further on",
+        len(data.seeds),
+        100 * data.success_rate,
+        dict(data.rejected) or "none rejected",
+        len(data.heldout),
+    )
 
 
 class DPOStage(_TrainerStage[PreferencePair]):

@@ -10,7 +10,7 @@ from typing import Any
 
 from streams import metrics
 from streams.records import AnnotatedSeed, Lineage, ModelUpdate, version_number
-from trainer.checkpoints import RoleModel
+from trainer.role_models import RoleModel
 
 
 @dataclass

@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from llm.prompts import ParseError
 from streams.records import SeedProblem
 from workers.lexicon import annotate_with_lexicon
-from workers.prompts import ParseError
 
 ANNOTATOR = "lexicon+solution"  # AnnotatedSeed.annotator of seeds annotated here
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from llm.backends.base import Backend
+from llm.prompts import PARAPHRASE_JUDGE, ParseError, parse_judge_verdict
+from llm.roles import Role, backend_for
 from vectorstore.paraphrase import JudgePair, PairJudge, PairVerdict, SkeletonJudge
 from vectorstore.settings import JudgeSettings
-from workers.backends.base import Backend
-from workers.prompts import PARAPHRASE_JUDGE, ParseError, parse_judge_verdict
-from workers.roles import Role, backend_for
 from workers.stage import ModelStage
 
 if TYPE_CHECKING:

@@ -22,10 +22,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llm.backends.base import Backend
 from streams import metrics, serde
 from streams.records import ModelUpdate
 from streams.topics import MODELS
-from workers.backends.base import Backend
 
 if TYPE_CHECKING:
     from promptcot.settings import Settings
@@ -86,7 +86,7 @@ class ModelFollower:
                 return False
             self._backends[role].reload(path)
             return True
-        from workers.roles import reload_role
+        from llm.roles import reload_role
 
         return reload_role(self.settings.models, role, path)
 

@@ -81,7 +81,7 @@ _PERMANENT_ERRNOS = {
 
 def is_transient(exc: BaseException) -> bool:
     """Failures of the process's surroundings, not of a record: retried, never dead-lettered."""
-    from workers.backends.base import BackendTimeoutError, UnreachableError
+    from llm.backends.base import BackendTimeoutError, UnreachableError
 
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return False

@@ -2,7 +2,7 @@
 
 The root settings (promptcot/settings.py) compose these under their section names: ``sampler``,
 ``generation``, ``verify``, ``pairs``, ``rationale``, ``annotate``, ``sink``, ``concepts``;
-``models`` (one backend per role) lives with the roles in workers/roles.py.
+``models`` (one backend per role) lives with the roles in llm/roles.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from streams.settings import Section
-from workers.mathcheck import MathCheckSettings
-from workers.sandbox import SandboxSettings
+from verification.mathcheck import MathCheckSettings
+from verification.sandbox import SandboxSettings
 
 MATH_LADDER = ["AMC12", "HMMT-Nov", "HMMT-Feb", "AIME", "USAJMO", "USAMO"]
 # The shipped Codeforces seeds carry no ratings: rating buckets 400 apart (Div. 2 B up to Div. 1

@@ -16,11 +16,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from llm.backends.base import Backend, Completion
+from llm.roles import Role, backend_for
 from streams import metrics
 from streams.records import Record, Verdict
 from streams.topics import VERDICTS, TopicSpec
-from workers.backends.base import Backend, Completion
-from workers.roles import Role, backend_for
 
 if TYPE_CHECKING:  # the root settings compose every layer's sections; stages only read them
     from promptcot.settings import Settings
@@ -100,33 +100,11 @@ class Stage(ABC, Generic[In]):
             raise ValueError(f"stage {self.name} does not declare output {topic.name}")
         return Emit(topic, record)
 
-    def reject(
-        self,
-        subject: Record,
-        reason: str,
-        detail: str = "",
-        *,
-        models: dict[str, str] | None = None,
-        templates: dict[str, str] | None = None,
-        **fields: Any,
-    ) -> Emit:
+    def reject(self, subject: Record, reason: str, detail: str = "", **fields: Any) -> Emit:
         """A rejected verdict for ``subject`` (a seed, concept set or candidate), with lineage
-        that includes the models and templates that judged it."""
-        verdict = Verdict.derived_from(
-            subject,
-            models=models,
-            templates=templates,
-            subject_id=subject.id,
-            stage=self.name,
-            accepted=False,
-            reason=reason,
-            detail=detail[:2000],
-            domain=getattr(subject, "domain", "math"),
-            difficulty=getattr(subject, "difficulty", "") or "",
-            concepts=list(getattr(subject, "concepts", []) or []),
-            problem=getattr(subject, "problem", "") or "",
-            **fields,
-        )
+        that includes the ``models`` and ``templates`` that judged it (``Verdict.on`` takes
+        them, and the verdict's other ``fields``)."""
+        verdict = Verdict.on(subject, stage=self.name, reason=reason, detail=detail, **fields)
         metrics.REJECTED.labels(stage=self.name, reason=reason).inc()
         return self.emit(VERDICTS, verdict)
 

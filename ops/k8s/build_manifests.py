@@ -176,7 +176,7 @@ def stages() -> list[dict]:
     for stage, (replicas, doc) in STAGES.items():
         container = factory_container(stage, ["worker", stage])
         if stage == "verify":
-            # The sandbox for generated code (bwrap) needs user namespaces (workers/sandbox.py):
+            # The sandbox for generated code (bwrap) needs user namespaces (verification/sandbox/):
             # the runtime default seccomp profile forbids them.
             container["securityContext"] = {
                 "capabilities": {"add": ["SYS_ADMIN"]},

@@ -10,7 +10,7 @@ from __future__ import annotations
 from promptcot.cli import (  # noqa: F401  (register the commands)
     dlq,
     evaluate,
-    factory,
+    launch,
     loopback,
     records,
     tools,

@@ -10,7 +10,7 @@ import typer
 from promptcot.cli.app import ConfigOpt, app, console, load
 
 if TYPE_CHECKING:
-    from workers.backends.base import BackendSettings
+    from llm.backends.base import BackendSettings
 
 
 @app.command("eval")
@@ -48,8 +48,8 @@ def evaluate(
     """Greedy solutions with the solver's own template, answers checked by the verifier's
     equivalence oracle; prints the accuracy and sets promptcot_eval_accuracy{benchmark,role,
     version}. LiveCodeBench ships no tests, so it cannot be scored."""
-    from trainer.config import EvalConfig
     from trainer.evaluate import BENCHMARKS, NOT_SCORABLE, evaluate_path, write_json
+    from trainer.settings import EvalConfig
 
     settings = load(config)
     if limit is not None and limit < 1:
@@ -84,7 +84,7 @@ def local_backend(role: BackendSettings) -> BackendSettings:
     """The settings that load a model folder in process: the role's own when it is served in
     process; an openai role's (a served model name on a server) do not apply to a folder, so it
     is loaded with transformers' defaults."""
-    from workers.backends.base import BackendSettings
+    from llm.backends.base import BackendSettings
 
     return role if role.kind != "openai" else BackendSettings()
 
@@ -92,8 +92,8 @@ def local_backend(role: BackendSettings) -> BackendSettings:
 def resolve_model(settings, role: str, version: str) -> str:
     """A role's checkpoint by version ('latest' falls back to the role's model when it has no
     checkpoint yet; 'base' is the role's configured model)."""
+    from llm.roles import model_path_for
     from trainer.checkpoints import CheckpointStore
-    from workers.roles import model_path_for
 
     if version == "base":
         return model_path_for(settings.models, role)

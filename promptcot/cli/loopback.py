@@ -1,5 +1,5 @@
 """`promptcot loopback-server`: a model server with set latency and no model, for benchmarks
-(workers/backends/loopback.py)."""
+(llm/backends/loopback.py)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def loopback_server(
 ) -> None:
     """Serve /v1/completions and /v1/models without a model: each request takes latency-s +
     per-token-s x tokens. GET /stats reports requests in flight over time."""
-    from promptcot.cli.factory import until_signal
-    from workers.backends.loopback import LoopbackSettings, serve
+    from llm.backends.loopback import LoopbackSettings, serve
+    from promptcot.cli.launch import until_signal
 
     if text not in ("seeded", "echo"):
         raise typer.BadParameter(f"--text must be seeded or echo, not {text!r}")

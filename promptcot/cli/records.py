@@ -81,7 +81,7 @@ def export(
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Export verified problems (each id once) to Parquet or a Hugging Face dataset."""
-    from workers.export import export_problems
+    from promptcot.export import export_problems
 
     settings = load(config, bootstrap)
     if source == "topic":

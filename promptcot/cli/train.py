@@ -37,38 +37,42 @@ def cold_start(
     concepts, rationale from its worked solution). Writes checkpoints under
     trainer.checkpoint_dir. Under torchrun / accelerate launch every process trains (data
     parallel) and rank 0 writes and reports (docs/training.md)."""
-    from trainer.checkpoints import distributed_rank
-    from trainer.coldstart import cold_start_data
+    from llm.roles import Role
+    from trainer import coldstart
     from trainer.em import EMTrainer
-    from workers.roles import Role, model_path_for
+    from trainer.role_models import distributed_rank
 
     settings = load(config, bootstrap)
     console.quiet = distributed_rank() != 0
     if seeds is not None and seeds < 1:
         raise typer.BadParameter("--seeds must be at least 1")
     target = require_cluster(settings) if publish else None
-    trainer = EMTrainer(
-        settings.trainer,
-        {role: model_path_for(settings.models, role) for role in EMTrainer.ROLES},
-    )
-    if not force and not trainer.needs_cold_start():
+    trainer = EMTrainer.on_models(settings.trainer, settings.models)
+    status = console.status("annotating seeds...")
+
+    def annotated(data: coldstart.ColdStartData) -> None:
+        rejected = ", ".join(f"{k} {v}" for k, v in data.rejected.most_common()) or "none"
+        console.print(
+            f"annotated {len(data.seeds)} seeds ({100 * data.success_rate:.1f}%; "
+            f"rejected: {rejected}), and {len(data.heldout)} held-out seeds further on for the "
+            "held-out pool"
+        )
+        if not data.seeds:
+            raise typer.BadParameter("no seed could be annotated: nothing to train on")
+        status.update(f"training {Role.RATIONALE_MODEL} and {Role.PROMPT_MODEL}...")
+
+    with status:
+        done = coldstart.cold_start(
+            settings, trainer, limit=seeds, force=force, annotated=annotated
+        )
+    if done is None:
         versions = ", ".join(
             trainer.store.latest(role).version_string
             for role in EMTrainer.ROLES  # type: ignore[union-attr]
         )
         console.print(f"already cold-started ({versions}); --force trains again")
         return
-    with console.status("annotating seeds..."):
-        data = cold_start_data(settings, seeds)
-    rejected = ", ".join(f"{k} {v}" for k, v in data.rejected.most_common()) or "none"
-    console.print(
-        f"annotated {len(data.seeds)} seeds ({100 * data.success_rate:.1f}%; rejected: {rejected})"
-        f", and {len(data.heldout)} held-out seeds further on for the held-out pool"
-    )
-    if not data.seeds:
-        raise typer.BadParameter("no seed could be annotated: nothing to train on")
-    with console.status(f"training {Role.RATIONALE_MODEL} and {Role.PROMPT_MODEL}..."):
-        updates = trainer.cold_start(data.triples, force=force)
+    updates = done.updates
     for u in updates:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(u.metrics.items()))
         console.print(f"[bold]{u.version}[/] {u.path}\n  {shown}", soft_wrap=True, highlight=False)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from streams.records import AnnotatedSeed, SeedProblem
-from streams.topics import SEEDS, SEEDS_ANNOTATED, VERDICTS
-from workers.backends.base import Completion
-from workers.prompts import (
+from llm.backends.base import Completion
+from llm.prompts import (
     CONCEPT_ANNOTATION,
     RATIONALE_ANNOTATION,
     ParseError,
@@ -20,7 +18,9 @@ from workers.prompts import (
     parse_concepts,
     parse_rationale,
 )
-from workers.roles import Role
+from llm.roles import Role
+from streams.records import AnnotatedSeed, SeedProblem
+from streams.topics import SEEDS, SEEDS_ANNOTATED, VERDICTS
 from workers.stage import Emit, ModelStage
 
 if TYPE_CHECKING:

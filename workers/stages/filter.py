@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llm.backends.base import Backend
 from streams import metrics
 from streams.records import CandidateProblem, Judgment
 from streams.topics import CANDIDATES, CANDIDATES_UNIQUE, VERDICTS
-from workers.backends.base import Backend
 from workers.stage import Emit, Stage
 
 if TYPE_CHECKING:

@@ -8,10 +8,8 @@ with the parser's reason code.
 
 from __future__ import annotations
 
-from streams.records import CandidateProblem, ConceptSet, Record, content_hash
-from streams.topics import CANDIDATES, CONCEPTS, VERDICTS
-from workers.backends.base import Completion
-from workers.prompts import (
+from llm.backends.base import Completion
+from llm.prompts import (
     PROBLEM_CLOSE,
     PROBLEM_OPEN,
     RATIONALE_CLOSE,
@@ -20,7 +18,9 @@ from workers.prompts import (
     parse_synthesis,
     synthesis_fields,
 )
-from workers.roles import Role
+from llm.roles import Role
+from streams.records import CandidateProblem, ConceptSet, Record, content_hash
+from streams.topics import CANDIDATES, CONCEPTS, VERDICTS
 from workers.stage import Emit, ModelStage
 
 BRIDGE = f"\n{RATIONALE_CLOSE}\n{PROBLEM_OPEN}\n"
@@ -90,11 +90,8 @@ class GenerateStage(ModelStage[ConceptSet]):
                         templates={SYNTHESIS.name: SYNTHESIS.hash},
                         concept_set_id=cs.id,
                         generator=version,
-                        domain=cs.domain,
-                        difficulty=cs.difficulty,
-                        concepts=cs.concepts,
+                        **cs.payload(parsed.problem),
                         rationale=parsed.rationale,
-                        problem=parsed.problem,
                     ),
                 )
             )

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from llm.prompts import SOLVER_BY_DOMAIN
 from streams.records import PreferencePair, Verdict
 from streams.topics import PAIRS, VERDICTS
-from workers.prompts import SOLVER_BY_DOMAIN
 from workers.stage import Emit, Stage
 
 

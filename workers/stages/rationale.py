@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streams.records import AnnotatedSeed, Rationale
-from streams.topics import RATIONALES, SEEDS_ANNOTATED, VERDICTS
-from workers.prompts import (
+from llm.prompts import (
     RATIONALE_MODEL,
     SYNTHESIS,
     ParseError,
@@ -20,7 +18,9 @@ from workers.prompts import (
     synthesis_fields,
     synthesis_parts,
 )
-from workers.roles import Role
+from llm.roles import Role
+from streams.records import AnnotatedSeed, Rationale
+from streams.topics import RATIONALES, SEEDS_ANNOTATED, VERDICTS
 from workers.stage import Emit, ModelStage
 
 
@@ -118,10 +118,7 @@ class RationaleStage(ModelStage[AnnotatedSeed]):
                                 SYNTHESIS.name: SYNTHESIS.hash,
                             },
                             seed_id=annotated.seed_id,
-                            domain=annotated.domain,
-                            concepts=annotated.concepts,
-                            difficulty=annotated.difficulty or "",
-                            problem=annotated.text,
+                            **annotated.payload(),
                             text=z,
                             sample_index=index,
                             reward=term.reward,

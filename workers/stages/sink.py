@@ -20,10 +20,7 @@ def problem_from_verdict(verdict: Verdict) -> Problem:
     return Problem.derived_from(
         verdict,
         candidate_id=verdict.subject_id,
-        domain=verdict.domain,
-        difficulty=verdict.difficulty,
-        concepts=verdict.concepts,
-        problem=verdict.problem,
+        **verdict.payload(),
         rationale=verdict.rationale,
         reference_answer=verdict.reference_answer,
         tests=verdict.tests,

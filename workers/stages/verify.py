@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import threading
 
+from llm.backends.base import Completion
+from llm.prompts import SOLVER_CODE, SOLVER_MATH, TEST_WRITER
+from llm.roles import Role
 from streams import metrics
-from streams.records import CandidateProblem, Rollout, TestCase, Verdict, content_hash
+from streams.records import ACCEPTED, CandidateProblem, Rollout, TestCase, Verdict, content_hash
 from streams.topics import CANDIDATES_UNIQUE, VERDICTS
-from workers.backends.base import Completion
-from workers.prompts import SOLVER_CODE, SOLVER_MATH, TEST_WRITER
-from workers.roles import Role
 from workers.stage import Emit, ModelStage
 
 TOO_HARD, TOO_EASY = "too_hard", "too_easy"
@@ -49,7 +49,7 @@ class VerifyStage(ModelStage[CandidateProblem]):
     def oracle(self):
         with self._start_lock:
             if self._oracle is None:
-                from workers.mathcheck import EquivalenceOracle
+                from verification.mathcheck import EquivalenceOracle
 
                 self._oracle = EquivalenceOracle(self.settings.verify.math)
             return self._oracle
@@ -58,7 +58,7 @@ class VerifyStage(ModelStage[CandidateProblem]):
     def sandbox(self):
         with self._start_lock:
             if self._sandbox is None:
-                from workers.sandbox import Sandbox
+                from verification.sandbox import Sandbox
 
                 self._sandbox = Sandbox(self.settings.verify.sandbox)
             return self._sandbox
@@ -125,18 +125,12 @@ class VerifyStage(ModelStage[CandidateProblem]):
         metrics.PASS_RATE.labels(domain=candidate.domain).observe(pass_rate)
         return self.emit(
             VERDICTS,
-            Verdict.derived_from(
+            Verdict.on(
                 candidate,
+                stage=self.name,
+                reason=ACCEPTED,
                 models=models,
                 templates=templates,
-                subject_id=candidate.id,
-                stage=self.name,
-                accepted=True,
-                reason="accepted",
-                domain=candidate.domain,
-                difficulty=candidate.difficulty,
-                concepts=candidate.concepts,
-                problem=candidate.problem,
                 **fields,
             ),
         )
@@ -144,7 +138,7 @@ class VerifyStage(ModelStage[CandidateProblem]):
     # --- math -----------------------------------------------------------------------------------
 
     def _verify_math(self, candidates: list[CandidateProblem]) -> list[Emit]:
-        from workers.mathcheck import extract_answer, validity_issue, vote
+        from verification.mathcheck import extract_answer, validity_issue, vote
 
         templates = {SOLVER_MATH.name: SOLVER_MATH.hash}
         models = self.model_versions(Role.SOLVER)  # before the calls: a reload may come during
@@ -194,7 +188,7 @@ class VerifyStage(ModelStage[CandidateProblem]):
     def _verify_code(self, candidates: list[CandidateProblem]) -> list[Emit]:
         if not candidates:
             return []
-        from workers.codecheck import verify_code
+        from verification.codecheck import verify_code
 
         v = self.settings.verify
         templates = {SOLVER_CODE.name: SOLVER_CODE.hash, TEST_WRITER.name: TEST_WRITER.hash}

@@ -26,7 +26,17 @@ from promptcot.cli.app import (
     parse_duration,
     require_cluster,
 )
-from promptcot.registry import DATA_STAGES, STAGES, TRAINER_STAGES, make_stage
+from promptcot.registry import STAGES
+from promptcot.startup import (
+    FACTORY_GROUP,
+    ephemeral_overrides,
+    make_stage,
+    publish_seeds,
+    serve_newest,
+    stage_names,
+    up_seeds,
+    worker_group,
+)
 
 EphemeralOpt = Annotated[
     bool,
@@ -36,7 +46,6 @@ EphemeralOpt = Annotated[
         "folder removed at exit (default: everything survives a restart).",
     ),
 ]
-FACTORY_GROUP = "promptcot-factory"  # `up` runs every stage in one consumer group
 
 
 @app.command()
@@ -75,7 +84,7 @@ def up(
     from promptcot.carryover import carried_over
     from promptcot.cli.supervise import Supervisor
     from promptcot.progress import FactoryProgress
-    from streams import metrics
+    from streams import health
     from streams.cluster import Cluster
     from workers.runtime import run_stages
 
@@ -93,7 +102,7 @@ def up(
             settings.worker.shutdown_grace_s,
             on_force=lambda: console.print(progress.table()),
         )
-        metrics.serve(settings.metrics.host, settings.metrics.port)
+        health.serve(settings.metrics.host, settings.metrics.port)
 
         with console.status("starting broker and topics..."):
             cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
@@ -115,7 +124,7 @@ def up(
         if (continued := progress.continued()) is not None:
             console.print(continued)
         if seeds and "annotate" in names:
-            n = publish_seeds(settings, cluster.bootstrap, up_seeds(settings, names, seeds))
+            n = publish_seeds(settings.kafka, cluster.bootstrap, up_seeds(settings, names, seeds))
             console.print(f"published {n} seed problems for annotate/rationale")
         if "em" in names:
             cold_start_first(settings, cluster.bootstrap)
@@ -167,38 +176,23 @@ def up(
     os._exit(supervisor.exit_code)
 
 
-def ephemeral_overrides(scratch: Path) -> dict:
-    """Settings of a run that keeps nothing: everything it writes goes under ``scratch``."""
-    return {
-        "embedded_broker": {"ephemeral": True},
-        "vectorstore": {"store": {"uri": str(scratch / "vectorstore")}},
-        "sink": {"output_dir": str(scratch)},
-        "worker": {"journal_dir": str(scratch / "journal")},
-        "trainer": {"checkpoint_dir": str(scratch / "checkpoints")},
-    }
-
-
 def cold_start_first(settings, bootstrap: str) -> None:
     """The paper's cold start before anything generates, when p_θ or q_φ has no checkpoint yet
     (the em stage would run it too, but in one process it would share the CPU with every other
     stage, and generation would meanwhile run on the base model). Announced on the models topic."""
-    cfg = settings.trainer
-    if not (cfg.enabled and cfg.cold_start.enabled and cfg.cold_start.on_first_start):
-        return
     from streams.clients import publish
     from streams.topics import MODELS
-    from trainer.coldstart import cold_start_data
+    from trainer.coldstart import cold_start, on_first_start
     from trainer.em import EMTrainer
-    from workers.roles import model_path_for
 
-    trainer = EMTrainer(cfg, {r: model_path_for(settings.models, r) for r in EMTrainer.ROLES})
-    if not trainer.needs_cold_start():
+    cfg = settings.trainer
+    if not on_first_start(cfg):
         return
+    trainer = EMTrainer.on_models(cfg, settings.models)
     n = cfg.cold_start.seeds
     try:
         with console.status(f"cold start: annotating {n} seeds, training p_θ and q_φ on them..."):
-            data = cold_start_data(settings)
-            updates = trainer.cold_start(data.triples)
+            done = cold_start(settings, trainer)
     except Exception as e:  # noqa: BLE001  (as the em stage: the loop runs from the base models)
         message = f"{type(e).__name__}: {e}".splitlines()[0]
         console.print(
@@ -207,36 +201,13 @@ def cold_start_first(settings, bootstrap: str) -> None:
             soft_wrap=True,
         )
         return
-    publish(settings.kafka, bootstrap, MODELS, updates)
+    if done is None:  # both models have checkpoints already
+        return
+    publish(settings.kafka, bootstrap, MODELS, done.updates)
     console.print(
-        f"cold start on {len(data.seeds)} annotated seeds: " + ", ".join(u.version for u in updates)
+        f"cold start on {len(done.data.seeds)} annotated seeds: "
+        + ", ".join(u.version for u in done.updates)
     )
-
-
-def serve_newest(settings) -> None:
-    """Every trained role starts on its newest checkpoint (a LoRA one on its base), not on the
-    base model: a restarted factory goes on where its models were."""
-    from trainer.checkpoints import CheckpointStore
-    from workers.roles import Role
-
-    store = CheckpointStore(settings.trainer.checkpoint_dir)
-    for role in (Role.PROMPT_MODEL, Role.RATIONALE_MODEL, Role.SOLVER):
-        newest = store.latest(role)
-        if newest is not None:
-            settings.models.role(role).model = str(newest.path)
-
-
-def stage_names(stages: str | None, train: bool) -> list[str]:
-    """The stages `up` runs: ``stages`` exactly as listed (name em/dpo there to train), else the
-    data path plus the trainer unless not ``train``."""
-    if stages:
-        names = [s.strip() for s in stages.split(",")]
-    else:
-        names = list(DATA_STAGES) + (list(TRAINER_STAGES) if train else [])
-    unknown = [n for n in names if n not in STAGES]
-    if unknown:
-        raise typer.BadParameter(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
-    return names
 
 
 @app.command(
@@ -252,7 +223,7 @@ def worker(
     stops it within a deadline; a cluster gone for `kafka.unreachable_exit_s` ends it with one
     line and a non-zero exit (the orchestrator restarts it)."""
     from promptcot.cli.supervise import Supervisor
-    from streams import metrics
+    from streams import health
     from streams.cluster import Cluster
     from workers.runtime import run_stages
 
@@ -261,17 +232,11 @@ def worker(
     settings = load(config, bootstrap)
     require_cluster(settings)
     supervisor = Supervisor(settings.kafka, settings.worker.shutdown_grace_s, lambda: None)
-    metrics.serve(settings.metrics.host, settings.metrics.port)
+    health.serve(settings.metrics.host, settings.metrics.port)
     cluster = Cluster.connect(settings.kafka, settings.embedded_broker)
     supervisor.watch(cluster)
     console.print(f"worker [bold]{stage}[/] on {cluster.bootstrap}")
-    # A sampler closes only its own concept sets, so every replica must see every verdict: one
-    # consumer group per sampler seed (workers/stages/sampler.py).
-    group = (
-        f"{settings.kafka.consumer_group_prefix}-sampler-{settings.concepts.seed}"
-        if stage == "sampler"
-        else None
-    )
+    group = worker_group(stage, settings.kafka, settings.concepts)
 
     async def until() -> None:
         stop = asyncio.Event()
@@ -325,20 +290,3 @@ def broker(
         console.print(f"broker ready: [cyan]{b.bootstrap_servers}[/] ({kept}; Ctrl-C to stop)")
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(until_signal())
-
-
-def up_seeds(settings, names: list[str], n: int) -> list:
-    """The GSM8K train seeds `up` publishes: with the trainer among the stages, the n after the
-    cold start's, so that the M-steps learn from problems the cold start did not fit p_θ on
-    (on its own seeds p_θ's held-out NLL stayed flat, then rose: docs/training.md)."""
-    from workers.seeds import load_seeds
-
-    skip = settings.trainer.cold_start.seeds if "em" in names else 0
-    return load_seeds("gsm8k", "train", n, skip=skip)
-
-
-def publish_seeds(settings, bootstrap: str, seeds: list) -> int:
-    from streams.clients import publish
-    from streams.topics import SEEDS
-
-    return publish(settings.kafka, bootstrap, SEEDS, seeds)

@@ -1,7 +1,7 @@
 """Model backends: one interface (``Backend``), three implementations (in-process transformers,
 in-process vLLM, OpenAI-compatible HTTP), chosen per model role in settings."""
 
-from workers.backends.base import (
+from llm.backends.base import (
     Backend,
     BackendError,
     BackendSettings,
@@ -13,8 +13,8 @@ from workers.backends.base import (
     Score,
     UnreachableError,
 )
-from workers.backends.factory import BackendPool, clear_cache, make_backend
-from workers.prompts import render_chat
+from llm.backends.pool import BackendPool, clear_cache, make_backend
+from llm.prompts import render_chat
 
 __all__ = [
     "Backend",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from workers.mathcheck.answers import PLAIN_NUMBER_RE, as_text, normalize_answer
+from verification.mathcheck.answers import PLAIN_NUMBER_RE, as_text, normalize_answer
 
 _PROOF_RE = re.compile(
     r"\b(?:prove|show|demonstrate|verify|justify|establish)\s+(?:that|why|the following)\b"

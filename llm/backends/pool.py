@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
-from workers.backends.base import Backend, BackendSettings
+from llm.backends.base import Backend, BackendSettings
 
 _cache: dict[str, Backend] = {}
 _cache_lock = threading.Lock()
@@ -19,15 +19,15 @@ def _key(settings: BackendSettings) -> str:
 def new_backend(settings: BackendSettings) -> Backend:
     """A backend of its own, outside the shared cache (closing it affects no other user)."""
     if settings.kind == "transformers":
-        from workers.backends.transformers_backend import TransformersBackend
+        from llm.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend(settings)
     if settings.kind == "vllm":
-        from workers.backends.vllm_backend import VLLMBackend
+        from llm.backends.vllm_backend import VLLMBackend
 
         return VLLMBackend(settings)
     if settings.kind == "openai":
-        from workers.backends.openai_backend import OpenAIBackend
+        from llm.backends.openai_backend import OpenAIBackend
 
         return OpenAIBackend(settings)
     raise ValueError(f"unknown backend kind {settings.kind!r}")

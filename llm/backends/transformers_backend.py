@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from workers.backends.base import (
+from llm.backends.base import (
     Backend,
     BackendSettings,
     Completion,

@@ -26,9 +26,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Self
 
-from workers.sandbox import harness
-from workers.sandbox.harness import frame, normalize_output
-from workers.sandbox.isolation import (
+from verification.sandbox import harness
+from verification.sandbox.harness import frame, normalize_output
+from verification.sandbox.isolation import (
     Slot,
     become_subreaper,
     claim_slot,
@@ -38,10 +38,10 @@ from workers.sandbox.isolation import (
     release_slot,
     usable_by_others,
 )
-from workers.sandbox.runs import ProgramTest, RunResult, SandboxUnavailable, TestOutcome
-from workers.sandbox.settings import IsolationKind, Limits, SandboxSettings
-from workers.sandbox.view import DEVICES, InterpreterView, interpreter_view
-from workers.sandbox.zygote import Exchange, Zygote
+from verification.sandbox.runs import ProgramTest, RunResult, SandboxUnavailable, TestOutcome
+from verification.sandbox.settings import IsolationKind, Limits, SandboxSettings
+from verification.sandbox.view import DEVICES, InterpreterView, interpreter_view
+from verification.sandbox.zygote import Exchange, Zygote
 
 log = logging.getLogger(__name__)
 

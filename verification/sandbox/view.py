@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from workers.sandbox.runs import SandboxUnavailable
+from verification.sandbox.runs import SandboxUnavailable
 
 # Run by the interpreter on the host: import every extension module, then list what is mapped.
 _PROBE = r"""

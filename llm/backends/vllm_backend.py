@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from workers.backends.base import (
+from llm.backends.base import (
     Backend,
     BackendError,
     BackendSettings,
@@ -40,7 +40,7 @@ from workers.backends.base import (
     mark_empty,
     weights_version,
 )
-from workers.backends.event_loop import LoopThread, gather_or_cancel
+from llm.backends.event_loop import LoopThread, gather_or_cancel
 
 
 def vllm_available() -> bool:

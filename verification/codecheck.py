@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from workers.sandbox import Limits, ProgramTest, Sandbox, TestOutcome, normalize_output
+from verification.sandbox import Limits, ProgramTest, Sandbox, TestOutcome, normalize_output
 
 # Parse errors (CodeParseError.reason).
 NO_CODE_BLOCK = "no_code_block"

@@ -16,8 +16,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from llm.prompts import chatml
 from streams.settings import Section
-from workers.prompts import chatml
 
 # ---------------------------------------------------------------------------------------------
 # Errors

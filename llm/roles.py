@@ -15,9 +15,9 @@ from enum import StrEnum
 
 from pydantic import Field
 
+from llm.backends.base import Backend, BackendSettings
+from llm.backends.pool import BackendPool
 from streams.settings import Section
-from workers.backends.base import Backend, BackendSettings
-from workers.backends.factory import BackendPool
 
 
 class Role(StrEnum):
@@ -50,7 +50,7 @@ def model_path_for(models: ModelRoles, role: str) -> str:
     cfg = models.role(role)
     if cfg.model:
         return cfg.model
-    from workers.models import prepare_smollm2
+    from llm.smollm2 import prepare_smollm2
 
     return str(prepare_smollm2())
 

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from workers.mathcheck.answers import as_text, normalize_answer
+from verification.mathcheck.answers import as_text, normalize_answer
 
 if TYPE_CHECKING:
-    from workers.mathcheck.oracle import EquivalenceOracle
+    from verification.mathcheck.oracle import EquivalenceOracle
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ How answers are extracted and compared, the process model and the voting rules:
 docs/verification.md.
 """
 
-from workers.mathcheck.answers import extract_answer, normalize_answer
-from workers.mathcheck.oracle import EquivalenceOracle, WorkerStartError
-from workers.mathcheck.settings import MathCheckSettings
-from workers.mathcheck.validity import validity_issue
-from workers.mathcheck.voting import VoteResult, vote
+from verification.mathcheck.answers import extract_answer, normalize_answer
+from verification.mathcheck.oracle import EquivalenceOracle, WorkerStartError
+from verification.mathcheck.settings import MathCheckSettings
+from verification.mathcheck.validity import validity_issue
+from verification.mathcheck.voting import VoteResult, vote
 
 __all__ = (
     "EquivalenceOracle",

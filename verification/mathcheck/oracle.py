@@ -24,8 +24,8 @@ from typing import Self
 from cachetools import LRUCache
 
 from streams import metrics
-from workers.mathcheck.answers import PLAIN_NUMBER_RE, as_text, normalize_answer
-from workers.mathcheck.settings import MathCheckSettings
+from verification.mathcheck.answers import PLAIN_NUMBER_RE, as_text, normalize_answer
+from verification.mathcheck.settings import MathCheckSettings
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class _Worker:
         package_root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        code = "import sys; from workers.mathcheck.worker import main; main(int(sys.argv[1]))"
+        code = "import sys; from verification.mathcheck.worker import main; main(int(sys.argv[1]))"
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", code, str(child_sock.fileno())],

@@ -29,7 +29,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from workers.backends.base import (
+from llm.backends.base import (
     Backend,
     BackendSettings,
     BackendTimeoutError,
@@ -43,7 +43,7 @@ from workers.backends.base import (
     failed_score,
     mark_empty,
 )
-from workers.backends.event_loop import LoopThread, gather_or_cancel
+from llm.backends.event_loop import LoopThread, gather_or_cancel
 
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _OVERFLOW_HINTS = (

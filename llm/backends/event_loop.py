@@ -11,7 +11,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from workers.backends.base import BackendError
+from llm.backends.base import BackendError
 
 T = TypeVar("T")
 

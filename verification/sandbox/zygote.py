@@ -19,8 +19,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-from workers.sandbox.harness import frame
-from workers.sandbox.runs import SandboxUnavailable
+from verification.sandbox.harness import frame
+from verification.sandbox.runs import SandboxUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ Modules, one concern each:
 How a run is contained, the measured facts it relies on, and the threat model: docs/sandbox.md.
 """
 
-from workers.sandbox.harness import normalize_output
-from workers.sandbox.isolation import processes_of_uid
-from workers.sandbox.runner import Sandbox, output_digest
-from workers.sandbox.runs import ProgramTest, RunResult, SandboxUnavailable, TestOutcome
-from workers.sandbox.settings import IsolationKind, Limits, SandboxSettings
+from verification.sandbox.harness import normalize_output
+from verification.sandbox.isolation import processes_of_uid
+from verification.sandbox.runner import Sandbox, output_digest
+from verification.sandbox.runs import ProgramTest, RunResult, SandboxUnavailable, TestOutcome
+from verification.sandbox.settings import IsolationKind, Limits, SandboxSettings
 
 __all__ = [
     "IsolationKind",

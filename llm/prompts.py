@@ -4,7 +4,8 @@ Templates are data (system text, user text with ``{fields}``, an assistant prefi
 pre-filled into the assistant turn, stop strings), versioned, and identified by a short content
 hash that is stamped on records, so a change of wording is visible in lineage.
 
-Answers and programs are parsed by the verifiers (workers/mathcheck/, workers/codecheck.py).
+Answers and programs are parsed by the verifiers (verification/mathcheck/,
+verification/codecheck.py).
 Parsers here take the model's *completion* (the text generated after the assistant prefix) and
 re-attach the prefix themselves. A closing delimiter that is also a stop string may be missing
 (backends strip stop strings, as vLLM and OpenAI do); a completion cut by ``max_tokens`` is

@@ -1,0 +1,187 @@
+"""A role's model in memory and its folders on disk: loading the newest checkpoint of a role (or
+its base) onto the training device, with or without a LoRA adapter, and publishing it as the
+role's next version in the checkpoint store (trainer/checkpoints.py). torch, transformers and peft
+are imported when called, so importing this stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoints import Checkpoint, CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoleModel:
+    """A role's trainable model in memory, with where it came from."""
+
+    role: str
+    model: Any  # a transformers PreTrainedModel, or a peft PeftModel around one
+    tokenizer: Any
+    base_path: str  # the full model folder LoRA adapters sit on
+    checkpoint: Checkpoint | None = None  # None: still the base weights
+
+    @property
+    def version_string(self) -> str:
+        return self.checkpoint.version_string if self.checkpoint else f"{self.role}/base"
+
+
+def training_device(device: str = "auto") -> str:
+    """The torch device training runs on: ``auto`` is cuda when available (this process's GPU
+    under torchrun / accelerate launch: ``LOCAL_RANK``), else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
+def distributed_rank() -> int:
+    """This process's rank in a torchrun / accelerate launch (0 when not launched so)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def load_role_model(
+    store: CheckpointStore,
+    role: str,
+    base_path: str,
+    *,
+    use_lora: bool = False,
+    lora: Any = None,
+    dtype: str = "float32",
+    device: str = "auto",
+) -> RoleModel:
+    """The newest checkpoint of ``role`` if there is one (a restarted trainer resumes), else the
+    base folder; wrapped in a fresh LoRA adapter when ``use_lora`` and it has none yet; on the
+    training device, so scoring and decoding run where the HF Trainer trains.
+
+    Weights that train stay float32 (bf16 master weights would round EM-sized updates, lr 2e-6,
+    away); ``dtype`` bfloat16 loads a frozen LoRA base (``use_lora``) in bf16 and trains under
+    bf16 autocast (trainer/sft.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = store.latest(role)
+    adapter = ckpt is not None and ckpt.is_adapter
+    # Only a base that stays frozen under an adapter loads in ``dtype``: an adapter merged away
+    # (LoRA switched off) leaves a model full fine-tuning trains, so its base loads float32.
+    load_dtype = getattr(torch, dtype) if use_lora else torch.float32
+    if adapter:
+        assert ckpt is not None
+        base_path = str(ckpt.metadata.get("base_model") or base_path)
+        from peft import PeftModel
+
+        model = AutoModelForCausalLM.from_pretrained(
+            base_path, dtype=load_dtype, local_files_only=True
+        )
+        model = PeftModel.from_pretrained(model, str(ckpt.path), is_trainable=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
+    else:
+        source = str(ckpt.path) if ckpt is not None else base_path
+        if ckpt is not None:
+            base_path = source  # full weights: the newest folder is the base for new adapters
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=load_dtype, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    model = apply_lora_setting(model, use_lora, lora)
+    model.to(training_device(device))
+    normalize_end_of_turn(tokenizer)
+    return RoleModel(role, model, tokenizer, base_path, ckpt)
+
+
+def normalize_end_of_turn(tokenizer: Any) -> None:
+    """Make ``eos_token`` the chat end-of-turn token. TRL appends ``eos_token`` to every
+    completion, so it must be what ends an assistant turn; the SmolLM2 folder converted from
+    GGUF says ``<|im_start|>`` there, which would teach the model to open a new turn instead of
+    closing its own. Saved checkpoints carry the corrected tokenizer."""
+    im_end = "<|im_end|>"
+    if im_end in tokenizer.get_vocab() and tokenizer.eos_token != im_end:
+        log.info("tokenizer eos_token %r -> %r (ChatML end of turn)", tokenizer.eos_token, im_end)
+        tokenizer.eos_token = im_end
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def apply_lora_setting(model: Any, use_lora: bool, lora: Any) -> Any:
+    """Add an adapter when LoRA is on and the model has none; merge it away when LoRA was
+    switched off (the next checkpoint is then a full folder)."""
+    from peft import PeftModel
+
+    if use_lora and not isinstance(model, PeftModel):
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        with torch.random.fork_rng(devices=[]):  # the same adapter init every run
+            torch.manual_seed(0)
+            return get_peft_model(model, cfg)
+    if not use_lora and isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def save_role_model(
+    store: CheckpointStore,
+    rm: RoleModel,
+    step: str,
+    metrics: dict[str, float] | None = None,
+    trained_ids: list[str] | None = None,
+    parent_ids: list[str] | None = None,
+) -> Checkpoint:
+    """Publish ``rm`` as the role's next version: a full HF folder, or an adapter folder whose
+    manifest names its base (backends load base + adapter)."""
+    from peft import PeftModel
+
+    is_adapter = isinstance(rm.model, PeftModel)
+
+    def write(tmp: Path) -> None:
+        rm.model.save_pretrained(str(tmp))
+        rm.tokenizer.save_pretrained(str(tmp))
+
+    meta: dict[str, Any] = {
+        "adapter": is_adapter,
+        "base_model": rm.base_path,
+        "parent": rm.version_string,
+        "metrics": metrics or {},
+        # The input records this version was trained on: a window redelivered after a crash
+        # (checkpoint written, offsets not yet committed) is recognised and not trained twice.
+        "trained_ids": list(trained_ids or []),
+        "parent_ids": list(parent_ids or []),
+    }
+    # Several processes training one model (data parallel): rank 0 writes the version, the
+    # others wait for it and take it as theirs (docs/training.md, "Several GPUs").
+    if distributed_rank() == 0:
+        ckpt = store.save(rm.role, step, write, meta)
+        _barrier()
+    else:
+        _barrier()
+        ckpt = store.latest(rm.role)  # type: ignore[assignment]
+        assert ckpt is not None and ckpt.step == step, "rank 0 wrote no checkpoint"
+    rm.checkpoint = ckpt
+    return ckpt
