@@ -209,6 +209,9 @@ class DPOTrainerLoop:
 
             backend = eval_backend_settings(s)
             result = evaluate_path(str(ckpt.path), s.eval, role=Role.SOLVER, backend=backend)
-            metrics[f"eval_{s.eval.benchmark}_accuracy"] = result.accuracy
+            if result.accuracy is not None:
+                metrics[f"eval_{s.eval.benchmark}_accuracy"] = result.accuracy
+            if result.gold_nll_per_token is not None:
+                metrics[f"eval_{s.eval.benchmark}_gold_nll"] = result.gold_nll_per_token
         log.info("DPO window: %d pairs, %s margin %.3f -> %.3f", len(rows), label, before, after)
         return WindowResult([*again, model_update(rm, "dpo", metrics, parents)], metrics=metrics)
