@@ -123,12 +123,25 @@ class VerifySettings(Section):
     min_pass_rate: float = 0.0  # exclusive
     max_pass_rate: float = 0.5  # inclusive
     test_rounds: int = 4  # code: test-writer calls per problem
+    # Math with a teacher (verify.math.reference "teacher", or "auto" with models.teacher set):
+    # the teacher's rollouts per problem; their majority is the reference.
+    teacher_rollouts: int = Field(4, ge=1)
+    teacher_temperature: float = 0.7
+    teacher_max_tokens: int = Field(1024, ge=1)
+    # Drift gauges (streams/metrics.py): measured over the last this-many accepted problems.
+    drift_window: int = Field(64, ge=2)
     math: MathCheckSettings = Field(default_factory=MathCheckSettings)
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
 
 
 class PairSettings(Section):
     max_pairs_per_problem: int = 4
+
+
+class TraceSettings(Section):
+    """Verified solutions for solver SFT (workers/stages/traces.py)."""
+
+    max_solver_traces_per_problem: int = Field(4, ge=0)
 
 
 class RationaleSettings(Section):
