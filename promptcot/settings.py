@@ -58,6 +58,7 @@ from workers.settings import (
     SamplerSettings,
     SinkSettings,
     StageRuntime,
+    TraceSettings,
     VerifySettings,
     WorkerSettings,
 )
@@ -99,6 +100,7 @@ class Settings(BaseSettings, Section):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     verify: VerifySettings = Field(default_factory=VerifySettings)
     pairs: PairSettings = Field(default_factory=PairSettings)
+    traces: TraceSettings = Field(default_factory=TraceSettings)
     annotate: AnnotateSettings = Field(default_factory=AnnotateSettings)
     rationale: RationaleSettings = Field(default_factory=RationaleSettings)
     vectorstore: VectorStoreSettings = Field(default_factory=VectorStoreSettings)

@@ -1,8 +1,8 @@
 """Settings sections of the workers: how each stage runs, what it samples, how it verifies.
 
 The root settings (promptcot/settings.py) compose these under their section names: ``sampler``,
-``generation``, ``verify``, ``pairs``, ``rationale``, ``annotate``, ``sink``, ``concepts``;
-``models`` (one backend per role) lives with the roles in llm/roles.py.
+``generation``, ``verify``, ``pairs``, ``traces``, ``rationale``, ``annotate``, ``sink``,
+``concepts``; ``models`` (one backend per role) lives with the roles in llm/roles.py.
 """
 
 from __future__ import annotations
