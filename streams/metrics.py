@@ -115,6 +115,12 @@ TRAINER_REWARD = Gauge(
     "Mean reward R(z) of q_φ's greedy rationales on held-out seeds after the last E-step",
     ["role"],
 )
+TRAINER_RATIONALE_TOKENS = Gauge(
+    "promptcot_trainer_rationale_tokens",
+    "Mean length in tokens of q_φ's greedy rationales on held-out seeds after the last E-step, "
+    "beside promptcot_trainer_reward (unset until the held-out pool has items)",
+    ["role"],
+)
 TRAINER_MARGIN = Gauge(
     "promptcot_trainer_margin",
     "Mean log-likelihood margin chosen - rejected on held-out pairs after the last DPO update",
