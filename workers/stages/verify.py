@@ -266,7 +266,9 @@ class VerifyStage(ModelStage[CandidateProblem]):
         from verification.mathcheck.reference import voting_answer
 
         voted = [voting_answer(x.text, x.ok, x.truncated) for x in completions]
-        return [a for a, _ in voted], [x.error or why for x, (_, why) in zip(completions, voted)]
+        return [a for a, _ in voted], [
+            x.error or why for x, (_, why) in zip(completions, voted, strict=True)
+        ]
 
     def _math_rollouts(
         self,
