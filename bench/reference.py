@@ -199,7 +199,7 @@ def judge(out: Path, cands: list, recorded: dict[str, list[Completion]]) -> dict
         finally:
             stage.close()
     n = len(cands)
-    report: dict[str, Any] = {"candidates": n, "rules": {}}
+    report: dict[str, Any] = {"candidates": n, "rules": {}, "rollouts": _rollout_stats(recorded)}
     for rule in RULES:
         k = sum(ok for ok, *_ in verdicts[rule].values())
         low, high = wilson(k, n)
@@ -224,6 +224,24 @@ def judge(out: Path, cands: list, recorded: dict[str, list[Completion]]) -> dict
     for rule in RULES:
         _write_accepted(out / f"accepted-{rule}.md", rule, cands, recorded, verdicts[rule])
     return report
+
+
+def _rollout_stats(recorded: dict[str, list[Completion]]) -> dict[str, int]:
+    """What the solver's rollouts are: cut by the budget, with a final answer, or with only a
+    number the old rule's last-number fallback read as one."""
+    from verification.mathcheck import extract_answer
+    from verification.mathcheck.reference import final_answer
+
+    every = [x for comps in recorded.values() for x in comps]
+    finished = [x for x in every if x.error is None and not x.truncated]
+    return {
+        "rollouts": len(every),
+        "truncated": sum(x.truncated for x in every),
+        "finished_with_a_final_answer": sum(final_answer(x.text) is not None for x in finished),
+        "finished_without_one_but_a_last_number": sum(
+            final_answer(x.text) is None and extract_answer(x.text) is not None for x in finished
+        ),
+    }
 
 
 def _write_accepted(path: Path, rule: str, cands: list, recorded, verdicts) -> None:
