@@ -133,14 +133,21 @@ def test_restarted_up_continues_the_sampler_from_the_durable_broker(tmp_path):
 
 
 def test_up_exits_with_one_line_when_its_embedded_broker_dies(tmp_path):
+    with EmbeddedBroker(data_dir=tmp_path / "broker") as earlier:  # its lines open tansu.log
+        earlier_address = earlier.bootstrap_servers
     proc = _up(tmp_path, "--duration", "5m")
     tansu, s3 = _broker_children(proc)
-    _wait_draws(_bootstrap_of(tansu), 5)
+    address = _bootstrap_of(tansu)
+    _wait_draws(address, 5)
     os.kill(tansu, signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, (out, err)
     errors = [line for line in err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: embedded broker exited"), err
+    # It quotes this run's log (its own address) and nothing of the earlier run's.
+    assert "SIGKILL" in errors[0] and address in errors[0], err
+    assert earlier_address not in errors[0], err
+    assert earlier_address in (tmp_path / "broker" / "tansu.log").read_text()
     assert _wait_gone([s3]) == []
 
 
