@@ -27,7 +27,13 @@ from trainer.checkpoints import (
 )
 from trainer.config import TrainerSettings
 from trainer.heldout import HeldoutPool, is_heldout
-from trainer.sft import TRAINING_LOCK, common_training_args, continuation_nll, quiet_datasets
+from trainer.sft import (
+    TRAINING_LOCK,
+    common_training_args,
+    continuation_nll,
+    quiet_datasets,
+    report_to_log,
+)
 from trainer.updates import WindowResult, model_update, update_from_manifest
 from workers.backends.base import BackendSettings
 from workers.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
@@ -105,6 +111,7 @@ def _dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSetti
                 train_dataset=Dataset.from_list(rows),
                 processing_class=rm.tokenizer,
             )
+            report_to_log(trainer)
             result = trainer.train()
         finally:
             drop_reference_adapter(rm.model)

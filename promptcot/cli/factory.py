@@ -185,6 +185,10 @@ def cold_start_first(settings, bootstrap: str) -> None:
     cfg = settings.trainer
     if not (cfg.enabled and cfg.cold_start.enabled and cfg.cold_start.on_first_start):
         return
+    import logging
+
+    from promptcot.progress import ColdStartBar
+    from promptcot.runlog import details_to, quiet_progress_bars
     from streams.clients import publish
     from streams.topics import MODELS
     from trainer.coldstart import cold_start_data
@@ -194,22 +198,33 @@ def cold_start_first(settings, bootstrap: str) -> None:
     trainer = EMTrainer(cfg, {r: model_path_for(settings.models, r) for r in EMTrainer.ROLES})
     if not trainer.needs_cold_start():
         return
-    n = cfg.cold_start.seeds
-    try:
-        with console.status(f"cold start: annotating {n} seeds, training p_θ and q_φ on them..."):
-            data = cold_start_data(settings)
-            updates = trainer.cold_start(data.triples)
-    except Exception as e:  # noqa: BLE001  (as the em stage: the loop runs from the base models)
-        message = f"{type(e).__name__}: {e}".splitlines()[0]
+    quiet_progress_bars()
+    log = Path(settings.sink.output_dir) / "logs" / "cold-start.log"
+    # The console shows one bar; what Hugging Face and the trainer say goes to the log.
+    with details_to(log), ColdStartBar(console) as bar:
+        try:
+            data = cold_start_data(settings, report=bar)
+            updates = trainer.cold_start(data.triples, report=bar)
+        except Exception as e:  # noqa: BLE001 (as the em stage: the loop runs from the base models)
+            # to the log only (a warning): the console's line below is the one line it gets
+            logging.getLogger(__name__).warning("the cold start failed", exc_info=True)
+            failure = f"{type(e).__name__}: {e}".splitlines()[0]
+        else:
+            failure = None
+    if failure is not None:
         console.print(
-            f"[yellow]the cold start failed ({message}); EM starts from the base models[/]",
+            f"[yellow]the cold start failed ({failure}); EM starts from the base models[/] "
+            f"(details: {log})",
             highlight=False,
             soft_wrap=True,
         )
         return
     publish(settings.kafka, bootstrap, MODELS, updates)
     console.print(
-        f"cold start on {len(data.seeds)} annotated seeds: " + ", ".join(u.version for u in updates)
+        f"cold start on {len(data.seeds)} annotated seeds: "
+        + ", ".join(u.version for u in updates)
+        + f" (details: {log})",
+        highlight=False,
     )
 
 
