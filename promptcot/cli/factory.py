@@ -75,6 +75,7 @@ def up(
     from promptcot.carryover import carried_over
     from promptcot.cli.supervise import Supervisor
     from promptcot.progress import FactoryProgress
+    from promptcot.runlog import quiet_progress_bars
     from streams import metrics
     from streams.cluster import Cluster
     from workers.runtime import run_stages
@@ -84,6 +85,7 @@ def up(
     # Whatever stops the run, the broker closes and an --ephemeral run's scratch folder goes.
     try:
         settings = load(config, bootstrap, **(ephemeral_overrides(scratch) if scratch else {}))
+        quiet_progress_bars()  # model loads would print theirs into the live table
         names = stage_names(stages, train)
         limit_s = parse_duration(duration)
         # The time limit counts the cold start too.
