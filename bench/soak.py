@@ -68,7 +68,9 @@ from bench.soak_check import (  # noqa: E402
     read_jsonl,
     write_snapshot,
 )
+from promptcot.registry import STAGES  # noqa: E402
 from promptcot.runlog import quiet_progress_bars  # noqa: E402
+from streams.topics import CATALOGUE  # noqa: E402
 
 FAULTS = ("kill -9 up", "SIGTERM up", "kill -9 broker", "full disk")
 POISON = "poison"
@@ -357,14 +359,33 @@ class Soak:
         problem = f"up exited {exits} while the disk was full" if exits else None
         self.note("full disk", f"{written / 1e6:,.1f} MB filler for {DISK_HOLD_S:.0f} s", problem)
 
+    def topics_ready(self, topic: str, timeout_s: float = 120) -> str | None:
+        """The running `up`'s broker address once ``topic`` exists there (`up` creates its
+        topics before its cold start: poison may wait on a topic while models load)."""
+        from kafka import KafkaAdminClient
+
+        from streams.cluster import kafka_python_config
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.up.alive():
+            with contextlib.suppress(Exception):  # the broker may be starting
+                where = embedded_bootstrap(self.up, timeout_s=max(1, deadline - time.monotonic()))
+                admin = KafkaAdminClient(**kafka_python_config(self.settings.kafka, where))
+                try:
+                    if topic in admin.list_topics():
+                        return where
+                finally:
+                    admin.close()
+            time.sleep(1)
+        return None
+
     def poison_topic(self) -> None:
-        where = self.bootstrap()
-        if where is None:
-            self.note(POISON, "skipped: up not running within 5 minutes")
-            return
-        self.settings.kafka.bootstrap_servers = where
         topic = self.rng.choice(POISONED_TOPICS)
-        sent = poison(self.settings, [topic])
+        where = self.topics_ready(CATALOGUE[topic].full_name(self.settings.kafka.namespace))
+        if where is None:
+            self.note(POISON, f"skipped: no topic {topic} within 2 minutes")
+            return
+        sent = poison(self._at(where), [topic])
         self.note(
             POISON,
             f"{len(sent)} records on {topic}",
@@ -376,13 +397,18 @@ class Soak:
 
     def drain(self) -> None:
         """No more faults: `up` again with the sampler capped at what it issued, until every
-        concept set has its verdict and every accepted one is in the sink (--drain at most)."""
+        concept set has its verdict and every accepted one is in the sink (--drain at most).
+        Without annotate and rationale: the seeds' EM epochs would go on for ever and hold the
+        CPU; em and dpo still run, to finish (and announce) the windows on their topics."""
         where = self.bootstrap()
         # a cap at or under what the sampler issued stops it (it restores its count from the
         # topics); 0 if `up` is not running now
         issued = len(settled(self._at(where))[0]) if where else 0
         self.up.env["PROMPTCOT_SAMPLER__MAX_ISSUED"] = str(issued)
         self.stop_up("stop for the drain")
+        stages = [s for s in STAGES if s not in ("annotate", "rationale")]
+        seeds = self.up.args.index("--seeds")
+        self.up.args[seeds : seeds + 2] = ["--seeds", "0", "--stages", ",".join(stages)]
         self.start_up()
         deadline = self.now() + self.args.drain
         done = False
@@ -508,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-out/soak"), help="the run's folder")
     ap.add_argument("--fault-every", default="10m", help="mean time between faults")
     ap.add_argument("--poison-every", default="5m", help="mean time between poison batches")
-    ap.add_argument("--drain", default="20m", help="most time to let every concept set settle")
+    ap.add_argument("--drain", default="30m", help="most time to let every concept set settle")
     ap.add_argument("--disk-mb", type=int, default=256, help="size of the output folder's tmpfs")
     ap.add_argument("--seeds", type=int, default=None, help="up --seeds (128; 16 with --tiny)")
     ap.add_argument("--seed", type=int, default=None, help="the random seed (printed)")

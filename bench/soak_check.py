@@ -274,7 +274,7 @@ def check_folder(out: Path, rss_limit_mb: float) -> list[Check]:
         (w[0], w[1], w[2]): what
         for f in faults
         if f["kind"] == "poison"
-        for w, what in zip(f["coordinates"], f["what"])
+        for w, what in zip(f.get("coordinates", []), f.get("what", []))
     }
     return [
         *run_checks(settings, records, poisoned),
