@@ -361,6 +361,153 @@ def embedded_bootstrap(proc: Proc, timeout_s: float = 90) -> str:
 
 # --- the audit ------------------------------------------------------------------------------------
 
+AUDITED = ("concepts", "candidates", "candidates.unique", "verdicts", "problems", "pairs")
+
+
+@dataclass
+class Check:
+    """One invariant over a run's records: what was counted and the violations found (none:
+    it holds). The fault suite asserts it; the soak (bench/soak.py) reports it."""
+
+    name: str
+    counts: dict[str, int]
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def line(self) -> str:
+        counts = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
+        state = "ok" if self.ok else "VIOLATED: " + "; ".join(self.violations)
+        return f"{self.name}: {state} ({counts})"
+
+
+def first_few(items, most: int = 5) -> str:
+    """The first ``most`` of ``items`` (sorted if a set), for a violation's text."""
+    items = sorted(items) if isinstance(items, (set, frozenset)) else list(items)
+    return ", ".join(map(str, items[:most])) + (
+        f" (+{len(items) - most} more)" if len(items) > most else ""
+    )
+
+
+def own_draws(records: dict[str, list[Record]], seed: int) -> dict[str, str]:
+    """concept set id -> draw, for the sampler's own seed."""
+    return {r.id: r.draw for r in records["concepts"] if r.draw.startswith(f"{seed}:")}
+
+
+def check_verdicts(records: dict[str, list[Record]], seed: int, all_settled: bool = True) -> Check:
+    """The sampler issued draws 0..n-1 once each, and every concept set has one verdict id
+    (``all_settled``: exactly one; else at most one, the sets without one counted)."""
+    draws = own_draws(records, seed)
+    numbers = sorted(int(d.split(":")[1]) for d in draws.values())
+    verdict_ids: dict[str, set[str]] = defaultdict(set)
+    for v in records["verdicts"]:
+        verdict_ids[v.lineage.concept_set_id].add(v.id)
+    per_set = {cs: len(verdict_ids[cs]) for cs in draws}
+    several = {cs: n for cs, n in per_set.items() if n > 1}
+    unsettled = {cs for cs, n in per_set.items() if n == 0}
+    violations = []
+    if numbers != list(range(len(numbers))):
+        violations.append(f"draws not 0..{len(numbers) - 1} once each: {first_few(numbers, 12)}")
+    if several:
+        violations.append(
+            f"{len(several)} concept sets with several verdicts: {first_few(several)}"
+        )
+    if unsettled and all_settled:
+        violations.append(
+            f"{len(unsettled)} concept sets without a verdict: {first_few(unsettled)}"
+        )
+    counts = {
+        "concept sets": len(draws),
+        "one verdict": sum(n == 1 for n in per_set.values()),
+        "no verdict": len(unsettled),
+        "several verdicts": len(several),
+    }
+    return Check("one verdict per concept set", counts, violations)
+
+
+def check_outcomes(records: dict[str, list[Record]]) -> Check:
+    """Every id has one outcome on every topic; extra copies are redeliveries (counted)."""
+    violations, counts = [], {}
+    for topic in AUDITED:
+        contents: dict[str, set[str]] = defaultdict(set)
+        for r in records[topic]:
+            contents[r.id].add(_outcome(r))
+        redone = {i for i, o in contents.items() if len(o) > 1}
+        if redone:
+            violations.append(
+                f"{topic}: {len(redone)} ids with several outcomes: {first_few(redone)}"
+            )
+        counts[f"{topic} redelivered"] = len(records[topic]) - len(contents)
+    return Check("one outcome per id", counts, violations)
+
+
+def check_product(settings: Settings, records: dict[str, list[Record]]) -> Check:
+    """Every accepted verdict is a problem on the topic and in the sink, once; LanceDB holds
+    each unique candidate once, none lost."""
+    draws = own_draws(records, settings.concepts.seed)
+    accepted = {
+        v.subject_id
+        for v in records["verdicts"]
+        if v.accepted and v.lineage.concept_set_id in draws
+    }
+    problems = {p.candidate_id for p in records["problems"]}
+    rows, lance = sink_ids(settings), lance_ids(settings)
+    ours = {c.id for c in records["candidates.unique"] if c.lineage.concept_set_id in draws}
+    violations = []
+    if problems != accepted:
+        violations.append(f"accepted verdicts vs problems differ: {first_few(problems ^ accepted)}")
+    twice = [i for i, n in Counter(rows).items() if n > 1]
+    if twice:
+        violations.append(f"{len(twice)} problem ids twice in the sink: {first_few(twice)}")
+    on_topic = {p.id for p in records["problems"]}
+    if on_topic != set(rows):
+        violations.append(f"problems topic vs sink differ: {first_few(on_topic ^ set(rows))}")
+    twice = [i for i, n in Counter(lance).items() if n > 1]
+    if twice:
+        violations.append(f"{len(twice)} ids twice in LanceDB: {first_few(twice)}")
+    if set(lance) != ours:
+        violations.append(f"LanceDB vs unique candidates differ: {first_few(set(lance) ^ ours)}")
+    counts = {
+        "accepted": len(accepted),
+        "sink rows": len(rows),
+        "sink ids twice": len(rows) - len(set(rows)),
+        "LanceDB rows": len(lance),
+        "LanceDB ids twice": len(lance) - len(set(lance)),
+    }
+    return Check("no problem lost or twice (topic, Parquet, LanceDB)", counts, violations)
+
+
+def check_poison(
+    records: dict[str, list[Record]], poisoned: dict[tuple[str, int, int], str]
+) -> Check:
+    """Every poison record is a dead letter at its coordinates."""
+    coordinates = {(d.source_topic, d.partition, d.offset) for d in records["deadletter"]}
+    missing = {where: what for where, what in poisoned.items() if where not in coordinates}
+    violations = [f"poison without a dead letter: {first_few(missing.items())}"] if missing else []
+    counts = {"poison records": len(poisoned), "dead-lettered": len(poisoned) - len(missing)}
+    return Check("every poison record dead-lettered", counts, violations)
+
+
+def read_audited(settings: Settings) -> dict[str, list[Record]]:
+    """The records the checks read, from the topics (undecodable messages left out)."""
+    return {t: [r for r, _ in read(settings, t) if r is not None] for t in (*AUDITED, "deadletter")}
+
+
+def run_checks(
+    settings: Settings,
+    records: dict[str, list[Record]],
+    poisoned: dict[tuple[str, int, int], str] | None = None,
+    all_settled: bool = True,
+) -> list[Check]:
+    return [
+        check_verdicts(records, settings.concepts.seed, all_settled),
+        check_outcomes(records),
+        check_product(settings, records),
+        check_poison(records, poisoned or {}),
+    ]
+
 
 @dataclass
 class Audit:
@@ -383,60 +530,17 @@ def audit(
     poisoned: dict[tuple[str, int, int], str] | None = None,
 ) -> Audit:
     """Assert nothing was lost or redone; return the counts worth printing."""
-    copies: dict[str, Counter] = {}
-    by_id: dict[str, dict[str, set[str]]] = {}
-    records: dict[str, list[Record]] = {}
-    for topic in ("concepts", "candidates", "candidates.unique", "verdicts", "problems", "pairs"):
-        got = [r for r, _ in read(settings, topic) if r is not None]
-        records[topic] = got
-        copies[topic] = Counter(r.id for r in got)
-        contents: dict[str, set[str]] = defaultdict(set)
-        for r in got:
-            contents[r.id].add(_outcome(r))
-        by_id[topic] = contents
-    seed = settings.concepts.seed
-
-    # The sampler issued draws 0..n-1 of its seed, each once.
-    draws = {r.id: r.draw for r in records["concepts"] if r.draw.startswith(f"{seed}:")}
-    assert sorted(draws.values(), key=lambda d: int(d.split(":")[1])) == [
-        f"{seed}:{k}" for k in range(n_sets)
-    ], sorted(draws.values())
-    # One outcome per id, on every topic.
-    for topic, contents in by_id.items():
-        redone = {i: o for i, o in contents.items() if len(o) > 1}
-        assert not redone, f"{topic}: ids with more than one outcome: {redone}"
-    # Every concept set: exactly one verdict id.
-    verdict_ids: dict[str, set[str]] = defaultdict(set)
-    for v in records["verdicts"]:
-        verdict_ids[v.lineage.concept_set_id].add(v.id)
-    per_set = {cs: len(verdict_ids[cs]) for cs in draws}
-    assert all(n == 1 for n in per_set.values()), per_set
-    # The product: every accepted verdict is a problem on the topic and in the sink, once.
-    accepted = {
-        v.subject_id
-        for v in records["verdicts"]
-        if v.accepted and v.lineage.concept_set_id in draws
-    }
-    assert {p.candidate_id for p in records["problems"]} == accepted
-    sink_rows = _sink_ids(settings)
-    assert len(sink_rows) == len(set(sink_rows)), Counter(sink_rows).most_common(3)
-    assert {p.id for p in records["problems"]} == set(sink_rows)
-    # LanceDB: each unique candidate once, none lost.
-    lance_ids = _lance_ids(settings)
-    assert len(lance_ids) == len(set(lance_ids)), Counter(lance_ids).most_common(3)
-    ours = {c.id for c in records["candidates.unique"] if c.lineage.concept_set_id in draws}
-    assert set(lance_ids) == ours, set(lance_ids) ^ ours
-    # Poison: each record is a dead letter at its coordinates.
-    letters = [r for r, _ in read(settings, "deadletter") if r is not None]
-    if poisoned:
-        coordinates = {(d.source_topic, d.partition, d.offset) for d in letters}
-        missing = {where: what for where, what in poisoned.items() if where not in coordinates}
-        assert not missing, f"poison without a dead letter: {missing}"
+    records = read_audited(settings)
+    checks = run_checks(settings, records, poisoned)
+    failed = [c.line() for c in checks if not c.ok]
+    assert not failed, "\n".join(failed)
+    verdicts, outcomes, product, _ = checks
+    assert verdicts.counts["concept sets"] == n_sets, verdicts.line()
     return Audit(
-        concept_sets=len(draws),
-        accepted=len(accepted),
-        redeliveries={t: sum(c.values()) - len(c) for t, c in copies.items()},
-        dead_letters=len({d.id for d in letters}),
+        concept_sets=n_sets,
+        accepted=product.counts["accepted"],
+        redeliveries={t: outcomes.counts[f"{t} redelivered"] for t in AUDITED},
+        dead_letters=len({d.id for d in records["deadletter"]}),
     )
 
 
@@ -452,7 +556,7 @@ def _outcome(record: Record) -> str:
     return json.dumps({f: getattr(record, f) for f in fields}, sort_keys=True, default=str)
 
 
-def _sink_ids(settings: Settings) -> list[str]:
+def sink_ids(settings: Settings) -> list[str]:
     import pyarrow.parquet as pq
 
     ids: list[str] = []
@@ -461,7 +565,7 @@ def _sink_ids(settings: Settings) -> list[str]:
     return ids
 
 
-def _lance_ids(settings: Settings) -> list[str]:
+def lance_ids(settings: Settings) -> list[str]:
     import lancedb
 
     store = settings.vectorstore.store
