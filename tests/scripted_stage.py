@@ -28,7 +28,9 @@ from workers.stage import Emit, Stage  # noqa: E402
 
 class ScriptedStage(Stage[ConceptSet]):
     """Concept markers steer it: a set whose concepts include "poison" raises, "huge" yields a
-    verdict over any size limit, "slow" sleeps ``slow_s``. ``transient`` failures come first."""
+    verdict over any size limit, "surrogate" a verdict holding a lone surrogate (text no
+    encoder takes, as a model server may return), "slow" sleeps ``slow_s``. ``transient``
+    failures come first."""
 
     name = "generate"
     input = CONCEPTS
@@ -88,7 +90,9 @@ class ScriptedStage(Stage[ConceptSet]):
                     reason="scripted",
                     domain=r.domain,
                     concepts=r.concepts,
-                    detail="x" * 2_000 if "huge" in r.concepts else "",
+                    detail="x" * 2_000
+                    if "huge" in r.concepts
+                    else ("a lone \ud800 surrogate" if "surrogate" in r.concepts else ""),
                     problem="y" * 2_000_000 if "huge" in r.concepts else "",
                 )
                 out.append(Emit(VERDICTS, verdict))

@@ -238,6 +238,36 @@ def test_an_output_over_the_size_limit_becomes_a_dead_letter_of_its_input(broker
     )
 
 
+def test_an_unencodable_output_is_retried_alone_then_dead_lettered_and_the_partition_moves_on(
+    broker, tmp_path
+):
+    """A lone surrogate in an output (model text no encoder takes) is its input's failure:
+    retried alone ``max_attempts`` times, then a dead letter with the reason; its batch-mates are
+    verdicted and the partition is committed past it (issue 21: it used to retry for ever)."""
+    settings = _settings(tmp_path, broker, batch_size=4, batch_within_s=1.0, max_attempts=2)
+    group = f"{settings.kafka.namespace}-surrogate"
+    bad = _sets(1, "surrogate", prefix="u")[0]
+    good = _sets(3)
+    _raw_send(settings, [(b"one-partition", serde.encode(r)) for r in (bad, *good)])
+    stage = ScriptedStage(settings)
+    _run(
+        settings,
+        stage,
+        lambda: len(_verdicts(settings)) >= 3 and _dead(settings),
+        timeout_s=60,
+        group=group,
+    )
+    assert {v.subject_id for v in _verdicts(settings)} == {s.id for s in good}
+    [dead] = _dead(settings)
+    assert dead.reason == serde.OUTPUT_INVALID and "surrogate" in dead.error
+    assert json.loads(base64.b64decode(dead.payload_b64))["draw"] == "u:0"
+    assert len(serde.encode(dead)) <= settings.kafka.max_record_bytes
+    assert [c for c in stage.calls if c == [bad.id]] == [[bad.id]] * 2  # max_attempts, alone
+    mates = Counter(i for c in stage.calls for i in c if i != bad.id)
+    assert mates == Counter({s.id: 1 for s in good})  # processed once, kept
+    assert sum(_committed(settings, group).values()) == 4  # past every record
+
+
 def test_records_in_flight_move_on_as_they_finish_and_offsets_wait_for_the_slowest(
     broker, tmp_path
 ):
