@@ -116,8 +116,8 @@ MATH_ORACLE_TIMEOUTS = Counter(
 )
 MATH_ORACLE_CALLS = Counter(
     "promptcot_math_oracle_calls_total",
-    "Math equivalence checks by how the verdict was reached "
-    "(text, cache, too_long, math_verify, timeout, crashed)",
+    "Math equivalence checks by how the verdict was reached (text, cache, too_long, garbled, "
+    "math_verify, timeout, crashed, hostile, over_budget)",
     ["outcome"],
 )
 EVAL_ACCURACY = Gauge(
