@@ -3,7 +3,8 @@ it reads concept sets and writes one verdict per set, with a random outcome (so 
 for the same id would show), and misbehaves on request.
 
 Run as a script it is a worker process (``python tests/scripted_stage.py``), configured by
-environment variables, that stops gracefully on SIGTERM like ``promptcot worker``.
+environment variables, that stops gracefully on SIGTERM like ``promptcot worker``; the test gate
+(tests/gate.py, ``TEST_GATE_AT=__main__:ScriptedStage.process``) holds it mid-stream.
 """
 
 from __future__ import annotations
@@ -108,9 +109,12 @@ class ScriptedStage(Stage[ConceptSet]):
 
 def _main() -> None:
     """A worker process: PROMPTCOT_* settings from the environment, SCRIPTED_* for the stage."""
+    from gate import install_from_env
+
     from promptcot.settings import load_settings
     from workers.runtime import run_stages
 
+    install_from_env()
     settings = load_settings()
     stage = ScriptedStage(
         settings,

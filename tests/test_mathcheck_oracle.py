@@ -262,17 +262,21 @@ def test_a_hanging_check_is_bounded_counted_and_the_oracle_goes_on():
         assert calls("cache") == cached + 1 and o.timeouts == 1
 
 
-def test_a_worker_dying_under_a_check_is_a_crash_not_a_timeout():
+def test_a_worker_dying_under_a_check_is_a_crash_not_a_timeout(monkeypatch):
     with EquivalenceOracle(MathCheckSettings(equivalence_timeout_s=30)) as o:
         assert o.equivalent("(2)", "2 + 0")
         crashed, exported = calls("crashed"), metrics.counter_value(metrics.MATH_ORACLE_TIMEOUTS)
-        victim = o._worker.proc
-        killer = threading.Timer(0.5, victim.kill)  # mid-check, as the OOM killer would
-        killer.start()
+        receive = o._receive
+
+        def dying(worker, index, budget):  # the pair is sent: killed under it, as by the OOM
+            monkeypatch.setattr(o, "_receive", receive)  # killer; once, at that point, not on
+            worker.proc.kill()  # a timer that a loaded machine could make land elsewhere
+            return receive(worker, index, budget)
+
+        monkeypatch.setattr(o, "_receive", dying)
         t0 = time.monotonic()
         assert o.equivalent("2^{2^{2^{2^{100}}}}", "7") is False
         assert time.monotonic() - t0 < 10.0  # noticed at once, not after the 30 s bound
-        killer.join()
         assert o.crashes == 1 and o.timeouts == 0
         assert calls("crashed") == crashed + 1
         assert metrics.counter_value(metrics.MATH_ORACLE_TIMEOUTS) == exported

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import faust
 import pytest
 from factory_harness import read_records, start_worker, wait_for, wait_until
+from gate import gate_env, held
 from scripted_stage import ScriptedStage
 
 from promptcot.settings import Settings
@@ -412,26 +413,37 @@ def _decided(tmp_path: Path) -> Counter:
     return Counter(json.loads(line)[0] for line in path.read_text().splitlines())
 
 
+GATE_AT = "__main__:ScriptedStage.process"
+
+
 @pytest.mark.parametrize("grace", ["20", "0.5"])
 def test_sigterm_mid_batch_exits_cleanly_and_loses_nothing(broker, tmp_path, grace):
     """With time to finish, the batch in process finishes and is committed; without, it is
-    not committed and the next worker does it. Either way every set gets one outcome."""
+    not committed and the next worker does it. Either way every set gets one outcome. The
+    batch is held in process by the test gate (tests/gate.py) until the SIGTERM is taken: with
+    grace the gate opens then, without it never does."""
     settings = _settings(tmp_path, broker)
     sets = _sets(24)
     publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
     log = tmp_path / "worker.log"
+    gate = tmp_path / "gate"
     env = {
-        "SCRIPTED_DELAY_S": "1.5",
         "PROMPTCOT_WORKER__SHUTDOWN_GRACE_S": grace,
         "PROMPTCOT_STAGES__GENERATE__BATCH_SIZE": "4",
+        **gate_env(gate, GATE_AT, after=1),  # the first batch decides, the second is held
     }
     first = _worker(settings, tmp_path, log, **env)
-    wait_for(lambda: sum(_decided(tmp_path).values()) >= 4, first, log, timeout_s=90)
+    wait_for(lambda: held(log) and sum(_decided(tmp_path).values()) >= 1, first, log, 90)
     started = time.monotonic()
     first.send_signal(signal.SIGTERM)
+    if grace == "20":
+        wait_for(lambda: "worker stopping" in log.read_text(), first, log, timeout_s=30)
+        gate.touch()  # the held batch may finish now, within the grace
     assert first.wait(timeout=30) == 0
     assert time.monotonic() - started < 30
-    second = _worker(settings, tmp_path, log, SCRIPTED_DELAY_S="0")
+    by_first = sum(_decided(tmp_path).values())
+    assert (1 <= by_first <= 4) if grace == "0.5" else (by_first > 4)  # the held batch?
+    second = _worker(settings, tmp_path, log)
     try:
         wait_for(
             lambda: {v.subject_id for v in _verdicts(settings)} >= {s.id for s in sets},
@@ -452,15 +464,19 @@ def test_sigterm_mid_batch_exits_cleanly_and_loses_nothing(broker, tmp_path, gra
 
 
 def test_kill_minus_nine_mid_flight_loses_and_duplicates_nothing(broker, tmp_path):
+    """Killed with records in flight: the test gate (tests/gate.py) lets 8 records through and
+    holds the next ones in process (6 at once) until the kill."""
     settings = _settings(tmp_path, broker)
     sets = _sets(40)
     publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
     log = tmp_path / "worker.log"
-    env = {"SCRIPTED_DELAY_S": "0.4", "SCRIPTED_CHUNK": "1", "SCRIPTED_IN_FLIGHT": "6"}
-    first = _worker(settings, tmp_path, log, **env)
-    wait_for(lambda: sum(_decided(tmp_path).values()) >= 8, first, log, timeout_s=90)
+    env = {"SCRIPTED_CHUNK": "1", "SCRIPTED_IN_FLIGHT": "6"}
+    gate = gate_env(tmp_path / "gate", GATE_AT, after=8)
+    first = _worker(settings, tmp_path, log, **env, **gate)
+    wait_for(lambda: held(log) and sum(_decided(tmp_path).values()) >= 8, first, log, 90)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=10)
+    assert sum(_decided(tmp_path).values()) == 8  # killed mid-flight, on any machine
     second = _worker(settings, tmp_path, log, **env)
     try:
         wait_for(
