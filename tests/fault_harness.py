@@ -264,8 +264,14 @@ def settled(settings: Settings) -> tuple[set[str], set[str]]:
 
 
 def product_complete(settings: Settings) -> bool:
-    """Every accepted verdict is a problem on the topic (the sink ran after the verdict)."""
-    accepted = {r.subject_id for r, _ in read(settings, "verdicts") if r and r.accepted}
+    """Every accepted verdict of the run's concept sets is a problem on the topic (the sink ran
+    after the verdict); poison has its own audit."""
+    issued, _ = settled(settings)
+    accepted = {
+        r.subject_id
+        for r, _ in read(settings, "verdicts")
+        if r and r.accepted and r.lineage.concept_set_id in issued
+    }
     problems = {r.candidate_id for r, _ in read(settings, "problems") if r}
     return accepted <= problems
 
@@ -307,6 +313,53 @@ def poison(settings: Settings, topics: list[str]) -> dict[tuple[str, int, int], 
         for what, payload in payloads.items():
             meta = producer.send(topic, payload, key=b"poison").get(timeout=60)
             sent[(topic, meta.partition, meta.offset)] = f"{name}: {what}"
+    producer.close()
+    return sent
+
+
+def hostile(settings: Settings) -> dict[tuple[str, int, int], tuple[str, str]]:
+    """Valid records whose model text is hostile (tests/hostile_text.py: 200 KB of ``\\(``,
+    10,000 brackets, power towers, a lone surrogate, a NUL) on each topic a stage reads model
+    text from: candidates (filter), candidates.unique (verify), verdicts (pairs, sink). Returns
+    (topic, partition, offset) -> (catalogue name, the id its outputs name: the candidate's, the
+    verdict's subject). Each must be handled: a verdict, an output or a dead letter with the
+    reason (``audit``)."""
+    from hostile_text import TEXTS
+
+    from streams.records import CandidateProblem, Rollout
+
+    kafka = settings.kafka
+    producer = KafkaProducer(**kafka_python_config(kafka, kafka.bootstrap_servers))
+    sent: dict[tuple[str, int, int], tuple[str, str]] = {}
+    for name in ("candidates", "candidates.unique", "verdicts"):
+        for i, text in enumerate(TEXTS.values()):
+            if name == "verdicts":  # accepted, with a passing and a failing rollout: both
+                record = Verdict(  # the sink and the pairs stage have something to do
+                    subject_id=f"hostile_{i}",
+                    stage="verify",
+                    accepted=True,
+                    reason="accepted",
+                    domain="math",
+                    difficulty="AMC12",
+                    problem=text,  # JSON doubles backslashes: two copies of 200 KB
+                    pass_rate=0.5,  # of \( stay under the record limit
+                    rollouts=[Rollout(text=text, answer="7", passed=True), Rollout(text="no")],
+                )
+            else:
+                record = CandidateProblem(
+                    concept_set_id=f"cset_hostile_{name}_{i}",
+                    domain="math",
+                    difficulty="AMC12",
+                    concepts=["x"],
+                    rationale="r",
+                    problem=text,
+                )
+            # json.dumps escapes the lone surrogate as JSON does (\ud800); readers get it back.
+            payload = json.dumps(record.model_dump(mode="json")).encode()
+            topic = CATALOGUE[name].full_name(kafka.namespace)
+            meta = producer.send(topic, payload, key=b"hostile").get(timeout=60)
+            subject = record.subject_id if isinstance(record, Verdict) else record.id
+            sent[(topic, meta.partition, meta.offset)] = (name, subject)
     producer.close()
     return sent
 
@@ -381,6 +434,7 @@ def audit(
     settings: Settings,
     n_sets: int,
     poisoned: dict[tuple[str, int, int], str] | None = None,
+    hostile_sent: dict[tuple[str, int, int], tuple[str, str]] | None = None,
 ) -> Audit:
     """Assert nothing was lost or redone; return the counts worth printing."""
     copies: dict[str, Counter] = {}
@@ -417,7 +471,10 @@ def audit(
         for v in records["verdicts"]
         if v.accepted and v.lineage.concept_set_id in draws
     }
-    assert {p.candidate_id for p in records["problems"]} == accepted
+    ours_problems = {
+        p.candidate_id for p in records["problems"] if p.lineage.concept_set_id in draws
+    }
+    assert ours_problems == accepted
     sink_rows = _sink_ids(settings)
     assert len(sink_rows) == len(set(sink_rows)), Counter(sink_rows).most_common(3)
     assert {p.id for p in records["problems"]} == set(sink_rows)
@@ -425,19 +482,56 @@ def audit(
     lance_ids = _lance_ids(settings)
     assert len(lance_ids) == len(set(lance_ids)), Counter(lance_ids).most_common(3)
     ours = {c.id for c in records["candidates.unique"] if c.lineage.concept_set_id in draws}
-    assert set(lance_ids) == ours, set(lance_ids) ^ ours
+    hostile_ids = {i for name, i in (hostile_sent or {}).values() if name == "candidates"}
+    assert set(lance_ids) - hostile_ids == ours, (set(lance_ids) - hostile_ids) ^ ours
     # Poison: each record is a dead letter at its coordinates.
     letters = [r for r, _ in read(settings, "deadletter") if r is not None]
     if poisoned:
         coordinates = {(d.source_topic, d.partition, d.offset) for d in letters}
         missing = {where: what for where, what in poisoned.items() if where not in coordinates}
         assert not missing, f"poison without a dead letter: {missing}"
+    if hostile_sent:
+        unhandled = _unhandled_hostile(hostile_sent, records, letters)
+        assert not unhandled, f"hostile text without a verdict, output or dead letter: {unhandled}"
     return Audit(
         concept_sets=len(draws),
         accepted=len(accepted),
         redeliveries={t: sum(c.values()) - len(c) for t, c in copies.items()},
         dead_letters=len({d.id for d in letters}),
     )
+
+
+def _unhandled_hostile(
+    sent: dict[tuple[str, int, int], tuple[str, str]],
+    records: dict[str, list[Record]],
+    letters: list,
+) -> dict[tuple[str, int, int], str]:
+    """Hostile records that no stage reading them settled: the filter passes a candidate on or
+    rejects it, verify gives a verdict, the sink a problem and the pairs stage a pair for an
+    accepted verdict; or the stage dead-letters it at its coordinates (with the reason)."""
+    dead: dict[tuple[str, int, int], set[str]] = defaultdict(set)
+    for d in letters:
+        dead[(d.source_topic, d.partition, d.offset)].add(d.stage)
+    judged = {v.subject_id for v in records["verdicts"]}
+    passed_on = {c.id for c in records["candidates.unique"]}
+    problems = {p.candidate_id for p in records["problems"]}
+    pairs = {p.problem_id for p in records["pairs"]}
+    unhandled = {}
+    for where, (name, rid) in sent.items():
+        if name == "candidates":
+            todo = {"filter": "filter" in dead[where] or rid in passed_on or rid in judged}
+        elif name == "candidates.unique":
+            todo = {"verify": "verify" in dead[where] or rid in judged}
+        else:
+            todo = {
+                "sink": "sink" in dead[where] or rid in problems,
+                "pairs": "pairs" in dead[where] or rid in pairs,
+            }
+        if not all(todo.values()):
+            unhandled[where] = (
+                f"{name} {rid}: not settled by {[s for s, ok in todo.items() if not ok]}"
+            )
+    return unhandled
 
 
 def _outcome(record: Record) -> str:
