@@ -30,8 +30,8 @@ from workers.stage import Emit, Stage  # noqa: E402
 class ScriptedStage(Stage[ConceptSet]):
     """Concept markers steer it: a set whose concepts include "poison" raises, "huge" yields a
     verdict over any size limit, "surrogate" a verdict holding a lone surrogate (text no
-    encoder takes, as a model server may return), "slow" sleeps ``slow_s``. ``transient``
-    failures come first."""
+    encoder takes, as a model server may return), "wrongtype" the concept set itself to the
+    verdicts topic, "slow" sleeps ``slow_s``. ``transient`` failures come first."""
 
     name = "generate"
     input = CONCEPTS
@@ -96,11 +96,11 @@ class ScriptedStage(Stage[ConceptSet]):
                     else ("a lone \ud800 surrogate" if "surrogate" in r.concepts else ""),
                     problem="y" * 2_000_000 if "huge" in r.concepts else "",
                 )
-                out.append(Emit(VERDICTS, verdict))
+                out.append(Emit(VERDICTS, r if "wrongtype" in r.concepts else verdict))
             if self.log_path:  # what this process decided, for the subprocess tests
                 with open(self.log_path, "a") as f:
-                    for e in out:
-                        f.write(json.dumps([e.record.subject_id, e.record.accepted]) + "\n")
+                    for v in (e.record for e in out if isinstance(e.record, Verdict)):
+                        f.write(json.dumps([v.subject_id, v.accepted]) + "\n")
             return out
         finally:
             with self._lock:

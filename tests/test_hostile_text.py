@@ -25,7 +25,9 @@ from workers.runtime import run_stages
 from workers.stages.verify import VerifyStage
 
 pytestmark = pytest.mark.slow
-BOUND_S = 120  # the batch decided, the worker's start included, on a loaded 2-core machine
+# The batch decided, the worker's and the math worker's starts included, on a loaded 2-core
+# machine (measured: 27 s at load 5; at load 17 the math worker took over 60 s to start).
+BOUND_S = 300
 
 # problem tag -> (problem text, the eight rollouts' answers)
 CASES = {
@@ -55,7 +57,7 @@ def _solver(prompt: str, i: int) -> str:
 
 
 def test_a_batch_of_hostile_rollouts_and_problems_is_decided_each_with_its_reason(tmp_path):
-    """Every candidate gets one verdict within BOUND_S (120 s) of the worker's start: a lone
+    """Every candidate gets one verdict within BOUND_S (300 s) of the worker's start: a lone
     surrogate in every rollout (it wedged the partition for good) is a rejected verdict; a 200 KB
     ``\\(`` problem (75 s holding the GIL, then the worker exited) is decided; eight distinct power
     towers (54 s, 23 math worker restarts) are no consensus; ``1\\x002`` is not ``12``."""

@@ -34,7 +34,7 @@ from streams.clients import publish
 from streams.cluster import kafka_python_config
 from streams.records import ConceptSet, DeadLetter, Verdict
 from streams.topics import CONCEPTS, VERDICTS, ensure_topics
-from workers.runtime import OffsetLedger, run_stages
+from workers.runtime import OffsetLedger, is_transient, run_stages
 from workers.stage import Emit, ModelStage
 
 pytestmark = pytest.mark.slow
@@ -130,6 +130,15 @@ def _committed(settings, group: str) -> dict[int, int]:
 
 def _event(tp: str, offset: int):
     return SimpleNamespace(message=SimpleNamespace(tp=tp, offset=offset))
+
+
+def test_a_math_worker_that_cannot_start_is_the_surroundings_not_the_record():
+    """Under load the math-verify worker may not start within its bound: retried like a model
+    server that is away, never a dead letter for the records that needed it."""
+    from workers.mathcheck import WorkerStartError
+
+    assert is_transient(WorkerStartError("math-verify worker not ready after 60.0 s"))
+    assert not is_transient(ValueError("a record's own fault"))
 
 
 def test_the_ledger_acknowledges_only_the_finished_prefix_of_each_partition():
@@ -239,34 +248,39 @@ def test_an_output_over_the_size_limit_becomes_a_dead_letter_of_its_input(broker
     )
 
 
-def test_an_unencodable_output_is_retried_alone_then_dead_lettered_and_the_partition_moves_on(
+def test_an_unusable_output_is_retried_alone_then_dead_lettered_and_the_partition_moves_on(
     broker, tmp_path
 ):
-    """A lone surrogate in an output (model text no encoder takes) is its input's failure:
-    retried alone ``max_attempts`` times, then a dead letter with the reason; its batch-mates are
-    verdicted and the partition is committed past it (issue 21: it used to retry for ever)."""
-    settings = _settings(tmp_path, broker, batch_size=4, batch_within_s=1.0, max_attempts=2)
-    group = f"{settings.kafka.namespace}-surrogate"
-    bad = _sets(1, "surrogate", prefix="u")[0]
+    """An output that cannot become a record is its input's failure: a lone surrogate (model
+    text no encoder takes) or a record of the wrong type for its topic. The input is retried
+    alone ``max_attempts`` times, then dead-lettered with the reason; its batch-mates are
+    verdicted and the partition is committed past it (issue 21: it was retried for ever)."""
+    settings = _settings(tmp_path, broker, batch_size=5, batch_within_s=1.0, max_attempts=2)
+    group = f"{settings.kafka.namespace}-unusable"
+    surrogate = _sets(1, "surrogate", prefix="u")[0]
+    wrong = _sets(1, "wrongtype", prefix="w")[0]
     good = _sets(3)
-    _raw_send(settings, [(b"one-partition", serde.encode(r)) for r in (bad, *good)])
+    sent = (surrogate, *good, wrong)
+    _raw_send(settings, [(b"one-partition", serde.encode(r)) for r in sent])
     stage = ScriptedStage(settings)
     _run(
         settings,
         stage,
-        lambda: len(_verdicts(settings)) >= 3 and _dead(settings),
+        lambda: len(_verdicts(settings)) >= 3 and len(_dead(settings)) >= 2,
         timeout_s=60,
         group=group,
     )
     assert {v.subject_id for v in _verdicts(settings)} == {s.id for s in good}
-    [dead] = _dead(settings)
-    assert dead.reason == serde.OUTPUT_INVALID and "surrogate" in dead.error
-    assert json.loads(base64.b64decode(dead.payload_b64))["draw"] == "u:0"
-    assert len(serde.encode(dead)) <= settings.kafka.max_record_bytes
-    assert [c for c in stage.calls if c == [bad.id]] == [[bad.id]] * 2  # max_attempts, alone
-    mates = Counter(i for c in stage.calls for i in c if i != bad.id)
+    dead = {json.loads(base64.b64decode(d.payload_b64))["draw"]: d for d in _dead(settings)}
+    assert set(dead) == {"u:0", "w:0"}
+    assert dead["u:0"].reason == serde.OUTPUT_INVALID and "surrogate" in dead["u:0"].error
+    assert dead["w:0"].reason == serde.OUTPUT_INVALID and "carries Verdict" in dead["w:0"].error
+    assert all(len(serde.encode(d)) <= settings.kafka.max_record_bytes for d in dead.values())
+    for bad in (surrogate, wrong):  # max_attempts, alone
+        assert [c for c in stage.calls if c == [bad.id]] == [[bad.id]] * 2
+    mates = Counter(i for c in stage.calls for i in c if i in {s.id for s in good})
     assert mates == Counter({s.id: 1 for s in good})  # processed once, kept
-    assert sum(_committed(settings, group).values()) == 4  # past every record
+    assert sum(_committed(settings, group).values()) == len(sent)  # past every record
 
 
 def test_records_in_flight_move_on_as_they_finish_and_offsets_wait_for_the_slowest(

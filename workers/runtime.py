@@ -80,12 +80,14 @@ _PERMANENT_ERRNOS = {
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Failures of the process's surroundings, not of a record: retried, never dead-lettered."""
+    """Failures of the process's surroundings, not of a record: retried, never dead-lettered.
+    The math-verify worker not starting in time is one (a busy host: docs/verification.md)."""
     from workers.backends.base import BackendTimeoutError, UnreachableError
+    from workers.mathcheck.oracle import WorkerStartError
 
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return False
-    return isinstance(exc, UnreachableError | BackendTimeoutError | OSError)
+    return isinstance(exc, UnreachableError | BackendTimeoutError | WorkerStartError | OSError)
 
 
 def build_app(settings: Settings, bootstrap: str, app_id: str) -> faust.App:
