@@ -264,8 +264,14 @@ def settled(settings: Settings) -> tuple[set[str], set[str]]:
 
 
 def product_complete(settings: Settings) -> bool:
-    """Every accepted verdict is a problem on the topic (the sink ran after the verdict)."""
-    accepted = {r.subject_id for r, _ in read(settings, "verdicts") if r and r.accepted}
+    """Every accepted verdict of the run's concept sets is a problem on the topic (the sink ran
+    after the verdict); poison has its own audit."""
+    issued, _ = settled(settings)
+    accepted = {
+        r.subject_id
+        for r, _ in read(settings, "verdicts")
+        if r and r.accepted and r.lineage.concept_set_id in issued
+    }
     problems = {r.candidate_id for r, _ in read(settings, "problems") if r}
     return accepted <= problems
 
@@ -307,6 +313,53 @@ def poison(settings: Settings, topics: list[str]) -> dict[tuple[str, int, int], 
         for what, payload in payloads.items():
             meta = producer.send(topic, payload, key=b"poison").get(timeout=60)
             sent[(topic, meta.partition, meta.offset)] = f"{name}: {what}"
+    producer.close()
+    return sent
+
+
+def hostile(settings: Settings) -> dict[tuple[str, int, int], tuple[str, str]]:
+    """Valid records whose model text is hostile (tests/hostile_text.py: 200 KB of ``\\(``,
+    10,000 brackets, power towers, a lone surrogate, a NUL) on each topic a stage reads model
+    text from: candidates (filter), candidates.unique (verify), verdicts (pairs, sink). Returns
+    (topic, partition, offset) -> (catalogue name, the id its outputs name: the candidate's, the
+    verdict's subject). Each must be handled: a verdict, an output or a dead letter with the
+    reason (``audit``)."""
+    from hostile_text import TEXTS
+
+    from streams.records import CandidateProblem, Rollout
+
+    kafka = settings.kafka
+    producer = KafkaProducer(**kafka_python_config(kafka, kafka.bootstrap_servers))
+    sent: dict[tuple[str, int, int], tuple[str, str]] = {}
+    for name in ("candidates", "candidates.unique", "verdicts"):
+        for i, text in enumerate(TEXTS.values()):
+            if name == "verdicts":  # accepted, with a passing and a failing rollout: both
+                record = Verdict(  # the sink and the pairs stage have something to do
+                    subject_id=f"hostile_{i}",
+                    stage="verify",
+                    accepted=True,
+                    reason="accepted",
+                    domain="math",
+                    difficulty="AMC12",
+                    problem=text,  # JSON doubles backslashes: two copies of 200 KB
+                    pass_rate=0.5,  # of \( stay under the record limit
+                    rollouts=[Rollout(text=text, answer="7", passed=True), Rollout(text="no")],
+                )
+            else:
+                record = CandidateProblem(
+                    concept_set_id=f"cset_hostile_{name}_{i}",
+                    domain="math",
+                    difficulty="AMC12",
+                    concepts=["x"],
+                    rationale="r",
+                    problem=text,
+                )
+            # json.dumps escapes the lone surrogate as JSON does (\ud800); readers get it back.
+            payload = json.dumps(record.model_dump(mode="json")).encode()
+            topic = CATALOGUE[name].full_name(kafka.namespace)
+            meta = producer.send(topic, payload, key=b"hostile").get(timeout=60)
+            subject = record.subject_id if isinstance(record, Verdict) else record.id
+            sent[(topic, meta.partition, meta.offset)] = (name, subject)
     producer.close()
     return sent
 
@@ -443,16 +496,19 @@ def check_outcomes(records: dict[str, list[Record]]) -> Check:
     return Check("one outcome per id", counts, violations)
 
 
-def check_product(settings: Settings, records: dict[str, list[Record]]) -> Check:
+def check_product(
+    settings: Settings, records: dict[str, list[Record]], foreign: frozenset[str] = frozenset()
+) -> Check:
     """Every accepted verdict is a problem on the topic and in the sink, once; LanceDB holds
-    each unique candidate once, none lost."""
+    each unique candidate once, none lost. ``foreign``: candidate ids a test put on the topics
+    itself (hostile text), not of the sampler's concept sets."""
     draws = own_draws(records, settings.concepts.seed)
     accepted = {
         v.subject_id
         for v in records["verdicts"]
         if v.accepted and v.lineage.concept_set_id in draws
     }
-    problems = {p.candidate_id for p in records["problems"]}
+    problems = {p.candidate_id for p in records["problems"] if p.lineage.concept_set_id in draws}
     rows, lance = sink_ids(settings), lance_ids(settings)
     ours = {c.id for c in records["candidates.unique"] if c.lineage.concept_set_id in draws}
     violations = []
@@ -467,8 +523,9 @@ def check_product(settings: Settings, records: dict[str, list[Record]]) -> Check
     twice = [i for i, n in Counter(lance).items() if n > 1]
     if twice:
         violations.append(f"{len(twice)} ids twice in LanceDB: {first_few(twice)}")
-    if set(lance) != ours:
-        violations.append(f"LanceDB vs unique candidates differ: {first_few(set(lance) ^ ours)}")
+    if set(lance) - foreign != ours:
+        differ = (set(lance) - foreign) ^ ours
+        violations.append(f"LanceDB vs unique candidates differ: {first_few(differ)}")
     counts = {
         "accepted": len(accepted),
         "sink rows": len(rows),
@@ -490,6 +547,20 @@ def check_poison(
     return Check("every poison record dead-lettered", counts, violations)
 
 
+def check_hostile(
+    records: dict[str, list[Record]], sent: dict[tuple[str, int, int], tuple[str, str]]
+) -> Check:
+    """Every hostile record is settled, or dead-lettered, by each stage that reads it."""
+    unhandled = _unhandled_hostile(sent, records, records["deadletter"])
+    violations = (
+        [f"hostile text without a verdict, output or dead letter: {first_few(unhandled.values())}"]
+        if unhandled
+        else []
+    )
+    counts = {"hostile records": len(sent), "settled": len(sent) - len(unhandled)}
+    return Check("every hostile record settled", counts, violations)
+
+
 def read_audited(settings: Settings) -> dict[str, list[Record]]:
     """The records the checks read, from the topics (undecodable messages left out)."""
     return {t: [r for r, _ in read(settings, t) if r is not None] for t in (*AUDITED, "deadletter")}
@@ -500,13 +571,18 @@ def run_checks(
     records: dict[str, list[Record]],
     poisoned: dict[tuple[str, int, int], str] | None = None,
     all_settled: bool = True,
+    hostile_sent: dict[tuple[str, int, int], tuple[str, str]] | None = None,
 ) -> list[Check]:
-    return [
+    foreign = frozenset(i for name, i in (hostile_sent or {}).values() if name == "candidates")
+    checks = [
         check_verdicts(records, settings.concepts.seed, all_settled),
         check_outcomes(records),
-        check_product(settings, records),
+        check_product(settings, records, foreign),
         check_poison(records, poisoned or {}),
     ]
+    if hostile_sent:
+        checks.append(check_hostile(records, hostile_sent))
+    return checks
 
 
 @dataclass
@@ -528,13 +604,14 @@ def audit(
     settings: Settings,
     n_sets: int,
     poisoned: dict[tuple[str, int, int], str] | None = None,
+    hostile_sent: dict[tuple[str, int, int], tuple[str, str]] | None = None,
 ) -> Audit:
     """Assert nothing was lost or redone; return the counts worth printing."""
     records = read_audited(settings)
-    checks = run_checks(settings, records, poisoned)
+    checks = run_checks(settings, records, poisoned, hostile_sent=hostile_sent)
     failed = [c.line() for c in checks if not c.ok]
     assert not failed, "\n".join(failed)
-    verdicts, outcomes, product, _ = checks
+    verdicts, outcomes, product = checks[:3]
     assert verdicts.counts["concept sets"] == n_sets, verdicts.line()
     return Audit(
         concept_sets=n_sets,
@@ -542,6 +619,39 @@ def audit(
         redeliveries={t: outcomes.counts[f"{t} redelivered"] for t in AUDITED},
         dead_letters=len({d.id for d in records["deadletter"]}),
     )
+
+
+def _unhandled_hostile(
+    sent: dict[tuple[str, int, int], tuple[str, str]],
+    records: dict[str, list[Record]],
+    letters: list,
+) -> dict[tuple[str, int, int], str]:
+    """Hostile records that no stage reading them settled: the filter passes a candidate on or
+    rejects it, verify gives a verdict, the sink a problem and the pairs stage a pair for an
+    accepted verdict; or the stage dead-letters it at its coordinates (with the reason)."""
+    dead: dict[tuple[str, int, int], set[str]] = defaultdict(set)
+    for d in letters:
+        dead[(d.source_topic, d.partition, d.offset)].add(d.stage)
+    judged = {v.subject_id for v in records["verdicts"]}
+    passed_on = {c.id for c in records["candidates.unique"]}
+    problems = {p.candidate_id for p in records["problems"]}
+    pairs = {p.problem_id for p in records["pairs"]}
+    unhandled = {}
+    for where, (name, rid) in sent.items():
+        if name == "candidates":
+            todo = {"filter": "filter" in dead[where] or rid in passed_on or rid in judged}
+        elif name == "candidates.unique":
+            todo = {"verify": "verify" in dead[where] or rid in judged}
+        else:
+            todo = {
+                "sink": "sink" in dead[where] or rid in problems,
+                "pairs": "pairs" in dead[where] or rid in pairs,
+            }
+        if not all(todo.values()):
+            unhandled[where] = (
+                f"{name} {rid}: not settled by {[s for s, ok in todo.items() if not ok]}"
+            )
+    return unhandled
 
 
 def _outcome(record: Record) -> str:

@@ -80,12 +80,14 @@ _PERMANENT_ERRNOS = {
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Failures of the process's surroundings, not of a record: retried, never dead-lettered."""
+    """Failures of the process's surroundings, not of a record: retried, never dead-lettered.
+    The math-verify worker not starting in time is one (a busy host: docs/verification.md)."""
     from llm.backends.base import BackendTimeoutError, UnreachableError
+    from verification.mathcheck.oracle import WorkerStartError
 
     if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return False
-    return isinstance(exc, UnreachableError | BackendTimeoutError | OSError)
+    return isinstance(exc, UnreachableError | BackendTimeoutError | WorkerStartError | OSError)
 
 
 def build_app(settings: Settings, bootstrap: str, app_id: str) -> faust.App:
@@ -167,10 +169,20 @@ class _Item:
 
 @dataclass
 class _Outcome:
-    """What a chunk produced: emits per input id (journaled), and emits of no single input."""
+    """What a chunk produced, encoded: outputs per input id (journaled), and outputs of no
+    single input."""
 
-    by_input: dict[str, list[Emit]] = field(default_factory=dict)
-    loose: list[Emit] = field(default_factory=list)
+    by_input: dict[str, list[Outgoing]] = field(default_factory=dict)
+    loose: list[Outgoing] = field(default_factory=list)
+
+
+class UnusableOutput(ValueError):
+    """An output that cannot become a record on its topic (the wrong type, not encodable, over
+    the size limit): the failure of the input that produced it. ``reason`` is the dead letter's."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -247,7 +259,13 @@ class StageAgent:
     async def _prime(self) -> None:
         loop = asyncio.get_running_loop()
         emits = await loop.run_in_executor(self.executor, self.stage.start)
-        outgoing = [self._outgoing(e) for e in emits]
+        outgoing = []
+        for emit in emits:
+            try:
+                outgoing.append(self._fit(emit))
+            except UnusableOutput as exc:  # no input to blame: a dead letter of the start
+                log.error("stage %s: a start record is unusable: %s", self.stage.name, exc)
+                outgoing.append(self._outgoing(self._dead_letter(exc, None)))
         backoff = self.settings.worker.retry_backoff_s
         while not self.stopping.is_set():  # start() changed the stage's state: send, never redo
             try:
@@ -359,17 +377,12 @@ class StageAgent:
         return out
 
     def _decide(self, items: list[_Item]) -> list[Outgoing]:
-        """Process, fit the outputs to the size limit, record them in the journal; the journal's
-        winner is what is sent where another process decided an id first."""
+        """Process, record the outputs in the journal; the journal's winner is what is sent
+        where another process decided an id first."""
         outcome = self._process(items)
-        by_id = {i.record.id: i for i in items}
-        decided: dict[str, list[Outgoing]] = {
-            input_id: [self._fit(e, by_id[input_id].message) for e in emits]
-            for input_id, emits in outcome.by_input.items()
-        }
-        loose = [self._fit(e, items[0].message) for e in outcome.loose]
+        decided = outcome.by_input
         if self.journal is None:
-            return [o for outs in decided.values() for o in outs] + loose
+            return [o for outs in decided.values() for o in outs] + outcome.loose
         # An input that ended in a dead letter is not decided: a replay after a fix runs again.
         failed = {i for i, outs in decided.items() if any(o.dead_letter_reason for o in outs)}
         winners = self.journal.record(
@@ -378,11 +391,19 @@ class StageAgent:
         return (
             [Outgoing.from_journal(entry) for entries in winners.values() for entry in entries]
             + [o for i in failed for o in decided[i]]
-            + loose
+            + outcome.loose
         )
 
     def _process(self, items: list[_Item]) -> _Outcome:
-        """``stage.process`` with the failure policy; never raises but ``_Stopped``."""
+        """``stage.process`` and the encoding of its outputs, with the failure policy; never
+        raises but ``_Stopped``.
+
+        An input fails when ``process`` raises on it or when an output it produced cannot become
+        a record (``UnusableOutput``: a lone surrogate from a model, the wrong type, over the
+        size limit); either way it is retried (alone, where the stage isolates failures) up to
+        ``max_attempts`` times, then dead-lettered with the reason. Batch-mates whose outputs
+        encoded keep them. Transient failures (a server away, a full disk) are retried until
+        they pass or the worker stops."""
         if self.stopping.is_set():  # queued behind the chunk in process when the stop came
             raise _Stopped()
         attempts = 0
@@ -390,7 +411,7 @@ class StageAgent:
         while True:
             try:
                 self.stage.ensure_ready()
-                return self._attribute(items, self.stage.process([i.record for i in items]))
+                emits = self.stage.process([i.record for i in items])
             except Exception as exc:
                 if is_transient(exc):
                     log.warning("stage %s: %s; retrying in %.0f s", self.stage.name, exc, backoff)
@@ -398,35 +419,59 @@ class StageAgent:
                     self._sleep(backoff)
                     backoff = min(backoff * 2, self.settings.worker.retry_backoff_max_s)
                     continue
-                if self.stage.isolate_failures and len(items) > 1:
-                    log.exception(
-                        "stage %s failed on %d records; retrying one by one",
-                        self.stage.name,
-                        len(items),
-                    )
-                    return _merge(self._process([item]) for item in items)
-                attempts += 1
-                if attempts < self.runtime.max_attempts:
-                    log.exception(
-                        "stage %s failed (attempt %d of %d); retrying",
-                        self.stage.name,
-                        attempts,
-                        self.runtime.max_attempts,
-                    )
-                    metrics.RETRIES.labels(stage=self.stage.name, kind="error").inc()
-                    self._sleep(self.settings.worker.retry_backoff_s * attempts)
-                    continue
-                log.exception("stage %s gave up on %d record(s)", self.stage.name, len(items))
-                return _Outcome({i.record.id: [self._dead_letter(exc, i.message)] for i in items})
+                done, failed = _Outcome(), {i.record.id: exc for i in items}
+            else:
+                done, failed = self._encode(items, emits)
+                if not failed:
+                    return done
+            error = next(iter(failed.values()))
+            if self.stage.isolate_failures and len(items) > 1:
+                log.error(
+                    "stage %s failed on %d of %d records; retrying them one by one",
+                    self.stage.name,
+                    len(failed),
+                    len(items),
+                    exc_info=error,
+                )
+                retry = [i for i in items if i.record.id in failed]
+                return _merge([done, *(self._process([item]) for item in retry)])
+            attempts += 1
+            if attempts < self.runtime.max_attempts:
+                log.error(
+                    "stage %s failed (attempt %d of %d); retrying",
+                    self.stage.name,
+                    attempts,
+                    self.runtime.max_attempts,
+                    exc_info=error,
+                )
+                metrics.RETRIES.labels(stage=self.stage.name, kind="error").inc()
+                self._sleep(self.settings.worker.retry_backoff_s * attempts)
+                continue
+            log.error(
+                "stage %s gave up on %d record(s)", self.stage.name, len(items), exc_info=error
+            )
+            return _Outcome(
+                {
+                    i.record.id: [
+                        self._outgoing(self._dead_letter(failed.get(i.record.id, error), i.message))
+                    ]
+                    for i in items
+                }
+            )
 
     def _sleep(self, seconds: float) -> None:
         if self.stopping.wait(seconds):
             raise _Stopped()
 
-    def _attribute(self, items: list[_Item], emits: list[Emit]) -> _Outcome:
-        """Which input each output belongs to: the input itself passed on, or its child (the
-        input's id among the record's parents)."""
+    def _encode(
+        self, items: list[_Item], emits: list[Emit]
+    ) -> tuple[_Outcome, dict[str, Exception]]:
+        """The outputs encoded and attributed to the input each belongs to (the input itself
+        passed on, or its child: the input's id among the record's parents); and the inputs
+        whose outputs cannot become records, with why. An output of no single input that cannot
+        is the whole chunk's failure."""
         outcome = _Outcome({i.record.id: [] for i in items})
+        failed: dict[str, Exception] = {}
         for emit in emits:
             record = emit.record
             owner = next(
@@ -437,23 +482,44 @@ class StageAgent:
                 ),
                 None,
             )
+            try:
+                out = self._fit(emit)
+            except UnusableOutput as exc:
+                if owner is None:
+                    return _Outcome(), {i.record.id: exc for i in items}
+                failed.setdefault(owner, exc)
+                continue
             if owner is None:
-                outcome.loose.append(emit)
+                outcome.loose.append(out)
             else:
-                outcome.by_input[owner].append(emit)
-        return outcome
+                outcome.by_input[owner].append(out)
+        for owner in failed:
+            del outcome.by_input[owner]  # none of a failed input's outputs go out
+        return outcome, failed
 
-    def _fit(self, emit: Emit, source: Any) -> Outgoing:
-        """An output over the size limit becomes a dead letter of the input that produced it."""
-        out = self._outgoing(emit)
-        if len(out.value) <= self.max_bytes:
-            return out
-        error = (
-            f"stage {self.stage.name} produced a {len(out.value):,}-byte {emit.record.kind} record"
-        )
-        return self._outgoing(
-            self._dead_letter(ValueError(error), source, reason=serde.OUTPUT_TOO_LARGE)
-        )
+    def _fit(self, emit: Emit) -> Outgoing:
+        """An output as it is sent, or ``UnusableOutput`` when it cannot be a record on its
+        topic."""
+        record, name = emit.record, self.stage.name
+        if not isinstance(record, emit.topic.record):
+            raise UnusableOutput(
+                serde.OUTPUT_INVALID,
+                f"stage {name} emitted a {type(record).__name__} to {emit.topic.name}, "
+                f"which carries {emit.topic.record.__name__}",
+            )
+        try:
+            out = self._outgoing(emit)
+        except Exception as exc:  # noqa: BLE001 - whatever stops encoding, the record's fault
+            raise UnusableOutput(
+                serde.OUTPUT_INVALID,
+                f"stage {name} produced a {record.kind} record that cannot be encoded: {exc}",
+            ) from exc
+        if len(out.value) > self.max_bytes:
+            raise UnusableOutput(
+                serde.OUTPUT_TOO_LARGE,
+                f"stage {name} produced a {len(out.value):,}-byte {record.kind} record",
+            )
+        return out
 
     def _outgoing(self, emit: Emit) -> Outgoing:
         record = emit.record
@@ -468,7 +534,7 @@ class StageAgent:
             else None,
         )
 
-    def _dead_letter(self, exc: Exception, message: Any, reason: str | None = None) -> Emit:
+    def _dead_letter(self, exc: Exception, message: Any) -> Emit:
         record = serde.dead_letter(
             stage=self.stage.name,
             error=exc,
@@ -480,7 +546,7 @@ class StageAgent:
             key=getattr(message, "key", None),
             payload=getattr(message, "value", None),
             max_bytes=self.max_bytes,
-            reason=reason,
+            reason=exc.reason if isinstance(exc, UnusableOutput) else None,
         )
         return Emit(DEAD_LETTERS, record)
 
