@@ -52,8 +52,8 @@ DIVERSITY = Gauge(
     "promptcot_diversity", "Diversity of accepted problems over the last window", ["measure"]
 )
 SANDBOX_RUNS = Counter("promptcot_sandbox_runs_total", "Sandboxed program runs", ["outcome"])
-# Progress of each stage, set by the runtime (workers/runtime.py): what "alive but stuck" alerts
-# and health checks read.
+# Progress of each stage, set by the runtime (workers/runtime.py, workers/agent.py): what "alive
+# but stuck" alerts and health checks read.
 LAST_PROGRESS = Gauge(
     "promptcot_stage_last_progress_timestamp_seconds",
     "Unix time a stage last finished input records (outputs acknowledged, offsets committable)",

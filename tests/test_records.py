@@ -193,7 +193,7 @@ def test_unknown_fields_are_rejected_not_silently_dropped():
 
 
 def test_every_topic_is_keyed_by_a_field_of_its_record_type():
-    """A key naming no field silently falls back to the record id (workers/runtime.py)."""
+    """A key naming no field silently falls back to the record id (workers/pipeline.py)."""
     from streams.topics import CATALOGUE
 
     for spec in CATALOGUE.values():

@@ -34,7 +34,9 @@ from streams.clients import publish
 from streams.cluster import kafka_python_config
 from streams.records import ConceptSet, DeadLetter, Verdict
 from streams.topics import CONCEPTS, VERDICTS, ensure_topics
-from workers.runtime import OffsetLedger, is_transient, run_stages
+from workers.offsets import OffsetLedger
+from workers.pipeline import is_transient
+from workers.runtime import run_stages
 from workers.stage import Emit, ModelStage
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ behind, so the retry trains exactly what a clean run trains.
 - A real ``promptcot worker em`` against the embedded broker, killed with SIGKILL after the
   E-step checkpoint and before the M-step's (held there by the test gate), then restarted: the
   window completes and both versions are on the models topic.
-- Through the runtime (its window contract, workers/runtime.py): a window whose training keeps
+- Through the runtime (its window contract, workers/pipeline.py): a window whose training keeps
   failing (a checkpoint folder that is a file: no retry fixes it) is retried, then every record
   is dead-lettered with the reason.
 """
