@@ -49,7 +49,7 @@ from trainer.checkpoints import CheckpointStore, TrainedLedger
 from trainer.heldout import HeldoutPool, is_heldout
 from trainer.role_models import RoleModel, load_role_model, save_role_model
 from trainer.settings import StepConfig, TrainerSettings
-from trainer.sft import continuation_nll, greedy_decode, sft, torch_module
+from trainer.sft import Report, StepReport, continuation_nll, greedy_decode, sft, torch_module
 from trainer.updates import WindowResult, model_update, update_from_manifest
 
 log = logging.getLogger(__name__)
@@ -304,8 +304,14 @@ class EMTrainer:
             )
         return self._models[role]
 
-    def _train(self, rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig) -> float:
-        return sft(rm, examples, cfg, self.settings.seed, self.settings.dtype)
+    def _train(
+        self,
+        rm: RoleModel,
+        examples: list[dict[str, str]],
+        cfg: StepConfig,
+        on_step: StepReport | None = None,
+    ) -> float:
+        return sft(rm, examples, cfg, self.settings.seed, self.settings.dtype, on_step)
 
     def _save(
         self,
@@ -343,20 +349,26 @@ class EMTrainer:
         return any(self.store.latest(role) is None for role in self.ROLES)
 
     def cold_start(
-        self, seeds: Sequence[AnnotatedSeed], *, force: bool = False
+        self,
+        seeds: Sequence[AnnotatedSeed],
+        *,
+        force: bool = False,
+        report: Report | None = None,
     ) -> list[ModelUpdate]:
         """SFT of both models on the annotated (c, z, x) triples (held-out seeds excluded; they
         start the held-out pool). Resumable: a role that has a checkpoint already is not trained
         again, its newest version is announced instead (``force``: train it again anyway, from
-        its newest version)."""
+        its newest version). ``report`` hears of each phase and training step."""
         with self._lock:
             try:
-                return self._cold_start(seeds, force)
+                return self._cold_start(seeds, force, report or (lambda what, done, of: None))
             except BaseException:
                 self._discard_models()
                 raise
 
-    def _cold_start(self, seeds: Sequence[AnnotatedSeed], force: bool) -> list[ModelUpdate]:
+    def _cold_start(
+        self, seeds: Sequence[AnnotatedSeed], force: bool, report: Report
+    ) -> list[ModelUpdate]:
         s = self.settings
         cfg = s.cold_start
         items = [SeedItem.from_annotated(seed) for seed in seeds]
@@ -372,16 +384,24 @@ class EMTrainer:
                 again = update_from_manifest({**latest.metadata, "path": str(latest.path)})
                 updates += [again] if again is not None else []
                 continue
+            report(f"loading {role}", 0, 0)
             rm = self.model(role, cfg)
+
+            def step(done: int, of: int, role: str = role) -> None:
+                report(f"training {role}", done, of)
+
             if role == Role.RATIONALE_MODEL:
                 loss = self._train(
-                    rm, [rationale_model_example(rm.tokenizer, i) for i in train], cfg
+                    rm, [rationale_model_example(rm.tokenizer, i) for i in train], cfg, step
                 )
                 metrics = {"train_loss": loss, "n_seeds": len(train)}
             else:
                 signal, label = self._signal_items(train)
+                report(f"scoring {role} on {len(signal)} {label} seeds", 0, 0)
                 before = problem_nll(rm.model, rm.tokenizer, signal)
-                loss = self._train(rm, [prompt_model_example(rm.tokenizer, i) for i in train], cfg)
+                examples = [prompt_model_example(rm.tokenizer, i) for i in train]
+                loss = self._train(rm, examples, cfg, step)
+                report(f"scoring {role} on {len(signal)} {label} seeds", 0, 0)
                 after = problem_nll(rm.model, rm.tokenizer, signal)
                 metrics = {
                     "train_loss": loss,
