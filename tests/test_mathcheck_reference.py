@@ -181,3 +181,20 @@ def test_hostile_text_costs_work_linear_in_its_length(shape, monkeypatch):
     check_arithmetic(shape)
     designer_reference(shape[: ref.MAX_RATIONALE_CHARS])
     assert handed <= 40 * len(shape), handed
+
+
+@pytest.mark.parametrize(
+    "name", ["200 KB of \\(", "10,000 brackets", "power towers", "a lone surrogate", "NUL", "sums"]
+)
+def test_a_hostile_designer_rationale_is_read_in_bounded_time(name):
+    """The designer's rationale is model text: its answer and its arithmetic are read in time
+    linear in it (10 s is a behaviour bound for a loaded 2-core machine, not a speed goal)."""
+    import time
+
+    from hostile_text import TEXTS
+
+    text = TEXTS.get(name) or "12+3*4=24 and (1+2)*3=9, " * 8_000  # 200 KB of steps to check
+    started = time.monotonic()
+    found = designer_reference(text + " so the answer is 7")
+    assert time.monotonic() - started < 10.0
+    assert found is not None

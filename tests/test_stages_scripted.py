@@ -215,7 +215,9 @@ def test_verify_decides_a_200_kb_candidate_of_math_openers_within_10_s():
 
     candidate = CandidateProblem(**_candidate().model_dump(exclude={"id"}) | {"problem": OPENERS})
     solver = ScriptedBackend(_solver(["x+1"] * 3 + list("12345")), version="solver@v3")
-    stage = VerifyStage(SETTINGS, backends={Role.SOLVER: solver, Role.TEST_WRITER: solver})
+    # The opt-in plurality: the reference is the rollouts' "x+1", whatever the designer says.
+    majority = Settings(metrics={"port": 0}, verify={"math": {"reference": "majority"}})
+    stage = VerifyStage(majority, backends={Role.SOLVER: solver, Role.TEST_WRITER: solver})
     try:
         stage.oracle.equivalent("(2)", "2 + 0")  # the math worker started: not what is timed
         started = time.monotonic()
