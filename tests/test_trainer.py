@@ -462,7 +462,7 @@ def test_m_step_decodes_the_rationale_q_phi_learned(tmp_path, tiny_model):
     )
     q = load_role_model(CheckpointStore(tmp_path), "rationale_model", str(tiny_model))
     assert greedy_rationales(q.model, q.tokenizer, [item], max_new_tokens=40) == [None]
-    cfg = StepConfig(lr=1e-2, epochs=40, batch_size=1, per_device_batch_size=1, max_seq_len=512)
+    cfg = StepConfig(lr=1e-2, epochs=80, batch_size=1, per_device_batch_size=1, max_seq_len=512)
     sft(q, [rationale_model_example(q.tokenizer, item)], cfg)
     # Stopped at </rationale> and parsed: exactly the text the M-step trains p_θ on.
     assert greedy_rationales(q.model, q.tokenizer, [item], max_new_tokens=60) == [item.rationale]

@@ -24,7 +24,13 @@ from trainer.checkpoints import CheckpointStore, TrainedLedger
 from trainer.heldout import HeldoutPool, is_heldout
 from trainer.role_models import RoleModel, load_role_model, save_role_model, training_device
 from trainer.settings import TrainerSettings
-from trainer.sft import TRAINING_LOCK, common_training_args, continuation_nll, quiet_datasets
+from trainer.sft import (
+    TRAINING_LOCK,
+    common_training_args,
+    continuation_nll,
+    quiet_datasets,
+    report_to_log,
+)
 from trainer.updates import WindowResult, model_update, update_from_manifest
 
 log = logging.getLogger(__name__)
@@ -99,6 +105,7 @@ def _dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSetti
                 train_dataset=Dataset.from_list(rows),
                 processing_class=rm.tokenizer,
             )
+            report_to_log(trainer)
             result = trainer.train()
         finally:
             drop_reference_adapter(rm.model)

@@ -49,7 +49,7 @@ from trainer.checkpoints import CheckpointStore, TrainedLedger
 from trainer.heldout import HeldoutPool, is_heldout
 from trainer.role_models import RoleModel, load_role_model, save_role_model
 from trainer.settings import StepConfig, TrainerSettings
-from trainer.sft import continuation_nll, greedy_decode, sft, torch_module
+from trainer.sft import Report, StepReport, continuation_nll, greedy_decode, sft, torch_module
 from trainer.updates import WindowResult, model_update, update_from_manifest
 
 log = logging.getLogger(__name__)
@@ -228,11 +228,22 @@ def mean_reward(p: RoleModel, items: Sequence[SeedItem]) -> float:
     return -(nll_z + nll_x) / len(items) if items else float("nan")
 
 
+def rationale_tokens(tokenizer: Any, rationales: Sequence[str]) -> float:
+    """Mean length in tokens of the rationales as q_φ writes them (closing delimiter included):
+    reported beside the reward, so that a reward rising with shorter rationales shows."""
+    if not rationales:
+        return float("nan")
+    texts = [rationale_completion(z) for z in rationales]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return sum(len(i) for i in ids) / len(ids)
+
+
 def greedy_reward(
     q: RoleModel, p: RoleModel, items: Sequence[SeedItem], max_new_tokens: int, batch: int
-) -> float:
-    """Mean reward of q_φ's greedy rationale per item under p_θ. An output that does not parse
-    is scored as written (it is still what q_φ would give the M-step to learn from)."""
+) -> tuple[float, float]:
+    """(mean reward under p_θ, mean length in tokens) of q_φ's greedy rationale per item. An
+    output that does not parse is scored as written (it is still what q_φ would give the M-step
+    to learn from)."""
     decoded = greedy_decode(
         q.model,
         q.tokenizer,
@@ -248,7 +259,7 @@ def greedy_reward(
         except ParseError:
             z = text.strip() or "-"
         scored.append(item.with_rationale(z))
-    return mean_reward(p, scored)
+    return mean_reward(p, scored), rationale_tokens(q.tokenizer, [i.rationale for i in scored])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +304,14 @@ class EMTrainer:
             )
         return self._models[role]
 
-    def _train(self, rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig) -> float:
-        return sft(rm, examples, cfg, self.settings.seed, self.settings.dtype)
+    def _train(
+        self,
+        rm: RoleModel,
+        examples: list[dict[str, str]],
+        cfg: StepConfig,
+        on_step: StepReport | None = None,
+    ) -> float:
+        return sft(rm, examples, cfg, self.settings.seed, self.settings.dtype, on_step)
 
     def _save(
         self,
@@ -332,20 +349,26 @@ class EMTrainer:
         return any(self.store.latest(role) is None for role in self.ROLES)
 
     def cold_start(
-        self, seeds: Sequence[AnnotatedSeed], *, force: bool = False
+        self,
+        seeds: Sequence[AnnotatedSeed],
+        *,
+        force: bool = False,
+        report: Report | None = None,
     ) -> list[ModelUpdate]:
         """SFT of both models on the annotated (c, z, x) triples (held-out seeds excluded; they
         start the held-out pool). Resumable: a role that has a checkpoint already is not trained
         again, its newest version is announced instead (``force``: train it again anyway, from
-        its newest version)."""
+        its newest version). ``report`` hears of each phase and training step."""
         with self._lock:
             try:
-                return self._cold_start(seeds, force)
+                return self._cold_start(seeds, force, report or (lambda what, done, of: None))
             except BaseException:
                 self._discard_models()
                 raise
 
-    def _cold_start(self, seeds: Sequence[AnnotatedSeed], force: bool) -> list[ModelUpdate]:
+    def _cold_start(
+        self, seeds: Sequence[AnnotatedSeed], force: bool, report: Report
+    ) -> list[ModelUpdate]:
         s = self.settings
         cfg = s.cold_start
         items = [SeedItem.from_annotated(seed) for seed in seeds]
@@ -361,16 +384,24 @@ class EMTrainer:
                 again = update_from_manifest({**latest.metadata, "path": str(latest.path)})
                 updates += [again] if again is not None else []
                 continue
+            report(f"loading {role}", 0, 0)
             rm = self.model(role, cfg)
+
+            def step(done: int, of: int, role: str = role) -> None:
+                report(f"training {role}", done, of)
+
             if role == Role.RATIONALE_MODEL:
                 loss = self._train(
-                    rm, [rationale_model_example(rm.tokenizer, i) for i in train], cfg
+                    rm, [rationale_model_example(rm.tokenizer, i) for i in train], cfg, step
                 )
                 metrics = {"train_loss": loss, "n_seeds": len(train)}
             else:
                 signal, label = self._signal_items(train)
+                report(f"scoring {role} on {len(signal)} {label} seeds", 0, 0)
                 before = problem_nll(rm.model, rm.tokenizer, signal)
-                loss = self._train(rm, [prompt_model_example(rm.tokenizer, i) for i in train], cfg)
+                examples = [prompt_model_example(rm.tokenizer, i) for i in train]
+                loss = self._train(rm, examples, cfg, step)
+                report(f"scoring {role} on {len(signal)} {label} seeds", 0, 0)
                 after = problem_nll(rm.model, rm.tokenizer, signal)
                 metrics = {
                     "train_loss": loss,
@@ -447,9 +478,9 @@ class EMTrainer:
         p = self.model(Role.PROMPT_MODEL, s.m_step)
         signal, label = self._signal_items(train)
         budget, batch = s.m_step.max_rationale_tokens, s.m_step.generation_batch_size
-        before = greedy_reward(q, p, signal, budget, batch)
+        before, tokens_before = greedy_reward(q, p, signal, budget, batch)
         loss = self._train(q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step)
-        after = greedy_reward(q, p, signal, budget, batch)
+        after, tokens_after = greedy_reward(q, p, signal, budget, batch)
         rewards = [best[i.seed_id].reward for i in train]
         metrics = {
             "train_loss": loss,
@@ -458,9 +489,27 @@ class EMTrainer:
             "mean_best_reward": sum(rewards) / len(rewards),
             f"{label}_reward_before": before,
             f"{label}_reward_after": after,
+            # Lengths beside the rewards: best-of-K picking the shorter samples, or q_φ's
+            # rationales shrinking while the reward rises, is "shorter", not "better".
+            "mean_best_rationale_tokens": rationale_tokens(
+                q.tokenizer, [i.rationale for i in train]
+            ),
+            "mean_sampled_rationale_tokens": rationale_tokens(
+                q.tokenizer, [r.text for r in rationales]
+            ),
+            f"{label}_rationale_tokens_before": tokens_before,
+            f"{label}_rationale_tokens_after": tokens_after,
         }
         parents = [best[i.seed_id].id for i in train]
-        log.info("E-step: %d seeds, %s reward %.3f -> %.3f", len(train), label, before, after)
+        log.info(
+            "E-step: %d seeds, %s reward %.3f -> %.3f, rationale %.1f -> %.1f tokens",
+            len(train),
+            label,
+            before,
+            after,
+            tokens_before,
+            tokens_after,
+        )
         return self._save(q, "e_step", metrics, [r.id for r in rationales], parents)
 
     def _m_step(self, window: Window) -> ModelUpdate | None:
@@ -492,6 +541,9 @@ class EMTrainer:
             "n_seeds": len(train),
             "n_heldout": len(signal) if label == "heldout" else 0,
             "greedy_fallbacks": sum(z is None for z in decoded),
+            "mean_decoded_rationale_tokens": rationale_tokens(
+                p.tokenizer, [i.rationale for i in m_items]
+            ),
             f"{label}_problem_nll_before": before,
             f"{label}_problem_nll_after": after,
             "window_problem_nll_before": fit_before,

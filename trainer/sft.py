@@ -9,14 +9,22 @@ loop would buy nothing. torch, transformers and trl are imported only when calle
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from trainer.role_models import RoleModel
 from trainer.settings import StepConfig
+
+log = logging.getLogger(__name__)
+
+# (what is being done, done so far, of how many; 0: not known): how long work such as the cold
+# start reports its progress to whoever shows it (`up`'s console: promptcot/progress.py).
+Report = Callable[[str, int, int], None]
+StepReport = Callable[[int, int], None]  # (optimizer steps done, steps in all)
 
 
 def model_device(model: Any) -> Any:
@@ -67,6 +75,30 @@ def common_training_args(
 TRAINING_LOCK = threading.RLock()
 
 
+def report_to_log(trainer: Any, on_step: StepReport | None = None) -> None:
+    """The HF trainer's own output goes to this module's logger instead of stdout: with
+    ``disable_tqdm`` it installs PrinterCallback, which prints every log dict (the training
+    metrics at the end of each call). ``on_step`` hears of each optimizer step."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    class LogAndReport(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                log.info("training: %s", {k: v for k, v in logs.items() if k != "total_flos"})
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if on_step is not None:
+                on_step(0, state.max_steps)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if on_step is not None:
+                on_step(state.global_step, state.max_steps)
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LogAndReport())
+
+
 def quiet_datasets() -> None:
     # Per-window dataset maps would otherwise print progress bars into the worker's log.
     import datasets
@@ -80,15 +112,21 @@ def sft(
     cfg: StepConfig,
     seed: int = 0,
     dtype: str = "float32",
+    on_step: StepReport | None = None,
 ) -> float:
     """Fine-tune ``rm.model`` in place on prompt/completion examples; returns the mean training
     loss. The completion-only loss is TRL's default for prompt/completion data."""
     with TRAINING_LOCK:
-        return _sft(rm, examples, cfg, seed, dtype)
+        return _sft(rm, examples, cfg, seed, dtype, on_step)
 
 
 def _sft(
-    rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig, seed: int, dtype: str
+    rm: RoleModel,
+    examples: list[dict[str, str]],
+    cfg: StepConfig,
+    seed: int,
+    dtype: str,
+    on_step: StepReport | None,
 ) -> float:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -107,6 +145,7 @@ def _sft(
             train_dataset=Dataset.from_list(examples),
             processing_class=rm.tokenizer,
         )
+        report_to_log(trainer, on_step)
         result = trainer.train()
     rm.model.eval()
     return float(result.training_loss)
