@@ -408,6 +408,30 @@ class PreferencePair(Record):
     rejected: str
 
 
+TraceSource = Literal["solver", "teacher"]
+
+
+class SolverTrace(Record):
+    """A verified solution of an accepted problem, for supervised fine-tuning of the solver (the
+    design's second post-training mode): a solver rollout that finished, stated a final answer
+    and agrees with the reference, or a teacher's solution. ``prompt`` is the solver's user
+    text, as preference pairs carry it (trainers render it with their model's chat template);
+    ``completion`` is the solution the solver should learn to write."""
+
+    kind: ClassVar[str] = "solver_trace"
+    id_prefix: ClassVar[str] = "trace"
+    id_fields: ClassVar[tuple[str, ...]] = ("problem_id", "source", "index")
+
+    problem_id: str  # the accepted verdict's subject: the candidate id
+    source: TraceSource
+    index: int = 0  # which rollout of the verdict (solver), or which teacher trace
+    domain: Domain
+    prompt: str
+    completion: str
+    reference_answer: str | None = None  # math: the reference it agrees with
+    n_tokens: int = 0  # completion tokens, as the model that wrote it counted them
+
+
 def version_number(text: str) -> int | None:
     """The version number in a checkpoint folder name, path or version string
     (``<role>/v0007-<step>``)."""
@@ -482,6 +506,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         Verdict,
         Problem,
         PreferencePair,
+        SolverTrace,
         ModelUpdate,
         DeadLetter,
         DeadLetterReplay,

@@ -181,3 +181,40 @@ def test_every_topic_is_keyed_by_a_field_of_its_record_type():
 
     for spec in CATALOGUE.values():
         assert spec.key in spec.record.model_fields, (spec.name, spec.key)
+
+
+def _trace(**kw):
+    from streams.records import SolverTrace
+
+    base = dict(
+        problem_id="cand_1",
+        source="solver",
+        index=2,
+        domain="math",
+        prompt="Solve the problem.\n\nProblem:\nWhat is 2+2?",
+        completion="2+2 = 4, so \\boxed{4}",
+        reference_answer="4",
+    )
+    return SolverTrace(**{**base, **kw})
+
+
+def test_a_solver_trace_is_identified_by_problem_source_and_index_not_by_its_text():
+    """A redelivered verdict re-emits its traces under the same ids, whatever was re-sampled."""
+    a = _trace()
+    assert a.id.startswith("trace_")
+    assert _trace(completion="other words, \\boxed{4}").id == a.id
+    assert _trace(index=3).id != a.id
+    assert _trace(source="teacher").id != a.id
+    assert _trace(problem_id="cand_2").id != a.id
+    with pytest.raises(ValidationError):
+        _trace(source="crowd")  # only the solver's rollouts and a teacher write traces
+    back = serde.decode(serde.encode(a), type(a))
+    assert back == a and RECORD_TYPES["solver_trace"] is type(a)
+
+
+def test_the_traces_topic_carries_solver_traces_keyed_by_problem():
+    from streams.records import SolverTrace
+    from streams.topics import CATALOGUE, TRACES
+
+    assert CATALOGUE["traces"] is TRACES
+    assert TRACES.record is SolverTrace and TRACES.key == "problem_id"
