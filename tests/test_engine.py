@@ -72,8 +72,11 @@ def test_two_betas_give_different_updates(tmp_path, tiny_model_dir):
     gradient by; a window of several steps on one optimiser feels β."""
     deltas = {}
     for beta in (0.05, 1.0):
-        update = _dpo_window(_cpu(tmp_path / f"b{beta}", tiny_model_dir, dpo={"beta": beta}),
-                             tiny_model_dir, pairs(8))
+        update = _dpo_window(
+            _cpu(tmp_path / f"b{beta}", tiny_model_dir, dpo={"beta": beta}),
+            tiny_model_dir,
+            pairs(8),
+        )
         deltas[beta] = _adapter(update.path)
     a, b = deltas[0.05], deltas[1.0]
     lora_b = [k for k in a if "lora_B" in k]  # zero at the start: what the window learned
@@ -165,7 +168,7 @@ def test_a_training_step_never_holds_logits_for_every_position(tmp_path, tiny_mo
     cfg = StepConfig(**fast(lr=1e-3, epochs=1))
     completions = [rationale(i, 0) for i in range(4)]
     found = {}
-    for words in (10, 200):
+    for words in (1, 12):  # the longer within max_seq_len, so nothing is cut
         prompts = [" ".join([problem(i)] * words) for i in range(4)]
         found[words] = _saved_vocab_tensors(
             rm, [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)], cfg
@@ -174,10 +177,31 @@ def test_a_training_step_never_holds_logits_for_every_position(tmp_path, tiny_mo
         len(rm.tokenizer(c + rm.tokenizer.eos_token, add_special_tokens=False)["input_ids"])
         for c in completions
     )
-    (short_saved, short_rows), (long_saved, long_rows) = found[10], found[200]
-    assert long_saved == short_saved, found
+    (short_saved, short_rows), (long_saved, long_rows) = found[1], found[12]
+    assert long_saved == short_saved and long_rows == short_rows, found
     assert long_saved <= (tokens + 8) * rm.model.get_output_embeddings().weight.shape[0]
     assert long_rows <= 2 * (tokens + 8), (long_rows, tokens)
+
+
+def test_scoring_applies_the_head_to_the_continuation_positions_only(tmp_path, tiny_model_dir):
+    """The held-out signals (problem NLL, rewards, margins) score a continuation after a long
+    prompt: the head computes the continuation's rows, never the prompt's, and in chunks."""
+    from trainer.em import continuation_nll
+    from trainer.role_models import load_role_model
+
+    rm = load_role_model(CheckpointStore(tmp_path), "p", str(tiny_model_dir))
+    vocab = rm.model.get_output_embeddings().weight.shape[0]
+    calls: list[int] = []
+    hook = rm.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: calls.append(output.numel() // vocab)
+    )
+    prompts = [" ".join([problem(i)] * 12) for i in range(4)]
+    conts = [rationale(i, 0) for i in range(4)]
+    try:
+        _, count = continuation_nll(rm.model, rm.tokenizer, prompts, conts)
+    finally:
+        hook.remove()
+    assert 0 < count < 4 * 40 and sum(calls) == count, (calls, count)
 
 
 def test_chunked_log_probs_equal_the_full_logits(tmp_path, tiny_model_dir):
@@ -189,12 +213,15 @@ def test_chunked_log_probs_equal_the_full_logits(tmp_path, tiny_model_dir):
 
     store = CheckpointStore(tmp_path)
     for use_lora in (False, True):
-        rm = load_role_model(store, "p", str(tiny_model_dir), use_lora=use_lora, lora=LoraConfig(r=4))
+        rm = load_role_model(
+            store, "p", str(tiny_model_dir), use_lora=use_lora, lora=LoraConfig(r=4)
+        )
         if use_lora:  # a trained-looking adapter: B is zero at init
             with torch.no_grad():
                 for n, p in rm.model.named_parameters():
                     if "lora_B" in n:
                         p.normal_(0, 0.05)
+        rm.model.eval()  # no LoRA dropout
         tok = rm.tokenizer
         batch = [encode(tok, problem(i), rationale(i, 1)) for i in range(3)]
         with torch.no_grad():
