@@ -244,6 +244,7 @@ def test_every_training_of_a_model_runs_under_bf16_autocast(tmp_path, tiny_model
     autocast, in the second training of a model as in its first (the HF Trainer's accelerator
     wrapped only the first)."""
     from trainer.em import SeedItem, prompt_model_example
+    from trainer.engine import EngineOptions
     from trainer.role_models import load_role_model
     from trainer.settings import StepConfig
     from trainer.sft import sft
@@ -261,6 +262,39 @@ def test_every_training_of_a_model_runs_under_bf16_autocast(tmp_path, tiny_model
     cfg = StepConfig(**fast(lr=1e-3, epochs=1))
     for _ in range(2):
         seen.clear()
-        sft(rm, [prompt_model_example(rm.tokenizer, item)] * 4, cfg, dtype="bfloat16")
+        sft(
+            rm, [prompt_model_example(rm.tokenizer, item)] * 4, cfg, EngineOptions(dtype="bfloat16")
+        )
         assert seen and set(seen) == {(True, "torch.bfloat16")}, seen
     assert {p.dtype for p in rm.model.parameters()} == {torch.float32}
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path, tiny_model_dir):
+    """Recomputing each layer's activations in backward (``trainer.gradient_checkpointing``)
+    changes what a step holds, not what it learns; the layers are back to normal after."""
+    from trainer.engine import EngineOptions
+    from trainer.role_models import load_role_model
+    from trainer.settings import LoraConfig, StepConfig
+    from trainer.sft import sft
+
+    cfg = StepConfig(**fast(lr=1e-3, steps_per_window=3, use_lora=True))
+    examples = [{"prompt": problem(i), "completion": rationale(i, 0)} for i in range(4)]
+    trained, layer_calls = [], []
+    for checkpointing in (False, True):
+        rm = load_role_model(
+            CheckpointStore(tmp_path / str(checkpointing)),
+            "p",
+            str(tiny_model_dir),
+            use_lora=True,
+            lora=LoraConfig(r=4, dropout=0.0),
+        )
+        calls: list[int] = []
+        layer = rm.model.get_base_model().get_decoder().layers[0]
+        layer.register_forward_hook(lambda *args, seen=calls: seen.append(1))
+        sft(rm, examples, cfg, EngineOptions(checkpointing=checkpointing))
+        assert not rm.model.get_base_model().is_gradient_checkpointing
+        trained.append({n: p.detach().clone() for n, p in rm.model.named_parameters()})
+        layer_calls.append(len(calls))
+    assert layer_calls[1] == 2 * layer_calls[0] > 0  # each layer run again in backward
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, rtol=1e-5, atol=1e-6)

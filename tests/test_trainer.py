@@ -531,6 +531,7 @@ def test_bf16_profile_keeps_trained_weights_in_float32_and_trains_under_autocast
     trained weights stay float32, training runs under bf16 autocast, and scoring and greedy
     decoding put their inputs on the model's own device."""
     from trainer.em import greedy_rationales, prompt_model_example, sft
+    from trainer.engine import EngineOptions
     from trainer.role_models import load_role_model
     from trainer.settings import LoraConfig, StepConfig
 
@@ -546,6 +547,7 @@ def test_bf16_profile_keeps_trained_weights_in_float32_and_trains_under_autocast
     cfg = StepConfig(**fast(lr=1e-2, epochs=2, use_lora=True))
     item = SeedItem("s", "math", ["counting"], "", problem(1), rationale(1, 0))
     before = problem_nll(lora.model, lora.tokenizer, [item])
-    loss = sft(lora, [prompt_model_example(lora.tokenizer, item)] * 4, cfg, dtype="bfloat16")
+    options = EngineOptions(dtype="bfloat16")
+    loss = sft(lora, [prompt_model_example(lora.tokenizer, item)] * 4, cfg, options)
     assert math.isfinite(loss.mean) and problem_nll(lora.model, lora.tokenizer, [item]) < before
     assert len(greedy_rationales(lora.model, lora.tokenizer, [item], max_new_tokens=4)) == 1

@@ -17,10 +17,13 @@ from streams.records import PreferencePair
 from trainer.anchor import AnchorModels, resolve
 from trainer.engine import (
     Encoded,
+    EngineOptions,
     WindowLosses,
+    autocast,
     completion_logps,
     continuation_nll,
     encode,
+    model_device,
     pad_id,
     train_steps,
     with_eos,
@@ -125,15 +128,18 @@ class DPOObjective:
         return loss
 
 
-def reference_logps(model: Any, pairs: PairsEncoded, pad: int, chunk: int, batch: int) -> tuple:
-    """The reference's (chosen, rejected) log-probs of every pair, on the cpu, without grad."""
+def reference_logps(
+    model: Any, pairs: PairsEncoded, pad: int, chunk: int, batch: int, dtype: str
+) -> tuple:
+    """The reference's (chosen, rejected) log-probs of every pair, on the cpu, without grad, in
+    the precision the policy's are computed in while it trains."""
     import torch
 
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(model_device(model), dtype):
             for start in range(0, len(pairs), batch):
                 items = list(range(start, min(start + batch, len(pairs))))
                 c, r, _ = pairs.logps(model, items, pad, chunk)
@@ -153,25 +159,22 @@ def dpo_train(
 ) -> WindowLosses:
     """A window of DPO steps on ``rows`` in place, against ``anchor`` (None: the policy as it is
     before the window)."""
-    cfg, tok = settings.dpo, rm.tokenizer
-    pad, chunk = pad_id(tok), settings.loss_chunk_tokens
+    cfg, tok, options = settings.dpo, rm.tokenizer, EngineOptions.of(settings)
+    pad, chunk = pad_id(tok), options.chunk_tokens
     pairs = PairsEncoded(tok, rows, cfg.max_seq_len)
     if not len(pairs):
         return WindowLosses()
 
     def logps(model: Any) -> tuple:
-        return reference_logps(model, pairs, pad, chunk, cfg.per_device_batch_size)
+        return reference_logps(model, pairs, pad, chunk, cfg.per_device_batch_size, settings.dtype)
 
     if anchor is None:
-        import torch
-
-        with torch.no_grad():
-            reference = logps(rm.model)
+        reference = logps(rm.model)
     else:
         holder = anchors or AnchorModels(settings.dtype, settings.device)
         reference = holder.logps(rm, anchor, logps)
     objective = DPOObjective(pairs, reference, cfg, pad, chunk)
-    return train_steps(rm, objective, cfg, settings.seed, settings.dtype)
+    return train_steps(rm, objective, cfg, options)
 
 
 # ---------------------------------------------------------------------------------------------

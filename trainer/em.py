@@ -47,7 +47,7 @@ from llm.prompts import (
 from llm.roles import ModelRoles, Role, model_path_for
 from streams.records import AnnotatedSeed, ModelUpdate, Rationale
 from trainer.checkpoints import CheckpointStore, TrainedLedger
-from trainer.engine import WindowLosses, continuation_nll
+from trainer.engine import EngineOptions, WindowLosses, continuation_nll
 from trainer.heldout import HeldoutPool, is_heldout
 from trainer.lineage import role_lineage
 from trainer.role_models import RoleModel, load_role_model, save_role_model
@@ -301,8 +301,7 @@ class EMTrainer:
     def _train(
         self, rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig
     ) -> WindowLosses:
-        s = self.settings
-        return sft(rm, examples, cfg, s.seed, s.dtype, s.loss_chunk_tokens)
+        return sft(rm, examples, cfg, EngineOptions.of(self.settings))
 
     def _save(
         self,

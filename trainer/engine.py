@@ -43,7 +43,7 @@ from llm.backends.base import continuation_span
 
 if TYPE_CHECKING:
     from trainer.role_models import RoleModel
-    from trainer.settings import StepConfig
+    from trainer.settings import StepConfig, TrainerSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,28 @@ STATE_FILE = "trainer_state.json"
 DEFAULT_CHUNK_TOKENS = 1024  # trainer.loss_chunk_tokens
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How every window trains, from the trainer settings (``EngineOptions.of``)."""
+
+    seed: int = 0
+    dtype: str = "float32"  # bfloat16: training forwards under bf16 autocast
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # rows of the LM head at once
+    # Recompute each transformer layer's activations in backward instead of keeping them: the
+    # body's activations are what a step holds once the head is chunked.
+    checkpointing: bool = False
+
+    @classmethod
+    def of(cls, settings: TrainerSettings) -> EngineOptions:
+        return cls(
+            settings.seed,
+            settings.dtype,
+            settings.loss_chunk_tokens,
+            settings.gradient_checkpointing,
+        )
+
 
 # One training at a time in a process: `promptcot up` runs the trainer stages as threads of one
 # process, and a window seeds torch's process-wide RNG (dropout) for its steps.
@@ -339,18 +361,19 @@ def window_seed(seed: int, role: str, step: int) -> int:
 
 
 def train_steps(
-    rm: RoleModel, objective: Objective, cfg: StepConfig, seed: int = 0, dtype: str = "float32"
+    rm: RoleModel, objective: Objective, cfg: StepConfig, options: EngineOptions | None = None
 ) -> WindowLosses:
     """The window's optimiser steps on ``rm`` with its role's optimiser; the model is left in
     eval mode."""
     with TRAINING_LOCK:
-        return _train_steps(rm, objective, cfg, seed, dtype)
+        return _train_steps(rm, objective, cfg, options or EngineOptions())
 
 
 def _train_steps(
-    rm: RoleModel, objective: Objective, cfg: StepConfig, seed: int, dtype: str
+    rm: RoleModel, objective: Objective, cfg: StepConfig, options: EngineOptions
 ) -> WindowLosses:
     torch = _torch()
+    seed, dtype = options.seed, options.dtype
     opt = role_optimizer(rm)
     n_steps = window_steps(cfg, len(objective))
     device = model_device(rm.model)
@@ -360,7 +383,9 @@ def _train_steps(
     mixed = window_seed(seed, rm.role, opt.steps)
     order = _order(len(objective), mixed)
     out = WindowLosses()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    lm = causal_lm(rm.model)
+    if options.checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rm.model.train()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -371,7 +396,7 @@ def _train_steps(
                 mine = items[rank::world]
                 total = torch.zeros((), device=device)
                 for start in range(0, len(mine), micro):
-                    with autocast:
+                    with autocast(device, dtype):
                         loss = objective.loss(rm.model, mine[start : start + micro]) / units
                     loss.backward()
                     total += loss.detach().float()
@@ -389,8 +414,16 @@ def _train_steps(
     finally:
         opt.optimizer.zero_grad(set_to_none=True)
         rm.model.eval()
+        if options.checkpointing:
+            lm.gradient_checkpointing_disable()
     out.optimizer_step = opt.steps
     return out
+
+
+def autocast(device: Any, dtype: str) -> Any:
+    """bf16 autocast on ``device`` when ``dtype`` says so (a no-op context otherwise)."""
+    torch = _torch()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------

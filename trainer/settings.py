@@ -160,6 +160,9 @@ class TrainerSettings(Section):
     # Rows of the LM head computed at once in a loss (completion positions only): the logits
     # a training step holds are this x the vocabulary, never batch x sequence x vocabulary.
     loss_chunk_tokens: int = Field(1024, ge=1)
+    # Recompute each layer's activations in backward instead of keeping them (about a third
+    # more compute): what a step holds is then about one layer's activations, not every layer's.
+    gradient_checkpointing: bool = False
     # The optimiser's moments in every checkpoint (optimizer.pt: 2x the trainable weights in
     # float32; a full-FT 1.7B model: 13.6 GB a checkpoint). Off: a restart keeps the step
     # count but starts fresh moments.

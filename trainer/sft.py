@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from trainer.engine import (
-    DEFAULT_CHUNK_TOKENS,
     Encoded,
+    EngineOptions,
     WindowLosses,
     completion_logps,
     encode,
@@ -46,18 +46,18 @@ def sft(
     rm: RoleModel,
     examples: list[dict[str, str]],
     cfg: StepConfig,
-    seed: int = 0,
-    dtype: str = "float32",
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    options: EngineOptions | None = None,
 ) -> WindowLosses:
     """Fine-tune ``rm.model`` in place on prompt/completion examples, a window of optimiser
     steps of the role's own optimiser; returns each step's loss."""
+    options = options or EngineOptions()
     tok = rm.tokenizer
     encoded = [
         encode(tok, ex["prompt"], with_eos(tok, ex["completion"]), cfg.max_seq_len)
         for ex in examples
     ]
-    return train_steps(rm, SFTObjective(encoded, pad_id(tok), chunk_tokens), cfg, seed, dtype)
+    objective = SFTObjective(encoded, pad_id(tok), options.chunk_tokens)
+    return train_steps(rm, objective, cfg, options)
 
 
 def torch_module():

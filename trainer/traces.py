@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from streams.records import SolverTrace
-from trainer.engine import continuation_nll
+from trainer.engine import EngineOptions, continuation_nll
 from trainer.role_models import RoleModel
 from trainer.settings import SolverSFTConfig
 from trainer.sft import sft
@@ -56,7 +56,7 @@ class SolverSFTLoop(SolverWindows[SolverTrace]):
         s = self.settings
         signal, label = self.signal_rows(rows)
         before = completion_nll(rm.model, rm.tokenizer, signal)
-        losses = sft(rm, rows, self.cfg, s.seed, s.dtype, s.loss_chunk_tokens)
+        losses = sft(rm, rows, self.cfg, EngineOptions.of(s))
         after = completion_nll(rm.model, rm.tokenizer, signal)
         metrics = {
             **losses.metrics(),
