@@ -36,6 +36,11 @@ BATCH_SIZE = Histogram(
     "promptcot_batch_size", "Records per micro-batch", ["stage"], buckets=(1, 2, 4, 8, 16, 32, 64)
 )
 MODEL_TOKENS = Counter("promptcot_model_tokens_total", "Tokens through a model", ["role", "kind"])
+MODEL_TEXT_REPLACED = Counter(
+    "promptcot_model_text_replaced_total",
+    "Code points of model output that were not valid UTF-8 (lone surrogates), replaced by U+FFFD "
+    "where a backend hands the text back",
+)
 PASS_RATE = Histogram(
     "promptcot_pass_rate",
     "Solver pass rate of verified candidates",
@@ -47,8 +52,8 @@ DIVERSITY = Gauge(
     "promptcot_diversity", "Diversity of accepted problems over the last window", ["measure"]
 )
 SANDBOX_RUNS = Counter("promptcot_sandbox_runs_total", "Sandboxed program runs", ["outcome"])
-# Progress of each stage, set by the runtime (workers/runtime.py): what "alive but stuck" alerts
-# and health checks read.
+# Progress of each stage, set by the runtime (workers/runtime.py, workers/agent.py): what "alive
+# but stuck" alerts and health checks read.
 LAST_PROGRESS = Gauge(
     "promptcot_stage_last_progress_timestamp_seconds",
     "Unix time a stage last finished input records (outputs acknowledged, offsets committable)",
@@ -109,8 +114,8 @@ MATH_ORACLE_TIMEOUTS = Counter(
 )
 MATH_ORACLE_CALLS = Counter(
     "promptcot_math_oracle_calls_total",
-    "Math equivalence checks by how the verdict was reached "
-    "(text, cache, too_long, math_verify, timeout, crashed)",
+    "Math equivalence checks by how the verdict was reached (text, cache, too_long, garbled, "
+    "math_verify, timeout, crashed, hostile, over_budget)",
     ["outcome"],
 )
 EVAL_ACCURACY = Gauge(

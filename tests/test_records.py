@@ -163,6 +163,23 @@ def test_a_dead_letter_fits_the_limit_whatever_the_payload():
     assert small.reason == serde.PROCESSING_ERROR
 
 
+def test_a_dead_letter_of_an_error_quoting_model_text_is_encodable():
+    """An error message may quote model text holding a lone surrogate; the dead letter that
+    carries it must still encode, or the input could never leave its partition."""
+    dl = serde.dead_letter(
+        stage="verify",
+        error=ValueError("cannot parse 'x\ud800y'"),
+        topic="t",
+        partition=0,
+        offset=1,
+        key=None,
+        payload=b"{}",
+    )
+    assert "x\ufffdy" in json.loads(serde.encode(dl))["error"]
+    assert serde.valid_text("a\udcff\ud800b") == ("a\ufffd\ufffdb", 2)
+    assert serde.valid_text("plain é") == ("plain é", 0)
+
+
 def test_every_record_type_has_a_json_schema_and_a_unique_kind():
     assert len({cls.id_prefix for cls in RECORD_TYPES.values()}) == len(RECORD_TYPES)
     for cls in RECORD_TYPES.values():
@@ -176,7 +193,7 @@ def test_unknown_fields_are_rejected_not_silently_dropped():
 
 
 def test_every_topic_is_keyed_by_a_field_of_its_record_type():
-    """A key naming no field silently falls back to the record id (workers/runtime.py)."""
+    """A key naming no field silently falls back to the record id (workers/pipeline.py)."""
     from streams.topics import CATALOGUE
 
     for spec in CATALOGUE.values():

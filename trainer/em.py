@@ -52,7 +52,7 @@ from trainer.heldout import HeldoutPool, is_heldout
 from trainer.lineage import role_lineage
 from trainer.role_models import RoleModel, load_role_model, save_role_model
 from trainer.settings import StepConfig, TrainerSettings
-from trainer.sft import greedy_decode, sft, torch_module
+from trainer.sft import Report, StepReport, greedy_decode, sft, torch_module
 from trainer.updates import WindowResult, model_update, update_from_manifest
 
 log = logging.getLogger(__name__)
@@ -299,9 +299,13 @@ class EMTrainer:
         )
 
     def _train(
-        self, rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig
+        self,
+        rm: RoleModel,
+        examples: list[dict[str, str]],
+        cfg: StepConfig,
+        on_step: StepReport | None = None,
     ) -> WindowLosses:
-        return sft(rm, examples, cfg, EngineOptions.of(self.settings))
+        return sft(rm, examples, cfg, EngineOptions.of(self.settings), on_step)
 
     def _save(
         self,
@@ -347,20 +351,26 @@ class EMTrainer:
         return any(self.store.latest(role) is None for role in self.ROLES)
 
     def cold_start(
-        self, seeds: Sequence[AnnotatedSeed], *, force: bool = False
+        self,
+        seeds: Sequence[AnnotatedSeed],
+        *,
+        force: bool = False,
+        report: Report | None = None,
     ) -> list[ModelUpdate]:
         """SFT of both models on the annotated (c, z, x) triples (held-out seeds excluded; they
         start the held-out pool). Resumable: a role that has a checkpoint already is not trained
         again, its newest version is announced instead (``force``: train it again anyway, from
-        its newest version)."""
+        its newest version). ``report`` hears of each phase and training step."""
         with self._lock:
             try:
-                return self._cold_start(seeds, force)
+                return self._cold_start(seeds, force, report or (lambda what, done, of: None))
             except BaseException:
                 self._discard_models()
                 raise
 
-    def _cold_start(self, seeds: Sequence[AnnotatedSeed], force: bool) -> list[ModelUpdate]:
+    def _cold_start(
+        self, seeds: Sequence[AnnotatedSeed], force: bool, report: Report
+    ) -> list[ModelUpdate]:
         s = self.settings
         items = [SeedItem.from_annotated(seed) for seed in seeds]
         train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
@@ -376,21 +386,31 @@ class EMTrainer:
                 updates += [again] if again is not None else []
                 continue
             with self.lineages[role].training():
-                updates.append(self._cold_start_role(role, train, parents))
+                updates.append(self._cold_start_role(role, train, parents, report))
         return updates
 
-    def _cold_start_role(self, role: str, train: list[SeedItem], parents: list[str]) -> ModelUpdate:
+    def _cold_start_role(
+        self, role: str, train: list[SeedItem], parents: list[str], report: Report
+    ) -> ModelUpdate:
         cfg = self.settings.cold_start
+        report(f"loading {role}", 0, 0)
         rm = self.model(role, cfg)
         metrics: dict[str, float] = {"n_seeds": len(train)}
+
+        def step(done: int, of: int) -> None:
+            report(f"training {role}", done, of)
+
         if role == Role.RATIONALE_MODEL:
             examples = [rationale_model_example(rm.tokenizer, i) for i in train]
-            metrics.update(self._train(rm, examples, cfg).metrics())
+            metrics.update(self._train(rm, examples, cfg, step).metrics())
         else:
             signal, label = self._signal_items(train)
+            scoring = f"scoring {role} on {len(signal)} {label} seeds"
+            report(scoring, 0, 0)
             before = problem_nll(rm.model, rm.tokenizer, signal)
             examples = [prompt_model_example(rm.tokenizer, i) for i in train]
-            metrics.update(self._train(rm, examples, cfg).metrics())
+            metrics.update(self._train(rm, examples, cfg, step).metrics())
+            report(scoring, 0, 0)
             metrics[f"{label}_problem_nll_before"] = before
             metrics[f"{label}_problem_nll_after"] = problem_nll(rm.model, rm.tokenizer, signal)
         return self._save(rm, "cold_start", metrics, [], parents)

@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -360,17 +360,28 @@ def window_seed(seed: int, role: str, step: int) -> int:
     return int(digest[:15], 16)
 
 
+StepReport = Callable[[int, int], None]  # (optimiser steps done, steps in the window)
+
+
 def train_steps(
-    rm: RoleModel, objective: Objective, cfg: StepConfig, options: EngineOptions | None = None
+    rm: RoleModel,
+    objective: Objective,
+    cfg: StepConfig,
+    options: EngineOptions | None = None,
+    on_step: StepReport | None = None,
 ) -> WindowLosses:
     """The window's optimiser steps on ``rm`` with its role's optimiser; the model is left in
-    eval mode."""
+    eval mode. ``on_step`` hears of each step (the cold start's progress bar)."""
     with TRAINING_LOCK:
-        return _train_steps(rm, objective, cfg, options or EngineOptions())
+        return _train_steps(rm, objective, cfg, options or EngineOptions(), on_step)
 
 
 def _train_steps(
-    rm: RoleModel, objective: Objective, cfg: StepConfig, options: EngineOptions
+    rm: RoleModel,
+    objective: Objective,
+    cfg: StepConfig,
+    options: EngineOptions,
+    on_step: StepReport | None,
 ) -> WindowLosses:
     torch = _torch()
     seed, dtype = options.seed, options.dtype
@@ -390,7 +401,9 @@ def _train_steps(
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(mixed)
-            for _ in range(n_steps):
+            if on_step is not None:
+                on_step(0, n_steps)
+            for done in range(n_steps):
                 items = [next(order) for _ in range(batch)]
                 units = objective.units(items)
                 mine = items[rank::world]
@@ -410,6 +423,8 @@ def _train_steps(
                 opt.optimizer.zero_grad(set_to_none=True)
                 opt.steps += 1
                 out.losses.append(float(total))
+                if on_step is not None:
+                    on_step(done + 1, n_steps)
         opt.windows += 1
     finally:
         opt.optimizer.zero_grad(set_to_none=True)

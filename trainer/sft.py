@@ -5,12 +5,13 @@ completion tokens only, each completion ending its turn), through the training e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from trainer.engine import (
     Encoded,
     EngineOptions,
+    StepReport,
     WindowLosses,
     completion_logps,
     encode,
@@ -21,6 +22,10 @@ from trainer.engine import (
 )
 from trainer.role_models import RoleModel
 from trainer.settings import StepConfig
+
+# (what is being done, done so far, of how many; 0: not known): how long work such as the cold
+# start reports its progress to whoever shows it (`up`'s console: promptcot/progress.py).
+Report = Callable[[str, int, int], None]
 
 
 class SFTObjective:
@@ -47,9 +52,11 @@ def sft(
     examples: list[dict[str, str]],
     cfg: StepConfig,
     options: EngineOptions | None = None,
+    on_step: StepReport | None = None,
 ) -> WindowLosses:
     """Fine-tune ``rm.model`` in place on prompt/completion examples, a window of optimiser
-    steps of the role's own optimiser; returns each step's loss."""
+    steps of the role's own optimiser; returns each step's loss. ``on_step`` hears of each
+    optimiser step."""
     options = options or EngineOptions()
     tok = rm.tokenizer
     encoded = [
@@ -57,7 +64,7 @@ def sft(
         for ex in examples
     ]
     objective = SFTObjective(encoded, pad_id(tok), options.chunk_tokens)
-    return train_steps(rm, objective, cfg, options)
+    return train_steps(rm, objective, cfg, options, on_step)
 
 
 def torch_module():

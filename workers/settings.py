@@ -29,7 +29,7 @@ CODE_LADDER = [
 
 
 class StageRuntime(Section):
-    """Micro-batching and parallelism of one stage (workers/runtime.py): take up to batch_size
+    """Micro-batching and parallelism of one stage (workers/agent.py): take up to batch_size
     records or wait batch_within_s, keep up to in_flight records in process at once."""
 
     batch_size: int = Field(8, ge=1)

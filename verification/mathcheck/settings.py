@@ -19,6 +19,13 @@ class MathCheckSettings(Section):
     equivalence_timeout_s: float = Field(
         2.0, gt=0.0, description="Wall-clock bound on one equivalence check in the worker process."
     )
+    vote_budget_s: float = Field(
+        4.0,
+        gt=0.0,
+        description="Seconds of equivalence checking one vote (one record) may wait for in all; "
+        "checks past it count as not equivalent. Hostile answers (power towers that hang "
+        "sympy) cost a vote this much, not a timeout and a worker restart per pair.",
+    )
     worker_start_timeout_s: float = Field(
         60.0,
         gt=0.0,
