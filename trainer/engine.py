@@ -432,6 +432,7 @@ def _train_steps(
         if options.checkpointing:
             lm.gradient_checkpointing_disable()
     out.optimizer_step = opt.steps
+    log.info("training %s: %s", rm.role, out.metrics())
     return out
 
 
