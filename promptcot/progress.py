@@ -48,6 +48,7 @@ class FactoryProgress:
             "candidates unique": _out("filter", "candidates.unique"),
             "verified problems": self.accepted(),
             "preference pairs": _out("pairs", "pairs"),
+            "solver traces": _out("traces", "traces"),
             "dead letters": int(metrics.counter_value(metrics.DEAD_LETTERS)),
             "model tokens": int(metrics.counter_value(metrics.MODEL_TOKENS)),
         }

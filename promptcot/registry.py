@@ -59,6 +59,10 @@ STAGES: dict[str, StageSpec] = {
     "pairs": StageSpec(
         "workers.stages.pairs:PairsStage", doc="accepted verdicts -> DPO preference pairs"
     ),
+    "traces": StageSpec(
+        "workers.stages.traces:TracesStage",
+        doc="accepted verdicts -> verified solutions for solver SFT",
+    ),
     "sink": StageSpec(
         "workers.stages.sink:SinkStage", doc="accepted verdicts -> problems topic + Parquet"
     ),

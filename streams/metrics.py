@@ -51,6 +51,29 @@ IN_FLIGHT = Gauge("promptcot_concept_sets_in_flight", "Concept sets issued witho
 DIVERSITY = Gauge(
     "promptcot_diversity", "Diversity of accepted problems over the last window", ["measure"]
 )
+# Drift of the accepted problems over the last verify.drift_window of them, per domain, set by
+# the verify stage (workers/drift.py): what long self-play runs are reported to drift towards.
+ACCEPTED_DIVERSITY = Gauge(
+    "promptcot_accepted_diversity",
+    "Mean pairwise distance of the last accepted problems (hashed word bigrams; 0 = all alike)",
+    ["domain"],
+)
+ACCEPTED_MEAN_WORDS = Gauge(
+    "promptcot_accepted_mean_words",
+    "Mean length in words of the last accepted problems",
+    ["domain"],
+)
+ACCEPTED_TRIVIAL_ANSWERS = Gauge(
+    "promptcot_accepted_trivial_answer_share",
+    "Share of the last accepted problems whose reference is 0, 1 or a number the problem states",
+    ["domain"],
+)
+DESIGNER_AGREEMENT = Gauge(
+    "promptcot_accepted_designer_agreement",
+    "Share of the last accepted problems with a designer's answer whose solver plurality agrees "
+    "with it",
+    ["domain"],
+)
 SANDBOX_RUNS = Counter("promptcot_sandbox_runs_total", "Sandboxed program runs", ["outcome"])
 # Progress of each stage, set by the runtime (workers/runtime.py, workers/agent.py): what "alive
 # but stuck" alerts and health checks read.
@@ -95,6 +118,12 @@ TRAINER_HELDOUT_NLL = Gauge(
 TRAINER_REWARD = Gauge(
     "promptcot_trainer_reward",
     "Mean reward R(z) of q_φ's greedy rationales on held-out seeds after the last E-step",
+    ["role"],
+)
+TRAINER_RATIONALE_TOKENS = Gauge(
+    "promptcot_trainer_rationale_tokens",
+    "Mean length in tokens of q_φ's greedy rationales on held-out seeds after the last E-step, "
+    "beside promptcot_trainer_reward (unset until the held-out pool has items)",
     ["role"],
 )
 TRAINER_MARGIN = Gauge(

@@ -332,11 +332,27 @@ class Verdict(ProblemPayload, Record):
     problem: str = ""
     rationale: str = ""
     reference_answer: str | None = None
+    # Where the math reference came from: "teacher", "designer" or "majority" (the solver's own
+    # plurality: self-agreement); "" where no math reference was sought (code, earlier stages,
+    # verdicts written before the field existed).
+    reference_source: str = ""
     tests: list[TestCase] = Field(default_factory=list)
     pass_rate: float | None = None
     rollouts: list[Rollout] = Field(default_factory=list)
+    teacher_rollouts: list[Rollout] = Field(default_factory=list)  # the teacher's, when it voted
     nearest_id: str | None = None
     similarity: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_reference(self, handler: Any) -> dict[str, Any]:
+        """Without a reference source or teacher rollouts a verdict serializes as before those
+        fields existed, so a reader of an earlier release still reads it."""
+        data = handler(self)
+        if not self.reference_source:
+            data.pop("reference_source", None)
+        if not self.teacher_rollouts:
+            data.pop("teacher_rollouts", None)
+        return data
 
     @classmethod
     def on(
@@ -388,9 +404,18 @@ class Problem(ProblemPayload, Record):
     candidate_id: str
     rationale: str
     reference_answer: str | None = None
+    reference_source: str = ""  # Verdict.reference_source
     tests: list[TestCase] = Field(default_factory=list)
     pass_rate: float
     n_rollouts: int
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_reference(self, handler: Any) -> dict[str, Any]:
+        """Without a reference source a problem serializes as before the field existed."""
+        data = handler(self)
+        if not self.reference_source:
+            data.pop("reference_source", None)
+        return data
 
 
 class PreferencePair(Record):

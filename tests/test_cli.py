@@ -104,6 +104,7 @@ def test_export_writes_each_problem_once(tmp_path, monkeypatch):
         domain="math",
         problem="What is 6*7?",
         reference_answer="42",
+        reference_source="designer",
         pass_rate=0.25,
     )
     rejected = Verdict(
@@ -117,6 +118,7 @@ def test_export_writes_each_problem_once(tmp_path, monkeypatch):
     rows = pq.read_table(out).to_pylist()
     assert [r["candidate_id"] for r in rows] == ["cand_1"]
     assert rows[0]["reference_answer"] == "42"
+    assert rows[0]["reference_source"] == "designer"  # the product says where it came from
 
 
 def test_durations():

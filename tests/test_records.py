@@ -235,3 +235,18 @@ def test_the_traces_topic_carries_solver_traces_keyed_by_problem():
 
     assert CATALOGUE["traces"] is TRACES
     assert TRACES.record is SolverTrace and TRACES.key == "problem_id"
+
+
+def test_a_verdict_without_a_reference_source_serializes_as_before_the_field_existed():
+    """A reader of an earlier release (strict: unknown fields are refused) still reads every
+    verdict that has no reference source and no teacher rollouts."""
+    from streams.records import Rollout
+
+    plain = Verdict(subject_id="x", stage="verify", accepted=False, reason="r", domain="code")
+    assert not {"reference_source", "teacher_rollouts"} & set(json.loads(serde.encode(plain)))
+    sourced = plain.model_copy(
+        update={"reference_source": "teacher", "teacher_rollouts": [Rollout(text="t")]}
+    )
+    back = serde.decode(serde.encode(sourced), Verdict)
+    assert back.reference_source == "teacher" and back.teacher_rollouts == [Rollout(text="t")]
+    assert back.id == plain.id  # the id names the subject and the stage, as before

@@ -231,11 +231,22 @@ def mean_reward(p: RoleModel, items: Sequence[SeedItem]) -> float:
     return -(nll_z + nll_x) / len(items) if items else float("nan")
 
 
+def rationale_tokens(tokenizer: Any, rationales: Sequence[str]) -> float:
+    """Mean length in tokens of the rationales as q_φ writes them (closing delimiter included):
+    reported beside the reward, so that a reward rising with shorter rationales shows."""
+    if not rationales:
+        return float("nan")
+    texts = [rationale_completion(z) for z in rationales]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return sum(len(i) for i in ids) / len(ids)
+
+
 def greedy_reward(
     q: RoleModel, p: RoleModel, items: Sequence[SeedItem], max_new_tokens: int, batch: int
-) -> float:
-    """Mean reward of q_φ's greedy rationale per item under p_θ. An output that does not parse
-    is scored as written (it is still what q_φ would give the M-step to learn from)."""
+) -> tuple[float, float]:
+    """(mean reward under p_θ, mean length in tokens) of q_φ's greedy rationale per item. An
+    output that does not parse is scored as written (it is still what q_φ would give the M-step
+    to learn from)."""
     decoded = greedy_decode(
         q.model,
         q.tokenizer,
@@ -251,7 +262,7 @@ def greedy_reward(
         except ParseError:
             z = text.strip() or "-"
         scored.append(item.with_rationale(z))
-    return mean_reward(p, scored)
+    return mean_reward(p, scored), rationale_tokens(q.tokenizer, [i.rationale for i in scored])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,9 +497,9 @@ class EMTrainer:
         p = self.model(Role.PROMPT_MODEL, s.m_step)
         signal, label = self._signal_items(train)
         budget, batch = s.m_step.max_rationale_tokens, s.m_step.generation_batch_size
-        before = greedy_reward(q, p, signal, budget, batch)
+        before, tokens_before = greedy_reward(q, p, signal, budget, batch)
         losses = self._train(q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step)
-        after = greedy_reward(q, p, signal, budget, batch)
+        after, tokens_after = greedy_reward(q, p, signal, budget, batch)
         rewards = [best[i.seed_id].reward for i in train]
         metrics = {
             **losses.metrics(),
@@ -497,9 +508,27 @@ class EMTrainer:
             "mean_best_reward": sum(rewards) / len(rewards),
             f"{label}_reward_before": before,
             f"{label}_reward_after": after,
+            # Lengths beside the rewards: best-of-K picking the shorter samples, or q_φ's
+            # rationales shrinking while the reward rises, is "shorter", not "better".
+            "mean_best_rationale_tokens": rationale_tokens(
+                q.tokenizer, [i.rationale for i in train]
+            ),
+            "mean_sampled_rationale_tokens": rationale_tokens(
+                q.tokenizer, [r.text for r in rationales]
+            ),
+            f"{label}_rationale_tokens_before": tokens_before,
+            f"{label}_rationale_tokens_after": tokens_after,
         }
         parents = [best[i.seed_id].id for i in train]
-        log.info("E-step: %d seeds, %s reward %.3f -> %.3f", len(train), label, before, after)
+        log.info(
+            "E-step: %d seeds, %s reward %.3f -> %.3f, rationale %.1f -> %.1f tokens",
+            len(train),
+            label,
+            before,
+            after,
+            tokens_before,
+            tokens_after,
+        )
         return self._save(q, "e_step", metrics, [r.id for r in rationales], parents)
 
     def _m_step(self, window: Window) -> ModelUpdate | None:
@@ -535,6 +564,9 @@ class EMTrainer:
             "n_seeds": len(train),
             "n_heldout": len(signal) if label == "heldout" else 0,
             "greedy_fallbacks": sum(z is None for z in decoded),
+            "mean_decoded_rationale_tokens": rationale_tokens(
+                p.tokenizer, [i.rationale for i in m_items]
+            ),
             f"{label}_problem_nll_before": before,
             f"{label}_problem_nll_after": after,
             "window_problem_nll_before": fit_before,

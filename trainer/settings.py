@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from streams.settings import Section, deep_merge
+from workers.settings import CODE_LADDER, MATH_LADDER, RATIONALE_TOKENS, SEED_LADDERS
 
 Profile = Literal["cpu", "gpu"]
 # The benchmarks trainer/evaluate.py scores (with reference answers shipped in corpora/).
@@ -97,7 +98,7 @@ class MStepConfig(StepConfig):
     """Fine-tune p_θ on c -> (z, x), z decoded greedily from the updated q_φ."""
 
     lr: float = 2e-6
-    max_rationale_tokens: int = 192  # greedy decode budget for z
+    max_rationale_tokens: int = RATIONALE_TOKENS  # greedy decode budget for z
     generation_batch_size: int = 8
 
 
@@ -221,7 +222,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "keep_last": 2,
             "cold_start": {"epochs": 2.0, "seeds": 512, "batch_size": 16},
             "e_step": {"window": {"min_records": 8}},
-            "m_step": {"max_rationale_tokens": 192},
+            "m_step": {"max_rationale_tokens": RATIONALE_TOKENS},
             "dpo": {"window": {"min_records": 4}},
             "sft": {"window": {"min_records": 8}},
         },
@@ -245,7 +246,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             # what a 135M model learns first).
             "cold_start": {"epochs": 1.0, "seeds": 32, "batch_size": 4, "steps_per_window": None},
             "e_step": {"window": {"min_records": 4}},
-            "m_step": {"max_rationale_tokens": 128},
+            "m_step": {"max_rationale_tokens": RATIONALE_TOKENS},
             "dpo": {"window": {"min_records": 2}},
             "sft": {"window": {"min_records": 2}},
         },
@@ -253,11 +254,23 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 # E-step sampling per profile (the rationale stage, ``rationale.*``): on a CPU, K=8 rationales
-# of 192 tokens per seed take the rationale stage longer than a README run lasts, so no EM window
-# would ever form; 4 of 128 tokens (the M-step's decode budget) close one within minutes.
+# per seed take the rationale stage longer than a README run lasts, so no EM window would ever
+# form; 4 close one within minutes. The budget is the same everywhere: it must fit the cold-start
+# rationales (workers/settings.py, RATIONALE_TOKENS), or best-of-K selects for short ones.
 PROFILE_SAMPLING: dict[str, dict[str, Any]] = {
-    "gpu": {"samples": 8, "max_tokens": 192},
-    "cpu": {"samples": 4, "max_tokens": 128},
+    "gpu": {"samples": 8, "max_tokens": RATIONALE_TOKENS},
+    "cpu": {"samples": 4, "max_tokens": RATIONALE_TOKENS},
+}
+
+# The sampler's difficulty ladders per profile (``concepts.difficulty_ladders``). A level means
+# something to p_θ only if its training prompts named it: the cold start, the E-step and the
+# M-step show p_θ each seed's own level (workers/settings.py, SEED_LEVELS: GSM8K is "grade
+# school"), so the cpu profile, the embedded default, asks for exactly those. The gpu profile
+# keeps the paper's competition ladder, meant for seeds annotated with those levels (the sampler
+# warns when its ladder names a level no shipped seed carries).
+PROFILE_CONCEPTS: dict[str, dict[str, Any]] = {
+    "gpu": {"difficulty_ladders": {"math": list(MATH_LADDER), "code": list(CODE_LADDER)}},
+    "cpu": {"difficulty_ladders": {d: list(ladder) for d, ladder in SEED_LADDERS.items()}},
 }
 
 # The trainer stages' windows per profile (``stages.em`` / ``stages.dpo``): on a CPU a window

@@ -83,5 +83,7 @@ def publish_metrics(update: ModelUpdate) -> None:
         if key in m:
             metrics.TRAINER_REWARD.labels(role=role).set(m[key])
             break
+    if "heldout_rationale_tokens_after" in m:
+        metrics.TRAINER_RATIONALE_TOKENS.labels(role=role).set(m["heldout_rationale_tokens_after"])
     if "heldout_margin_after" in m:
         metrics.TRAINER_MARGIN.labels(role=role).set(m["heldout_margin_after"])

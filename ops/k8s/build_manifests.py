@@ -167,6 +167,7 @@ STAGES = {
     "generate": (4, "p_θ writes candidates through vllm-prompt-model; scale with its GPUs"),
     "verify": (4, "solver rollouts and sandboxed tests: the most work per record"),
     "pairs": (1, "preference pairs from verdicts: cheap"),
+    "traces": (1, "verified solutions from verdicts, for solver SFT: cheap"),
     "sink": (1, "problems topic + Parquet; idempotent by id"),
 }
 
