@@ -60,7 +60,7 @@ CASES: tuple[Case, ...] = (
     Case("mathcheck", "mathcheck", "answer extraction and equivalence throughput"),
     Case("budgets", "budgets", "decode budgets against the cold-start rationales' token lengths"),
     Case("vectorstore", "vectorstore", "nearest-neighbour lookup latency and recall"),
-    Case("trainer", "trainer", "a DPO window vs plain TRL on the same pairs"),
+    Case("trainer", "trainer", "the trainer's windows on the cpu profile, DPO beside TRL's"),
     Case("loop", "loop", "the training-loop experiment (long: only with --case loop)", False),
 )
 BY_NAME = {c.name: c for c in CASES}

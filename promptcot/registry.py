@@ -80,6 +80,12 @@ STAGES: dict[str, StageSpec] = {
         trainer=True,
         doc="pair windows -> DPO of the solver",
     ),
+    "sft": StageSpec(
+        "trainer.stages:SolverSFTStage",
+        StageRuntime(**PROFILE_WINDOWS["gpu"]["sft"]),
+        trainer=True,
+        doc="verified-trace windows -> SFT of the solver (one lineage with dpo)",
+    ),
 }
 TRAINER_STAGES = tuple(name for name, spec in STAGES.items() if spec.trainer)
 DATA_STAGES = tuple(name for name, spec in STAGES.items() if not spec.trainer)

@@ -111,8 +111,8 @@ TRAINER_LOSS = Gauge(
 )
 TRAINER_HELDOUT_NLL = Gauge(
     "promptcot_trainer_heldout_nll",
-    "Per-token NLL of held-out seed problems under p_θ after the last M-step (unset until the "
-    "held-out pool has items)",
+    "Per-token NLL of held-out items after the last update: seed problems under p_θ (cold start,"
+    " M-step), verified traces under the solver (SFT); unset until the held-out pool has items",
     ["role"],
 )
 TRAINER_REWARD = Gauge(

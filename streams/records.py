@@ -474,7 +474,7 @@ class ModelUpdate(Record):
     role: str
     version: str
     path: str
-    step: str  # "cold_start" | "e_step" | "m_step" | "dpo"
+    step: str  # "cold_start" | "e_step" | "m_step" | "dpo" | "sft"
     metrics: dict[str, float] = Field(default_factory=dict)
 
     @property

@@ -137,7 +137,7 @@ def test_up_trains_by_default_and_no_train_makes_a_pure_generator():
     from promptcot.startup import stage_names
 
     assert "--no-train" in runner.invoke(app, ["up", "--help"]).output
-    assert {"em", "dpo"} <= set(TRAINER_STAGES)
+    assert {"em", "dpo", "sft"} <= set(TRAINER_STAGES)  # `up` trains by default with all three
     assert stage_names(None, train=True) == [*DATA_STAGES, *TRAINER_STAGES]
     assert stage_names(None, train=False) == list(DATA_STAGES)
     assert stage_names("generate,sink", train=False) == ["generate", "sink"]

@@ -2,7 +2,7 @@
 on: the E-step raises q_φ's reward on held-out seeds, the M-step lowers p_θ's problem NLL on
 held-out seeds, DPO raises the preference margin on held-out pairs. Each figure the trainer
 reports is also recomputed independently from the published checkpoint, and the Prometheus
-gauges carry the reported values. LoRA, as in the cpu profile (real TRL training, tiny model).
+gauges carry the reported values. LoRA, as in the cpu profile (real training, tiny model).
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ A window is idempotent and resumable: what each checkpoint was trained on is in 
 steps it had not finished (a kill between the E-step checkpoint and the M-step: the M-step runs)
 and announces every version the window produced, old and new.
 
-Training goes through trainer/sft.py (TRL). Prompts and completions come from llm/prompts.py:
-the targets are exactly the text the stages generate and score.
+Training goes through trainer/sft.py (the engine, trainer/engine.py: each role's optimiser
+persists across windows and restarts). Prompts and completions come from llm/prompts.py: the
+targets are exactly the text the stages generate and score.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ from llm.prompts import (
 from llm.roles import ModelRoles, Role, model_path_for
 from streams.records import AnnotatedSeed, ModelUpdate, Rationale
 from trainer.checkpoints import CheckpointStore, TrainedLedger
+from trainer.engine import EngineOptions, WindowLosses, continuation_nll
 from trainer.heldout import HeldoutPool, is_heldout
+from trainer.lineage import role_lineage
 from trainer.role_models import RoleModel, load_role_model, save_role_model
 from trainer.settings import StepConfig, TrainerSettings
-from trainer.sft import Report, StepReport, continuation_nll, greedy_decode, sft, torch_module
+from trainer.sft import Report, StepReport, greedy_decode, sft, torch_module
 from trainer.updates import WindowResult, model_update, update_from_manifest
 
 log = logging.getLogger(__name__)
@@ -268,7 +271,8 @@ def greedy_reward(
 
 class EMTrainer:
     """Holds p_θ and q_φ in memory between windows (loading SmolLM2 costs seconds; a window
-    may be small), resuming from the newest checkpoints of both roles."""
+    may be small), resuming from the newest checkpoints of both roles, optimiser state
+    included. Each role trains and saves under its lineage's lock (trainer/lineage.py)."""
 
     ROLES = (Role.RATIONALE_MODEL, Role.PROMPT_MODEL)
 
@@ -276,7 +280,7 @@ class EMTrainer:
         self.settings = settings
         self.base_paths = base_paths
         self.store = CheckpointStore(settings.checkpoint_dir, settings.keep_last)
-        self._models: dict[str, RoleModel] = {}
+        self.lineages = {role: role_lineage(self.store, role) for role in self.ROLES}
         self.ledger = TrainedLedger.load(self.store, list(self.ROLES))
         self.heldout = HeldoutPool(
             settings.checkpoint_dir / "heldout-seeds.jsonl", settings.heldout_seeds
@@ -292,8 +296,9 @@ class EMTrainer:
         return cls(settings, {role: model_path_for(models, role) for role in cls.ROLES})
 
     def model(self, role: str, cfg: StepConfig) -> RoleModel:
-        if role not in self._models:
-            self._models[role] = load_role_model(
+        """The role's model, on its newest checkpoint (loaded with ``cfg``'s LoRA setting)."""
+        return self.lineages[role].model(
+            lambda: load_role_model(
                 self.store,
                 role,
                 self.base_paths[role],
@@ -302,7 +307,7 @@ class EMTrainer:
                 dtype=self.settings.dtype,
                 device=self.settings.device,
             )
-        return self._models[role]
+        )
 
     def _train(
         self,
@@ -310,8 +315,8 @@ class EMTrainer:
         examples: list[dict[str, str]],
         cfg: StepConfig,
         on_step: StepReport | None = None,
-    ) -> float:
-        return sft(rm, examples, cfg, self.settings.seed, self.settings.dtype, on_step)
+    ) -> WindowLosses:
+        return sft(rm, examples, cfg, EngineOptions.of(self.settings), on_step)
 
     def _save(
         self,
@@ -321,7 +326,15 @@ class EMTrainer:
         trained_ids: list[str],
         parents: list[str],
     ) -> ModelUpdate:
-        ckpt = save_role_model(self.store, rm, step, metrics, trained_ids, parents)
+        ckpt = save_role_model(
+            self.store,
+            rm,
+            step,
+            metrics,
+            trained_ids,
+            parents,
+            save_optimizer=self.settings.save_optimizer,
+        )
         self.ledger.add(rm.role, {**ckpt.metadata, "path": str(ckpt.path)})
         return model_update(rm, step, metrics, parents)
 
@@ -370,7 +383,6 @@ class EMTrainer:
         self, seeds: Sequence[AnnotatedSeed], force: bool, report: Report
     ) -> list[ModelUpdate]:
         s = self.settings
-        cfg = s.cold_start
         items = [SeedItem.from_annotated(seed) for seed in seeds]
         train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
         self._remember_heldout(i for i in items if is_heldout(i.seed_id, s.heldout_fraction))
@@ -384,33 +396,35 @@ class EMTrainer:
                 again = update_from_manifest({**latest.metadata, "path": str(latest.path)})
                 updates += [again] if again is not None else []
                 continue
-            report(f"loading {role}", 0, 0)
-            rm = self.model(role, cfg)
-
-            def step(done: int, of: int, role: str = role) -> None:
-                report(f"training {role}", done, of)
-
-            if role == Role.RATIONALE_MODEL:
-                loss = self._train(
-                    rm, [rationale_model_example(rm.tokenizer, i) for i in train], cfg, step
-                )
-                metrics = {"train_loss": loss, "n_seeds": len(train)}
-            else:
-                signal, label = self._signal_items(train)
-                report(f"scoring {role} on {len(signal)} {label} seeds", 0, 0)
-                before = problem_nll(rm.model, rm.tokenizer, signal)
-                examples = [prompt_model_example(rm.tokenizer, i) for i in train]
-                loss = self._train(rm, examples, cfg, step)
-                report(f"scoring {role} on {len(signal)} {label} seeds", 0, 0)
-                after = problem_nll(rm.model, rm.tokenizer, signal)
-                metrics = {
-                    "train_loss": loss,
-                    "n_seeds": len(train),
-                    f"{label}_problem_nll_before": before,
-                    f"{label}_problem_nll_after": after,
-                }
-            updates.append(self._save(rm, "cold_start", metrics, [], parents))
+            with self.lineages[role].training():
+                updates.append(self._cold_start_role(role, train, parents, report))
         return updates
+
+    def _cold_start_role(
+        self, role: str, train: list[SeedItem], parents: list[str], report: Report
+    ) -> ModelUpdate:
+        cfg = self.settings.cold_start
+        report(f"loading {role}", 0, 0)
+        rm = self.model(role, cfg)
+        metrics: dict[str, float] = {"n_seeds": len(train)}
+
+        def step(done: int, of: int) -> None:
+            report(f"training {role}", done, of)
+
+        if role == Role.RATIONALE_MODEL:
+            examples = [rationale_model_example(rm.tokenizer, i) for i in train]
+            metrics.update(self._train(rm, examples, cfg, step).metrics())
+        else:
+            signal, label = self._signal_items(train)
+            scoring = f"scoring {role} on {len(signal)} {label} seeds"
+            report(scoring, 0, 0)
+            before = problem_nll(rm.model, rm.tokenizer, signal)
+            examples = [prompt_model_example(rm.tokenizer, i) for i in train]
+            metrics.update(self._train(rm, examples, cfg, step).metrics())
+            report(scoring, 0, 0)
+            metrics[f"{label}_problem_nll_before"] = before
+            metrics[f"{label}_problem_nll_after"] = problem_nll(rm.model, rm.tokenizer, signal)
+        return self._save(rm, "cold_start", metrics, [], parents)
 
     # -- one EM window ------------------------------------------------------------------------
 
@@ -427,7 +441,8 @@ class EMTrainer:
     def _discard_models(self) -> None:
         """After a failed window the models in memory may hold updates no checkpoint has: drop
         them, so the retry starts again from the newest checkpoints (what the ledger says)."""
-        self._models.clear()
+        for lineage in self.lineages.values():
+            lineage.discard()
 
     def _run_window(self, rationales: list[Rationale]) -> WindowResult:
         s = self.settings
@@ -470,20 +485,24 @@ class EMTrainer:
 
     def _e_step(self, window: Window) -> ModelUpdate | None:
         """q_φ learns to write the rationale that best explains each problem."""
+        if not window.train:
+            return None
+        with self.lineages[Role.RATIONALE_MODEL].training():
+            return self._e_step_trained(window)
+
+    def _e_step_trained(self, window: Window) -> ModelUpdate:
         s = self.settings
         rationales, best, train = window.rationales, window.best, window.train
-        if not train:
-            return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
         p = self.model(Role.PROMPT_MODEL, s.m_step)
         signal, label = self._signal_items(train)
         budget, batch = s.m_step.max_rationale_tokens, s.m_step.generation_batch_size
         before, tokens_before = greedy_reward(q, p, signal, budget, batch)
-        loss = self._train(q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step)
+        losses = self._train(q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step)
         after, tokens_after = greedy_reward(q, p, signal, budget, batch)
         rewards = [best[i.seed_id].reward for i in train]
         metrics = {
-            "train_loss": loss,
+            **losses.metrics(),
             "n_seeds": len(train),
             "n_rationales": len(rationales),
             "mean_best_reward": sum(rewards) / len(rewards),
@@ -515,10 +534,14 @@ class EMTrainer:
     def _m_step(self, window: Window) -> ModelUpdate | None:
         """p_θ learns c -> (z, x) with z from the updated q_φ (greedy). A seed whose decode does
         not parse keeps its best-of-K z: the sampled z is still a valid rationale."""
+        if not window.train:
+            return None
+        with self.lineages[Role.PROMPT_MODEL].training():
+            return self._m_step_trained(window)
+
+    def _m_step_trained(self, window: Window) -> ModelUpdate:
         s = self.settings
         rationales, best, train = window.rationales, window.best, window.train
-        if not train:
-            return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
         p = self.model(Role.PROMPT_MODEL, s.m_step)
         decoded = greedy_rationales(
@@ -534,10 +557,10 @@ class EMTrainer:
         # The same on the window's own (c, z, x): falling while the held-out NLL rises is
         # p_θ fitting the seeds it revisits epoch after epoch, not learning the task.
         fit_before = problem_nll(p.model, p.tokenizer, m_items)
-        loss = self._train(p, [prompt_model_example(p.tokenizer, i) for i in m_items], s.m_step)
+        losses = self._train(p, [prompt_model_example(p.tokenizer, i) for i in m_items], s.m_step)
         after = problem_nll(p.model, p.tokenizer, signal)
         metrics = {
-            "train_loss": loss,
+            **losses.metrics(),
             "n_seeds": len(train),
             "n_heldout": len(signal) if label == "heldout" else 0,
             "greedy_fallbacks": sum(z is None for z in decoded),
