@@ -160,9 +160,8 @@ def solve(
 def gold_nll(model: Any, tokenizer: Any, problems: list[Problem]) -> list[tuple[float, int] | None]:
     """Per problem, (summed NLL, tokens) of its gold solution after the solver's prompt, under an
     in-memory HF model (None: no gold solution). One item per call: the logits of one sequence
-    at a time, never of a long batch; this is the one call site of the scorer, so a chunked one
-    (the LM head on completion positions only) can replace it here."""
-    from trainer.sft import continuation_nll
+    at a time, the LM head on the solution's positions only (trainer/engine.py)."""
+    from trainer.engine import continuation_nll
 
     out: list[tuple[float, int] | None] = []
     for p in problems:
