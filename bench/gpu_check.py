@@ -309,7 +309,7 @@ def preference_pairs(n: int) -> list:
     """Pairs on GSM8K train problems: the worked solution with its answer against the first
     half of it with a wrong one."""
     from streams.records import PreferencePair
-    from workers.annotation import solution_steps
+    from workers.annotation import solution_steps, solver_gold_solution
     from workers.seeds import load_seeds
 
     pairs = []
@@ -321,7 +321,7 @@ def preference_pairs(n: int) -> list:
                 problem_id=seed.id,
                 domain="math",
                 prompt=seed.text,
-                chosen="\n".join(steps) + f"\nThe answer is \\boxed{{{seed.answer}}}.",
+                chosen=solver_gold_solution(seed.solution or ""),
                 rejected="\n".join(steps[: len(steps) // 2])
                 + f"\nThe answer is \\boxed{{{wrong}}}.",
             )

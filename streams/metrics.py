@@ -105,7 +105,7 @@ CONSUMER_LAG = Gauge(
 )
 # The TRAINER_* gauges are set by the trainer only (trainer/updates.py, from every update it
 # announces); MODEL_VERSION by it and by the reload follower (workers/reload.py) for the version a
-# process serves; EVAL_ACCURACY by eval (trainer/evaluate.py).
+# process serves; EVAL_ACCURACY and EVAL_GOLD_NLL by eval (trainer/evaluate.py).
 TRAINER_LOSS = Gauge(
     "promptcot_trainer_loss", "Mean training loss of the last update", ["role", "step"]
 )
@@ -150,6 +150,12 @@ MATH_ORACLE_CALLS = Counter(
 EVAL_ACCURACY = Gauge(
     "promptcot_eval_accuracy",
     "Share of benchmark problems solved (the solver template, greedy), per model version",
+    ["benchmark", "role", "version"],
+)
+EVAL_GOLD_NLL = Gauge(
+    "promptcot_eval_gold_nll",
+    "Per-token NLL of the benchmark's gold solutions under the model (teacher-forced after the "
+    "solver template), per model version",
     ["benchmark", "role", "version"],
 )
 

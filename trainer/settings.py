@@ -126,12 +126,17 @@ class SolverSFTConfig(StepConfig):
 
 
 class EvalConfig(Section):
-    """The solver's accuracy on a fixed benchmark subset after each DPO update
-    (trainer/evaluate.py; ``promptcot eval`` runs the same on demand)."""
+    """The solver on a fixed benchmark item set after each DPO update (trainer/evaluate.py;
+    ``promptcot eval`` runs the same on demand): accuracy, and the gold solutions' NLL."""
 
     after_dpo: bool = False
     benchmark: Benchmark = "gsm8k"
-    limit: int = Field(20, ge=1)  # the first N problems: the same subset every time
+    # "subset": GSM8K's fixed 300 test problems (corpora/gsm8k/test-subset-300.json); "all":
+    # the whole test split. The other benchmarks are always whole.
+    items: Literal["subset", "all"] = "subset"
+    limit: int | None = Field(20, ge=1)  # the first N items of the set (None: all of them)
+    solve: bool = True  # generate and score solutions (False: the gold NLL alone)
+    gold_nll: bool = True  # the gold solutions' NLL (GSM8K; one forward pass per item)
     max_tokens: int = 256
     batch_size: int = Field(8, ge=1)
 

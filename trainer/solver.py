@@ -158,7 +158,10 @@ class SolverWindows(Generic[R]):
 
             backend = eval_backend_settings(s)
             result = evaluate_path(str(ckpt.path), s.eval, role=Role.SOLVER, backend=backend)
-            metrics[f"eval_{s.eval.benchmark}_accuracy"] = result.accuracy
+            if result.accuracy is not None:
+                metrics[f"eval_{s.eval.benchmark}_accuracy"] = result.accuracy
+            if result.gold_nll_per_token is not None:
+                metrics[f"eval_{s.eval.benchmark}_gold_nll"] = result.gold_nll_per_token
         update = model_update(rm, self.step, metrics, parents)
         return WindowResult([*again, update], metrics=metrics)
 
