@@ -19,6 +19,7 @@ from typing import Any
 from llm.backends.base import BackendSettings
 from llm.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
 from llm.roles import Role
+from streams import memory
 from streams.records import PreferencePair
 from trainer.checkpoints import CheckpointStore, TrainedLedger
 from trainer.heldout import HeldoutPool, is_heldout
@@ -138,6 +139,13 @@ class DPOTrainerLoop:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
+        memory.hold(self)
+
+    def memory_components(self) -> list[tuple[str, Any]]:
+        """The solver held between windows (with its reference adapter during one), for the
+        memory account (streams/memory.py)."""
+        rm = self._rm
+        return [] if rm is None else [(f"trainer {Role.SOLVER}", rm.model)]
 
     @property
     def solver(self) -> RoleModel:
@@ -161,6 +169,8 @@ class DPOTrainerLoop:
             except BaseException:
                 self._rm = None  # may hold an update no checkpoint has: retry from the newest
                 raise
+            finally:
+                memory.release()  # what the window freed goes back to the system
 
     def _run_window(self, pairs: list[PreferencePair]) -> WindowResult:
         """Held-out pairs join the pool; the versions that trained on part of this window

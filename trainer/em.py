@@ -44,6 +44,7 @@ from llm.prompts import (
     synthesis_parts,
 )
 from llm.roles import ModelRoles, Role, model_path_for
+from streams import memory
 from streams.records import AnnotatedSeed, ModelUpdate, Rationale
 from trainer.checkpoints import CheckpointStore, TrainedLedger
 from trainer.heldout import HeldoutPool, is_heldout
@@ -273,6 +274,11 @@ class EMTrainer:
         self._lock = threading.RLock()  # the cold start (stage start) and windows take turns
         if settings.torch_threads:
             torch_module().set_num_threads(settings.torch_threads)
+        memory.hold(self)
+
+    def memory_components(self) -> list[tuple[str, Any]]:
+        """The models held between windows, for the memory account (streams/memory.py)."""
+        return [(f"trainer {role}", rm.model) for role, rm in list(self._models.items())]
 
     @classmethod
     def on_models(cls, settings: TrainerSettings, models: ModelRoles) -> EMTrainer:
@@ -344,6 +350,8 @@ class EMTrainer:
             except BaseException:
                 self._discard_models()
                 raise
+            finally:
+                memory.release()  # what the training freed goes back to the system
 
     def _cold_start(self, seeds: Sequence[AnnotatedSeed], force: bool) -> list[ModelUpdate]:
         s = self.settings
@@ -392,6 +400,8 @@ class EMTrainer:
             except BaseException:
                 self._discard_models()
                 raise
+            finally:
+                memory.release()  # what the window freed goes back to the system
 
     def _discard_models(self) -> None:
         """After a failed window the models in memory may hold updates no checkpoint has: drop
