@@ -217,6 +217,7 @@ def account(work: Path) -> dict[str, Any]:
         cfg = settings.trainer
         em = getattr(stages.get("em"), "trainer", None)
         dpo = getattr(stages.get("dpo"), "trainer", None)
+        again = None
         if em is not None:
             p = step(
                 "trainer p_θ loaded, scores once",
@@ -262,6 +263,9 @@ def account(work: Path) -> dict[str, Any]:
                         path, eval_cfg, role=Role.SOLVER, backend=eval_backend_settings(cfg)
                     ),
                 )
+        speed = None
+        if again is not None:
+            speed = _adapter_speed(str(again.path))
         components = _components(settings, stages)
         rows = memory.account(components)
         attributed = sum(r.own for r in rows)
@@ -276,6 +280,7 @@ def account(work: Path) -> dict[str, Any]:
         "tensors": [{"component": r.component, "own": r.own, "shared": r.shared} for r in rows],
         "tensor_bytes_attributed": attributed,
         "tensor_bytes_all": everything,
+        "adapter_speed": speed,
     }
 
 
@@ -296,6 +301,41 @@ def _touched(rm: Any) -> Any:
 
     continuation_nll(rm.model, rm.tokenizer, [_TEXT], [" 7"])
     return rm
+
+
+def _adapter_speed(adapter: str, runs: int = 3) -> dict[str, list[float]] | None:
+    """What serving an adapter unmerged on the shared base costs in speed: tokens/s of greedy
+    generation (8 synthesis prompts, 32 tokens) by a backend serving ``adapter`` as it does,
+    and by one whose model is the adapter merged into a private copy of the base (how a
+    backend served an adapter before the shared base), alternated ``runs`` times. None on a
+    checkout without shared bases."""
+    try:
+        from llm.shared_base import private_model
+    except ImportError:
+        return None
+    from peft import PeftModel
+
+    from llm import prompts as P
+    from llm.backends.base import BackendSettings, adapter_base
+    from llm.backends.transformers_backend import TransformersBackend
+
+    settings = BackendSettings(model=adapter, max_batch_size=8)
+    unmerged, merged = TransformersBackend(settings), TransformersBackend(settings)
+    base = adapter_base(adapter) or adapter
+    merged.model = PeftModel.from_pretrained(private_model(base), adapter).merge_and_unload()
+    merged.model.eval()
+    fields = P.synthesis_fields(["whole numbers", "counting objects"], "AMC12", "math")
+    prompts = [P.SYNTHESIS.render(unmerged, **fields)] * 8
+    out: dict[str, list[float]] = {"unmerged": [], "merged": []}
+    for _ in range(runs):
+        for name, backend in (("unmerged", unmerged), ("merged", merged)):
+            started = time.perf_counter()
+            done = backend.generate(prompts, temperature=0.0, max_tokens=32)
+            tokens = sum(c.n_completion_tokens for item in done for c in item)
+            out[name].append(tokens / (time.perf_counter() - started))
+    merged.close()
+    unmerged.close()
+    return out
 
 
 def _components(settings: Any, stages: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -407,10 +447,20 @@ def scrape(port: int) -> dict[str, Any] | None:
 
 
 def live(
-    work: Path, duration_s: float, max_problems: int, env_extra: dict[str, str]
+    work: Path,
+    duration_s: float,
+    max_problems: int,
+    env_extra: dict[str, str],
+    checkpoints: Path | None = None,
 ) -> dict[str, Any]:
-    """One `promptcot up` run in ``work`` (fresh), measured (module docstring, 2)."""
+    """One `promptcot up` run in ``work`` (fresh), measured (module docstring, 2).
+    ``checkpoints``: a trainer checkpoint folder copied in first, so that the run skips the
+    cold start and measures the loop from its first minute."""
     work.mkdir(parents=True, exist_ok=True)
+    if checkpoints is not None:
+        import shutil
+
+        shutil.copytree(checkpoints, work / "promptcot-output" / "checkpoints")
     port = _free_port()
     env = {
         **os.environ,
@@ -672,6 +722,17 @@ def figures(
                 "MB",
             )
         )
+        speeds = [a["adapter_speed"] for a in accounts if a.get("adapter_speed")]
+        if speeds:
+            per_run = [u / m for a in speeds for u, m in zip(a["unmerged"], a["merged"])]
+            out.append(
+                _median_row(
+                    "served adapter unmerged on the shared base / merged into a private copy: "
+                    "greedy tokens/s (SmolLM2, 8 prompts, 32 tokens)",
+                    per_run,
+                    "x",
+                )
+            )
         for kind, what in (
             ("rss", "RSS"),
             ("anon", "anonymous"),
@@ -746,6 +807,7 @@ def measure(
     max_problems: int = 3,
     env: dict[str, str] | None = None,
     account_only: bool = False,
+    checkpoints: Path | None = None,
 ) -> list[dict[str, Any]]:
     """The figures as rows for `python -m bench` (``quick``: one account, no `up` run)."""
     out = out or Path(tempfile.mkdtemp(prefix="promptcot-memory-"))
@@ -760,7 +822,9 @@ def measure(
                 file=sys.stderr,
                 flush=True,
             )
-            lives.append(live(out / f"run-{i + 1}", duration_s, max_problems, env or {}))
+            lives.append(
+                live(out / f"run-{i + 1}", duration_s, max_problems, env or {}, checkpoints)
+            )
             _write(out, accounts, lives, duration_s)
     rows = figures(accounts, lives, duration_s)
     _write(out, accounts, lives, duration_s, rows)
@@ -793,6 +857,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-problems", type=int, default=3, help="`up --max-problems`")
     ap.add_argument("--env", action="append", default=[], metavar="K=V", help="for the `up` runs")
     ap.add_argument("--account-only", action="store_true", help="no `up` run")
+    ap.add_argument(
+        "--checkpoints",
+        type=Path,
+        help="a trainer checkpoint folder each `up` run starts from (no cold start)",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench-out/memory"))
     ap.add_argument("--account-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -809,6 +878,7 @@ def main(argv: list[str] | None = None) -> None:
         max_problems=args.max_problems,
         env=env,
         account_only=args.account_only,
+        checkpoints=args.checkpoints,
     )
     from bench.harness import table
 

@@ -4,7 +4,7 @@ model, and giving a role its own instance when it moves to new weights."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from llm.backends.base import Backend, BackendSettings
 
@@ -58,15 +58,25 @@ class BackendPool:
     p_θ the solver that shared the base model keeps its weights. The copy is of the instance,
     not of the weights: in-process backends put every role's adapter on one shared base."""
 
-    def __init__(self, roles: Mapping[str, BackendSettings]):
+    def __init__(
+        self,
+        roles: Mapping[str, BackendSettings],
+        resolve: Callable[[str, BackendSettings], BackendSettings] | None = None,
+    ):
         self.roles = dict(roles)
+        # Settings -> the settings a backend is made with (llm/roles.py names the embedded
+        # model there), applied when a role is first served, not for every role up front.
+        self._resolve = resolve or (lambda role, settings: settings)
         self._by_role: dict[str, Backend] = {}
         self._lock = threading.Lock()
+
+    def settings(self, role: str) -> BackendSettings:
+        return self._resolve(role, self.roles[role])
 
     def get(self, role: str) -> Backend:
         with self._lock:
             if role not in self._by_role:
-                self._by_role[role] = make_backend(self.roles[role])
+                self._by_role[role] = make_backend(self.settings(role))
                 self._label()
             return self._by_role[role]
 
@@ -95,7 +105,7 @@ class BackendPool:
             if shared:
                 # An instance of its own, outside the shared cache; in process it is a model
                 # object on the same shared base weights plus the new adapter (llm/shared_base.py).
-                fresh = new_backend(self.roles[role].model_copy())
+                fresh = new_backend(self.settings(role))
                 fresh.reload(model_path)
                 self._by_role[role] = fresh
                 if hasattr(current, "label") and current not in self._by_role.values():
