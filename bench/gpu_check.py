@@ -16,9 +16,10 @@ Every step is the project's own code: ``cold_start_data`` and ``EMTrainer.cold_s
 ``EMTrainer.run_window`` (its E-step and M-step are timed apart by wrapping the two methods it
 calls), ``DPOTrainerLoop.run_window`` and ``evaluate_path`` with the backend the trainer evaluates
 with. What the forwards ran in is observed, not read from the settings: hooks on each model's
-top module (the devices of its parameters, buffers, inputs and outputs) and on its first linear
-layer (the weight dtype, the output dtype, autocast on or off; TRL computes its training losses
-from lm_head.weight without calling lm_head).
+transformer body and LM head, the two modules the training engine calls (trainer/engine.py;
+generation reaches them through the top module), for the devices of their parameters, buffers,
+inputs and outputs, and on its first linear layer (the weight dtype, the output dtype, autocast
+on or off).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class StepRecord:
     held_gib: float | None = None  # torch.cuda.memory_allocated after it
     trained: list[str] = field(default_factory=list)  # dtypes of the weights it trained
     # (mode, weight dtype, output dtype, autocast dtype or "off") of the first layer's first
-    # projection (TRL computes the training loss from lm_head.weight without calling lm_head)
+    # projection
     matmuls: list[tuple[str, str, str, str]] = field(default_factory=list)
     devices: dict[str, int] = field(default_factory=dict)  # device -> tensors seen there
     misplaced: list[str] = field(default_factory=list)  # tensors not on the expected device
@@ -162,11 +163,15 @@ class Probe:
     WATCHED = "_gpu_check_watched"  # marks a model that has the hooks
 
     def watch(self, model: Any) -> None:
-        """Hooks on the model's top module and on its first linear layer."""
+        """Hooks on the model's body and LM head, and on its first linear layer."""
+        from trainer.engine import causal_lm
+
         if getattr(model, self.WATCHED, False):
             return
         setattr(model, self.WATCHED, True)
-        model.register_forward_hook(self._top_hook, with_kwargs=True)
+        lm = causal_lm(model)
+        for part in (lm.get_decoder(), lm.get_output_embeddings()):
+            part.register_forward_hook(self._top_hook, with_kwargs=True)
         linear = next(m for m in model.modules() if isinstance(m, self.torch.nn.Linear))
         linear.register_forward_hook(self._matmul_hook)
 
@@ -186,7 +191,7 @@ class Probe:
 
     def _discover_hook(self, module: Any, args: Any, output: Any) -> None:
         if type(module).__name__.endswith("ForCausalLM") and not getattr(module, self.WATCHED, 0):
-            self.watch(module)
+            self.watch(module)  # its body and head: their hooks see the calls after this one
             self._top_hook(module, args, {}, output)  # this first call, seen from outside
             if self._discover is not None:
                 self._discover.remove()
@@ -304,7 +309,7 @@ def preference_pairs(n: int) -> list:
     """Pairs on GSM8K train problems: the worked solution with its answer against the first
     half of it with a wrong one."""
     from streams.records import PreferencePair
-    from workers.annotation import solution_steps
+    from workers.annotation import solution_steps, solver_gold_solution
     from workers.seeds import load_seeds
 
     pairs = []
@@ -316,7 +321,7 @@ def preference_pairs(n: int) -> list:
                 problem_id=seed.id,
                 domain="math",
                 prompt=seed.text,
-                chosen="\n".join(steps) + f"\nThe answer is \\boxed{{{seed.answer}}}.",
+                chosen=solver_gold_solution(seed.solution or ""),
                 rejected="\n".join(steps[: len(steps) // 2])
                 + f"\nThe answer is \\boxed{{{wrong}}}.",
             )

@@ -47,8 +47,6 @@ NEEDS = (
     "tokenizers",
     "accelerate",
     "peft",
-    "trl",
-    "datasets",
     "numpy",
     "pydantic",
     "pydantic-settings",
@@ -57,11 +55,14 @@ NEEDS = (
     "cachetools",
     "math-verify",
 )
-# Imported but not checked: by transformers, datasets or pandas when present (none requires
-# them), and setuptools by torch (its requirements are the CUDA image's own, see UNPINNED).
+# Imported but not checked: by transformers, scikit-learn, pandas, numpy or torch when present
+# (none requires them: pandas and its python-dateutil and pyarrow by scikit-learn, dill by
+# torch.utils.data, charset-normalizer by numpy.f2py), and setuptools, jinja2 and markupsafe by
+# torch (its requirements are the CUDA image's own, see UNPINNED).
 NOT_CHECKED = frozenset(
     {"click", "cloudpickle", "joblib", "narwhals", "pillow", "pytz", "scikit-learn", "scipy"}
-    | {"threadpoolctl", "setuptools"}
+    | {"threadpoolctl", "setuptools", "jinja2", "markupsafe", "dill", "charset-normalizer"}
+    | {"pandas", "python-dateutil", "pyarrow"}
 )
 # pyproject pins the CPU build of torch; a CUDA image brings its own, whatever its version, with
 # the CUDA libraries it was built against: neither its version nor its requirements are checked.
@@ -70,11 +71,6 @@ UNPINNED = {"torch"}
 # What travels as wheels, and why. Each is installed on the GPU machine only when the image's
 # own version is missing or does not fit (``ensure``).
 CARRIED: dict[str, str] = {
-    "trl": "not on the CUDA image; the cold start, E/M-steps and DPO train with it",
-    "datasets": "not on the image; TRL's trainers take a datasets.Dataset",
-    "dill": "datasets needs it; not on the image",
-    "multiprocess": "datasets needs it; not on the image",
-    "fsspec": "datasets 5.0.1 needs fsspec<=2026.6.0; the image's may be newer",
     "peft": "pyproject pins peft==0.21.2; the image's version is not known ahead",
     "pydantic": "the settings and records; not on the image",
     "pydantic-core": "pydantic's compiled core (cp312 manylinux wheel)",
@@ -119,7 +115,7 @@ class Dist:
 class Unmet:
     name: str  # canonical
     found: str | None  # the installed version, None: missing
-    wants: list[str] = field(default_factory=list)  # "datasets 5.0.1 needs dill<0.4.2,>=0.3.0"
+    wants: list[str] = field(default_factory=list)  # "peft 0.21.2 needs accelerate>=0.21.0"
     specs: list[Requirement] = field(default_factory=list)
 
     def line(self) -> str:
@@ -263,8 +259,6 @@ def ensure(
             hint = "" if wheels else " (no wheel folder: run `ops/gpu-check.sh prepare` first)"
             raise EnvironmentProblem(problem + hint)
         if target is None:
-            # Named site-packages: dill (datasets' fingerprints) pickles the modules of any
-            # other folder by value, and fails on pyarrow's (docs/training.md).
             target = Path(tempfile.mkdtemp(prefix="promptcot-gpu-check-")) / "site-packages"
         target.mkdir(parents=True, exist_ok=True)
         pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]

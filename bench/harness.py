@@ -59,8 +59,9 @@ CASES: tuple[Case, ...] = (
     Case("generation", "generation", "transformers: batched vs single, stage vs direct"),
     Case("sandbox", "sandbox", "sandboxed runs vs plain subprocesses"),
     Case("mathcheck", "mathcheck", "answer extraction and equivalence throughput"),
+    Case("budgets", "budgets", "decode budgets against the cold-start rationales' token lengths"),
     Case("vectorstore", "vectorstore", "nearest-neighbour lookup latency and recall"),
-    Case("trainer", "trainer", "a DPO window vs plain TRL on the same pairs"),
+    Case("trainer", "trainer", "the trainer's windows on the cpu profile, DPO beside TRL's"),
     Case(
         "memory",
         "memory",

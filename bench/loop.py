@@ -13,12 +13,15 @@ topics outlive it). Per model version it reports:
   generate stage with that version, same seeds for every version), and the held-out problem
   NLL the trainer measured on its fixed held-out seeds (trainer/heldout.py);
 - q_φ: the mean reward of its greedy rationales on held-out seeds (under the p_θ of its time);
-- the solver: the DPO margin on held-out pairs, and accuracy on a fixed GSM8K-test subset;
+- the solver: the DPO margin on held-out pairs, and on the first N items of GSM8K test's fixed
+  subset (trainer/evaluate.py) its accuracy and the NLL per token of the gold solutions;
 - live: concept sets, well-formed candidates and verified problems per generator version served,
   and verified problems per hour.
 
 Goals (2 cores, 2 hours): yield >= 2x the base model's; held-out NLL falls over >= 3 EM
-iterations; solver GSM8K accuracy not below the base's. ``--quick`` measures what the cold start
+iterations; the last solver better than the base on the same GSM8K-test items, paired (accuracy:
+McNemar's exact test; gold-solution NLL: paired bootstrap), each at 95% ("no evidence of a
+difference" otherwise, a tie included). ``--quick`` measures what the cold start
 alone does: annotate's success rate on the seeds the loop uses, and the yield (1 - the format
 rejection rate of generate) of the base p_θ vs the cold-started one.
 
@@ -258,7 +261,10 @@ def measure_versions(
     s_rows = [{"version": 0, "step": "base", "path": base_solver, "metrics": {}}] + found["solver"]
     cfg = EvalConfig(limit=eval_limit, max_tokens=256, batch_size=8)
     for r in spaced(s_rows, most):
-        r["gsm8k_accuracy"] = evaluate_path(r["path"], cfg, role="solver").accuracy
+        result = evaluate_path(r["path"], cfg, role="solver")
+        r["gsm8k_accuracy"] = result.accuracy
+        r["gsm8k_gold_nll"] = result.gold_nll_per_token
+        r["eval"] = result.to_json()  # per item: the base and the last version are paired
     q_rows = [{"version": 0, "step": "base", "path": "", "metrics": {}}] + found["rationale_model"]
     return {"prompt_model": p_rows, "rationale_model": q_rows, "solver": s_rows}
 
@@ -291,7 +297,6 @@ def goals(by_role: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     em_end = metric(em[-1], "heldout_problem_nll_after") if em else None
     falls = bool(len(em) >= 3 and em_start is not None and em_end < em_start)
     lowest = min(em, key=lambda r: metric(r, "heldout_problem_nll_after"), default=None)
-    acc = [r for r in solver if "gsm8k_accuracy" in r]
     return [
         row("yield: well-formed candidates per concept set, base p_θ", base_yield, "ratio"),
         row("yield: well-formed candidates per concept set, last p_θ", last_yield, "ratio"),
@@ -315,14 +320,57 @@ def goals(by_role: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             [metric(lowest, "heldout_problem_nll_after"), lowest["version"]] if lowest else None,
             "nats/token",
         ),
-        row(
-            "solver GSM8K-test accuracy, base -> last",
-            [acc[0]["gsm8k_accuracy"], acc[-1]["gsm8k_accuracy"]],
-            "share",
-            "last >= base",
-            acc[-1]["gsm8k_accuracy"] >= acc[0]["gsm8k_accuracy"],
-        ),
+        *solver_goals(solver),
     ]
+
+
+def solver_goals(solver: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last solver version against the base on the same GSM8K-test items, paired
+    (trainer/evaluate.py ``compare``): accuracy by McNemar's exact test, the gold solutions' NLL
+    per token by the paired bootstrap. A goal holds only when the last version is better with
+    95% confidence; a tie reads "no evidence of a difference", never "not below"."""
+    from trainer.evaluate import EvalResult, compare
+
+    measured = [r for r in solver if "eval" in r]
+    names = {"accuracy": "accuracy", "gold": "gold-solution NLL per token"}
+    if len(measured) < 2:
+        return [
+            row(f"solver GSM8K-test {what}, last vs base", None, unit, f"last better: {why}", False)
+            for what, unit, why in (
+                (names["accuracy"], "share", "no solver version past the base"),
+                (names["gold"], "nats/token", "no solver version past the base"),
+            )
+        ]
+    base, last = (EvalResult.from_json(r["eval"]) for r in (measured[0], measured[-1]))
+    c = compare(last, base, names=("last", "base"))
+    rows = []
+    for what, paired, unit, method in (
+        (names["accuracy"], c.accuracy, "share", "McNemar exact"),
+        (names["gold"], c.gold_nll, "nats/token", "paired bootstrap"),
+    ):
+        value = (
+            {
+                "base": paired.b,
+                "last": paired.a,
+                "last - base": paired.difference,
+                "interval": [paired.low, paired.high],
+                "p": paired.p_value,
+                "verdict": paired.verdict,
+            }
+            if paired
+            else None
+        )
+        rows.append(
+            row(
+                f"solver GSM8K-test {what}, last (v{measured[-1]['version']}) vs base, "
+                f"paired on {c.n} items",
+                value,
+                unit,
+                f"last better ({method}, 95%)",
+                bool(paired and paired.verdict == "last better"),
+            )
+        )
+    return rows
 
 
 def plot(by_role: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -345,6 +393,7 @@ def plot(by_role: dict[str, list[dict[str, Any]]], path: Path) -> None:
             lambda r: metric(r, "heldout_margin_after"),
         ),
         ("solver GSM8K-test accuracy", "solver", lambda r: r.get("gsm8k_accuracy")),
+        ("solver gold-solution NLL (GSM8K test)", "solver", lambda r: r.get("gsm8k_gold_nll")),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (title, role, value) in zip(axes, panels):
@@ -471,7 +520,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="the cold start alone, no live run")
     ap.add_argument("--seeds", type=int, default=128, help="seed problems of the EM loop")
     ap.add_argument("--concept-sets", type=int, default=24, help="fixed sets for the yield")
-    ap.add_argument("--eval-limit", type=int, default=50, help="GSM8K-test problems per solver")
+    ap.add_argument(
+        "--eval-limit", type=int, default=50, help="first N of the GSM8K-test subset per solver"
+    )
     ap.add_argument("--versions", type=int, default=5, help="most versions measured per role")
     args = ap.parse_args(argv)
     if args.versions < 2:

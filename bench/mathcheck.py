@@ -1,5 +1,7 @@
-"""Math checking: answer extraction on GSM8K gold answers, and equivalence throughput of the
-math-verify worker (warm) on reformatted GSM8K gold answers.
+"""Math checking: answer extraction on GSM8K gold answers, equivalence throughput of the
+math-verify worker (warm) on reformatted GSM8K gold answers, and the arithmetic check of the
+designer's reference on GSM8K train's worked solutions and the cold-start rationales built from
+them (verification/mathcheck/reference.py).
 
 Every pair is distinct and needs math-verify (no exact fast path), so the figure includes the
 worker's parse of both sides plus the IPC; the extraction share over the whole test split is
@@ -33,6 +35,55 @@ def worker_pairs(gold: str) -> list[tuple[str, str]]:
         (gold, f"\\${g}"),
         (gold, f"{g} + 0"),
         (gold, f"{g + 1}\\text{{ dollars}}"),
+    ]
+
+
+def arithmetic_rows() -> list[Row]:
+    """How often the arithmetic check flags GSM8K train's worked solutions (mostly GSM8K's own
+    slips, docs/verification.md), and whether the designer references of the cold-start
+    rationales are the gold answers."""
+    from verification.mathcheck.reference import check_arithmetic, designer_reference
+    from workers.annotation import annotate_from_seed, solution_steps
+    from workers.seeds import load_seeds
+
+    seeds = load_seeds("gsm8k", "train", 100_000)
+    t0 = time.perf_counter()
+    checked = [check_arithmetic("\n".join(solution_steps(s.solution or ""))) for s in seeds]
+    rate = len(seeds) / (time.perf_counter() - t0)
+    with_steps = [c for c in checked if c.checked]
+    flagged = sum(not c.ok for c in with_steps)
+    given = refused = wrong = 0
+    for seed in seeds:
+        try:
+            rationale = annotate_from_seed(seed, 5)[1]
+        except ValueError:
+            continue
+        got = designer_reference(rationale)
+        if got.answer is None:
+            refused += 1
+        else:
+            given += 1
+            wrong += got.answer.replace(",", "") != seed.answer
+    return [
+        row(
+            CASE,
+            f"GSM8K train solutions with checked steps (of {len(seeds)})",
+            len(with_steps),
+            "n",
+        ),
+        row(CASE, "arithmetic steps checked", sum(c.checked for c in checked), "n"),
+        row(
+            CASE,
+            "solutions flagged by the arithmetic check",
+            flagged / len(with_steps),
+            "",
+            "<= 0.01",
+            flagged / len(with_steps) <= 0.01,
+        ),
+        row(CASE, "arithmetic check", rate, "solutions/s"),
+        row(CASE, "cold-start rationales with a designer reference", given, "n"),
+        row(CASE, "cold-start rationales refused (designer_arithmetic)", refused, "n"),
+        row(CASE, "designer references that are not the gold answer", wrong, "n", "0", wrong == 0),
     ]
 
 
@@ -103,4 +154,5 @@ def measure(quick: bool = False) -> list[Row]:
         timing(CASE, "equivalence, cache hits", cached, "pairs/s"),
         timing(CASE, "equivalence, one call per pair", single, "pairs/s"),
         timing(CASE, "worker round trip, parsed pair, no cache (median)", trips, "ms"),
+        *arithmetic_rows(),
     ]

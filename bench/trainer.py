@@ -1,154 +1,316 @@
-"""Cost of the trainer's windows on CPU (the tiny test model): a DPO window against plain TRL
-doing the same DPO training (the window's own share: preference margins before and after, the
-checkpoint write, the bookkeeping; goal <= 1.5x), and an EM window (E-step SFT of q_φ, greedy
-M-step decode, M-step SFT of p_θ, checkpoint writes).
+"""The trainer's windows on CPU under the cpu profile (docs/training.md, "The engine"): for each
+window kind (DPO, solver SFT, EM) its wall time, the peak resident memory while it runs and its
+losses; beside the DPO window, TRL's DPOTrainer taking the same optimiser steps on the same pairs
+with the same LoRA adapter (the control arm: how the trainer trained before the engine). Every
+window runs in a process of its own, its model loaded before the clock and the memory watch
+start, so a peak is that window's.
+
+    python -m bench --case trainer                       # the tiny test model, 3 runs each
+    python -m bench.trainer --model smollm2 --kind dpo   # one window on SmolLM2-135M, JSON out
+
+Windows are the cpu profile's: 8 pairs (GSM8K train problems: the worked solution against half
+of it with a wrong answer), 8 traces (GSM8K worked solutions), 24 rationales (6 seeds x K=4).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.harness import ROOT, Row, ratios, timing
-from streams.records import PreferencePair, Rationale
-from trainer.dpo import DPOTrainerLoop
-from trainer.em import EMTrainer
-from trainer.settings import TrainerSettings
+from bench.harness import ROOT, Row, not_run, ratios, row, timing
 
-CASE = "trainer (tiny model)"
-NAMES = ["Ana", "Ben", "Carla", "Dev", "Eva", "Femi", "Gus", "Hana"]
+CASE = "trainer (cpu profile)"
+KINDS = ("dpo", "sft", "em", "trl-dpo")
+WINDOW = {"dpo": 8, "sft": 8, "em": 6}  # pairs, traces, seeds (x K=4 rationales)
 
 
-def rationales(n_seeds: int, k: int) -> list[Rationale]:
-    out = []
-    for i in range(n_seeds):
-        problem = (
-            f"{NAMES[i % 8]} has {i + 2} boxes with {i + 3} pencils in each box. How many pencils?"
-        )
-        for s in range(k):
-            out.append(
-                Rationale(
-                    seed_id=f"bench_seed_{i}",
-                    domain="math",
-                    concepts=["multiplication as repeated addition", "equal groups", "counting"],
-                    problem=problem,
-                    text=f"Combine equal groups with multiplication: {i + 2} boxes of {i + 3} "
-                    "pencils, "
-                    f"ask for the total (variant {s}).",
-                    sample_index=s,
-                    reward=-40.0 - s,
-                    logp_problem=-25.0,
-                    logp_rationale=-15.0 - s,
-                    rationale_model="bench",
-                    prompt_model="bench",
-                )
-            )
-    return out
+# ---------------------------------------------------------------------------------------------
+# One window, in this process
 
 
-def pairs(n: int) -> list[PreferencePair]:
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """The highest resident set size seen while the block runs (sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        self.start = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_mb())
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def model_dir(name: str) -> str:
+    if name == "smollm2":
+        from llm.smollm2 import prepare_smollm2
+
+        return str(prepare_smollm2())
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_model import tiny_model_dir
+
+    return str(tiny_model_dir())
+
+
+def gsm8k_traces(n: int) -> list:
+    from streams.records import SolverTrace
+    from workers.annotation import solution_steps
+    from workers.seeds import load_seeds
+
     return [
-        PreferencePair(
-            problem_id=f"bench_prob_{i}",
+        SolverTrace(
+            problem_id=seed.id,
+            source="solver",
             domain="math",
-            prompt=f"{NAMES[i % 8]} has {i + 2} apples and gets {i + 3} more. How many apples?",
-            chosen=f"We add {i + 2} and {i + 3}.\nThe answer is \\boxed{{{2 * i + 5}}}.",
-            rejected=f"Apples are red.\nThe answer is \\boxed{{{i}}}.",
+            prompt=seed.text,
+            completion="\n".join(solution_steps(seed.solution or "") or [seed.text])
+            + f"\nThe answer is \\boxed{{{seed.answer}}}.",
+            reference_answer=seed.answer,
         )
-        for i in range(n)
+        for seed in load_seeds("gsm8k", "train", n, skip=100)
     ]
 
 
-def plain_trl_dpo(model_path: str, rows: list[dict[str, str]], settings: TrainerSettings) -> float:
-    """The same DPO training, TRL called plainly: same model (with the same LoRA adapter when the
-    profile trains one), rows and arguments, no margins, no checkpoint, no bookkeeping. Seconds
-    of DPOTrainer construction + train()."""
+def overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["dpo.steps_per_window=2", "gradient_checkpointing=true"]`` as a nested dict of
+    trainer settings (values read as JSON where they parse, else as text)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def run_window(
+    kind: str, model: str, threads: int, trainer: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One window of ``kind`` on a fresh trainer of the cpu profile (no held-out items: every
+    record trains; ``trainer``: settings over the profile's), after its model is loaded."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
 
-    from trainer.role_models import apply_lora_setting, normalize_end_of_turn
-    from trainer.sft import common_training_args
+    from bench.gpu_check import preference_pairs, window_rationales
+    from promptcot.settings import Settings
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, local_files_only=True
+    torch.set_num_threads(threads)
+    base = model_dir(model)
+    work = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
+    settings = Settings(
+        trainer={
+            "profile": "cpu",
+            "checkpoint_dir": work / "ckpt",
+            "heldout_fraction": 0.0,
+            "heldout_seeds": 0,
+            **(trainer or {}),
+        },
+        metrics={"port": 0},
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    t = settings.trainer
+    out: dict[str, Any] = {"kind": kind, "model": model}
+    if kind == "trl-dpo":
+        return {**out, **trl_dpo_window(base, t)}
+    if kind == "dpo":
+        from trainer.dpo import DPOTrainerLoop
+
+        loop: Any = DPOTrainerLoop(t, base)
+        records: Any = preference_pairs(WINDOW["dpo"])
+        loop.solver  # noqa: B018  (loaded before the clock)
+    elif kind == "sft":
+        from trainer.traces import SolverSFTLoop
+
+        loop = SolverSFTLoop(t, base)
+        records = gsm8k_traces(WINDOW["sft"])
+        loop.solver  # noqa: B018
+    else:
+        from trainer.coldstart import cold_start_data
+        from trainer.em import EMTrainer
+
+        seeds = cold_start_data(settings, limit=WINDOW["em"]).seeds
+        loop = EMTrainer(t, {"prompt_model": base, "rationale_model": base})
+        loop.model("prompt_model", t.m_step)
+        loop.model("rationale_model", t.e_step)
+        records = window_rationales(seeds, settings.rationale.samples)
+    with PeakRSS() as rss:
+        started = time.perf_counter()
+        result = loop.run_window(records)
+        out["wall_s"] = time.perf_counter() - started
+    out.update(rss_loaded_mb=rss.start, rss_peak_mb=rss.peak, skipped=result.skipped)
+    out["updates"] = [{"step": u.step, **u.metrics} for u in result.updates]
+    return out
+
+
+def trl_dpo_window(base: str, t: Any) -> dict[str, Any]:
+    """TRL's DPOTrainer on the DPO window's pairs: the cpu profile's LoRA adapter, learning
+    rate, batch and steps (max_steps = steps_per_window), the reference precomputed (as the
+    trainer ran it before the engine), on the same rows."""
+    try:
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+    except ImportError as exc:
+        return {"error": f"TRL is not installed: {exc}"}
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.gpu_check import preference_pairs
+    from trainer.dpo import dpo_rows
+    from trainer.role_models import apply_lora_setting, normalize_end_of_turn
+
+    cfg = t.dpo
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
     normalize_end_of_turn(tokenizer)
-    cfg = settings.dpo
     model = apply_lora_setting(model, cfg.use_lora, cfg.lora)
-    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
+    rows = dpo_rows(tokenizer, preference_pairs(WINDOW["dpo"]))
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as work, PeakRSS() as rss:
         started = time.perf_counter()
         args = DPOConfig(
-            **common_training_args(
-                cfg, len(rows), settings.seed, out, model=model, dtype=settings.dtype
-            ),
+            output_dir=work,
+            use_cpu=True,
+            report_to="none",
+            learning_rate=cfg.lr,
+            per_device_train_batch_size=cfg.per_device_batch_size,
+            gradient_accumulation_steps=max(1, cfg.batch_size // cfg.per_device_batch_size),
+            max_steps=cfg.steps_per_window or 1,
             beta=cfg.beta,
             max_length=cfg.max_seq_len,
             precompute_ref_log_probs=True,
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
             dataset_num_proc=None,
         )
-        DPOTrainer(
+        result = DPOTrainer(
             model=model,
             args=args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
         ).train()
-        return time.perf_counter() - started
+        wall = time.perf_counter() - started
+    return {
+        "wall_s": wall,
+        "rss_loaded_mb": rss.start,
+        "rss_peak_mb": rss.peak,
+        "updates": [{"step": "dpo", "train_loss": float(result.training_loss)}],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The case: every window in a process of its own
+
+
+def child(kind: str, model: str, threads: int) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, "-m", "bench.trainer", "--kind", kind, "--model", model]
+        cmd += ["--threads", str(threads), "--out", out.name]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+        return json.loads(Path(out.name).read_text())
+
+
+def _loss(found: dict[str, Any], key: str) -> float:
+    return float(found["updates"][-1].get(key, float("nan")))
 
 
 def measure(quick: bool = False) -> list[Row]:
-    """A DPO window (margins before and after, TRL DPO, checkpoint write) vs plain TRL DPO on the
-    same pairs and arguments, and an EM window, on the tiny test model; interleaved runs."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_model import tiny_model_dir
-
-    from trainer.dpo import dpo_rows
-
-    model = str(tiny_model_dir())
-    n_pairs, n_seeds, runs = (4, 2, 3) if quick else (8, 4, 3)
-    step = {"batch_size": 4, "per_device_batch_size": 4, "max_seq_len": 512, "lr": 1e-4}
-    window, plain, em_s = [], [], []
+    """The tiny model's windows, interleaved runs of every kind (the DPO window and TRL's side by
+    side)."""
+    runs = 1 if quick else 3
+    found: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
     for _ in range(runs):
-        with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
-            settings = TrainerSettings(
-                checkpoint_dir=Path(tmp),
-                heldout_fraction=0.0,
-                torch_threads=2,
-                # Every window trains, however small (the EM trainer applies min_records).
-                e_step={**step, "window": {"min_records": 1}},
-                m_step={**step, "max_rationale_tokens": 32},
-                dpo={**step, "window": {"min_records": 1}},
+        for kind in KINDS:
+            found[kind].append(child(kind, "tiny", 2))
+    rows: list[Row] = []
+    for kind in KINDS:
+        errors = [f["error"] for f in found[kind] if "error" in f]
+        if errors:
+            rows.append(not_run(CASE, f"{kind}: {errors[0]}"))
+            continue
+        ok = found[kind]
+        rows.append(timing(CASE, f"{kind} window, seconds", [f["wall_s"] for f in ok], "s"))
+        rows.append(timing(CASE, f"{kind} window, peak RSS", [f["rss_peak_mb"] for f in ok], "MB"))
+    dpo, trl = found["dpo"], found["trl-dpo"]
+    if not any("error" in f for f in dpo):
+        last = [_loss(f, "train_loss_last") for f in dpo]
+        rows.append(
+            row(
+                CASE,
+                "DPO window: last step's loss (ln 2 = 0.693)",
+                statistics.median(last),
+                "",
+                "< 0.693",
+                statistics.median(last) < 0.6931,
+                last,
             )
-            loop = DPOTrainerLoop(settings, model)
-            rows = dpo_rows(loop.solver.tokenizer, pairs(n_pairs))  # loads the model, untimed
-            t0 = time.perf_counter()
-            loop.run_window(pairs(n_pairs))
-            window.append(time.perf_counter() - t0)
-            plain.append(plain_trl_dpo(model, rows, settings))
-            em = EMTrainer(settings, {"prompt_model": model, "rationale_model": model})
-            em.model("prompt_model", settings.m_step)
-            em.model("rationale_model", settings.e_step)
-            t0 = time.perf_counter()
-            em.run_window(rationales(n_seeds, 2))
-            em_s.append(time.perf_counter() - t0)
-    return [
-        timing(
-            CASE,
-            f"DPO window / plain TRL DPOTrainer, seconds ({n_pairs} pairs)",
-            ratios(window, plain),
-            "x",
-            at_most=1.5,
-        ),
-        timing(CASE, "DPO window (margins, TRL DPO, checkpoint)", window, "s"),
-        timing(CASE, "plain TRL DPOTrainer (construct + train)", plain, "s"),
-        timing(
-            CASE, f"EM window ({n_seeds} seeds x 2 samples: E-step, M-step decode + SFT)", em_s, "s"
-        ),
-    ]
+        )
+    if not any("error" in f for f in dpo + trl):
+        rows.append(
+            timing(
+                CASE,
+                "DPO window / TRL DPOTrainer, seconds (same steps)",
+                ratios([f["wall_s"] for f in dpo], [f["wall_s"] for f in trl]),
+                "x",
+            )
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.trainer", description=__doc__.split("\n")[0])
+    ap.add_argument("--kind", choices=KINDS, required=True)
+    ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--out", type=Path, help="write the window's figures here (JSON)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a trainer setting over the cpu profile's, e.g. dpo.steps_per_window=2",
+    )
+    args = ap.parse_args(argv)
+    found = run_window(args.kind, args.model, args.threads, overrides(args.set))
+    found["settings"] = args.set
+    text = json.dumps(found, indent=1, default=str)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -302,7 +302,9 @@ def _between(text: str, open_tag: str, close_tag: str, *, close_optional: bool) 
     return text[start:end].strip()
 
 
-_NUMBERED = re.compile(r"^\s*(\d+)[.)]\s*(.+?)\s*$")
+# The item ends at its last non-space character: a lazy body before ``\s*$`` retried the
+# trailing white space at every length, quadratic in a line of a teacher's output (issue 21).
+_NUMBERED = re.compile(r"^\s*(\d+)[.)]\s*+(.*\S)\s*$")
 
 
 def parse_concepts(completion: str, k: int | None = None, *, truncated: bool = False) -> list[str]:

@@ -27,6 +27,9 @@ class Role(StrEnum):
     TEST_WRITER = "test_writer"  # writes stdin/stdout tests for code problems
     ANNOTATOR = "annotator"  # the cold-start teacher: concepts and rationales for seeds
     JUDGE = "judge"  # decontamination: is a candidate a reworded benchmark problem? (a teacher)
+    # A strong solver: its majority is the math reference and it writes one trace per accepted
+    # problem, where configured (models.teacher.model set: teacher_configured).
+    TEACHER = "teacher"
 
 
 class ModelRoles(Section):
@@ -38,11 +41,18 @@ class ModelRoles(Section):
     test_writer: BackendSettings = Field(default_factory=BackendSettings)
     annotator: BackendSettings = Field(default_factory=BackendSettings)
     judge: BackendSettings = Field(default_factory=BackendSettings)
+    teacher: BackendSettings = Field(default_factory=BackendSettings)
 
     def role(self, name: str) -> BackendSettings:
         if name not in type(self).model_fields:
             raise KeyError(f"unknown model role {name!r}; roles: {', '.join(Role)}")
         return getattr(self, name)
+
+
+def teacher_configured(models: ModelRoles) -> bool:
+    """Is a teacher model named? Never the embedded default: a teacher must be stronger than
+    the solver it checks, and SmolLM2 is the solver."""
+    return bool(models.teacher.model)
 
 
 def model_path_for(models: ModelRoles, role: str) -> str:

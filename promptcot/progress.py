@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Group
+from rich.console import Console, Group
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -47,6 +48,7 @@ class FactoryProgress:
             "candidates unique": _out("filter", "candidates.unique"),
             "verified problems": self.accepted(),
             "preference pairs": _out("pairs", "pairs"),
+            "solver traces": _out("traces", "traces"),
             "dead letters": int(metrics.counter_value(metrics.DEAD_LETTERS)),
             "model tokens": int(metrics.counter_value(metrics.MODEL_TOKENS)),
         }
@@ -124,6 +126,38 @@ class FactoryProgress:
             )
         lines.append(where_problems_are(accepted, output_dir))
         return Group(*lines)
+
+
+class ColdStartBar:
+    """The cold start in `up`'s console: one bar, its current phase as the description
+    ("annotating seeds", "training prompt_model", ...); a phase of unknown length pulses. Called
+    as the trainer's ``Report`` (trainer/sft.py), from the thread that runs the cold start."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("cold start: {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = self.progress.add_task("starting", total=None)
+        self.phase = "starting"
+
+    def __enter__(self) -> ColdStartBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, what: str, done: int, of: int) -> None:
+        if what != self.phase:  # a new task in place of the old one: a total may become unknown
+            self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(what, total=of or None)
+            self.phase = what
+        self.progress.update(self.task, completed=done, total=of or None, refresh=True)
 
 
 def where_problems_are(accepted: int, output_dir: Path | None) -> Text:

@@ -59,6 +59,10 @@ STAGES: dict[str, StageSpec] = {
     "pairs": StageSpec(
         "workers.stages.pairs:PairsStage", doc="accepted verdicts -> DPO preference pairs"
     ),
+    "traces": StageSpec(
+        "workers.stages.traces:TracesStage",
+        doc="accepted verdicts -> verified solutions for solver SFT",
+    ),
     "sink": StageSpec(
         "workers.stages.sink:SinkStage", doc="accepted verdicts -> problems topic + Parquet"
     ),
@@ -75,6 +79,12 @@ STAGES: dict[str, StageSpec] = {
         StageRuntime(**PROFILE_WINDOWS["gpu"]["dpo"]),
         trainer=True,
         doc="pair windows -> DPO of the solver",
+    ),
+    "sft": StageSpec(
+        "trainer.stages:SolverSFTStage",
+        StageRuntime(**PROFILE_WINDOWS["gpu"]["sft"]),
+        trainer=True,
+        doc="verified-trace windows -> SFT of the solver (one lineage with dpo)",
     ),
 }
 TRAINER_STAGES = tuple(name for name, spec in STAGES.items() if spec.trainer)

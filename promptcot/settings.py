@@ -42,6 +42,7 @@ from streams.settings import (
     deep_merge,
 )
 from trainer.settings import (
+    PROFILE_CONCEPTS,
     PROFILE_SAMPLING,
     PROFILE_WINDOWS,
     PROFILES,
@@ -58,6 +59,7 @@ from workers.settings import (
     SamplerSettings,
     SinkSettings,
     StageRuntime,
+    TraceSettings,
     VerifySettings,
     WorkerSettings,
 )
@@ -99,6 +101,7 @@ class Settings(BaseSettings, Section):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     verify: VerifySettings = Field(default_factory=VerifySettings)
     pairs: PairSettings = Field(default_factory=PairSettings)
+    traces: TraceSettings = Field(default_factory=TraceSettings)
     annotate: AnnotateSettings = Field(default_factory=AnnotateSettings)
     rationale: RationaleSettings = Field(default_factory=RationaleSettings)
     vectorstore: VectorStoreSettings = Field(default_factory=VectorStoreSettings)
@@ -118,8 +121,8 @@ class Settings(BaseSettings, Section):
     @classmethod
     def _trainer_profile(cls, data: Any) -> Any:
         """Apply the trainer profile (trainer/settings.py) to the ``trainer`` section, the trainer
-        stages' windows (``stages.em`` / ``stages.dpo``) and the E-step sampling
-        (``rationale``), under any key set explicitly.
+        stages' windows (``stages.em`` / ``stages.dpo``), the E-step sampling (``rationale``)
+        and the sampler's difficulty ladders (``concepts``), under any key set explicitly.
         Here, before the sections fill in their defaults, so an explicit key is still told
         apart from a default."""
         if not isinstance(data, dict) or isinstance(data.get("trainer"), TrainerSettings):
@@ -127,7 +130,8 @@ class Settings(BaseSettings, Section):
         trainer = data.get("trainer", {})
         stages = data.get("stages", {})
         rationale = data.get("rationale", {})
-        if not all(isinstance(x, dict) for x in (trainer, stages, rationale)):
+        concepts = data.get("concepts", {})
+        if not all(isinstance(x, dict) for x in (trainer, stages, rationale, concepts)):
             return data
         try:
             profile = resolve_profile(trainer.get("profile", "auto"))
@@ -138,6 +142,7 @@ class Settings(BaseSettings, Section):
             "trainer": {**deep_merge(PROFILES[profile], trainer), "profile": profile},
             "stages": deep_merge(PROFILE_WINDOWS[profile], stages),
             "rationale": deep_merge(PROFILE_SAMPLING[profile], rationale),
+            "concepts": deep_merge(PROFILE_CONCEPTS[profile], concepts),
         }
 
     @classmethod

@@ -203,6 +203,7 @@ class EmbeddedBroker:
         self._s3: LocalS3 | None = None
         self._lock: int | None = None
         self._workdir: Path | None = None
+        self._log_start = 0  # where this run's output begins in tansu.log (it spans restarts)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -251,6 +252,10 @@ class EmbeddedBroker:
             storage,
         ]
         with open(self._workdir / "tansu.log", "ab") as log_file:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log_file.write(f"--- {stamp}: promptcot (pid {os.getpid()}) starts tansu\n".encode())
+            log_file.flush()
+            self._log_start = log_file.tell()
             self._proc = subprocess.Popen(
                 cmd,
                 cwd=self._workdir,
@@ -303,7 +308,7 @@ class EmbeddedBroker:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=wait_s)
         if self._proc is not None and self._proc.poll() is not None:
-            return f"embedded broker exited with {self._proc.returncode}: {self.log_tail(300)}"
+            return self._died(300)
         if self._s3 is not None and self._s3.proc is not None and self._s3.proc.poll() is not None:
             return f"embedded broker's S3 server exited with {self._s3.proc.returncode}"
         return None
@@ -312,9 +317,7 @@ class EmbeddedBroker:
         deadline = time.monotonic() + self.settings.startup_timeout_s
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                raise BrokerError(
-                    f"embedded broker exited with {self._proc.returncode}: {self.log_tail()}"
-                )
+                raise BrokerError(self._died(2000))
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     pass
@@ -339,15 +342,36 @@ class EmbeddedBroker:
         except Exception:  # noqa: BLE001 - any failure means "not ready yet"
             return False
 
+    def _died(self, n: int) -> str:
+        """One line on the broker's exit: its code (the signal's name if one killed it) and the
+        end of what this run wrote."""
+        assert self._proc is not None
+        code = self._proc.returncode
+        signal_name = ""
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                signal_name = f" ({signal.Signals(-code).name})"
+        lines = [" ".join(line.split()) for line in self.log_tail(n).splitlines()]
+        said = " | ".join(line for line in lines if line)
+        return f"embedded broker exited with {code}{signal_name}: " + (
+            f"its output since it started: {said}" if said else "no output since it started"
+        )
+
     def log_tail(self, n: int = 2000) -> str:
+        """The last ``n`` bytes this run wrote to tansu.log (in whole lines): a durable broker's
+        log spans its restarts, and an earlier run's lines say nothing of this one."""
         if self._workdir is None:
             return ""
         path = self._workdir / "tansu.log"
         if not path.exists():
             return ""
-        with open(path, "rb") as f:  # a durable broker's log spans its restarts: read the end
-            f.seek(max(0, path.stat().st_size - n))
-            return f.read().decode(errors="replace")
+        with open(path, "rb") as f:
+            start = max(self._log_start, path.stat().st_size - n)
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        if start > self._log_start:  # cut inside this run's output: drop the partial line
+            text = text.partition("\n")[2]
+        return text
 
     def stop(self) -> None:
         _stop(self._proc)  # the broker first: it may still write to the S3 server

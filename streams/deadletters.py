@@ -7,6 +7,11 @@ all of them. Every replay is recorded on ``<ns>.deadletter.replays`` (the topics
 of truth on a cluster, where no machine's disk is), and a source record recorded there is never
 replayed again. The record is written after the broker acknowledged the replayed copy: a crash
 between the two replays that record again on the next run, and ids make the repeat harmless.
+
+A replayed copy that fails again is dead-lettered at its own coordinates, a new source record;
+it is held back (``failed again``) unless asked for, or every replay of a record the fix did not
+mend would send it once more. A record the producer cannot send (over its request size, refused
+by the broker) is reported and skipped, and the rest of the selection still goes back.
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 
 from streams.clients import decoded, publish, read_all
 from streams.cluster import kafka_python_config
@@ -25,6 +36,14 @@ from streams.settings import KafkaSettings
 from streams.topics import DEAD_LETTER_REPLAYS, DEAD_LETTERS
 
 REPLAY_HEADER = "x-replay-of"
+# What the producer or the broker refuses for one record: that record is skipped, not the rest.
+# Anything else (the cluster gone, a timeout) stops the replay; what was sent is still recorded.
+REFUSED = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    InvalidRecordError,
+    CorruptRecordError,
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,38 @@ def replays(kafka: KafkaSettings, bootstrap: str) -> dict[Coordinates, DeadLette
     return out
 
 
+def replayed_copies(done: dict[Coordinates, DeadLetterReplay]) -> set[Coordinates]:
+    """Where the replayed copies landed: a dead letter at one of these failed again after a
+    replay."""
+    return {(r.source_topic, r.replayed_partition, r.replayed_offset) for r in done.values()}
+
+
+@dataclass
+class Choice:
+    """A selection's dead letters split by what a replay does with them."""
+
+    fresh: list[DeadLetter]  # to replay
+    replayed_before: int  # source records already replayed
+    failed_again: int  # source records that are replayed copies, held back (without ``again``)
+
+
+def choose(
+    letters: Iterable[DeadLetter],
+    done: dict[Coordinates, DeadLetterReplay],
+    selection: Selection,
+    again: bool = False,
+) -> Choice:
+    """The dead letters of ``selection`` still to replay: each source record once, and a
+    replayed copy that failed again only when ``again``."""
+    chosen = [d for d in letters if selection.matches(d)]
+    copies = replayed_copies(done)
+    before = {coordinates(d) for d in chosen if coordinates(d) in done}
+    held = {coordinates(d) for d in chosen if coordinates(d) in copies} - before
+    skip = before if again else before | held
+    fresh = [d for d in chosen if coordinates(d) not in skip]
+    return Choice(fresh, len(before), 0 if again else len(held))
+
+
 def counts(letters: Iterable[DeadLetter]) -> Counter[tuple[str, str]]:
     """(source topic, reason) -> number of dead letters."""
     return Counter((letter.source_topic, letter.reason) for letter in letters)
@@ -102,6 +153,18 @@ def read_original(
 
 
 @dataclass
+class Unsent:
+    """Dead letters of one source record that a replay could not send, and why."""
+
+    letters: list[DeadLetter]
+    why: str
+
+    @property
+    def first(self) -> DeadLetter:
+        return self.letters[0]
+
+
+@dataclass
 class ReplayPlan:
     letters: list[DeadLetter]  # every dead letter of one source record
     payload: bytes
@@ -130,30 +193,50 @@ def plan(kafka: KafkaSettings, bootstrap: str, letters: list[DeadLetter]) -> Rep
     return ReplayPlan(letters, copy_of(letter), [], "dead_letter")
 
 
-def plans(kafka: KafkaSettings, bootstrap: str, letters: list[DeadLetter]) -> list[ReplayPlan]:
-    """One plan per source record of ``letters``."""
+def plans(
+    kafka: KafkaSettings, bootstrap: str, letters: list[DeadLetter]
+) -> tuple[list[ReplayPlan], list[Unsent]]:
+    """One plan per source record of ``letters``, and the source records with no bytes left to
+    send."""
     by_source: dict[Coordinates, list[DeadLetter]] = {}
     for letter in letters:
         by_source.setdefault(coordinates(letter), []).append(letter)
-    return [plan(kafka, bootstrap, group) for group in by_source.values()]
+    out: list[ReplayPlan] = []
+    unsent: list[Unsent] = []
+    for group in by_source.values():
+        try:
+            out.append(plan(kafka, bootstrap, group))
+        except ValueError as exc:
+            unsent.append(Unsent(group, str(exc)))
+    return out, unsent
 
 
 def replay(
     kafka: KafkaSettings, bootstrap: str, to_send: list[ReplayPlan]
-) -> list[DeadLetterReplay]:
+) -> tuple[list[DeadLetterReplay], list[Unsent]]:
     """Send each plan's bytes to its source topic (original key and headers, plus
-    ``x-replay-of``: the dead letter ids), then record the replays."""
-    producer = KafkaProducer(**kafka_python_config(kafka, bootstrap), acks="all")
+    ``x-replay-of``: the dead letter ids), then record the replays. A record the producer or
+    the broker refuses (``REFUSED``) is returned unsent with the reason; the others still go."""
+    producer = KafkaProducer(
+        **kafka_python_config(kafka, bootstrap),
+        acks="all",
+        max_request_size=kafka.max_request_bytes,  # what the stages may have written
+    )
     done: list[DeadLetterReplay] = []
+    unsent: list[Unsent] = []
     try:
         for p in to_send:
             ids = [letter.id for letter in p.letters]
             headers = [(k, v) for k, v in p.headers if k != REPLAY_HEADER]
             headers.append((REPLAY_HEADER, ",".join(ids).encode()))
             key = p.first.key.encode() if p.first.key is not None else None
-            meta = producer.send(p.first.source_topic, p.payload, key=key, headers=headers).get(
-                timeout=30
-            )
+            try:
+                meta = producer.send(p.first.source_topic, p.payload, key=key, headers=headers).get(
+                    timeout=30
+                )
+            except REFUSED as exc:
+                unsent.append(Unsent(p.letters, _refusal(exc, len(p.payload), kafka)))
+                continue
             done.append(
                 DeadLetterReplay.derived_from(
                     p.first,
@@ -172,4 +255,14 @@ def replay(
         producer.close()
         if done:
             publish(kafka, bootstrap, DEAD_LETTER_REPLAYS, done)
-    return done
+    return done, unsent
+
+
+def _refusal(exc: Exception, size: int, kafka: KafkaSettings) -> str:
+    if isinstance(exc, (MessageSizeTooLargeError, RecordListTooLargeError)):
+        return (
+            f"too large: {size:,} bytes, over what the producer takes ({kafka.max_request_bytes:,}"
+            ", kafka.max_record_bytes + 64 KiB) or the broker (its message.max.bytes); raise "
+            "them to replay it"
+        )
+    return f"refused: {type(exc).__name__}: {' '.join(str(exc).split())}"

@@ -37,6 +37,11 @@ BATCH_SIZE = Histogram(
     "promptcot_batch_size", "Records per micro-batch", ["stage"], buckets=(1, 2, 4, 8, 16, 32, 64)
 )
 MODEL_TOKENS = Counter("promptcot_model_tokens_total", "Tokens through a model", ["role", "kind"])
+MODEL_TEXT_REPLACED = Counter(
+    "promptcot_model_text_replaced_total",
+    "Code points of model output that were not valid UTF-8 (lone surrogates), replaced by U+FFFD "
+    "where a backend hands the text back",
+)
 PASS_RATE = Histogram(
     "promptcot_pass_rate",
     "Solver pass rate of verified candidates",
@@ -47,9 +52,32 @@ IN_FLIGHT = Gauge("promptcot_concept_sets_in_flight", "Concept sets issued witho
 DIVERSITY = Gauge(
     "promptcot_diversity", "Diversity of accepted problems over the last window", ["measure"]
 )
+# Drift of the accepted problems over the last verify.drift_window of them, per domain, set by
+# the verify stage (workers/drift.py): what long self-play runs are reported to drift towards.
+ACCEPTED_DIVERSITY = Gauge(
+    "promptcot_accepted_diversity",
+    "Mean pairwise distance of the last accepted problems (hashed word bigrams; 0 = all alike)",
+    ["domain"],
+)
+ACCEPTED_MEAN_WORDS = Gauge(
+    "promptcot_accepted_mean_words",
+    "Mean length in words of the last accepted problems",
+    ["domain"],
+)
+ACCEPTED_TRIVIAL_ANSWERS = Gauge(
+    "promptcot_accepted_trivial_answer_share",
+    "Share of the last accepted problems whose reference is 0, 1 or a number the problem states",
+    ["domain"],
+)
+DESIGNER_AGREEMENT = Gauge(
+    "promptcot_accepted_designer_agreement",
+    "Share of the last accepted problems with a designer's answer whose solver plurality agrees "
+    "with it",
+    ["domain"],
+)
 SANDBOX_RUNS = Counter("promptcot_sandbox_runs_total", "Sandboxed program runs", ["outcome"])
-# Progress of each stage, set by the runtime (workers/runtime.py): what "alive but stuck" alerts
-# and health checks read.
+# Progress of each stage, set by the runtime (workers/runtime.py, workers/agent.py): what "alive
+# but stuck" alerts and health checks read.
 LAST_PROGRESS = Gauge(
     "promptcot_stage_last_progress_timestamp_seconds",
     "Unix time a stage last finished input records (outputs acknowledged, offsets committable)",
@@ -78,19 +106,25 @@ CONSUMER_LAG = Gauge(
 )
 # The TRAINER_* gauges are set by the trainer only (trainer/updates.py, from every update it
 # announces); MODEL_VERSION by it and by the reload follower (workers/reload.py) for the version a
-# process serves; EVAL_ACCURACY by eval (trainer/evaluate.py).
+# process serves; EVAL_ACCURACY and EVAL_GOLD_NLL by eval (trainer/evaluate.py).
 TRAINER_LOSS = Gauge(
     "promptcot_trainer_loss", "Mean training loss of the last update", ["role", "step"]
 )
 TRAINER_HELDOUT_NLL = Gauge(
     "promptcot_trainer_heldout_nll",
-    "Per-token NLL of held-out seed problems under p_θ after the last M-step (unset until the "
-    "held-out pool has items)",
+    "Per-token NLL of held-out items after the last update: seed problems under p_θ (cold start,"
+    " M-step), verified traces under the solver (SFT); unset until the held-out pool has items",
     ["role"],
 )
 TRAINER_REWARD = Gauge(
     "promptcot_trainer_reward",
     "Mean reward R(z) of q_φ's greedy rationales on held-out seeds after the last E-step",
+    ["role"],
+)
+TRAINER_RATIONALE_TOKENS = Gauge(
+    "promptcot_trainer_rationale_tokens",
+    "Mean length in tokens of q_φ's greedy rationales on held-out seeds after the last E-step, "
+    "beside promptcot_trainer_reward (unset until the held-out pool has items)",
     ["role"],
 )
 TRAINER_MARGIN = Gauge(
@@ -110,13 +144,19 @@ MATH_ORACLE_TIMEOUTS = Counter(
 )
 MATH_ORACLE_CALLS = Counter(
     "promptcot_math_oracle_calls_total",
-    "Math equivalence checks by how the verdict was reached "
-    "(text, cache, too_long, math_verify, timeout, crashed)",
+    "Math equivalence checks by how the verdict was reached (text, cache, too_long, garbled, "
+    "math_verify, timeout, crashed, hostile, over_budget)",
     ["outcome"],
 )
 EVAL_ACCURACY = Gauge(
     "promptcot_eval_accuracy",
     "Share of benchmark problems solved (the solver template, greedy), per model version",
+    ["benchmark", "role", "version"],
+)
+EVAL_GOLD_NLL = Gauge(
+    "promptcot_eval_gold_nll",
+    "Per-token NLL of the benchmark's gold solutions under the model (teacher-forced after the "
+    "solver template), per model version",
     ["benchmark", "role", "version"],
 )
 

@@ -332,11 +332,27 @@ class Verdict(ProblemPayload, Record):
     problem: str = ""
     rationale: str = ""
     reference_answer: str | None = None
+    # Where the math reference came from: "teacher", "designer" or "majority" (the solver's own
+    # plurality: self-agreement); "" where no math reference was sought (code, earlier stages,
+    # verdicts written before the field existed).
+    reference_source: str = ""
     tests: list[TestCase] = Field(default_factory=list)
     pass_rate: float | None = None
     rollouts: list[Rollout] = Field(default_factory=list)
+    teacher_rollouts: list[Rollout] = Field(default_factory=list)  # the teacher's, when it voted
     nearest_id: str | None = None
     similarity: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_reference(self, handler: Any) -> dict[str, Any]:
+        """Without a reference source or teacher rollouts a verdict serializes as before those
+        fields existed, so a reader of an earlier release still reads it."""
+        data = handler(self)
+        if not self.reference_source:
+            data.pop("reference_source", None)
+        if not self.teacher_rollouts:
+            data.pop("teacher_rollouts", None)
+        return data
 
     @classmethod
     def on(
@@ -388,9 +404,18 @@ class Problem(ProblemPayload, Record):
     candidate_id: str
     rationale: str
     reference_answer: str | None = None
+    reference_source: str = ""  # Verdict.reference_source
     tests: list[TestCase] = Field(default_factory=list)
     pass_rate: float
     n_rollouts: int
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_reference(self, handler: Any) -> dict[str, Any]:
+        """Without a reference source a problem serializes as before the field existed."""
+        data = handler(self)
+        if not self.reference_source:
+            data.pop("reference_source", None)
+        return data
 
 
 class PreferencePair(Record):
@@ -406,6 +431,30 @@ class PreferencePair(Record):
     prompt: str
     chosen: str
     rejected: str
+
+
+TraceSource = Literal["solver", "teacher"]
+
+
+class SolverTrace(Record):
+    """A verified solution of an accepted problem, for supervised fine-tuning of the solver (the
+    design's second post-training mode): a solver rollout that finished, stated a final answer
+    and agrees with the reference, or a teacher's solution. ``prompt`` is the solver's user
+    text, as preference pairs carry it (trainers render it with their model's chat template);
+    ``completion`` is the solution the solver should learn to write."""
+
+    kind: ClassVar[str] = "solver_trace"
+    id_prefix: ClassVar[str] = "trace"
+    id_fields: ClassVar[tuple[str, ...]] = ("problem_id", "source", "index")
+
+    problem_id: str  # the accepted verdict's subject: the candidate id
+    source: TraceSource
+    index: int = 0  # which rollout of the verdict (solver), or which teacher trace
+    domain: Domain
+    prompt: str
+    completion: str
+    reference_answer: str | None = None  # math: the reference it agrees with
+    n_tokens: int = 0  # completion tokens, as the model that wrote it counted them
 
 
 def version_number(text: str) -> int | None:
@@ -425,7 +474,7 @@ class ModelUpdate(Record):
     role: str
     version: str
     path: str
-    step: str  # "cold_start" | "e_step" | "m_step" | "dpo"
+    step: str  # "cold_start" | "e_step" | "m_step" | "dpo" | "sft"
     metrics: dict[str, float] = Field(default_factory=dict)
 
     @property
@@ -482,6 +531,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         Verdict,
         Problem,
         PreferencePair,
+        SolverTrace,
         ModelUpdate,
         DeadLetter,
         DeadLetterReplay,

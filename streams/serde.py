@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 from pydantic import ValidationError
 
@@ -20,6 +21,7 @@ SCHEMA_INVALID = "schema_invalid"  # JSON, but not the topic's record type
 SCHEMA_VERSION_UNSUPPORTED = "schema_version_unsupported"  # written by a newer release
 RECORD_TOO_LARGE = "record_too_large"  # over kafka.max_record_bytes
 OUTPUT_TOO_LARGE = "output_too_large"  # a stage produced a record over the limit from it
+OUTPUT_INVALID = "output_invalid"  # a stage produced a record from it that cannot be encoded
 PROCESSING_ERROR = "processing_error"  # the stage raised on it (after retries)
 MAX_ERROR_CHARS = 2000
 _DEAD_LETTER_OVERHEAD = 8 * 1024  # everything but the payload, generously
@@ -34,6 +36,18 @@ class RecordDecodeError(ValueError):
 
 def encode(record: Record) -> bytes:
     return record.model_dump_json().encode("utf-8")
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> tuple[str, int]:
+    """``text`` as valid UTF-8, and how many code points were replaced: a Python string can hold
+    lone surrogates (a JSON ``"\\ud800"`` escape, bytes decoded with ``surrogateescape``) that
+    no encoder takes; each becomes U+FFFD, the replacement character."""
+    if text.isascii():
+        return text, 0
+    return _SURROGATE_RE.subn("\ufffd", text)
 
 
 def decode(
@@ -87,11 +101,11 @@ def dead_letter(
     return DeadLetter(
         stage=stage,
         reason=reason,
-        error=str(error)[:MAX_ERROR_CHARS],
+        error=valid_text(str(error)[:MAX_ERROR_CHARS])[0],
         source_topic=topic,
         partition=partition,
         offset=offset,
-        key=key[:512].decode("utf-8", "replace") if key else None,
+        key=key[:512].decode("utf-8", "replace") if key else None,  # bytes: never a surrogate
         payload_b64=base64.b64encode(raw[:keep]).decode("ascii"),
         payload_size=len(raw),
         payload_truncated=len(raw) > keep,

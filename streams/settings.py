@@ -82,6 +82,12 @@ class KafkaSettings(Section):
     # truncated copy and its coordinates, never a crash.
     max_record_bytes: int = Field(900_000, ge=1024)
 
+    @property
+    def max_request_bytes(self) -> int:
+        """A producer's max_request_size for records up to ``max_record_bytes``: headers and
+        framing come on top."""
+        return self.max_record_bytes + 64 * 1024
+
 
 class EmbeddedBrokerSettings(Section):
     """The broker `promptcot up` and `promptcot broker` start when no cluster is configured."""

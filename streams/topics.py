@@ -20,6 +20,7 @@ from streams.records import (
     Rationale,
     Record,
     SeedProblem,
+    SolverTrace,
     Verdict,
 )
 
@@ -54,6 +55,9 @@ CANDIDATES_UNIQUE = TopicSpec(
 VERDICTS = TopicSpec("verdicts", Verdict, "subject_id", doc="accepted/rejected, with reasons")
 PROBLEMS = TopicSpec("problems", Problem, "id", doc="verified problems: the product")
 PAIRS = TopicSpec("pairs", PreferencePair, "problem_id", doc="preference pairs for DPO")
+TRACES = TopicSpec(
+    "traces", SolverTrace, "problem_id", doc="verified solutions of accepted problems, for SFT"
+)
 RATIONALES = TopicSpec("rationales", Rationale, "seed_id", doc="q_φ samples with rewards")
 MODELS = TopicSpec("models", ModelUpdate, "role", partitions=1, doc="new checkpoints")
 DEAD_LETTERS = TopicSpec("deadletter", DeadLetter, "source_topic", doc="unreadable records")
@@ -76,6 +80,7 @@ CATALOGUE: dict[str, TopicSpec] = {
         VERDICTS,
         PROBLEMS,
         PAIRS,
+        TRACES,
         RATIONALES,
         MODELS,
         DEAD_LETTERS,

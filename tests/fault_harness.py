@@ -264,8 +264,14 @@ def settled(settings: Settings) -> tuple[set[str], set[str]]:
 
 
 def product_complete(settings: Settings) -> bool:
-    """Every accepted verdict is a problem on the topic (the sink ran after the verdict)."""
-    accepted = {r.subject_id for r, _ in read(settings, "verdicts") if r and r.accepted}
+    """Every accepted verdict of the run's concept sets is a problem on the topic (the sink ran
+    after the verdict); poison has its own audit."""
+    issued, _ = settled(settings)
+    accepted = {
+        r.subject_id
+        for r, _ in read(settings, "verdicts")
+        if r and r.accepted and r.lineage.concept_set_id in issued
+    }
     problems = {r.candidate_id for r, _ in read(settings, "problems") if r}
     return accepted <= problems
 
@@ -307,6 +313,53 @@ def poison(settings: Settings, topics: list[str]) -> dict[tuple[str, int, int], 
         for what, payload in payloads.items():
             meta = producer.send(topic, payload, key=b"poison").get(timeout=60)
             sent[(topic, meta.partition, meta.offset)] = f"{name}: {what}"
+    producer.close()
+    return sent
+
+
+def hostile(settings: Settings) -> dict[tuple[str, int, int], tuple[str, str]]:
+    """Valid records whose model text is hostile (tests/hostile_text.py: 200 KB of ``\\(``,
+    10,000 brackets, power towers, a lone surrogate, a NUL) on each topic a stage reads model
+    text from: candidates (filter), candidates.unique (verify), verdicts (pairs, sink). Returns
+    (topic, partition, offset) -> (catalogue name, the id its outputs name: the candidate's, the
+    verdict's subject). Each must be handled: a verdict, an output or a dead letter with the
+    reason (``audit``)."""
+    from hostile_text import TEXTS
+
+    from streams.records import CandidateProblem, Rollout
+
+    kafka = settings.kafka
+    producer = KafkaProducer(**kafka_python_config(kafka, kafka.bootstrap_servers))
+    sent: dict[tuple[str, int, int], tuple[str, str]] = {}
+    for name in ("candidates", "candidates.unique", "verdicts"):
+        for i, text in enumerate(TEXTS.values()):
+            if name == "verdicts":  # accepted, with a passing and a failing rollout: both
+                record = Verdict(  # the sink and the pairs stage have something to do
+                    subject_id=f"hostile_{i}",
+                    stage="verify",
+                    accepted=True,
+                    reason="accepted",
+                    domain="math",
+                    difficulty="AMC12",
+                    problem=text,  # JSON doubles backslashes: two copies of 200 KB
+                    pass_rate=0.5,  # of \( stay under the record limit
+                    rollouts=[Rollout(text=text, answer="7", passed=True), Rollout(text="no")],
+                )
+            else:
+                record = CandidateProblem(
+                    concept_set_id=f"cset_hostile_{name}_{i}",
+                    domain="math",
+                    difficulty="AMC12",
+                    concepts=["x"],
+                    rationale="r",
+                    problem=text,
+                )
+            # json.dumps escapes the lone surrogate as JSON does (\ud800); readers get it back.
+            payload = json.dumps(record.model_dump(mode="json")).encode()
+            topic = CATALOGUE[name].full_name(kafka.namespace)
+            meta = producer.send(topic, payload, key=b"hostile").get(timeout=60)
+            subject = record.subject_id if isinstance(record, Verdict) else record.id
+            sent[(topic, meta.partition, meta.offset)] = (name, subject)
     producer.close()
     return sent
 
@@ -361,6 +414,176 @@ def embedded_bootstrap(proc: Proc, timeout_s: float = 90) -> str:
 
 # --- the audit ------------------------------------------------------------------------------------
 
+AUDITED = ("concepts", "candidates", "candidates.unique", "verdicts", "problems", "pairs")
+
+
+@dataclass
+class Check:
+    """One invariant over a run's records: what was counted and the violations found (none:
+    it holds). The fault suite asserts it; the soak (bench/soak.py) reports it."""
+
+    name: str
+    counts: dict[str, int]
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def line(self) -> str:
+        counts = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
+        state = "ok" if self.ok else "VIOLATED: " + "; ".join(self.violations)
+        return f"{self.name}: {state} ({counts})"
+
+
+def first_few(items, most: int = 5) -> str:
+    """The first ``most`` of ``items`` (sorted if a set), for a violation's text."""
+    items = sorted(items) if isinstance(items, (set, frozenset)) else list(items)
+    return ", ".join(map(str, items[:most])) + (
+        f" (+{len(items) - most} more)" if len(items) > most else ""
+    )
+
+
+def own_draws(records: dict[str, list[Record]], seed: int) -> dict[str, str]:
+    """concept set id -> draw, for the sampler's own seed."""
+    return {r.id: r.draw for r in records["concepts"] if r.draw.startswith(f"{seed}:")}
+
+
+def check_verdicts(records: dict[str, list[Record]], seed: int, all_settled: bool = True) -> Check:
+    """The sampler issued draws 0..n-1 once each, and every concept set has one verdict id
+    (``all_settled``: exactly one; else at most one, the sets without one counted)."""
+    draws = own_draws(records, seed)
+    numbers = sorted(int(d.split(":")[1]) for d in draws.values())
+    verdict_ids: dict[str, set[str]] = defaultdict(set)
+    for v in records["verdicts"]:
+        verdict_ids[v.lineage.concept_set_id].add(v.id)
+    per_set = {cs: len(verdict_ids[cs]) for cs in draws}
+    several = {cs: n for cs, n in per_set.items() if n > 1}
+    unsettled = {cs for cs, n in per_set.items() if n == 0}
+    violations = []
+    if numbers != list(range(len(numbers))):
+        violations.append(f"draws not 0..{len(numbers) - 1} once each: {first_few(numbers, 12)}")
+    if several:
+        violations.append(
+            f"{len(several)} concept sets with several verdicts: {first_few(several)}"
+        )
+    if unsettled and all_settled:
+        violations.append(
+            f"{len(unsettled)} concept sets without a verdict: {first_few(unsettled)}"
+        )
+    counts = {
+        "concept sets": len(draws),
+        "one verdict": sum(n == 1 for n in per_set.values()),
+        "no verdict": len(unsettled),
+        "several verdicts": len(several),
+    }
+    return Check("one verdict per concept set", counts, violations)
+
+
+def check_outcomes(records: dict[str, list[Record]]) -> Check:
+    """Every id has one outcome on every topic; extra copies are redeliveries (counted)."""
+    violations, counts = [], {}
+    for topic in AUDITED:
+        contents: dict[str, set[str]] = defaultdict(set)
+        for r in records[topic]:
+            contents[r.id].add(_outcome(r))
+        redone = {i for i, o in contents.items() if len(o) > 1}
+        if redone:
+            violations.append(
+                f"{topic}: {len(redone)} ids with several outcomes: {first_few(redone)}"
+            )
+        counts[f"{topic} redelivered"] = len(records[topic]) - len(contents)
+    return Check("one outcome per id", counts, violations)
+
+
+def check_product(
+    settings: Settings, records: dict[str, list[Record]], foreign: frozenset[str] = frozenset()
+) -> Check:
+    """Every accepted verdict is a problem on the topic and in the sink, once; LanceDB holds
+    each unique candidate once, none lost. ``foreign``: candidate ids a test put on the topics
+    itself (hostile text), not of the sampler's concept sets."""
+    draws = own_draws(records, settings.concepts.seed)
+    accepted = {
+        v.subject_id
+        for v in records["verdicts"]
+        if v.accepted and v.lineage.concept_set_id in draws
+    }
+    problems = {p.candidate_id for p in records["problems"] if p.lineage.concept_set_id in draws}
+    rows, lance = sink_ids(settings), lance_ids(settings)
+    ours = {c.id for c in records["candidates.unique"] if c.lineage.concept_set_id in draws}
+    violations = []
+    if problems != accepted:
+        violations.append(f"accepted verdicts vs problems differ: {first_few(problems ^ accepted)}")
+    twice = [i for i, n in Counter(rows).items() if n > 1]
+    if twice:
+        violations.append(f"{len(twice)} problem ids twice in the sink: {first_few(twice)}")
+    on_topic = {p.id for p in records["problems"]}
+    if on_topic != set(rows):
+        violations.append(f"problems topic vs sink differ: {first_few(on_topic ^ set(rows))}")
+    twice = [i for i, n in Counter(lance).items() if n > 1]
+    if twice:
+        violations.append(f"{len(twice)} ids twice in LanceDB: {first_few(twice)}")
+    if set(lance) - foreign != ours:
+        differ = (set(lance) - foreign) ^ ours
+        violations.append(f"LanceDB vs unique candidates differ: {first_few(differ)}")
+    counts = {
+        "accepted": len(accepted),
+        "sink rows": len(rows),
+        "sink ids twice": len(rows) - len(set(rows)),
+        "LanceDB rows": len(lance),
+        "LanceDB ids twice": len(lance) - len(set(lance)),
+    }
+    return Check("no problem lost or twice (topic, Parquet, LanceDB)", counts, violations)
+
+
+def check_poison(
+    records: dict[str, list[Record]], poisoned: dict[tuple[str, int, int], str]
+) -> Check:
+    """Every poison record is a dead letter at its coordinates."""
+    coordinates = {(d.source_topic, d.partition, d.offset) for d in records["deadletter"]}
+    missing = {where: what for where, what in poisoned.items() if where not in coordinates}
+    violations = [f"poison without a dead letter: {first_few(missing.items())}"] if missing else []
+    counts = {"poison records": len(poisoned), "dead-lettered": len(poisoned) - len(missing)}
+    return Check("every poison record dead-lettered", counts, violations)
+
+
+def check_hostile(
+    records: dict[str, list[Record]], sent: dict[tuple[str, int, int], tuple[str, str]]
+) -> Check:
+    """Every hostile record is settled, or dead-lettered, by each stage that reads it."""
+    unhandled = _unhandled_hostile(sent, records, records["deadletter"])
+    violations = (
+        [f"hostile text without a verdict, output or dead letter: {first_few(unhandled.values())}"]
+        if unhandled
+        else []
+    )
+    counts = {"hostile records": len(sent), "settled": len(sent) - len(unhandled)}
+    return Check("every hostile record settled", counts, violations)
+
+
+def read_audited(settings: Settings) -> dict[str, list[Record]]:
+    """The records the checks read, from the topics (undecodable messages left out)."""
+    return {t: [r for r, _ in read(settings, t) if r is not None] for t in (*AUDITED, "deadletter")}
+
+
+def run_checks(
+    settings: Settings,
+    records: dict[str, list[Record]],
+    poisoned: dict[tuple[str, int, int], str] | None = None,
+    all_settled: bool = True,
+    hostile_sent: dict[tuple[str, int, int], tuple[str, str]] | None = None,
+) -> list[Check]:
+    foreign = frozenset(i for name, i in (hostile_sent or {}).values() if name == "candidates")
+    checks = [
+        check_verdicts(records, settings.concepts.seed, all_settled),
+        check_outcomes(records),
+        check_product(settings, records, foreign),
+        check_poison(records, poisoned or {}),
+    ]
+    if hostile_sent:
+        checks.append(check_hostile(records, hostile_sent))
+    return checks
+
 
 @dataclass
 class Audit:
@@ -381,63 +604,54 @@ def audit(
     settings: Settings,
     n_sets: int,
     poisoned: dict[tuple[str, int, int], str] | None = None,
+    hostile_sent: dict[tuple[str, int, int], tuple[str, str]] | None = None,
 ) -> Audit:
     """Assert nothing was lost or redone; return the counts worth printing."""
-    copies: dict[str, Counter] = {}
-    by_id: dict[str, dict[str, set[str]]] = {}
-    records: dict[str, list[Record]] = {}
-    for topic in ("concepts", "candidates", "candidates.unique", "verdicts", "problems", "pairs"):
-        got = [r for r, _ in read(settings, topic) if r is not None]
-        records[topic] = got
-        copies[topic] = Counter(r.id for r in got)
-        contents: dict[str, set[str]] = defaultdict(set)
-        for r in got:
-            contents[r.id].add(_outcome(r))
-        by_id[topic] = contents
-    seed = settings.concepts.seed
-
-    # The sampler issued draws 0..n-1 of its seed, each once.
-    draws = {r.id: r.draw for r in records["concepts"] if r.draw.startswith(f"{seed}:")}
-    assert sorted(draws.values(), key=lambda d: int(d.split(":")[1])) == [
-        f"{seed}:{k}" for k in range(n_sets)
-    ], sorted(draws.values())
-    # One outcome per id, on every topic.
-    for topic, contents in by_id.items():
-        redone = {i: o for i, o in contents.items() if len(o) > 1}
-        assert not redone, f"{topic}: ids with more than one outcome: {redone}"
-    # Every concept set: exactly one verdict id.
-    verdict_ids: dict[str, set[str]] = defaultdict(set)
-    for v in records["verdicts"]:
-        verdict_ids[v.lineage.concept_set_id].add(v.id)
-    per_set = {cs: len(verdict_ids[cs]) for cs in draws}
-    assert all(n == 1 for n in per_set.values()), per_set
-    # The product: every accepted verdict is a problem on the topic and in the sink, once.
-    accepted = {
-        v.subject_id
-        for v in records["verdicts"]
-        if v.accepted and v.lineage.concept_set_id in draws
-    }
-    assert {p.candidate_id for p in records["problems"]} == accepted
-    sink_rows = _sink_ids(settings)
-    assert len(sink_rows) == len(set(sink_rows)), Counter(sink_rows).most_common(3)
-    assert {p.id for p in records["problems"]} == set(sink_rows)
-    # LanceDB: each unique candidate once, none lost.
-    lance_ids = _lance_ids(settings)
-    assert len(lance_ids) == len(set(lance_ids)), Counter(lance_ids).most_common(3)
-    ours = {c.id for c in records["candidates.unique"] if c.lineage.concept_set_id in draws}
-    assert set(lance_ids) == ours, set(lance_ids) ^ ours
-    # Poison: each record is a dead letter at its coordinates.
-    letters = [r for r, _ in read(settings, "deadletter") if r is not None]
-    if poisoned:
-        coordinates = {(d.source_topic, d.partition, d.offset) for d in letters}
-        missing = {where: what for where, what in poisoned.items() if where not in coordinates}
-        assert not missing, f"poison without a dead letter: {missing}"
+    records = read_audited(settings)
+    checks = run_checks(settings, records, poisoned, hostile_sent=hostile_sent)
+    failed = [c.line() for c in checks if not c.ok]
+    assert not failed, "\n".join(failed)
+    verdicts, outcomes, product = checks[:3]
+    assert verdicts.counts["concept sets"] == n_sets, verdicts.line()
     return Audit(
-        concept_sets=len(draws),
-        accepted=len(accepted),
-        redeliveries={t: sum(c.values()) - len(c) for t, c in copies.items()},
-        dead_letters=len({d.id for d in letters}),
+        concept_sets=n_sets,
+        accepted=product.counts["accepted"],
+        redeliveries={t: outcomes.counts[f"{t} redelivered"] for t in AUDITED},
+        dead_letters=len({d.id for d in records["deadletter"]}),
     )
+
+
+def _unhandled_hostile(
+    sent: dict[tuple[str, int, int], tuple[str, str]],
+    records: dict[str, list[Record]],
+    letters: list,
+) -> dict[tuple[str, int, int], str]:
+    """Hostile records that no stage reading them settled: the filter passes a candidate on or
+    rejects it, verify gives a verdict, the sink a problem and the pairs stage a pair for an
+    accepted verdict; or the stage dead-letters it at its coordinates (with the reason)."""
+    dead: dict[tuple[str, int, int], set[str]] = defaultdict(set)
+    for d in letters:
+        dead[(d.source_topic, d.partition, d.offset)].add(d.stage)
+    judged = {v.subject_id for v in records["verdicts"]}
+    passed_on = {c.id for c in records["candidates.unique"]}
+    problems = {p.candidate_id for p in records["problems"]}
+    pairs = {p.problem_id for p in records["pairs"]}
+    unhandled = {}
+    for where, (name, rid) in sent.items():
+        if name == "candidates":
+            todo = {"filter": "filter" in dead[where] or rid in passed_on or rid in judged}
+        elif name == "candidates.unique":
+            todo = {"verify": "verify" in dead[where] or rid in judged}
+        else:
+            todo = {
+                "sink": "sink" in dead[where] or rid in problems,
+                "pairs": "pairs" in dead[where] or rid in pairs,
+            }
+        if not all(todo.values()):
+            unhandled[where] = (
+                f"{name} {rid}: not settled by {[s for s, ok in todo.items() if not ok]}"
+            )
+    return unhandled
 
 
 def _outcome(record: Record) -> str:
@@ -452,7 +666,7 @@ def _outcome(record: Record) -> str:
     return json.dumps({f: getattr(record, f) for f in fields}, sort_keys=True, default=str)
 
 
-def _sink_ids(settings: Settings) -> list[str]:
+def sink_ids(settings: Settings) -> list[str]:
     import pyarrow.parquet as pq
 
     ids: list[str] = []
@@ -461,7 +675,7 @@ def _sink_ids(settings: Settings) -> list[str]:
     return ids
 
 
-def _lance_ids(settings: Settings) -> list[str]:
+def lance_ids(settings: Settings) -> list[str]:
     import lancedb
 
     store = settings.vectorstore.store

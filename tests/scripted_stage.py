@@ -3,7 +3,8 @@ it reads concept sets and writes one verdict per set, with a random outcome (so 
 for the same id would show), and misbehaves on request.
 
 Run as a script it is a worker process (``python tests/scripted_stage.py``), configured by
-environment variables, that stops gracefully on SIGTERM like ``promptcot worker``.
+environment variables, that stops gracefully on SIGTERM like ``promptcot worker``; the test gate
+(tests/gate.py, ``TEST_GATE_AT=__main__:ScriptedStage.process``) holds it mid-stream.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from workers.stage import Emit, Stage  # noqa: E402
 
 class ScriptedStage(Stage[ConceptSet]):
     """Concept markers steer it: a set whose concepts include "poison" raises, "huge" yields a
-    verdict over any size limit, "slow" sleeps ``slow_s``. ``transient`` failures come first."""
+    verdict over any size limit, "surrogate" a verdict holding a lone surrogate (text no
+    encoder takes, as a model server may return), "wrongtype" the concept set itself to the
+    verdicts topic, "slow" sleeps ``slow_s``. ``transient`` failures come first."""
 
     name = "generate"
     input = CONCEPTS
@@ -88,14 +91,16 @@ class ScriptedStage(Stage[ConceptSet]):
                     reason="scripted",
                     domain=r.domain,
                     concepts=r.concepts,
-                    detail="x" * 2_000 if "huge" in r.concepts else "",
+                    detail="x" * 2_000
+                    if "huge" in r.concepts
+                    else ("a lone \ud800 surrogate" if "surrogate" in r.concepts else ""),
                     problem="y" * 2_000_000 if "huge" in r.concepts else "",
                 )
-                out.append(Emit(VERDICTS, verdict))
+                out.append(Emit(VERDICTS, r if "wrongtype" in r.concepts else verdict))
             if self.log_path:  # what this process decided, for the subprocess tests
                 with open(self.log_path, "a") as f:
-                    for e in out:
-                        f.write(json.dumps([e.record.subject_id, e.record.accepted]) + "\n")
+                    for v in (e.record for e in out if isinstance(e.record, Verdict)):
+                        f.write(json.dumps([v.subject_id, v.accepted]) + "\n")
             return out
         finally:
             with self._lock:
@@ -104,9 +109,12 @@ class ScriptedStage(Stage[ConceptSet]):
 
 def _main() -> None:
     """A worker process: PROMPTCOT_* settings from the environment, SCRIPTED_* for the stage."""
+    from gate import install_from_env
+
     from promptcot.settings import load_settings
     from workers.runtime import run_stages
 
+    install_from_env()
     settings = load_settings()
     stage = ScriptedStage(
         settings,

@@ -292,6 +292,10 @@ class CompletionsServer:
                 if body["model"] == "slow":
                     time.sleep(1.5)  # past the client's timeout; then answer without the model
                     return self._reply(200, {"choices": [], "usage": {}})
+                if body["model"] == "surrogate":  # a lone surrogate, as JSON sends it
+                    text = "half a character: \ud800, then more"
+                    choice = {"index": 0, "text": text, "finish_reason": "stop"}
+                    return self._reply(200, {"choices": [choice], "usage": {}})
                 if body["model"] == "flaky" and server.flaky_failures < 2:
                     server.flaky_failures += 1
                     return self._reply(503, {"error": "warming up"})
@@ -433,6 +437,24 @@ def test_openai_retries_then_succeeds(server, solve_prompt):
     assert c.ok
     assert server.requests - before == 3  # 503, 503, 200
     remote.close()
+
+
+def test_model_text_is_valid_utf8_whatever_the_backend_and_the_repair_is_counted(server):
+    """A server may send a lone surrogate (a JSON "\\ud800": byte-level decoding cut inside a
+    character); no record could carry it. The backend boundary replaces it with U+FFFD."""
+    from llm.backends.base import Completion
+    from streams import metrics
+
+    before = metrics.counter_value(metrics.MODEL_TEXT_REPLACED)
+    remote = http_backend(server.url, model="surrogate")
+    [[c]] = remote.generate(["hi"], max_tokens=8)
+    remote.close()
+    assert c.text == "half a character: \ufffd, then more" and c.ok
+    c.text.encode("utf-8")  # encodes
+    assert metrics.counter_value(metrics.MODEL_TEXT_REPLACED) == before + 1
+    # Every backend builds Completion: the repair is there, once.
+    assert Completion("\udcff\udcfe", 1, 2, "stop").text == "\ufffd\ufffd"
+    assert metrics.counter_value(metrics.MODEL_TEXT_REPLACED) == before + 3
 
 
 def test_openai_unreachable_after_retries():

@@ -72,3 +72,37 @@ def test_the_nll_goal_is_judged_over_the_em_iterations_not_the_cold_start():
         "held-out problem NLL over the EM iterations"
     ]
     assert em["value"] == pytest.approx([1.88, 1.85]) and em["ok"] is True
+
+
+def _solver(version: int, correct: list[bool], nll_per_token: float | None = None) -> dict:
+    items = [
+        {
+            "id": f"test-{i}",
+            "reference": "1",
+            "answer": "1" if c else None,
+            "correct": c,
+            "finish": "stop",
+            **({"gold_nll": nll_per_token * 10, "gold_tokens": 10} if nll_per_token else {}),
+        }
+        for i, c in enumerate(correct)
+    ]
+    result = {"benchmark": "gsm8k", "n": len(items), "items": items, "max_tokens": 256}
+    return {"version": version, "step": "dpo", "metrics": {}, "eval": result}
+
+
+def test_the_solver_goal_is_a_paired_comparison_and_a_tie_is_no_evidence():
+    """0/20 against 0/20 (the README run's figures) is no evidence of anything: the goal is
+    missed and never reads "not below"; 9 items won and none lost is the last version better."""
+    rows = loop.solver_goals([_solver(0, [False] * 20, 2.0), _solver(5, [False] * 20, 2.0)])
+    assert [r["value"]["verdict"] for r in rows] == ["no evidence of a difference"] * 2
+    assert [r["ok"] for r in rows] == [False, False]
+    assert rows[0]["value"]["p"] == 1.0 and rows[0]["value"]["interval"] == [0.0, 0.0]
+    assert not any("not below" in f"{r['name']} {r['goal']}" for r in rows)
+    better = loop.solver_goals(
+        [_solver(0, [False] * 20, 2.0), _solver(7, [True] * 9 + [False] * 11, 1.5)]
+    )
+    assert [(r["value"]["verdict"], r["ok"]) for r in better] == [("last better", True)] * 2
+    assert "v7" in better[0]["name"] and "paired on 20 items" in better[0]["name"]
+    assert better[0]["value"]["p"] == 2 / 2**9
+    alone = loop.solver_goals([_solver(0, [False] * 20)])  # no version past the base
+    assert [r["ok"] for r in alone] == [False, False] and alone[0]["value"] is None

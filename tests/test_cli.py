@@ -104,6 +104,7 @@ def test_export_writes_each_problem_once(tmp_path, monkeypatch):
         domain="math",
         problem="What is 6*7?",
         reference_answer="42",
+        reference_source="designer",
         pass_rate=0.25,
     )
     rejected = Verdict(
@@ -117,6 +118,7 @@ def test_export_writes_each_problem_once(tmp_path, monkeypatch):
     rows = pq.read_table(out).to_pylist()
     assert [r["candidate_id"] for r in rows] == ["cand_1"]
     assert rows[0]["reference_answer"] == "42"
+    assert rows[0]["reference_source"] == "designer"  # the product says where it came from
 
 
 def test_durations():
@@ -135,7 +137,7 @@ def test_up_trains_by_default_and_no_train_makes_a_pure_generator():
     from promptcot.startup import stage_names
 
     assert "--no-train" in runner.invoke(app, ["up", "--help"]).output
-    assert {"em", "dpo"} <= set(TRAINER_STAGES)
+    assert {"em", "dpo", "sft"} <= set(TRAINER_STAGES)  # `up` trains by default with all three
     assert stage_names(None, train=True) == [*DATA_STAGES, *TRAINER_STAGES]
     assert stage_names(None, train=False) == list(DATA_STAGES)
     assert stage_names("generate,sink", train=False) == ["generate", "sink"]

@@ -4,6 +4,7 @@ subprocess and checks the exact line and exit code."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -44,6 +45,12 @@ def _files(tmp: Path) -> dict[str, Path]:
     for name, text in files.items():
         out[name] = tmp / f"{name}.yaml"
         out[name].write_text(text)
+    # Two eval results (`promptcot eval --out`) on different items: --compare refuses them.
+    for name, ids in (("two", ["test-1", "test-2"]), ("one", ["test-1"])):
+        items = [{"id": i, "reference": "1", "answer": "1", "correct": True} for i in ids]
+        result = {"benchmark": "gsm8k", "n": len(items), "items": items}
+        out[name] = tmp / f"{name}.json"
+        out[name].write_text(json.dumps(result))
     return out
 
 
@@ -190,6 +197,44 @@ CASES = [
         2,
         "error: --benchmark: unknown benchmark 'gsm8' (known: gsm8k, aime24, "
         "aime25, hmmt25) (see promptcot eval --help)",
+    ),
+    (
+        "eval --gold-nll-only of a benchmark without worked solutions",
+        ["eval", "--gold-nll-only", "--benchmark", "aime24", "{tmp}"],
+        {},
+        2,
+        "error: --gold-nll-only: aime24 ships no worked solutions (gold NLL: gsm8k only) "
+        "(see promptcot eval --help)",
+    ),
+    (
+        "eval of a MODEL and --compare at once",
+        ["eval", "{tmp}", "--compare", "{tmp}/one.json", "{tmp}/two.json"],
+        {},
+        2,
+        "error: give MODEL or --compare A B, not both (MODEL: {tmp}) (see promptcot eval --help)",
+    ),
+    (
+        "eval --compare of results on different items",
+        ["eval", "--compare", "{tmp}/two.json", "{tmp}/one.json"],
+        {},
+        1,
+        "error: A and B were scored on different items (2 and 1, 1 shared): score both with the "
+        "same --limit / --all",
+    ),
+    (
+        "eval --compare of a file that is not a result",
+        ["eval", "--compare", "{tmp}/typo.yaml", "{tmp}/one.json"],
+        {},
+        1,
+        "error: {tmp}/typo.yaml: not JSON (Expecting value, line 1)",
+    ),
+    (
+        "eval --compare of a path that is neither",
+        ["eval", "--compare", "{tmp}/nope", "{tmp}/one.json"],
+        {},
+        2,
+        "error: --compare A: not a model folder or an eval JSON: {tmp}/nope "
+        "(see promptcot eval --help)",
     ),
     (
         "--debug shows the traceback",

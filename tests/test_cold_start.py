@@ -225,3 +225,47 @@ def test_up_publishes_seeds_the_cold_start_did_not_train_on(tmp_path):
     # A pure generator has no cold start: it publishes from the first seed on.
     plain = up_seeds(settings, ["annotate", "generate"], 6)
     assert [s.id for s in plain] == [s.id for s in load_seeds("gsm8k", "train", 6)]
+
+
+def test_up_shows_the_cold_start_as_one_progress_bar_and_logs_its_details(
+    tmp_path, tiny_model_dir, capfd, monkeypatch
+):
+    """`up`'s console gets one progress bar for the cold start (its phase as the description)
+    and the line with the versions; the trainer's dicts, Hugging Face's warnings and progress
+    bars go to the cold start's log file, not to stdout or stderr."""
+    import io
+
+    from rich.console import Console
+
+    from promptcot.cli import launch
+    from streams.broker import EmbeddedBroker
+    from streams.clients import read_all
+    from streams.cluster import kafka_python_config
+    from streams.topics import ensure_topics
+
+    settings = _settings(tmp_path, tiny_model_dir)
+    settings.sink.output_dir = tmp_path / "out"
+    screen = io.StringIO()
+    monkeypatch.setattr(launch, "console", Console(file=screen, force_terminal=True, width=120))
+    with EmbeddedBroker() as broker:
+        kafka = settings.kafka
+        kafka.bootstrap_servers = broker.bootstrap_servers
+        ensure_topics(kafka_python_config(kafka, broker.bootstrap_servers), kafka.namespace, 1, 1)
+        launch.cold_start_first(settings, broker.bootstrap_servers)
+        announced = list(
+            read_all(kafka, broker.bootstrap_servers, MODELS.full_name(kafka.namespace))
+        )
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out + err)[-3000:]  # nothing raw, nothing beside the console
+    shown = screen.getvalue()
+    for phase in ("annotating seeds", "training rationale_model", "training prompt_model"):
+        assert f"cold start: {phase}" in shown, shown[-3000:]
+    assert "━" in shown  # a bar
+    assert "train_runtime" not in shown and "{'" not in shown and "tokenizer" not in shown
+    log = tmp_path / "out" / "logs" / "cold-start.log"
+    assert f"rationale_model/v0001-cold_start, prompt_model/v0001-cold_start (details: {log})" in (
+        " ".join(shown.split())
+    )
+    details = log.read_text()
+    assert "train_loss" in details and "saved checkpoint" in details, details[-3000:]
+    assert len(announced) == 2

@@ -139,8 +139,87 @@ def test_when_the_source_is_gone_only_a_whole_copy_is_replayed(broker, tmp_path)
     ensure_topics(kafka_python_config(kafka, broker.bootstrap_servers), kafka.namespace, 2, 1)
     gone = (CONCEPTS.full_name(kafka.namespace), 0, 10_000)  # an offset never written
     whole = _dead(settings, gone, b"{", serde.UNDECODABLE)
-    [p] = plans(kafka, broker.bootstrap_servers, [whole])
+    [p], [] = plans(kafka, broker.bootstrap_servers, [whole])
     assert (p.payload, p.bytes_from) == (b"{", "dead_letter")
     cut = _dead(settings, gone, BIG, "record_too_large", max_bytes=12_000)
-    with pytest.raises(ValueError, match="is gone; not replayed"):
-        plans(kafka, broker.bootstrap_servers, [cut])
+    [], [unsent] = plans(kafka, broker.bootstrap_servers, [cut])
+    assert unsent.letters == [cut] and "is gone; not replayed" in unsent.why
+
+
+def _send_big(settings, topic_spec, payload: bytes):
+    """Like _send, for a record over kafka-python's 1 MB default: the broker takes it, as it
+    takes one a stage wrote with ``kafka.max_record_bytes`` raised."""
+    kafka = settings.kafka
+    config = kafka_python_config(kafka, kafka.bootstrap_servers)
+    producer = KafkaProducer(**config, max_request_size=8 << 20)
+    topic = topic_spec.full_name(kafka.namespace)
+    meta = producer.send(topic, payload, key=b"k").get(30)
+    producer.close()
+    return topic, meta.partition, meta.offset
+
+
+def _replayed(settings, spec) -> list[bytes]:
+    return [v for v, h in _source_values(settings, spec) if "x-replay-of" in h]
+
+
+def test_a_record_the_producer_cannot_send_is_reported_and_the_others_replayed(broker, tmp_path):
+    settings = factory_settings(tmp_path, broker.bootstrap_servers, tmp_path)
+    kafka = settings.kafka
+    ensure_topics(kafka_python_config(kafka, broker.bootstrap_servers), kafka.namespace, 2, 1)
+    huge = json.dumps({"id": "cset_huge", "concepts": ["h" * 1_200_000]}).encode()
+    too_large = _dead(
+        settings, _send_big(settings, CONCEPTS, huge), huge, "record_too_large", max_bytes=12_000
+    )
+    small = [b'{"n": %d}' % i for i in range(2)]
+    for payload in small:
+        _dead(settings, _send(settings, CONCEPTS, payload), payload, "record_too_large")
+
+    env = {"PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers}
+    env |= {"PROMPTCOT_KAFKA__NAMESPACE": kafka.namespace, "COLUMNS": "200"}
+    result = runner.invoke(app, ["dlq", "replay", "--topic", "concepts"], env=env)
+    assert result.exit_code == 1, result.output  # not everything chosen went back
+    assert "replayed 2 records; 0 replayed before; 1 not sent" in result.output
+    assert f"not sent {too_large.source_topic}[{too_large.partition}]@{too_large.offset}" in (
+        " ".join(result.output.split())
+    )
+    assert f"too large: {len(huge):,} bytes" in result.output
+    assert "kafka.max_record_bytes" in result.output
+    assert sorted(_replayed(settings, CONCEPTS)) == sorted(small)
+
+    # With the limit raised, as the stage that wrote it had, the huge one goes back too, once.
+    env["PROMPTCOT_KAFKA__MAX_RECORD_BYTES"] = "2000000"
+    out = runner.invoke(app, ["dlq", "replay", "--topic", "concepts"], env=env).output
+    assert "replayed 1 records; 2 replayed before" in out, out
+    assert sorted(_replayed(settings, CONCEPTS)) == sorted([*small, huge])
+
+
+def test_a_record_that_fails_again_after_a_replay_is_replayed_again_only_when_asked(
+    broker, tmp_path
+):
+    from streams.deadletters import replays
+
+    settings = factory_settings(tmp_path, broker.bootstrap_servers, tmp_path)
+    kafka = settings.kafka
+    ensure_topics(kafka_python_config(kafka, broker.bootstrap_servers), kafka.namespace, 2, 1)
+    payload = b'{"schema_version": 99}'
+    reason = "schema_version_unsupported"
+    _dead(settings, _send(settings, CONCEPTS, payload), payload, reason)
+    assert "replayed 1 records; 0 replayed before" in _cli(
+        settings, "dlq", "replay", "--reason", reason
+    )
+
+    # The fix did not help: the stage dead-letters the replayed copy (a new source record).
+    [copy] = replays(kafka, broker.bootstrap_servers).values()
+    where = (copy.source_topic, copy.replayed_partition, copy.replayed_offset)
+    _dead(settings, where, payload, reason)
+    out = _cli(settings, "dlq", "replay", "--reason", reason)
+    assert "replayed 0 records; 1 replayed before; 1 failed again after a replay" in out
+    assert "--again" in out
+    assert len(_replayed(settings, CONCEPTS)) == 1
+    assert "1 failed again after a replay" in _cli(settings, "dlq", "counts")
+
+    out = _cli(settings, "dlq", "replay", "--reason", reason, "--again")
+    assert "replayed 1 records; 1 replayed before" in out
+    assert _replayed(settings, CONCEPTS) == [payload, payload]
+    out = _cli(settings, "dlq", "replay", "--reason", reason, "--again")
+    assert "replayed 0 records; 2 replayed before" in out  # each copy still goes back once

@@ -23,6 +23,7 @@ from fault_harness import (
     broker_proc,
     embedded_bootstrap,
     fault_points,
+    hostile,
     poison,
     product_complete,
     redeliveries,
@@ -126,6 +127,7 @@ def test_workers_killed_terminated_and_poisoned(tmp_path, tiny_model_dir, rng):
     n_sets = 24
     settings, config, broker = _cluster(tmp_path, tiny_model_dir, n_sets)
     poisoned = poison(settings, POISONED_TOPICS)
+    hostile_sent = hostile(settings)
     workers = {
         stage: worker_proc(tmp_path, config, stage).start(metrics=True) for stage in PIPELINE
     }
@@ -155,7 +157,7 @@ def test_workers_killed_terminated_and_poisoned(tmp_path, tiny_model_dir, rng):
     print("  " + "; ".join(stops))
     with EmbeddedBroker(data_dir=tmp_path / "broker") as b:
         settings.kafka.bootstrap_servers = b.bootstrap_servers
-        print("  " + audit(settings, n_sets, poisoned).line())
+        print("  " + audit(settings, n_sets, poisoned, hostile_sent).line())
         print(f"  input records redelivered per stage: {redeliveries(settings, workers)}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from mathcheck_data import ROWS, gold_of
@@ -89,3 +90,30 @@ def test_extractor_cases(text, expected):
 )
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
+
+
+HOSTILE_COMPLETIONS = {
+    "#### then 200 KB of spaces": "#### x" + " " * 200_000 + "y",
+    "200 KB of newlines": "\n" * 200_000,
+    "200 KB of \\(": "\\(" * 100_000,
+    "10,000 brackets": "\\boxed{" + "{" * 10_000 + "(" * 10_000,
+    "the answer, 20,000 times": "the answer " * 20_000,
+}
+
+
+@pytest.mark.parametrize("text", HOSTILE_COMPLETIONS.values(), ids=HOSTILE_COMPLETIONS.keys())
+def test_extraction_and_normalization_of_hostile_text_take_under_5_s(text):
+    """Linear, so bounded: a behaviour bound for a loaded 2-core machine (measured:
+    milliseconds), not a speed goal (issue 21)."""
+    started = time.monotonic()
+    answer = extract_answer(text)
+    normalize_answer(answer or text)
+    assert time.monotonic() - started < 5.0
+
+
+def test_nul_and_control_characters_are_kept_not_deleted():
+    """Deleting NUL made ``1\\x002`` read ``12`` (issue 21)."""
+    assert normalize_answer("1\x002") == "1\x002"
+    assert normalize_answer("1\x1f2") == "1\x1f2"  # \x1f is "white space" to Python
+    assert normalize_answer(" 1 \t 2 ") == "1 2"
+    assert extract_answer("so\n#### 1\x002") == "1\x002"

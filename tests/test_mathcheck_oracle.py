@@ -193,7 +193,12 @@ def test_garbage_does_not_crash(oracle, garbage):
     assert time.monotonic() - t0 < 5.0  # no quadratic blow-up on enormous text
     assert isinstance(oracle.equivalent(garbage, "1"), bool)
     assert oracle.equivalent(garbage, garbage) is True  # identical text, never parsed
-    assert validity_issue(garbage, garbage) in {None, "trivial_answer", "proof_problem"}
+    assert validity_issue(garbage, garbage) in {
+        None,
+        "trivial_answer",
+        "proof_problem",
+        "garbled_answer",
+    }
     assert isinstance(vote([garbage, garbage, None], oracle, 0.25).agree, list)
 
 
@@ -201,7 +206,7 @@ def test_cache_evicts_the_least_recently_used_pair(monkeypatch):
     o = EquivalenceOracle(MathCheckSettings(cache_size=2))
     asked: list[tuple[str, str]] = []
 
-    def worker(keys):  # stands in for math-verify: records what reaches it
+    def worker(keys, budget=None):  # stands in for math-verify: records what reaches it
         asked.extend(keys)
         return [(True, MATH_VERIFY)] * len(keys)
 
@@ -220,7 +225,9 @@ def test_cache_size_zero_remembers_nothing(monkeypatch):
     o = EquivalenceOracle(MathCheckSettings(cache_size=0))
     asked: list[tuple[str, str]] = []
     monkeypatch.setattr(
-        o, "_ask_worker", lambda keys: asked.extend(keys) or [(False, MATH_VERIFY)] * len(keys)
+        o,
+        "_ask_worker",
+        lambda keys, budget=None: asked.extend(keys) or [(False, MATH_VERIFY)] * len(keys),
     )
     assert not o.equivalent("x", "a") and not o.equivalent("x", "a")
     assert asked == [("a", "x"), ("a", "x")]
@@ -255,17 +262,21 @@ def test_a_hanging_check_is_bounded_counted_and_the_oracle_goes_on():
         assert calls("cache") == cached + 1 and o.timeouts == 1
 
 
-def test_a_worker_dying_under_a_check_is_a_crash_not_a_timeout():
+def test_a_worker_dying_under_a_check_is_a_crash_not_a_timeout(monkeypatch):
     with EquivalenceOracle(MathCheckSettings(equivalence_timeout_s=30)) as o:
         assert o.equivalent("(2)", "2 + 0")
         crashed, exported = calls("crashed"), metrics.counter_value(metrics.MATH_ORACLE_TIMEOUTS)
-        victim = o._worker.proc
-        killer = threading.Timer(0.5, victim.kill)  # mid-check, as the OOM killer would
-        killer.start()
+        receive = o._receive
+
+        def dying(worker, index, budget):  # the pair is sent: killed under it, as by the OOM
+            monkeypatch.setattr(o, "_receive", receive)  # killer; once, at that point, not on
+            worker.proc.kill()  # a timer that a loaded machine could make land elsewhere
+            return receive(worker, index, budget)
+
+        monkeypatch.setattr(o, "_receive", dying)
         t0 = time.monotonic()
         assert o.equivalent("2^{2^{2^{2^{100}}}}", "7") is False
         assert time.monotonic() - t0 < 10.0  # noticed at once, not after the 30 s bound
-        killer.join()
         assert o.crashes == 1 and o.timeouts == 0
         assert calls("crashed") == crashed + 1
         assert metrics.counter_value(metrics.MATH_ORACLE_TIMEOUTS) == exported
@@ -274,7 +285,9 @@ def test_a_worker_dying_under_a_check_is_a_crash_not_a_timeout():
 
 def test_calls_are_counted_by_outcome(monkeypatch):
     o = EquivalenceOracle(MathCheckSettings(max_answer_chars=10))
-    monkeypatch.setattr(o, "_ask_worker", lambda keys: [(True, MATH_VERIFY)] * len(keys))
+    monkeypatch.setattr(
+        o, "_ask_worker", lambda keys, budget=None: [(True, MATH_VERIFY)] * len(keys)
+    )
     before = {k: calls(k) for k in ("text", "cache", "too_long", "math_verify")}
     o.equivalent_many([("18", "18.0"), ("x", "y"), ("x", "y"), ("x" * 11, "y"), ("y", "x")])
     after = {k: calls(k) - before[k] for k in before}
@@ -289,3 +302,26 @@ def test_worker_that_cannot_start_in_time_is_an_error_not_a_verdict():
         with pytest.raises(WorkerStartError):
             o.equivalent("x^2", "x \\cdot x")
         assert o._worker is None  # nothing left running
+
+
+def test_nul_and_broken_text_are_not_deleted_into_another_answer(oracle):
+    """``1\\x002`` equalled ``12`` (NUL deleted) and math-verify reads ``2`` out of
+    ``1\\ufffd 2``: an answer holding either equals only identical text (issue 21)."""
+    garbled = calls("garbled")
+    assert not oracle.equivalent("1\x002", "12")
+    assert not oracle.equivalent("1\x00 2", "12")
+    assert not oracle.equivalent("12\x1f", "12")  # \x1f is "white space" to str.strip
+    assert not oracle.equivalent("1\ufffd 2", "2")
+    assert oracle.equivalent("1\x002", "1\x002")
+    assert calls("garbled") == garbled + 4
+
+
+def test_after_an_overrun_the_pairs_sharing_its_answers_are_not_asked():
+    tower = "(10^{10^{8}})!"
+    with EquivalenceOracle(MathCheckSettings(equivalence_timeout_s=0.5)) as o:
+        assert o.equivalent("(2)", "2 + 0")
+        hostile = calls("hostile")
+        verdicts = o.equivalent_many([("x+1", tower), ("2x", tower), ("a+a", "2a"), ("3", tower)])
+        assert verdicts == [False, False, True, False]
+        assert o.timeouts == 1 and calls("hostile") == hostile + 2
+        assert o.worker_starts == 2  # one restart: the unrelated pair went to a new worker

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from verification.mathcheck import EquivalenceOracle, MathCheckSettings, vote
@@ -46,3 +48,30 @@ def test_vote_below_threshold_counts_missing_rollouts(oracle):
 def test_vote_all_distinct_is_no_consensus(oracle):
     result = vote([str(n) for n in range(8)], oracle, 0.25)
     assert result.reason == "no_consensus" and result.n_clusters == 8 and result.share == 1 / 8
+
+
+TOWERS = [f"(10^{{10^{{{k}}}}})!" for k in range(3, 11)]  # eight distinct; each hangs sympy
+
+
+def test_a_vote_of_hostile_towers_is_decided_within_its_budget_without_repeated_restarts():
+    """Eight distinct power towers (28 pairs, each hanging sympy) cost one vote 54 s and 23
+    restarts of the math worker (issue 21). Now a vote waits for the worker at most
+    ``vote_budget_s`` (4 s) in all, and a check that overran stops the call's checks sharing an
+    answer with it: at most two overruns, at most one restart within the vote. The 30 s bound
+    is the budget plus worker starts on a loaded 2-core machine, not a speed goal."""
+    with EquivalenceOracle(MathCheckSettings()) as o:
+        assert o.equivalent("(2)", "2 + 0")  # worker up and warm
+        starts = o.worker_starts
+        started = time.monotonic()
+        result = vote(TOWERS, o, 0.25)
+        elapsed = time.monotonic() - started
+    assert result.reason == "no_consensus" and result.n_clusters == 8
+    assert o.timeouts <= 2 and o.worker_starts - starts <= 1
+    assert elapsed < 30.0
+
+
+def test_a_hostile_answer_among_good_ones_leaves_the_majority_standing(oracle):
+    answers = ["\\frac{1}{2}", "0.5", "\\frac{1}{2}", TOWERS[0], "1/2", TOWERS[1], "3", None]
+    result = vote(answers, oracle, 0.25)
+    assert result.reference == "\\frac{1}{2}" and result.share == 4 / 8
+    assert result.agree == [True, True, True, False, True, False, False, False]

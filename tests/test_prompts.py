@@ -4,6 +4,7 @@ right reason code."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -130,6 +131,15 @@ def test_parse_concepts():
     assert reason(P.parse_concepts, "\nI cannot list anything.") == "missing_concepts"
     assert P.concepts_completion(["x", "y"]) == " x\n2. y"
     assert P.parse_concepts(P.concepts_completion(["x", "y"])) == ["x", "y"]
+
+
+def test_parsing_a_200_kb_line_of_a_teachers_output_takes_under_5_s():
+    """A numbered item with 200 KB of spaces before its last word was quadratic (issue 21);
+    5 s is a behaviour bound for a loaded 2-core machine (measured: milliseconds)."""
+    started = time.monotonic()
+    got = P.parse_concepts(" a" + " " * 200_000 + "b\n2. " + " " * 200_000 + "\n3. c")
+    assert time.monotonic() - started < 5.0
+    assert got == ["a" + " " * 200_000 + "b", "c"]
 
 
 # -- solvers -----------------------------------------------------------------------------------

@@ -163,6 +163,23 @@ def test_a_dead_letter_fits_the_limit_whatever_the_payload():
     assert small.reason == serde.PROCESSING_ERROR
 
 
+def test_a_dead_letter_of_an_error_quoting_model_text_is_encodable():
+    """An error message may quote model text holding a lone surrogate; the dead letter that
+    carries it must still encode, or the input could never leave its partition."""
+    dl = serde.dead_letter(
+        stage="verify",
+        error=ValueError("cannot parse 'x\ud800y'"),
+        topic="t",
+        partition=0,
+        offset=1,
+        key=None,
+        payload=b"{}",
+    )
+    assert "x\ufffdy" in json.loads(serde.encode(dl))["error"]
+    assert serde.valid_text("a\udcff\ud800b") == ("a\ufffd\ufffdb", 2)
+    assert serde.valid_text("plain é") == ("plain é", 0)
+
+
 def test_every_record_type_has_a_json_schema_and_a_unique_kind():
     assert len({cls.id_prefix for cls in RECORD_TYPES.values()}) == len(RECORD_TYPES)
     for cls in RECORD_TYPES.values():
@@ -176,8 +193,60 @@ def test_unknown_fields_are_rejected_not_silently_dropped():
 
 
 def test_every_topic_is_keyed_by_a_field_of_its_record_type():
-    """A key naming no field silently falls back to the record id (workers/runtime.py)."""
+    """A key naming no field silently falls back to the record id (workers/pipeline.py)."""
     from streams.topics import CATALOGUE
 
     for spec in CATALOGUE.values():
         assert spec.key in spec.record.model_fields, (spec.name, spec.key)
+
+
+def _trace(**kw):
+    from streams.records import SolverTrace
+
+    base = dict(
+        problem_id="cand_1",
+        source="solver",
+        index=2,
+        domain="math",
+        prompt="Solve the problem.\n\nProblem:\nWhat is 2+2?",
+        completion="2+2 = 4, so \\boxed{4}",
+        reference_answer="4",
+    )
+    return SolverTrace(**{**base, **kw})
+
+
+def test_a_solver_trace_is_identified_by_problem_source_and_index_not_by_its_text():
+    """A redelivered verdict re-emits its traces under the same ids, whatever was re-sampled."""
+    a = _trace()
+    assert a.id.startswith("trace_")
+    assert _trace(completion="other words, \\boxed{4}").id == a.id
+    assert _trace(index=3).id != a.id
+    assert _trace(source="teacher").id != a.id
+    assert _trace(problem_id="cand_2").id != a.id
+    with pytest.raises(ValidationError):
+        _trace(source="crowd")  # only the solver's rollouts and a teacher write traces
+    back = serde.decode(serde.encode(a), type(a))
+    assert back == a and RECORD_TYPES["solver_trace"] is type(a)
+
+
+def test_the_traces_topic_carries_solver_traces_keyed_by_problem():
+    from streams.records import SolverTrace
+    from streams.topics import CATALOGUE, TRACES
+
+    assert CATALOGUE["traces"] is TRACES
+    assert TRACES.record is SolverTrace and TRACES.key == "problem_id"
+
+
+def test_a_verdict_without_a_reference_source_serializes_as_before_the_field_existed():
+    """A reader of an earlier release (strict: unknown fields are refused) still reads every
+    verdict that has no reference source and no teacher rollouts."""
+    from streams.records import Rollout
+
+    plain = Verdict(subject_id="x", stage="verify", accepted=False, reason="r", domain="code")
+    assert not {"reference_source", "teacher_rollouts"} & set(json.loads(serde.encode(plain)))
+    sourced = plain.model_copy(
+        update={"reference_source": "teacher", "teacher_rollouts": [Rollout(text="t")]}
+    )
+    back = serde.decode(serde.encode(sourced), Verdict)
+    assert back.reference_source == "teacher" and back.teacher_rollouts == [Rollout(text="t")]
+    assert back.id == plain.id  # the id names the subject and the stage, as before

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import faust
 import pytest
 from factory_harness import read_records, start_worker, wait_for, wait_until
+from gate import gate_env, held
 from scripted_stage import ScriptedStage
 
 from promptcot.settings import Settings
@@ -33,7 +34,9 @@ from streams.clients import publish
 from streams.cluster import kafka_python_config
 from streams.records import ConceptSet, DeadLetter, Verdict
 from streams.topics import CONCEPTS, VERDICTS, ensure_topics
-from workers.runtime import OffsetLedger, run_stages
+from workers.offsets import OffsetLedger
+from workers.pipeline import is_transient
+from workers.runtime import run_stages
 from workers.stage import Emit, ModelStage
 
 pytestmark = pytest.mark.slow
@@ -129,6 +132,15 @@ def _committed(settings, group: str) -> dict[int, int]:
 
 def _event(tp: str, offset: int):
     return SimpleNamespace(message=SimpleNamespace(tp=tp, offset=offset))
+
+
+def test_a_math_worker_that_cannot_start_is_the_surroundings_not_the_record():
+    """Under load the math-verify worker may not start within its bound: retried like a model
+    server that is away, never a dead letter for the records that needed it."""
+    from verification.mathcheck import WorkerStartError
+
+    assert is_transient(WorkerStartError("math-verify worker not ready after 60.0 s"))
+    assert not is_transient(ValueError("a record's own fault"))
 
 
 def test_the_ledger_acknowledges_only_the_finished_prefix_of_each_partition():
@@ -236,6 +248,41 @@ def test_an_output_over_the_size_limit_becomes_a_dead_letter_of_its_input(broker
         dead.reason == serde.OUTPUT_TOO_LARGE
         and json.loads(base64.b64decode(dead.payload_b64))["draw"] == "h:0"
     )
+
+
+def test_an_unusable_output_is_retried_alone_then_dead_lettered_and_the_partition_moves_on(
+    broker, tmp_path
+):
+    """An output that cannot become a record is its input's failure: a lone surrogate (model
+    text no encoder takes) or a record of the wrong type for its topic. The input is retried
+    alone ``max_attempts`` times, then dead-lettered with the reason; its batch-mates are
+    verdicted and the partition is committed past it (issue 21: it was retried for ever)."""
+    settings = _settings(tmp_path, broker, batch_size=5, batch_within_s=1.0, max_attempts=2)
+    group = f"{settings.kafka.namespace}-unusable"
+    surrogate = _sets(1, "surrogate", prefix="u")[0]
+    wrong = _sets(1, "wrongtype", prefix="w")[0]
+    good = _sets(3)
+    sent = (surrogate, *good, wrong)
+    _raw_send(settings, [(b"one-partition", serde.encode(r)) for r in sent])
+    stage = ScriptedStage(settings)
+    _run(
+        settings,
+        stage,
+        lambda: len(_verdicts(settings)) >= 3 and len(_dead(settings)) >= 2,
+        timeout_s=60,
+        group=group,
+    )
+    assert {v.subject_id for v in _verdicts(settings)} == {s.id for s in good}
+    dead = {json.loads(base64.b64decode(d.payload_b64))["draw"]: d for d in _dead(settings)}
+    assert set(dead) == {"u:0", "w:0"}
+    assert dead["u:0"].reason == serde.OUTPUT_INVALID and "surrogate" in dead["u:0"].error
+    assert dead["w:0"].reason == serde.OUTPUT_INVALID and "carries Verdict" in dead["w:0"].error
+    assert all(len(serde.encode(d)) <= settings.kafka.max_record_bytes for d in dead.values())
+    for bad in (surrogate, wrong):  # max_attempts, alone
+        assert [c for c in stage.calls if c == [bad.id]] == [[bad.id]] * 2
+    mates = Counter(i for c in stage.calls for i in c if i in {s.id for s in good})
+    assert mates == Counter({s.id: 1 for s in good})  # processed once, kept
+    assert sum(_committed(settings, group).values()) == len(sent)  # past every record
 
 
 def test_records_in_flight_move_on_as_they_finish_and_offsets_wait_for_the_slowest(
@@ -382,26 +429,37 @@ def _decided(tmp_path: Path) -> Counter:
     return Counter(json.loads(line)[0] for line in path.read_text().splitlines())
 
 
+GATE_AT = "__main__:ScriptedStage.process"
+
+
 @pytest.mark.parametrize("grace", ["20", "0.5"])
 def test_sigterm_mid_batch_exits_cleanly_and_loses_nothing(broker, tmp_path, grace):
     """With time to finish, the batch in process finishes and is committed; without, it is
-    not committed and the next worker does it. Either way every set gets one outcome."""
+    not committed and the next worker does it. Either way every set gets one outcome. The
+    batch is held in process by the test gate (tests/gate.py) until the SIGTERM is taken: with
+    grace the gate opens then, without it never does."""
     settings = _settings(tmp_path, broker)
     sets = _sets(24)
     publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
     log = tmp_path / "worker.log"
+    gate = tmp_path / "gate"
     env = {
-        "SCRIPTED_DELAY_S": "1.5",
         "PROMPTCOT_WORKER__SHUTDOWN_GRACE_S": grace,
         "PROMPTCOT_STAGES__GENERATE__BATCH_SIZE": "4",
+        **gate_env(gate, GATE_AT, after=1),  # the first batch decides, the second is held
     }
     first = _worker(settings, tmp_path, log, **env)
-    wait_for(lambda: sum(_decided(tmp_path).values()) >= 4, first, log, timeout_s=90)
+    wait_for(lambda: held(log) and sum(_decided(tmp_path).values()) >= 1, first, log, 90)
     started = time.monotonic()
     first.send_signal(signal.SIGTERM)
+    if grace == "20":
+        wait_for(lambda: "worker stopping" in log.read_text(), first, log, timeout_s=30)
+        gate.touch()  # the held batch may finish now, within the grace
     assert first.wait(timeout=30) == 0
     assert time.monotonic() - started < 30
-    second = _worker(settings, tmp_path, log, SCRIPTED_DELAY_S="0")
+    by_first = sum(_decided(tmp_path).values())
+    assert (1 <= by_first <= 4) if grace == "0.5" else (by_first > 4)  # the held batch?
+    second = _worker(settings, tmp_path, log)
     try:
         wait_for(
             lambda: {v.subject_id for v in _verdicts(settings)} >= {s.id for s in sets},
@@ -422,15 +480,19 @@ def test_sigterm_mid_batch_exits_cleanly_and_loses_nothing(broker, tmp_path, gra
 
 
 def test_kill_minus_nine_mid_flight_loses_and_duplicates_nothing(broker, tmp_path):
+    """Killed with records in flight: the test gate (tests/gate.py) lets 8 records through and
+    holds the next ones in process (6 at once) until the kill."""
     settings = _settings(tmp_path, broker)
     sets = _sets(40)
     publish(settings.kafka, broker.bootstrap_servers, CONCEPTS, sets)
     log = tmp_path / "worker.log"
-    env = {"SCRIPTED_DELAY_S": "0.4", "SCRIPTED_CHUNK": "1", "SCRIPTED_IN_FLIGHT": "6"}
-    first = _worker(settings, tmp_path, log, **env)
-    wait_for(lambda: sum(_decided(tmp_path).values()) >= 8, first, log, timeout_s=90)
+    env = {"SCRIPTED_CHUNK": "1", "SCRIPTED_IN_FLIGHT": "6"}
+    gate = gate_env(tmp_path / "gate", GATE_AT, after=8)
+    first = _worker(settings, tmp_path, log, **env, **gate)
+    wait_for(lambda: held(log) and sum(_decided(tmp_path).values()) >= 8, first, log, 90)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=10)
+    assert sum(_decided(tmp_path).values()) == 8  # killed mid-flight, on any machine
     second = _worker(settings, tmp_path, log, **env)
     try:
         wait_for(

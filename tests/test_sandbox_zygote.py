@@ -130,6 +130,71 @@ def test_each_solution_gets_the_limits_of_its_own_request(sandbox: Sandbox) -> N
     assert_no_leftovers(sandbox)
 
 
+# Socket state a solution can leave in its network namespace: a connection closed by the
+# accepting side first stays in TIME_WAIT for a minute after every process is gone, and holds
+# its port. It also keeps one socket listening while it looks, so the look can see something.
+LEAVE_SOCKETS = r"""
+import socket
+held = socket.socket()
+held.bind(("127.0.0.1", 4243))
+held.listen(1)
+for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    try:
+        server = socket.socket(family)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((host, 4242))
+        server.listen(1)
+        client = socket.create_connection((host, 4242), timeout=1)
+        accepted, _ = server.accept()
+        accepted.close()  # the accepting side closes first: its end waits in TIME_WAIT
+        client.close()
+        server.close()
+        print("left TIME_WAIT on", host)
+    except OSError as exc:
+        print("no connection on", host, exc.errno)
+"""
+
+LOOK_FOR_SOCKETS = r"""
+import errno, socket
+found = []
+for table in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6", "unix"):
+    try:
+        rows = open("/proc/net/" + table).read().splitlines()[1:]
+    except OSError:
+        continue
+    found += [table + " " + " ".join(row.split()[1:4]) for row in rows]
+for port in (4242, 4243):
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError as exc:
+        found.append("bind %d: %s" % (port, errno.errorcode[exc.errno]))
+    probe.close()
+print("sockets", found)
+"""
+
+
+def test_no_socket_state_of_a_previous_solution_is_visible(sandbox: Sandbox) -> None:
+    """Each solution has a network namespace of its own: sockets one leaves (TIME_WAIT holds a
+    port for a minute after its processes are gone) are neither listed in /proc/net nor block a
+    bind() in the next solution of the slot."""
+    left = sandbox.run(LEAVE_SOCKETS)
+    assert left.exit_code == 0, left.stdout + left.stderr
+    looked = sandbox.run(LOOK_FOR_SOCKETS)
+    assert looked.stdout.splitlines()[-1] == b"sockets []", looked.stdout + looked.stderr
+    assert_no_leftovers(sandbox)
+
+
+def test_socket_state_is_visible_within_one_solution(sandbox: Sandbox) -> None:
+    """The look above can see socket state: its own listening socket, in /proc/net/tcp and as
+    a port bind() refuses."""
+    result = sandbox.run(LEAVE_SOCKETS + "\n" + LOOK_FOR_SOCKETS)
+    found = result.stdout.splitlines()[-1]
+    assert b"tcp 0100007F:1093 00000000:0000 0A" in found, result.stdout + result.stderr
+    assert b"bind 4243: EADDRINUSE" in found, found
+    assert_no_leftovers(sandbox)
+
+
 ATTACKS = {
     "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
     "        pass\n",

@@ -129,6 +129,11 @@ TYPOS = [
         "pairs.max_pairs_per_problm: unknown key; did you mean max_pairs_per_problem?",
     ),
     (
+        {"traces": {"max_solver_traces_per_problm": 2}},
+        "traces.max_solver_traces_per_problm: unknown key; did you mean "
+        "max_solver_traces_per_problem?",
+    ),
+    (
         {"annotate": {"concept_sorce": "model"}},
         "annotate.concept_sorce: unknown key; did you mean concept_source?",
     ),
@@ -270,7 +275,9 @@ def test_trainer_profiles_size_the_loop_for_the_machine(monkeypatch):
     assert cpu.stage("em").batch_within_s < gpu.stage("em").batch_within_s
     # E-step sampling: the paper's K=8 on gpu; fewer, shorter rationales on cpu.
     assert (gpu.rationale.samples, cpu.rationale.samples) == (8, 4)
-    assert cpu.rationale.max_tokens < gpu.rationale.max_tokens
+    # One budget on both: it fits the cold-start rationales (tests/test_budgets.py).
+    assert cpu.rationale.max_tokens == gpu.rationale.max_tokens
+    assert cpu.trainer.m_step.max_rationale_tokens == cpu.rationale.max_tokens
     assert Settings(trainer={"profile": "cpu"}, rationale={"samples": 6}).rationale.samples == 6
     # auto: gpu only where an NVIDIA device is visible to this process.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

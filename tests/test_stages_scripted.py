@@ -3,6 +3,8 @@ model outputs a test needs, so each parsing and judging rule is checked on purpo
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from scripted_backend import ScriptedBackend
 
@@ -69,15 +71,94 @@ def _solver(answers: list[str]):
     return lambda prompt, i: f"We compute step by step.\n\\boxed{{{answers[i]}}}"
 
 
-def _candidate() -> CandidateProblem:
+# The designer's rationale states 50, and its one arithmetic step checks.
+DESIGNER_RATIONALE = "A $40 price rises by 25%: 40 * 25% = 10 more, so the answer is 50."
+
+
+def _candidate(rationale: str = DESIGNER_RATIONALE) -> CandidateProblem:
     return CandidateProblem(
         concept_set_id="cset_x",
         domain="math",
         difficulty="AMC12",
         concepts=["ratios"],
-        rationale="r",
+        rationale=rationale,
         problem="A price of $40 rises by 25%. What is the new price?",
     )
+
+
+def _verify(candidate: CandidateProblem, solver: ScriptedBackend, settings=SETTINGS, **backends):
+    stage = VerifyStage(
+        settings, backends={Role.SOLVER: solver, Role.TEST_WRITER: solver, **backends}
+    )
+    try:
+        [emit] = stage.process([candidate])
+    finally:
+        stage.close()
+    assert emit.topic is VERDICTS
+    return emit.record
+
+
+# 3 of 8 say 49 (the plurality), 2 say 50 (the designer's answer).
+SPLIT = ["49", "50", "49", "12", "50", "7", "49", "3"]
+
+
+def test_a_rollout_that_agrees_with_the_designer_passes_the_plurality_alone_does_not():
+    verdict = _verify(_candidate(), ScriptedBackend(_solver(SPLIT), version="solver@v3"))
+    assert (verdict.accepted, verdict.reason) == (True, "accepted")
+    assert verdict.reference_answer == "50" and verdict.reference_source == "designer"
+    assert [r.passed for r in verdict.rollouts] == [a == "50" for a in SPLIT]
+    assert verdict.pass_rate == pytest.approx(2 / 8)
+    assert {r.failure for r in verdict.rollouts if not r.passed} == {"disagrees"}
+    assert "plurality '49'" in verdict.detail  # the solver's own choice is on record, not used
+    assert verdict.lineage.models["solver"] == "solver@v3"
+
+    # The same rollouts for a designer that states no answer: the plurality is no reference.
+    solver = ScriptedBackend(_solver(SPLIT))
+    unanswered = _verify(_candidate("Combine a price with a percent change."), solver)
+    assert (unanswered.accepted, unanswered.reason) == (False, "no_reference")
+    assert unanswered.reference_answer is None and unanswered.rollouts == []
+    assert solver.prompts == []  # no reference, no rollouts spent
+
+
+def test_truncated_rollouts_and_rollouts_without_a_final_answer_do_not_vote():
+    """Cut by max_tokens on a run of 50s, or ending "... is 50." with no final answer: the
+    last-number fallback would read 50 from each and count them as agreeing."""
+    settings = Settings(metrics={"port": 0}, verify={"max_tokens": 20})
+    texts = [
+        "So the answer is 50.",  # an explicit final answer
+        "\\boxed{50}",
+        "We keep adding 50 " * 10,  # cut at 20 words
+        "We keep adding 50 " * 10,
+        "We keep adding 50 " * 10,
+        "The new price comes to 50.",  # no final answer
+        "\\boxed{7}",
+        "\\boxed{12}",
+    ]
+    verdict = _verify(_candidate(), ScriptedBackend(lambda p, i: texts[i]), settings)
+    assert (verdict.accepted, verdict.pass_rate) == (True, pytest.approx(2 / 8))
+    failures = [r.failure for r in verdict.rollouts]
+    assert (
+        failures
+        == [None, None, "truncated", "truncated", "truncated", "no_answer"] + ["disagrees"] * 2
+    )
+    assert [r.answer for r in verdict.rollouts[2:6]] == [None] * 4
+
+    # The same under the opt-in self-agreement rule: the truncated 50s cannot make a plurality.
+    majority = Settings(
+        metrics={"port": 0}, verify={"max_tokens": 20, "math": {"reference": "majority"}}
+    )
+    texts[0], texts[1] = "\\boxed{7}", "\\boxed{12}"
+    verdict = _verify(_candidate(), ScriptedBackend(lambda p, i: texts[i]), majority)
+    assert verdict.reference_source == "majority"
+    assert (verdict.accepted, verdict.reason) == (False, "tied_majority")  # 7 and 12, twice each
+
+
+def test_arithmetic_that_does_not_check_leaves_no_reference():
+    solver = ScriptedBackend(_solver(["50"] * 8))
+    verdict = _verify(_candidate("The price rises by 40 * 25% = 12, so the answer is 52."), solver)
+    assert (verdict.accepted, verdict.reason) == (False, "designer_arithmetic")
+    assert "40 * 25% = 12" in verdict.detail
+    assert verdict.reference_answer is None and solver.prompts == []
 
 
 @pytest.mark.parametrize(
@@ -88,20 +169,64 @@ def _candidate() -> CandidateProblem:
         (["1", "2", "3", "4", "5", "6", "7", "8"], False, "no_consensus", 0.0),
     ],
 )
-def test_verify_votes_and_applies_the_difficulty_band(answers, accepted, reason, pass_rate):
-    solver = ScriptedBackend(_solver(answers), version="solver@v3")
-    stage = VerifyStage(SETTINGS, backends={Role.SOLVER: solver, Role.TEST_WRITER: solver})
-    try:
-        [emit] = stage.process([_candidate()])
-    finally:
-        stage.close()
-    verdict = emit.record
+def test_majority_is_an_opt_in_plurality_of_the_solver(answers, accepted, reason, pass_rate):
+    settings = Settings(metrics={"port": 0}, verify={"math": {"reference": "majority"}})
+    verdict = _verify(_candidate("no stated answer"), ScriptedBackend(_solver(answers)), settings)
     assert (verdict.accepted, verdict.reason) == (accepted, reason)
     assert verdict.pass_rate == pytest.approx(pass_rate)
+    assert verdict.reference_source == "majority"
     if accepted:
         assert verdict.reference_answer == "50"
         assert [r.passed for r in verdict.rollouts] == [a == "50" for a in answers]
-    assert verdict.lineage.models["solver"] == "solver@v3"
+
+
+def test_with_a_teacher_configured_its_majority_is_the_reference():
+    """The designer says 50; three of the teacher's four rollouts say 49 (one is cut off)."""
+    configured = Settings(metrics={"port": 0}, models={"teacher": {"model": "strong-teacher"}})
+    teacher_texts = ["\\boxed{49}", "the answer is 49", "\\boxed{49}", "49 " * 2000]
+    teacher = ScriptedBackend(lambda p, i: teacher_texts[i], version="teacher@v1")
+    verdict = _verify(
+        _candidate(), ScriptedBackend(_solver(SPLIT)), configured, **{Role.TEACHER: teacher}
+    )
+    assert (verdict.accepted, verdict.reference_answer) == (True, "49")
+    assert verdict.reference_source == "teacher" and verdict.pass_rate == pytest.approx(3 / 8)
+    assert [r.passed for r in verdict.teacher_rollouts] == [True, True, True, False]
+    assert verdict.teacher_rollouts[3].failure == "truncated"
+    assert verdict.lineage.models["teacher"] == "teacher@v1"
+
+    split = ScriptedBackend(lambda p, i: f"\\boxed{{{i % 2}}}")  # 2 vs 2: no majority
+    solver = ScriptedBackend(_solver(SPLIT))
+    verdict = _verify(_candidate(), solver, configured, **{Role.TEACHER: split})
+    assert (verdict.accepted, verdict.reason) == (False, "no_reference")
+    assert solver.prompts == [] and len(verdict.teacher_rollouts) == 4
+
+
+def test_the_embedded_default_has_no_teacher_and_asking_for_one_is_refused():
+    assert VerifyStage(SETTINGS).reference_source == "designer"
+    with pytest.raises(ValueError, match="models.teacher.model"):
+        VerifyStage(Settings(metrics={"port": 0}, verify={"math": {"reference": "teacher"}}))
+
+
+def test_verify_decides_a_200_kb_candidate_of_math_openers_within_10_s():
+    """200 KB of ``\\(`` with a consensus that is not a plain number reaches the validity check
+    of the problem's math spans: 75 s holding the GIL with the lazy regex (issue 21). 10 s is a
+    behaviour bound for a loaded 2-core machine (measured: under 0.5 s), not a speed goal."""
+    from hostile_text import OPENERS
+
+    candidate = CandidateProblem(**_candidate().model_dump(exclude={"id"}) | {"problem": OPENERS})
+    solver = ScriptedBackend(_solver(["x+1"] * 3 + list("12345")), version="solver@v3")
+    # The opt-in plurality: the reference is the rollouts' "x+1", whatever the designer says.
+    majority = Settings(metrics={"port": 0}, verify={"math": {"reference": "majority"}})
+    stage = VerifyStage(majority, backends={Role.SOLVER: solver, Role.TEST_WRITER: solver})
+    try:
+        stage.oracle.equivalent("(2)", "2 + 0")  # the math worker started: not what is timed
+        started = time.monotonic()
+        [emit] = stage.process([candidate])
+        elapsed = time.monotonic() - started
+    finally:
+        stage.close()
+    assert emit.record.reason == "accepted" and emit.record.reference_answer == "x+1"
+    assert elapsed < 10.0
 
 
 def _reloading(respond, version: str, reloaded_to: str) -> ScriptedBackend:
@@ -111,7 +236,7 @@ def _reloading(respond, version: str, reloaded_to: str) -> ScriptedBackend:
 
 
 def test_verify_names_the_model_version_that_solved_not_one_loaded_since():
-    solver = _reloading(_solver(["50", "50", "49", "12"] * 2), "solver@v3", "v4")
+    solver = _reloading(_solver(["50", "49", "49", "12"] * 2), "solver@v3", "v4")
     stage = VerifyStage(SETTINGS, backends={Role.SOLVER: solver, Role.TEST_WRITER: solver})
     try:
         [emit] = stage.process([_candidate()])

@@ -1,6 +1,7 @@
 """Trainer: best-of-K selection, atomic/pruned checkpoints, an EM window (E-step + M-step) whose
 checkpoints reload and generate, the held-out NLL convergence signal, DPO raising the preference
-margin, and the trainer stages end to end on a tiny from-scratch Llama (real TRL training).
+margin, and the trainer stages end to end on a tiny from-scratch Llama (real training on the
+engine, trainer/engine.py).
 
 The model is built by tests/trainer_data.py (hidden 64, 2 layers, ~0.1M params, random weights):
 these tests only need a model that learns, and building it takes about a second.
@@ -357,28 +358,36 @@ def test_lora_dpo_checkpoint_is_an_adapter_a_real_backend_reloads(tmp_path, tiny
 
 
 def test_lora_dpo_trains_window_after_window_on_the_same_adapter(tmp_path, tiny_model):
-    """TRL anchors a LoRA policy on a copy of its adapter named "ref": the second window on
-    the solver kept in memory must not find the first window's copy (it failed, and only a
-    retry that reloaded the checkpoint trained it), and no checkpoint carries that copy."""
-    stage = DPOStage(lora_dpo_settings(tmp_path, tiny_model, epochs=1, min_records=2))
-    first = stage.process(pairs(3))
-    second = stage.process(pairs(6)[3:])
-    assert [e.record.version[-9:] for e in first + second] == ["v0001-dpo", "v0002-dpo"]
-    for update in (first[0].record, second[0].record):
+    """The solver kept in memory trains window after window on its one adapter. Its anchor is
+    re-pinned every 2 windows: windows 1-2 against the base (the adapter switched off), window 3
+    against v2 (the policy itself, before it trains), window 4 against v2 while the policy is v3:
+    v2 is a second, frozen adapter on the same model, and no checkpoint carries it (peft saves
+    every adapter it holds unless told which: a subfolder per extra adapter, as TRL's "ref" copy
+    once left in every checkpoint)."""
+    settings = lora_dpo_settings(tmp_path, tiny_model, epochs=1, min_records=2)
+    settings.trainer.dpo.anchor_refresh_windows = 2
+    settings.trainer.keep_last = 4
+    stage = DPOStage(settings)
+    updates = [stage.process(pairs(12)[3 * w : 3 * w + 3])[0].record for w in range(4)]
+    assert [u.version[-9:] for u in updates] == [f"v000{i}-dpo" for i in range(1, 5)]
+    anchors = []
+    for update in updates:
         folder = Path(update.path)
         assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == []
         assert json.loads((folder / "adapter_config.json").read_text())["r"] == 8
-    assert "ref" not in stage.trainer.solver.model.peft_config
+        anchor = json.loads((folder / "checkpoint.json").read_text())["anchor"]
+        anchors.append((anchor["version"], anchor["windows"]))
+    v2 = updates[1].version
+    assert anchors == [("solver/base", 1), ("solver/base", 2), (v2, 1), (v2, 2)]
+    assert set(stage.trainer.solver.model.peft_config) == {"default", "anchor"}
 
 
 def test_trainers_sharing_a_process_take_turns(tmp_path, tiny_model):
-    """`promptcot up` runs the em and dpo stages as threads of one process. The HF Trainer's
-    accelerator state is process-wide and every new TrainingArguments resets it, so a DPO
-    window that started while an SFT trained broke the SFT mid-epoch (AttributeError:
-    AcceleratorState has no distributed_type) and cost the window a retry."""
+    """`promptcot up` runs the em and dpo stages as threads of one process. With the HF Trainer a
+    DPO window that started while an SFT trained broke the SFT mid-epoch (its accelerator state
+    was process-wide); the engine's windows take turns (trainer/engine.py, TRAINING_LOCK: a
+    window seeds torch's process-wide RNG for its steps)."""
     import threading
-
-    import trl
 
     from trainer.dpo import dpo_rows, dpo_train
     from trainer.role_models import load_role_model
@@ -392,9 +401,6 @@ def test_trainers_sharing_a_process_take_turns(tmp_path, tiny_model):
     rows = dpo_rows(solver.tokenizer, pairs(4))
     failures: list[BaseException] = []
     started = threading.Event()
-    # Imported here first: two threads importing TRL's lazy names at once can fail as well (the
-    # lock covers that too), but this test is about the shared accelerator state.
-    assert trl.SFTConfig and trl.SFTTrainer and trl.DPOConfig and trl.DPOTrainer
 
     def long_sft() -> None:
         started.set()
@@ -462,7 +468,9 @@ def test_m_step_decodes_the_rationale_q_phi_learned(tmp_path, tiny_model):
     )
     q = load_role_model(CheckpointStore(tmp_path), "rationale_model", str(tiny_model))
     assert greedy_rationales(q.model, q.tokenizer, [item], max_new_tokens=40) == [None]
-    cfg = StepConfig(lr=1e-2, epochs=40, batch_size=1, per_device_batch_size=1, max_seq_len=512)
+    # A constant rate (a stream has no last step to decay to; the HF Trainer decayed 1e-2 to 0
+    # within the call): 5e-3 for 40 steps fits the one example.
+    cfg = StepConfig(lr=5e-3, epochs=40, batch_size=1, per_device_batch_size=1, max_seq_len=512)
     sft(q, [rationale_model_example(q.tokenizer, item)], cfg)
     # Stopped at </rationale> and parsed: exactly the text the M-step trains p_θ on.
     assert greedy_rationales(q.model, q.tokenizer, [item], max_new_tokens=60) == [item.rationale]
@@ -523,9 +531,9 @@ def test_bf16_profile_keeps_trained_weights_in_float32_and_trains_under_autocast
     trained weights stay float32, training runs under bf16 autocast, and scoring and greedy
     decoding put their inputs on the model's own device."""
     from trainer.em import greedy_rationales, prompt_model_example, sft
+    from trainer.engine import EngineOptions
     from trainer.role_models import load_role_model
     from trainer.settings import LoraConfig, StepConfig
-    from trainer.sft import common_training_args, model_device
 
     store = CheckpointStore(tmp_path)
     lora = load_role_model(
@@ -537,10 +545,9 @@ def test_bf16_profile_keeps_trained_weights_in_float32_and_trains_under_autocast
     full = load_role_model(store, "q", str(tiny_model), dtype="bfloat16")
     assert {p.dtype for p in full.model.parameters()} == {torch.float32}
     cfg = StepConfig(**fast(lr=1e-2, epochs=2, use_lora=True))
-    args = common_training_args(cfg, 4, 0, str(tmp_path), model=lora.model, dtype="bfloat16")
-    assert args["bf16"] and args["use_cpu"] == (model_device(lora.model).type == "cpu")
     item = SeedItem("s", "math", ["counting"], "", problem(1), rationale(1, 0))
     before = problem_nll(lora.model, lora.tokenizer, [item])
-    loss = sft(lora, [prompt_model_example(lora.tokenizer, item)] * 4, cfg, dtype="bfloat16")
-    assert math.isfinite(loss) and problem_nll(lora.model, lora.tokenizer, [item]) < before
+    options = EngineOptions(dtype="bfloat16")
+    loss = sft(lora, [prompt_model_example(lora.tokenizer, item)] * 4, cfg, options)
+    assert math.isfinite(loss.mean) and problem_nll(lora.model, lora.tokenizer, [item]) < before
     assert len(greedy_rationales(lora.model, lora.tokenizer, [item], max_new_tokens=4)) == 1

@@ -8,9 +8,9 @@ behind, so the retry trains exactly what a clean run trains.
   ``process`` with nothing recorded; the same window again trains to the same weights as a
   clean run.
 - A real ``promptcot worker em`` against the embedded broker, killed with SIGKILL after the
-  E-step checkpoint and before the M-step's, then restarted: the window completes and both
-  versions are on the models topic.
-- Through the runtime (its window contract, workers/runtime.py): a window whose training keeps
+  E-step checkpoint and before the M-step's (held there by the test gate), then restarted: the
+  window completes and both versions are on the models topic.
+- Through the runtime (its window contract, workers/pipeline.py): a window whose training keeps
   failing (a checkpoint folder that is a file: no retry fixes it) is retried, then every record
   is dead-lettered with the reason.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from factory_harness import factory_settings, read_records, start_worker, wait_for, wait_until
+from gate import gate_env, held
 from trainer_data import build_tiny_model, fast, rationales, trainer_settings
 
 from streams.records import ModelUpdate
@@ -124,23 +125,25 @@ def test_a_training_error_leaves_nothing_behind_and_the_retry_trains_cleanly(tmp
 # Through the broker
 
 
-def _worker(settings, model: Path, ckpt: Path, m_epochs: float, log_path: Path):
+GATED = Path(__file__).with_name("gated_worker.py")
+
+
+def _worker(settings, model: Path, ckpt: Path, log_path: Path, **gate: str):
     trainer = {
         "checkpoint_dir": str(ckpt),
         "heldout_fraction": 0.0,
         "cold_start": {"on_first_start": False},
         "e_step": fast(window={"min_records": 2}),
-        "m_step": fast(epochs=m_epochs, max_rationale_tokens=16),
+        "m_step": fast(max_rationale_tokens=16),
     }
     env = {
         "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(model),
         "PROMPTCOT_MODELS__RATIONALE_MODEL__MODEL": str(model),
         "PROMPTCOT_STAGES": json.dumps({"em": {"batch_size": 9, "batch_within_s": 2.0}}),
         "PROMPTCOT_TRAINER": json.dumps(trainer),
+        **gate,
     }
-    return start_worker(
-        settings, [sys.executable, "-m", "promptcot", "worker", "em"], log_path, env
-    )
+    return start_worker(settings, [sys.executable, str(GATED), "worker", "em"], log_path, env)
 
 
 @pytest.mark.slow
@@ -166,15 +169,23 @@ def test_worker_killed_between_e_and_m_step_completes_the_window_on_restart(tmp_
         publish(settings.kafka, broker.bootstrap_servers, RATIONALES, window)
         log_path = tmp_path / "worker.log"
 
-        # A long M-step, so the kill lands between the E-step's checkpoint and the M-step's.
-        first = _worker(settings, tiny_model, ckpt, 400.0, log_path)
-        wait_for(lambda: store.latest("rationale_model") is not None, first, log_path, 240, 0.05)
+        # The M-step held at the test gate (tests/gate.py): the kill lands between the E-step's
+        # checkpoint and the M-step's on any machine.
+        gate = gate_env(tmp_path / "gate", "trainer.em:EMTrainer._m_step")
+        first = _worker(settings, tiny_model, ckpt, log_path, **gate)
+        wait_for(
+            lambda: held(log_path) and store.latest("rationale_model") is not None,
+            first,
+            log_path,
+            240,
+            0.05,
+        )
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
         assert store.latest("prompt_model") is None, "the M-step finished before the kill"
         assert read_records(settings, "models", idle_s=0.5) == []  # nothing was announced
 
-        second = _worker(settings, tiny_model, ckpt, 1.0, log_path)
+        second = _worker(settings, tiny_model, ckpt, log_path)
         try:
             wait_for(
                 lambda: len(read_records(settings, "models", idle_s=0.3)) >= 2,

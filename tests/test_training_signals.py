@@ -2,7 +2,7 @@
 on: the E-step raises q_φ's reward on held-out seeds, the M-step lowers p_θ's problem NLL on
 held-out seeds, DPO raises the preference margin on held-out pairs. Each figure the trainer
 reports is also recomputed independently from the published checkpoint, and the Prometheus
-gauges carry the reported values. LoRA, as in the cpu profile (real TRL training, tiny model).
+gauges carry the reported values. LoRA, as in the cpu profile (real training, tiny model).
 """
 
 from __future__ import annotations
@@ -104,10 +104,16 @@ def test_e_step_window_raises_the_heldout_reward(tmp_path, tiny_model):
     assert len(held) == 2
     fresh = EMTrainer(settings.trainer, paths)
     q, p = _load(fresh, "rationale_model"), _load(fresh, "prompt_model")
-    assert greedy_reward(q, p, held, 40, 8) == pytest.approx(m["heldout_reward_after"], rel=1e-3)
+    reward, tokens = greedy_reward(q, p, held, 40, 8)
+    assert reward == pytest.approx(m["heldout_reward_after"], rel=1e-3)
     assert _gauge(metrics.TRAINER_REWARD, role="rationale_model") == pytest.approx(
         m["heldout_reward_after"]
     )
+    # The mean rationale length is reported beside the reward (a "shorter" reward rise shows).
+    assert tokens == pytest.approx(m["heldout_rationale_tokens_after"])
+    assert m["heldout_rationale_tokens_before"] > 0 and m["mean_best_rationale_tokens"] > 0
+    assert m["mean_sampled_rationale_tokens"] > 0
+    assert _gauge(metrics.TRAINER_RATIONALE_TOKENS, role="rationale_model") == pytest.approx(tokens)
     assert _gauge(metrics.MODEL_VERSION, role="rationale_model") == 1
 
 

@@ -5,6 +5,7 @@ leaves no broker or S3 server behind; SIGTERM stops it with exit 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -133,14 +134,21 @@ def test_restarted_up_continues_the_sampler_from_the_durable_broker(tmp_path):
 
 
 def test_up_exits_with_one_line_when_its_embedded_broker_dies(tmp_path):
+    with EmbeddedBroker(data_dir=tmp_path / "broker") as earlier:  # its lines open tansu.log
+        earlier_address = earlier.bootstrap_servers
     proc = _up(tmp_path, "--duration", "5m")
     tansu, s3 = _broker_children(proc)
-    _wait_draws(_bootstrap_of(tansu), 5)
+    address = _bootstrap_of(tansu)
+    _wait_draws(address, 5)
     os.kill(tansu, signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 3, (out, err)
     errors = [line for line in err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: embedded broker exited"), err
+    # It quotes this run's log (its own address) and nothing of the earlier run's.
+    assert "SIGKILL" in errors[0] and address in errors[0], err
+    assert earlier_address not in errors[0], err
+    assert earlier_address in (tmp_path / "broker" / "tansu.log").read_text()
     assert _wait_gone([s3]) == []
 
 
@@ -186,3 +194,42 @@ def test_ephemeral_up_keeps_nothing(tmp_path):
     assert proc.returncode == 0, err
     assert "embedded broker (in memory)" in out
     assert not (tmp_path / "broker").exists()
+
+
+WATCHED_START_UP = """
+import sys, time
+from promptcot.cli.supervise import Supervisor
+from streams.cluster import Cluster
+from streams.settings import EmbeddedBrokerSettings, KafkaSettings
+
+cluster = Cluster.connect(KafkaSettings(), EmbeddedBrokerSettings(ephemeral=True))
+supervisor = Supervisor(KafkaSettings(), 20, lambda: None)
+supervisor.watch(cluster)
+print("watching", cluster.broker._proc.pid, flush=True)
+time.sleep(300)  # a start-up step that holds the main thread (a cold start), never returning
+print("still running", flush=True)
+"""
+
+
+def test_a_broker_that_dies_during_a_start_up_step_stops_up_at_once(tmp_path):
+    """`up`'s cold start holds the main thread for minutes before any stage runs: an embedded
+    broker dying then must stop it (one line, exit 3) within seconds, not after the step."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHED_START_UP],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("watching"), (line, proc.stderr.read() if proc.poll() else "")
+        os.kill(int(line.split()[1]), signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, (out, err)
+    assert "still running" not in out
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: embedded broker exited with -9"), err

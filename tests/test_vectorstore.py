@@ -6,7 +6,9 @@ import json
 import os
 import queue
 import random
+import re
 import threading
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -145,6 +147,59 @@ def test_ngram_tokens_hide_variable_names_and_number_formats():
     b = ngram_tokens("let  a be 1,000.0 and b=\\tfrac{7}{8}")
     assert a == b == ["let", "<v>", "be", "<num>", "and", "<v>", "<num>", "<num>"]
     assert hash_key("Two  Apples\n") == hash_key("two apples") != hash_key("two apple")
+
+
+# The benchmark wrappers as they were matched before issue 21: the specification of what
+# clean_problem_text removes, quadratic in a run of white space, exact on short text.
+_SPEC_WRAPPERS = [
+    re.compile(
+        r"^\s*You will be given a question \(problem specification\).*?\n\s*Question:\s*",
+        re.DOTALL,
+    ),
+    re.compile(r"\n\s*Read the inputs from stdin solve the problem.*\Z", re.DOTALL),
+    re.compile(r"\n\s*You will use the following starter code.*\Z", re.DOTALL),
+    re.compile(
+        r"\s*Please reason step by step, and put your final answer within \\boxed\{\}\.?\s*\Z"
+    ),
+]
+
+
+def test_problem_text_is_cleaned_as_the_old_expressions_did():
+    import vectorstore.text as t
+
+    pieces = [
+        "\n", " ", "\t", "x", ".", "Question:",
+        "You will be given a question (problem specification)",
+        "Read the inputs from stdin solve the problem", "You will use the following starter code",
+        "Please reason step by step, and put your final answer within \\boxed{}",
+    ]  # fmt: skip
+    rng = random.Random(21)
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(12)))
+        expected = t._THINK_OPEN.sub("", t._CHATML_TAG.sub("", text))
+        for i, spec in enumerate(_SPEC_WRAPPERS):
+            expected = spec.sub("", expected, count=1 if i == 0 else 0)
+        assert t.clean_problem_text(text) == expected.strip(), repr(text)
+
+
+@pytest.mark.parametrize("unit", ["\n", " ", "\n \t", "\\("], ids=["nl", "space", "mixed", "open"])
+def test_cleaning_200_kb_of_model_text_takes_under_5_s(unit):
+    """The wrappers' white-space runs were rescanned from each of their characters: 20 KB of
+    newlines took 3.3 s, 200 KB about 5 minutes (issue 21). 5 s is a behaviour bound for a
+    loaded 2-core machine (measured: milliseconds), not a speed goal."""
+    from vectorstore.text import clean_problem_text
+
+    text = unit * (200_000 // len(unit))
+    started = time.monotonic()
+    for hostile in (
+        text,
+        "x" + text + "Read",
+        "You will be given a question (problem specification)" + text,
+    ):
+        clean_problem_text(hostile)
+        hash_key(hostile)
+        ngram_tokens(hostile)
+    assert time.monotonic() - started < 5.0
 
 
 # Embedder ------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""The trainer: cold start and the EM loop for p_θ / q_φ, DPO of the solver, versioned
-checkpoints, evaluation, and the stages that run them on windows of the rationales and pairs
-topics (docs/training.md).
+"""The trainer: cold start and the EM loop for p_θ / q_φ, DPO and SFT of the solver, the
+training engine they run on, versioned checkpoints, evaluation, and the stages that run them on
+windows of the rationales, pairs and traces topics (docs/training.md).
 
-torch/transformers/trl are imported only when a model is loaded or trained.
+torch/transformers/peft are imported only when a model is loaded or trained.
 """
 
 from trainer.checkpoints import Checkpoint, CheckpointStore, TrainedLedger
@@ -14,6 +14,7 @@ from trainer.settings import (
     EvalConfig,
     LoraConfig,
     MStepConfig,
+    SolverSFTConfig,
     StepConfig,
     TrainerSettings,
     WindowConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "LoraConfig",
     "MStepConfig",
     "RoleModel",
+    "SolverSFTConfig",
     "StepConfig",
     "TrainedLedger",
     "TrainerSettings",

@@ -3,11 +3,12 @@ reading the store (a reload follower, `promptcot up` choosing the newest weights
 the model a checkpoint holds is loaded and saved by trainer/role_models.py.
 
 Layout: ``<dir>/<role>/v0001-<step>/`` holding the weights (a full HF folder or a LoRA adapter
-folder), the tokenizer and ``checkpoint.json``. A checkpoint is written into a hidden temporary
-folder next to its final place and renamed into place once complete, so a reader (a generator
-reloading, a restarted trainer) never sees half a checkpoint: a folder without the leading dot
-is always whole. ``checkpoint.json`` is written last inside the temporary folder as a second
-guard (``latest`` ignores folders without it).
+folder), the tokenizer, the role's optimiser state (``optimizer.pt``, ``trainer_state.json``:
+trainer/engine.py; backends load only the weights) and ``checkpoint.json``. A checkpoint is
+written into a hidden temporary folder next to its final place and renamed into place once
+complete, so a reader (a generator reloading, a restarted trainer) never sees half a
+checkpoint: a folder without the leading dot is always whole. ``checkpoint.json`` is written
+last inside the temporary folder as a second guard (``latest`` ignores folders without it).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _STALE_TMP_S = 3600.0  # temporary folders older than this belong to a crashed w
 class Checkpoint:
     role: str
     version: int
-    step: str  # "cold_start" | "e_step" | "m_step" | "dpo"
+    step: str  # "cold_start" | "e_step" | "m_step" | "dpo" | "sft"
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -165,9 +166,15 @@ class CheckpointStore:
         keep = max(1, keep_last or self.keep_last)
         removed = []
         ckpts = self.list(role)
-        # An adapter's base folder stays as long as the adapter does.
+        # An adapter's base folder stays as long as the adapter does, and a DPO version's
+        # anchor (trainer/anchor.py) as long as the version that names it.
         needed = {
             str(c.metadata.get("base_model")) for c in ckpts[-keep:] if c.metadata.get("adapter")
+        }
+        needed |= {
+            str(c.metadata["anchor"].get("path"))
+            for c in ckpts[-keep:]
+            if isinstance(c.metadata.get("anchor"), dict)
         }
         for ckpt in ckpts[:-keep]:
             if str(ckpt.path) in needed:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from streams.records import AnnotatedSeed, ModelUpdate, SeedProblem
 from streams.topics import SEEDS_ANNOTATED
 from trainer.heldout import is_heldout
+from trainer.sft import Report
 
 if TYPE_CHECKING:
     from promptcot.settings import Settings
@@ -41,12 +42,15 @@ class ColdStartData:
         return len(self.seeds) / total if total else 0.0
 
 
-def cold_start_data(settings: Settings, limit: int | None = None) -> ColdStartData:
+def cold_start_data(
+    settings: Settings, limit: int | None = None, report: Report | None = None
+) -> ColdStartData:
     """The first ``trainer.cold_start.seeds`` (or ``limit``) seeds of the configured source,
     annotated in batches of the annotate stage's size; then held-out seeds further on until
     ``trainer.heldout_seeds`` held-out ones are annotated in all (the trainer never trains on
     them: they fill the held-out pool). At most twice that many are tried, so that a teacher
-    that rejects most seeds does not annotate the whole source."""
+    that rejects most seeds does not annotate the whole source. ``report`` hears of each
+    batch."""
     from workers.seeds import iter_seeds
     from workers.stages.annotate import AnnotateStage
 
@@ -56,26 +60,35 @@ def cold_start_data(settings: Settings, limit: int | None = None) -> ColdStartDa
     further = islice(
         (s for s in source if is_heldout(s.id, t.heldout_fraction)), 2 * t.heldout_seeds
     )
+    tell = report or (lambda what, done, of: None)
+    tell("loading the annotator", 0, 0)
     stage = AnnotateStage(settings)
     stage.ensure_ready()
     batch = settings.stage("annotate").batch_size
 
-    def annotate(seeds: list[SeedProblem], rejected: Counter[str]) -> list[AnnotatedSeed]:
+    def annotate(
+        seeds: list[SeedProblem], rejected: Counter[str], what: str, before: int, of: int
+    ) -> list[AnnotatedSeed]:
         done: list[AnnotatedSeed] = []
         for start in range(0, len(seeds), batch):
+            tell(what, before + start, of)
             for emit in stage.process(seeds[start : start + batch]):
                 if emit.topic is SEEDS_ANNOTATED:
                     done.append(emit.record)  # type: ignore[arg-type]
                 else:
                     rejected[emit.record.reason] += 1  # type: ignore[attr-defined]
+        tell(what, before + len(seeds), of)
         return done
 
     try:
         data = ColdStartData([])
-        data.seeds = annotate(first, data.rejected)
+        data.seeds = annotate(first, data.rejected, "annotating seeds", 0, len(first))
         held = sum(is_heldout(s.seed_id, t.heldout_fraction) for s in data.seeds)
         while held < t.heldout_seeds and (more := list(islice(further, t.heldout_seeds - held))):
-            annotated = annotate(more, Counter())  # held out, every one of them
+            # held out, every one of them
+            annotated = annotate(
+                more, Counter(), "annotating held-out seeds", held, t.heldout_seeds
+            )
             data.heldout += annotated
             held += len(annotated)
     finally:
@@ -103,14 +116,15 @@ def cold_start(
     limit: int | None = None,
     force: bool = False,
     annotated: Callable[[ColdStartData], None] | None = None,
+    report: Report | None = None,
 ) -> ColdStart | None:
     """The paper's cold start when p_θ or q_φ has no checkpoint yet (or ``force``): the seeds
     annotated (``cold_start_data``; ``annotated`` sees them before any training, and may refuse
-    them by raising), then both models fine-tuned on them. None when both have checkpoints:
-    there is nothing to do."""
+    them by raising), then both models fine-tuned on them; ``report`` hears of each phase. None
+    when both have checkpoints: there is nothing to do."""
     if not force and not trainer.needs_cold_start():
         return None
-    data = cold_start_data(settings, limit)
+    data = cold_start_data(settings, limit, report=report)
     if annotated is not None:
         annotated(data)
-    return ColdStart(data, trainer.cold_start(data.triples, force=force))
+    return ColdStart(data, trainer.cold_start(data.triples, force=force, report=report))

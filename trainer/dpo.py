@@ -1,45 +1,45 @@
 """Self-play DPO of the solver on windows of preference pairs (chosen = a passing rollout,
-rejected = a failing one), with TRL's DPOTrainer.
-
-The reference model is the policy as it was at the start of the window: TRL precomputes the
-reference log-probs with the policy before the first step (``precompute_ref_log_probs``), so no
-second copy of the model sits in memory. Window after window this is iterative DPO, each round
-anchored to the previous round's weights. With LoRA TRL copies the adapter as the reference
-(``drop_reference_adapter`` removes the copy once the window is trained).
+rejected = a failing one), on the training engine (trainer/engine.py): several optimiser steps a
+window on the solver's one optimiser, against a pinned reference (trainer/anchor.py), so the loss
+moves off ln 2 within a window and β matters. The sigmoid loss on summed completion log-probs
+(the TRL/paper form), plus an optional SFT term on the chosen answers (``dpo.sft_weight``).
+The reference log-probs are computed once a window, without grad, before its first step.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-from llm.backends.base import BackendSettings
-from llm.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
 from llm.roles import Role
-from streams import memory
 from streams.records import PreferencePair
-from trainer.checkpoints import CheckpointStore, TrainedLedger
-from trainer.heldout import HeldoutPool, is_heldout
-from trainer.role_models import RoleModel, load_role_model, save_role_model, training_device
-from trainer.settings import TrainerSettings
-from trainer.sft import TRAINING_LOCK, common_training_args, continuation_nll, quiet_datasets
-from trainer.updates import WindowResult, model_update, update_from_manifest
+from trainer.anchor import AnchorModels, resolve
+from trainer.engine import (
+    Encoded,
+    EngineOptions,
+    WindowLosses,
+    autocast,
+    completion_logps,
+    continuation_nll,
+    encode,
+    model_device,
+    pad_id,
+    train_steps,
+    with_eos,
+)
+from trainer.role_models import RoleModel
+from trainer.settings import DPOConfig, TrainerSettings
+from trainer.solver import SolverWindows, eval_backend_settings, solver_prompt
 
 log = logging.getLogger(__name__)
 
+__all__ = ["DPOTrainerLoop", "dpo_rows", "dpo_train", "eval_backend_settings"]
+
 
 def dpo_prompt(tokenizer: Any, pair: PreferencePair) -> str:
-    """The pair's prompt as the solver saw it. A prompt that is already a rendered chat (it
-    carries the chat markup) is used as is; a bare problem/user text is rendered with the
-    solver template of its domain, so training sees what generation sees."""
-    prompt = pair.prompt
-    if "<|im_start|>" in prompt or (getattr(tokenizer, "bos_token", None) or "\0") in prompt:
-        return prompt
-    template = SOLVER_BY_DOMAIN.get(pair.domain, SOLVER_MATH)
-    return render_chat(tokenizer, template.system, prompt, template.assistant_prefix)
+    """The pair's prompt as the solver saw it (trainer/solver.py, ``solver_prompt``)."""
+    return solver_prompt(tokenizer, pair.domain, pair.prompt)
 
 
 def usable(pair: PreferencePair) -> bool:
@@ -67,158 +67,164 @@ def preference_margin(model: Any, tokenizer: Any, rows: Sequence[dict[str, str]]
     return sum(margins) / len(margins) if margins else float("nan")
 
 
-REFERENCE_ADAPTER = "ref"  # the name TRL's DPOTrainer gives its copy of a LoRA policy
+# ---------------------------------------------------------------------------------------------
+# The loss
 
 
-def dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettings) -> float:
-    """DPO on ``rows`` in place; returns the mean training loss."""
-    with TRAINING_LOCK:
-        return _dpo_train(rm, rows, settings)
+class PairsEncoded:
+    """Each row's chosen and rejected sequences (each answer ending its turn), the pairs whose
+    answers both kept a token within ``max_seq_len``."""
+
+    def __init__(self, tokenizer: Any, rows: Sequence[dict[str, str]], max_len: int):
+        self.chosen: list[Encoded] = []
+        self.rejected: list[Encoded] = []
+        for row in rows:
+            c = encode(tokenizer, row["prompt"], with_eos(tokenizer, row["chosen"]), max_len)
+            r = encode(tokenizer, row["prompt"], with_eos(tokenizer, row["rejected"]), max_len)
+            if c.n_target and r.n_target:
+                self.chosen.append(c)
+                self.rejected.append(r)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def logps(self, model: Any, items: Sequence[int], pad: int, chunk: int) -> tuple[Any, ...]:
+        """(chosen log-probs, rejected log-probs, chosen token counts), one forward for both."""
+        batch = [self.chosen[i] for i in items] + [self.rejected[i] for i in items]
+        sums, counts = completion_logps(model, batch, pad_id=pad, chunk=chunk)
+        n = len(items)
+        return sums[:n], sums[n:], counts[:n]
 
 
-def _dpo_train(rm: RoleModel, rows: list[dict[str, str]], settings: TrainerSettings) -> float:
-    from datasets import Dataset
-    from trl import DPOConfig as TRLDPOConfig
-    from trl import DPOTrainer
+class DPOObjective:
+    """Mean over a global batch's pairs of -log σ(β((π_c - ref_c) - (π_r - ref_r))), plus
+    ``sft_weight`` x the chosen answer's mean NLL per token."""
 
-    cfg = settings.dpo
-    quiet_datasets()
-    with tempfile.TemporaryDirectory(prefix="promptcot-dpo-") as out:
-        args = TRLDPOConfig(
-            **common_training_args(
-                cfg, len(rows), settings.seed, out, model=rm.model, dtype=settings.dtype
-            ),
-            beta=cfg.beta,
-            max_length=cfg.max_seq_len,
-            precompute_ref_log_probs=True,
-            dataset_num_proc=None,
-        )
-        try:
-            trainer = DPOTrainer(
-                model=rm.model,
-                args=args,
-                train_dataset=Dataset.from_list(rows),
-                processing_class=rm.tokenizer,
-            )
-            result = trainer.train()
-        finally:
-            drop_reference_adapter(rm.model)
-    rm.model.eval()
-    return float(result.training_loss)
+    def __init__(
+        self, pairs: PairsEncoded, reference: tuple[Any, Any], cfg: DPOConfig, pad: int, chunk: int
+    ):
+        self.pairs, self.ref_chosen, self.ref_rejected = pairs, *reference
+        self.beta, self.sft_weight = cfg.beta, cfg.sft_weight
+        self.pad, self.chunk = pad, chunk
 
+    def __len__(self) -> int:
+        return len(self.pairs)
 
-def drop_reference_adapter(model: Any) -> None:
-    """Remove the frozen copy of the adapter TRL adds to a LoRA policy as its reference: left
-    in place, the next window's DPOTrainer cannot add its own (it refuses an existing name)
-    and every checkpoint saves the stale copy beside the adapter."""
-    if REFERENCE_ADAPTER in (getattr(model, "peft_config", None) or {}):
-        model.set_adapter("default")
-        model.delete_adapter(REFERENCE_ADAPTER)
+    def units(self, items: Sequence[int]) -> float:
+        return float(len(items))
+
+    def loss(self, model: Any, items: Sequence[int]) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        chosen, rejected, n_chosen = self.pairs.logps(model, items, self.pad, self.chunk)
+        index = torch.tensor(list(items))
+        ref_c = self.ref_chosen[index].to(chosen.device)
+        ref_r = self.ref_rejected[index].to(chosen.device)
+        logits = self.beta * ((chosen - ref_c) - (rejected - ref_r))
+        loss = -F.logsigmoid(logits).sum()
+        if self.sft_weight:
+            loss = loss + self.sft_weight * (-chosen / n_chosen.clamp(min=1)).sum()
+        return loss
 
 
-def eval_backend_settings(settings: TrainerSettings) -> BackendSettings:
-    """The backend that scores a new solver version: on the device and in the dtype the trainer
-    trains with (the backend's own default is cpu, float32)."""
-    return BackendSettings(device=training_device(settings.device), dtype=settings.dtype)
+def reference_logps(
+    model: Any, pairs: PairsEncoded, pad: int, chunk: int, batch: int, dtype: str
+) -> tuple:
+    """The reference's (chosen, rejected) log-probs of every pair, on the cpu, without grad, in
+    the precision the policy's are computed in while it trains."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        with torch.no_grad(), autocast(model_device(model), dtype):
+            for start in range(0, len(pairs), batch):
+                items = list(range(start, min(start + batch, len(pairs))))
+                c, r, _ = pairs.logps(model, items, pad, chunk)
+                chosen.append(c.float().cpu())
+                rejected.append(r.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
 
 
-class DPOTrainerLoop:
-    """The solver in memory between windows, resumed from its newest checkpoint. Pairs of
-    held-out problems (by a hash of the problem id) are never trained on: the margin on them,
-    before and after each update, is the DPO signal."""
+def dpo_train(
+    rm: RoleModel,
+    rows: list[dict[str, str]],
+    settings: TrainerSettings,
+    anchor: Any = None,
+    anchors: AnchorModels | None = None,
+) -> WindowLosses:
+    """A window of DPO steps on ``rows`` in place, against ``anchor`` (None: the policy as it is
+    before the window)."""
+    cfg, tok, options = settings.dpo, rm.tokenizer, EngineOptions.of(settings)
+    pad, chunk = pad_id(tok), options.chunk_tokens
+    pairs = PairsEncoded(tok, rows, cfg.max_seq_len)
+    if not len(pairs):
+        return WindowLosses()
+
+    def logps(model: Any) -> tuple:
+        return reference_logps(model, pairs, pad, chunk, cfg.per_device_batch_size, settings.dtype)
+
+    if anchor is None:
+        reference = logps(rm.model)
+    else:
+        holder = anchors or AnchorModels(settings.dtype, settings.device)
+        reference = holder.logps(rm, anchor, logps)
+    objective = DPOObjective(pairs, reference, cfg, pad, chunk)
+    return train_steps(rm, objective, cfg, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# The windows
+
+
+class DPOTrainerLoop(SolverWindows[PreferencePair]):
+    """DPO windows of the solver. Pairs of held-out problems (by a hash of the problem id) are
+    never trained on: the margin on them, before and after each update, is the DPO signal."""
+
+    step = "dpo"
+    noun = "pair"
+    heldout_file = "heldout-pairs.jsonl"
 
     def __init__(self, settings: TrainerSettings, base_path: str):
-        self.settings = settings
-        self.base_path = base_path
-        self.store = CheckpointStore(settings.checkpoint_dir, settings.keep_last)
-        self._rm: RoleModel | None = None
-        self.ledger = TrainedLedger.load(self.store, [Role.SOLVER])
-        self.heldout = HeldoutPool(settings.checkpoint_dir / "heldout-pairs.jsonl")
-        self._lock = threading.Lock()
-        if settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(settings.torch_threads)
-        memory.hold(self)
-
-    def memory_components(self) -> list[tuple[str, Any]]:
-        """The solver held between windows (with its reference adapter during one), for the
-        memory account (streams/memory.py)."""
-        rm = self._rm
-        return [] if rm is None else [(f"trainer {Role.SOLVER}", rm.model)]
+        super().__init__(settings, base_path)
+        self.anchors = AnchorModels(settings.dtype, settings.device)
 
     @property
-    def solver(self) -> RoleModel:
-        if self._rm is None:
-            cfg = self.settings.dpo
-            self._rm = load_role_model(
-                self.store,
-                Role.SOLVER,
-                self.base_path,
-                use_lora=cfg.use_lora,
-                lora=cfg.lora,
-                dtype=self.settings.dtype,
-                device=self.settings.device,
-            )
-        return self._rm
+    def cfg(self) -> DPOConfig:
+        return self.settings.dpo
 
-    def run_window(self, pairs: Sequence[PreferencePair]) -> WindowResult:
-        with self._lock:
-            try:
-                return self._run_window(list(pairs))
-            except BaseException:
-                self._rm = None  # may hold an update no checkpoint has: retry from the newest
-                raise
-            finally:
-                memory.release()  # what the window freed goes back to the system
+    def usable(self, record: PreferencePair) -> bool:
+        return usable(record)
 
-    def _run_window(self, pairs: list[PreferencePair]) -> WindowResult:
-        """Held-out pairs join the pool; the versions that trained on part of this window
-        before (a window redelivered after a crash, maybe refilled with later pairs) are
-        announced again; the usable pairs not trained on yet are trained. ``min_records``
-        counts those fresh pairs: under it a window trains nothing, unless part of it was
-        trained before (its first delivery was big enough; the pairs that refilled it would
-        otherwise be committed untrained), as the EM trainer trains the rest of a window."""
-        s = self.settings
-        rm = self.solver
-        held = [p for p in pairs if is_heldout(p.problem_id, s.heldout_fraction)]
-        self.heldout.add((p.id, dpo_row(rm.tokenizer, p)) for p in held if usable(p))
-        done = [p.id for p in pairs if self.ledger.get(Role.SOLVER, p.id) is not None]
-        found = (update_from_manifest(m) for m in self.ledger.manifests_for(Role.SOLVER, done))
-        again = [u for u in found if u is not None]
-        fresh = [
-            p
-            for p in pairs
-            if usable(p) and p.id not in done and not is_heldout(p.problem_id, s.heldout_fraction)
-        ]
-        if not fresh:
-            return WindowResult(again, "no pair to train on (held out, unusable or trained on)")
-        if len(fresh) < s.dpo.window.min_records and not done:
-            return WindowResult(
-                again, f"{len(fresh)} usable fresh pairs < min_records {s.dpo.window.min_records}"
-            )
-        rows = [dpo_row(rm.tokenizer, p) for p in fresh]
-        signal = self.heldout.items()
-        label = "heldout" if signal else "train"
-        signal = signal or rows
+    def row(self, tokenizer: Any, record: PreferencePair) -> dict[str, str]:
+        return dpo_row(tokenizer, record)
+
+    def train(self, rm: RoleModel, rows: list[dict[str, str]]) -> tuple[dict[str, Any], dict]:
+        anchor = resolve(rm.checkpoint, Role.SOLVER, rm.base_path, self.cfg.anchor_refresh_windows)
+        signal, label = self.signal_rows(rows)
         before = preference_margin(rm.model, rm.tokenizer, signal)
-        loss = dpo_train(rm, rows, s)
+        losses = dpo_train(rm, rows, self.settings, anchor, self.anchors)
         after = preference_margin(rm.model, rm.tokenizer, signal)
         metrics = {
-            "train_loss": loss,
+            **losses.metrics(),
             "n_pairs": len(rows),
             f"n_{label}_pairs": len(signal),
             f"{label}_margin_before": before,
             f"{label}_margin_after": after,
+            "anchor_windows": anchor.windows + 1,
         }
-        parents = [p.id for p in fresh][:256]
-        ckpt = save_role_model(self.store, rm, "dpo", metrics, [p.id for p in fresh], parents)
-        self.ledger.add(Role.SOLVER, {**ckpt.metadata, "path": str(ckpt.path)})
-        if s.eval.after_dpo:
-            from trainer.evaluate import evaluate_path
-
-            backend = eval_backend_settings(s)
-            result = evaluate_path(str(ckpt.path), s.eval, role=Role.SOLVER, backend=backend)
-            metrics[f"eval_{s.eval.benchmark}_accuracy"] = result.accuracy
-        log.info("DPO window: %d pairs, %s margin %.3f -> %.3f", len(rows), label, before, after)
-        return WindowResult([*again, model_update(rm, "dpo", metrics, parents)], metrics=metrics)
+        log.info(
+            "DPO window: %d pairs against %s, loss %.4f -> %.4f, %s margin %.3f -> %.3f",
+            len(rows),
+            anchor.version,
+            metrics["train_loss_first"],
+            metrics["train_loss_last"],
+            label,
+            before,
+            after,
+        )
+        return metrics, anchor.manifest()

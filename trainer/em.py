@@ -20,8 +20,9 @@ A window is idempotent and resumable: what each checkpoint was trained on is in 
 steps it had not finished (a kill between the E-step checkpoint and the M-step: the M-step runs)
 and announces every version the window produced, old and new.
 
-Training goes through trainer/sft.py (TRL). Prompts and completions come from llm/prompts.py:
-the targets are exactly the text the stages generate and score.
+Training goes through trainer/sft.py (the engine, trainer/engine.py: each role's optimiser
+persists across windows and restarts). Prompts and completions come from llm/prompts.py: the
+targets are exactly the text the stages generate and score.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ from llm.roles import ModelRoles, Role, model_path_for
 from streams import memory
 from streams.records import AnnotatedSeed, ModelUpdate, Rationale
 from trainer.checkpoints import CheckpointStore, TrainedLedger
+from trainer.engine import EngineOptions, WindowLosses, continuation_nll
 from trainer.heldout import HeldoutPool, is_heldout
+from trainer.lineage import role_lineage
 from trainer.role_models import RoleModel, load_role_model, save_role_model
 from trainer.settings import StepConfig, TrainerSettings
-from trainer.sft import continuation_nll, greedy_decode, sft, torch_module
+from trainer.sft import Report, StepReport, greedy_decode, sft, torch_module
 from trainer.updates import WindowResult, model_update, update_from_manifest
 
 log = logging.getLogger(__name__)
@@ -229,11 +232,22 @@ def mean_reward(p: RoleModel, items: Sequence[SeedItem]) -> float:
     return -(nll_z + nll_x) / len(items) if items else float("nan")
 
 
+def rationale_tokens(tokenizer: Any, rationales: Sequence[str]) -> float:
+    """Mean length in tokens of the rationales as q_φ writes them (closing delimiter included):
+    reported beside the reward, so that a reward rising with shorter rationales shows."""
+    if not rationales:
+        return float("nan")
+    texts = [rationale_completion(z) for z in rationales]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return sum(len(i) for i in ids) / len(ids)
+
+
 def greedy_reward(
     q: RoleModel, p: RoleModel, items: Sequence[SeedItem], max_new_tokens: int, batch: int
-) -> float:
-    """Mean reward of q_φ's greedy rationale per item under p_θ. An output that does not parse
-    is scored as written (it is still what q_φ would give the M-step to learn from)."""
+) -> tuple[float, float]:
+    """(mean reward under p_θ, mean length in tokens) of q_φ's greedy rationale per item. An
+    output that does not parse is scored as written (it is still what q_φ would give the M-step
+    to learn from)."""
     decoded = greedy_decode(
         q.model,
         q.tokenizer,
@@ -249,7 +263,7 @@ def greedy_reward(
         except ParseError:
             z = text.strip() or "-"
         scored.append(item.with_rationale(z))
-    return mean_reward(p, scored)
+    return mean_reward(p, scored), rationale_tokens(q.tokenizer, [i.rationale for i in scored])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +272,8 @@ def greedy_reward(
 
 class EMTrainer:
     """Holds p_θ and q_φ in memory between windows (loading SmolLM2 costs seconds; a window
-    may be small), resuming from the newest checkpoints of both roles."""
+    may be small), resuming from the newest checkpoints of both roles, optimiser state
+    included. Each role trains and saves under its lineage's lock (trainer/lineage.py)."""
 
     ROLES = (Role.RATIONALE_MODEL, Role.PROMPT_MODEL)
 
@@ -266,7 +281,7 @@ class EMTrainer:
         self.settings = settings
         self.base_paths = base_paths
         self.store = CheckpointStore(settings.checkpoint_dir, settings.keep_last)
-        self._models: dict[str, RoleModel] = {}
+        self.lineages = {role: role_lineage(self.store, role) for role in self.ROLES}
         self.ledger = TrainedLedger.load(self.store, list(self.ROLES))
         self.heldout = HeldoutPool(
             settings.checkpoint_dir / "heldout-seeds.jsonl", settings.heldout_seeds
@@ -274,11 +289,6 @@ class EMTrainer:
         self._lock = threading.RLock()  # the cold start (stage start) and windows take turns
         if settings.torch_threads:
             torch_module().set_num_threads(settings.torch_threads)
-        memory.hold(self)
-
-    def memory_components(self) -> list[tuple[str, Any]]:
-        """The models held between windows, for the memory account (streams/memory.py)."""
-        return [(f"trainer {role}", rm.model) for role, rm in list(self._models.items())]
 
     @classmethod
     def on_models(cls, settings: TrainerSettings, models: ModelRoles) -> EMTrainer:
@@ -287,8 +297,9 @@ class EMTrainer:
         return cls(settings, {role: model_path_for(models, role) for role in cls.ROLES})
 
     def model(self, role: str, cfg: StepConfig) -> RoleModel:
-        if role not in self._models:
-            self._models[role] = load_role_model(
+        """The role's model, on its newest checkpoint (loaded with ``cfg``'s LoRA setting)."""
+        return self.lineages[role].model(
+            lambda: load_role_model(
                 self.store,
                 role,
                 self.base_paths[role],
@@ -297,10 +308,16 @@ class EMTrainer:
                 dtype=self.settings.dtype,
                 device=self.settings.device,
             )
-        return self._models[role]
+        )
 
-    def _train(self, rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig) -> float:
-        return sft(rm, examples, cfg, self.settings.seed, self.settings.dtype)
+    def _train(
+        self,
+        rm: RoleModel,
+        examples: list[dict[str, str]],
+        cfg: StepConfig,
+        on_step: StepReport | None = None,
+    ) -> WindowLosses:
+        return sft(rm, examples, cfg, EngineOptions.of(self.settings), on_step)
 
     def _save(
         self,
@@ -310,7 +327,15 @@ class EMTrainer:
         trained_ids: list[str],
         parents: list[str],
     ) -> ModelUpdate:
-        ckpt = save_role_model(self.store, rm, step, metrics, trained_ids, parents)
+        ckpt = save_role_model(
+            self.store,
+            rm,
+            step,
+            metrics,
+            trained_ids,
+            parents,
+            save_optimizer=self.settings.save_optimizer,
+        )
         self.ledger.add(rm.role, {**ckpt.metadata, "path": str(ckpt.path)})
         return model_update(rm, step, metrics, parents)
 
@@ -338,24 +363,29 @@ class EMTrainer:
         return any(self.store.latest(role) is None for role in self.ROLES)
 
     def cold_start(
-        self, seeds: Sequence[AnnotatedSeed], *, force: bool = False
+        self,
+        seeds: Sequence[AnnotatedSeed],
+        *,
+        force: bool = False,
+        report: Report | None = None,
     ) -> list[ModelUpdate]:
         """SFT of both models on the annotated (c, z, x) triples (held-out seeds excluded; they
         start the held-out pool). Resumable: a role that has a checkpoint already is not trained
         again, its newest version is announced instead (``force``: train it again anyway, from
-        its newest version)."""
+        its newest version). ``report`` hears of each phase and training step."""
         with self._lock:
             try:
-                return self._cold_start(seeds, force)
+                return self._cold_start(seeds, force, report or (lambda what, done, of: None))
             except BaseException:
                 self._discard_models()
                 raise
             finally:
                 memory.release()  # what the training freed goes back to the system
 
-    def _cold_start(self, seeds: Sequence[AnnotatedSeed], force: bool) -> list[ModelUpdate]:
+    def _cold_start(
+        self, seeds: Sequence[AnnotatedSeed], force: bool, report: Report
+    ) -> list[ModelUpdate]:
         s = self.settings
-        cfg = s.cold_start
         items = [SeedItem.from_annotated(seed) for seed in seeds]
         train = [i for i in items if not is_heldout(i.seed_id, s.heldout_fraction)]
         self._remember_heldout(i for i in items if is_heldout(i.seed_id, s.heldout_fraction))
@@ -369,25 +399,35 @@ class EMTrainer:
                 again = update_from_manifest({**latest.metadata, "path": str(latest.path)})
                 updates += [again] if again is not None else []
                 continue
-            rm = self.model(role, cfg)
-            if role == Role.RATIONALE_MODEL:
-                loss = self._train(
-                    rm, [rationale_model_example(rm.tokenizer, i) for i in train], cfg
-                )
-                metrics = {"train_loss": loss, "n_seeds": len(train)}
-            else:
-                signal, label = self._signal_items(train)
-                before = problem_nll(rm.model, rm.tokenizer, signal)
-                loss = self._train(rm, [prompt_model_example(rm.tokenizer, i) for i in train], cfg)
-                after = problem_nll(rm.model, rm.tokenizer, signal)
-                metrics = {
-                    "train_loss": loss,
-                    "n_seeds": len(train),
-                    f"{label}_problem_nll_before": before,
-                    f"{label}_problem_nll_after": after,
-                }
-            updates.append(self._save(rm, "cold_start", metrics, [], parents))
+            with self.lineages[role].training():
+                updates.append(self._cold_start_role(role, train, parents, report))
         return updates
+
+    def _cold_start_role(
+        self, role: str, train: list[SeedItem], parents: list[str], report: Report
+    ) -> ModelUpdate:
+        cfg = self.settings.cold_start
+        report(f"loading {role}", 0, 0)
+        rm = self.model(role, cfg)
+        metrics: dict[str, float] = {"n_seeds": len(train)}
+
+        def step(done: int, of: int) -> None:
+            report(f"training {role}", done, of)
+
+        if role == Role.RATIONALE_MODEL:
+            examples = [rationale_model_example(rm.tokenizer, i) for i in train]
+            metrics.update(self._train(rm, examples, cfg, step).metrics())
+        else:
+            signal, label = self._signal_items(train)
+            scoring = f"scoring {role} on {len(signal)} {label} seeds"
+            report(scoring, 0, 0)
+            before = problem_nll(rm.model, rm.tokenizer, signal)
+            examples = [prompt_model_example(rm.tokenizer, i) for i in train]
+            metrics.update(self._train(rm, examples, cfg, step).metrics())
+            report(scoring, 0, 0)
+            metrics[f"{label}_problem_nll_before"] = before
+            metrics[f"{label}_problem_nll_after"] = problem_nll(rm.model, rm.tokenizer, signal)
+        return self._save(rm, "cold_start", metrics, [], parents)
 
     # -- one EM window ------------------------------------------------------------------------
 
@@ -406,7 +446,8 @@ class EMTrainer:
     def _discard_models(self) -> None:
         """After a failed window the models in memory may hold updates no checkpoint has: drop
         them, so the retry starts again from the newest checkpoints (what the ledger says)."""
-        self._models.clear()
+        for lineage in self.lineages.values():
+            lineage.discard()
 
     def _run_window(self, rationales: list[Rationale]) -> WindowResult:
         s = self.settings
@@ -449,37 +490,63 @@ class EMTrainer:
 
     def _e_step(self, window: Window) -> ModelUpdate | None:
         """q_φ learns to write the rationale that best explains each problem."""
+        if not window.train:
+            return None
+        with self.lineages[Role.RATIONALE_MODEL].training():
+            return self._e_step_trained(window)
+
+    def _e_step_trained(self, window: Window) -> ModelUpdate:
         s = self.settings
         rationales, best, train = window.rationales, window.best, window.train
-        if not train:
-            return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
         p = self.model(Role.PROMPT_MODEL, s.m_step)
         signal, label = self._signal_items(train)
         budget, batch = s.m_step.max_rationale_tokens, s.m_step.generation_batch_size
-        before = greedy_reward(q, p, signal, budget, batch)
-        loss = self._train(q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step)
-        after = greedy_reward(q, p, signal, budget, batch)
+        before, tokens_before = greedy_reward(q, p, signal, budget, batch)
+        losses = self._train(q, [rationale_model_example(q.tokenizer, i) for i in train], s.e_step)
+        after, tokens_after = greedy_reward(q, p, signal, budget, batch)
         rewards = [best[i.seed_id].reward for i in train]
         metrics = {
-            "train_loss": loss,
+            **losses.metrics(),
             "n_seeds": len(train),
             "n_rationales": len(rationales),
             "mean_best_reward": sum(rewards) / len(rewards),
             f"{label}_reward_before": before,
             f"{label}_reward_after": after,
+            # Lengths beside the rewards: best-of-K picking the shorter samples, or q_φ's
+            # rationales shrinking while the reward rises, is "shorter", not "better".
+            "mean_best_rationale_tokens": rationale_tokens(
+                q.tokenizer, [i.rationale for i in train]
+            ),
+            "mean_sampled_rationale_tokens": rationale_tokens(
+                q.tokenizer, [r.text for r in rationales]
+            ),
+            f"{label}_rationale_tokens_before": tokens_before,
+            f"{label}_rationale_tokens_after": tokens_after,
         }
         parents = [best[i.seed_id].id for i in train]
-        log.info("E-step: %d seeds, %s reward %.3f -> %.3f", len(train), label, before, after)
+        log.info(
+            "E-step: %d seeds, %s reward %.3f -> %.3f, rationale %.1f -> %.1f tokens",
+            len(train),
+            label,
+            before,
+            after,
+            tokens_before,
+            tokens_after,
+        )
         return self._save(q, "e_step", metrics, [r.id for r in rationales], parents)
 
     def _m_step(self, window: Window) -> ModelUpdate | None:
         """p_θ learns c -> (z, x) with z from the updated q_φ (greedy). A seed whose decode does
         not parse keeps its best-of-K z: the sampled z is still a valid rationale."""
+        if not window.train:
+            return None
+        with self.lineages[Role.PROMPT_MODEL].training():
+            return self._m_step_trained(window)
+
+    def _m_step_trained(self, window: Window) -> ModelUpdate:
         s = self.settings
         rationales, best, train = window.rationales, window.best, window.train
-        if not train:
-            return None
         q = self.model(Role.RATIONALE_MODEL, s.e_step)
         p = self.model(Role.PROMPT_MODEL, s.m_step)
         decoded = greedy_rationales(
@@ -495,13 +562,16 @@ class EMTrainer:
         # The same on the window's own (c, z, x): falling while the held-out NLL rises is
         # p_θ fitting the seeds it revisits epoch after epoch, not learning the task.
         fit_before = problem_nll(p.model, p.tokenizer, m_items)
-        loss = self._train(p, [prompt_model_example(p.tokenizer, i) for i in m_items], s.m_step)
+        losses = self._train(p, [prompt_model_example(p.tokenizer, i) for i in m_items], s.m_step)
         after = problem_nll(p.model, p.tokenizer, signal)
         metrics = {
-            "train_loss": loss,
+            **losses.metrics(),
             "n_seeds": len(train),
             "n_heldout": len(signal) if label == "heldout" else 0,
             "greedy_fallbacks": sum(z is None for z in decoded),
+            "mean_decoded_rationale_tokens": rationale_tokens(
+                p.tokenizer, [i.rationale for i in m_items]
+            ),
             f"{label}_problem_nll_before": before,
             f"{label}_problem_nll_after": after,
             "window_problem_nll_before": fit_before,

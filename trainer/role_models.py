@@ -26,6 +26,9 @@ class RoleModel:
     tokenizer: Any
     base_path: str  # the full model folder LoRA adapters sit on
     checkpoint: Checkpoint | None = None  # None: still the base weights
+    # The role's optimiser (trainer/engine.py, RoleOptimizer): taken back from the checkpoint
+    # on first training, saved with every version.
+    optimizer: Any = None
 
     @property
     def version_string(self) -> str:
@@ -72,7 +75,7 @@ def load_role_model(
 ) -> RoleModel:
     """The newest checkpoint of ``role`` if there is one (a restarted trainer resumes), else the
     base folder; wrapped in a fresh LoRA adapter when ``use_lora`` and it has none yet; on the
-    training device, so scoring and decoding run where the HF Trainer trains.
+    training device, so scoring and decoding run where training runs.
 
     With LoRA the adapter trains on the process's one frozen copy of the base, the copy the
     served roles and the other trainers use too (llm/shared_base.py): a trainable copy costs its
@@ -80,7 +83,7 @@ def load_role_model(
 
     Weights that train stay float32 (bf16 master weights would round EM-sized updates, lr 2e-6,
     away); ``dtype`` bfloat16 loads a frozen LoRA base (``use_lora``) in bf16 and trains under
-    bf16 autocast (trainer/sft.py)."""
+    bf16 autocast (trainer/engine.py)."""
     from transformers import AutoTokenizer
 
     from llm.shared_base import assert_frozen, private_model, role_model
@@ -119,11 +122,33 @@ def load_role_model(
     return RoleModel(role, model, tokenizer, base_path, ckpt)
 
 
+def load_frozen(path: str, dtype: str = "float32", device: str = "auto") -> Any:
+    """A model folder (or an adapter folder, merged onto the base it names) loaded for
+    inference only: in ``dtype``, frozen, in eval mode, on the training device (DPO's anchor
+    beside a fully fine-tuned policy: trainer/anchor.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llm.backends.base import adapter_base
+
+    base = adapter_base(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        base or path, dtype=getattr(torch, dtype), local_files_only=True
+    )
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    model.requires_grad_(False)
+    return model.to(training_device(device)).eval()
+
+
 def normalize_end_of_turn(tokenizer: Any) -> None:
-    """Make ``eos_token`` the chat end-of-turn token. TRL appends ``eos_token`` to every
-    completion, so it must be what ends an assistant turn; the SmolLM2 folder converted from
-    GGUF says ``<|im_start|>`` there, which would teach the model to open a new turn instead of
-    closing its own. Saved checkpoints carry the corrected tokenizer."""
+    """Make ``eos_token`` the chat end-of-turn token. Training appends ``eos_token`` to every
+    completion (trainer/engine.py, ``with_eos``), so it must be what ends an assistant turn;
+    the SmolLM2 folder converted from GGUF says ``<|im_start|>`` there, which would teach the
+    model to open a new turn instead of closing its own. Saved checkpoints carry the corrected
+    tokenizer."""
     im_end = "<|im_end|>"
     if im_end in tokenizer.get_vocab() and tokenizer.eos_token != im_end:
         log.info("tokenizer eos_token %r -> %r (ChatML end of turn)", tokenizer.eos_token, im_end)
@@ -170,16 +195,27 @@ def save_role_model(
     metrics: dict[str, float] | None = None,
     trained_ids: list[str] | None = None,
     parent_ids: list[str] | None = None,
+    *,
+    manifest: dict[str, Any] | None = None,
+    save_optimizer: bool = True,
 ) -> Checkpoint:
     """Publish ``rm`` as the role's next version: a full HF folder, or an adapter folder whose
-    manifest names its base (backends load base + adapter)."""
+    manifest names its base (backends load base + adapter), with the role's optimiser state
+    beside the weights (``save_optimizer`` False: its step count only, no moments).
+    ``manifest`` adds keys to ``checkpoint.json``."""
     from peft import PeftModel
+
+    from trainer.engine import save_train_state
 
     is_adapter = isinstance(rm.model, PeftModel)
 
     def write(tmp: Path) -> None:
-        rm.model.save_pretrained(str(tmp))
+        if is_adapter:  # the trained adapter only, never a frozen one beside it (DPO's anchor)
+            rm.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        else:
+            rm.model.save_pretrained(str(tmp))
         rm.tokenizer.save_pretrained(str(tmp))
+        save_train_state(rm, tmp, save_optimizer)
 
     meta: dict[str, Any] = {
         "adapter": is_adapter,
@@ -190,6 +226,7 @@ def save_role_model(
         # (checkpoint written, offsets not yet committed) is recognised and not trained twice.
         "trained_ids": list(trained_ids or []),
         "parent_ids": list(parent_ids or []),
+        **(manifest or {}),
     }
     # Several processes training one model (data parallel): rank 0 writes the version, the
     # others wait for it and take it as theirs (docs/training.md, "Several GPUs").

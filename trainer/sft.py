@@ -1,171 +1,76 @@
-"""The Hugging Face / TRL plumbing every training step shares: training arguments, supervised
-fine-tuning on prompt/completion examples, and teacher-forced scoring with an in-memory model.
-
-TRL's SFTTrainer on prompt/completion datasets puts the loss on the completion only and handles
-token merges across the prompt/completion boundary. Its fixed cost is about a second per call
-(measured on the tiny test model), small next to a window of real training, so a hand-written
-loop would buy nothing. torch, transformers and trl are imported only when called.
+"""Supervised fine-tuning of an in-memory model on prompt/completion examples (the loss on the
+completion tokens only, each completion ending its turn), through the training engine
+(trainer/engine.py), and greedy decoding with an in-memory model. torch is imported when called.
 """
 
 from __future__ import annotations
 
-import math
-import tempfile
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from trainer.engine import (
+    Encoded,
+    EngineOptions,
+    StepReport,
+    WindowLosses,
+    completion_logps,
+    encode,
+    model_device,
+    pad_id,
+    train_steps,
+    with_eos,
+)
 from trainer.role_models import RoleModel
 from trainer.settings import StepConfig
 
-
-def model_device(model: Any) -> Any:
-    """The device a (peft-wrapped) model's weights are on: inputs go there."""
-    return next(model.parameters()).device
-
-
-def common_training_args(
-    cfg: StepConfig,
-    n_examples: int,
-    seed: int,
-    output_dir: str,
-    *,
-    model: Any,
-    dtype: str = "float32",
-) -> dict[str, Any]:
-    """TrainingArguments shared by SFT and DPO: on the model's own device (the trainer placed
-    it: trainer/role_models.py), bf16 autocast when ``dtype`` says so, no gradient checkpointing
-    (costs time and buys nothing at these sizes), no saving by the HF Trainer (checkpoints are
-    ours), and an accumulation that still steps on a tiny window."""
-    per_device = max(1, min(cfg.per_device_batch_size, n_examples))
-    accum = max(1, min(cfg.grad_accum, math.ceil(n_examples / per_device)))
-    return {
-        "output_dir": output_dir,
-        "use_cpu": model_device(model).type == "cpu",
-        "report_to": "none",
-        "bf16": dtype == "bfloat16",
-        "gradient_checkpointing": False,
-        "learning_rate": cfg.lr,
-        "per_device_train_batch_size": per_device,
-        "gradient_accumulation_steps": accum,
-        "num_train_epochs": cfg.epochs,
-        "warmup_steps": cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of all steps
-        "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm,
-        "save_strategy": "no",
-        "logging_strategy": "no",  # the mean loss comes back from train(); no log lines
-        "disable_tqdm": True,
-        "seed": seed,
-        "data_seed": seed,
-    }
+# (what is being done, done so far, of how many; 0: not known): how long work such as the cold
+# start reports its progress to whoever shows it (`up`'s console: promptcot/progress.py).
+Report = Callable[[str, int, int], None]
 
 
-# One HF/TRL training at a time in a process (`promptcot up` runs the em and dpo stages as
-# threads of one): every new TrainingArguments resets the accelerator state that is shared by
-# the whole process, under the feet of a training in progress, and TRL's lazily imported names
-# can fail to import from two threads at once.
-TRAINING_LOCK = threading.RLock()
+class SFTObjective:
+    """Mean NLL per completion token over a global batch."""
 
+    def __init__(self, encoded: list[Encoded], pad: int, chunk: int):
+        self.encoded = [e for e in encoded if e.n_target > 0]  # nothing left to learn from
+        self.pad, self.chunk = pad, chunk
 
-def quiet_datasets() -> None:
-    # Per-window dataset maps would otherwise print progress bars into the worker's log.
-    import datasets
+    def __len__(self) -> int:
+        return len(self.encoded)
 
-    datasets.disable_progress_bars()
+    def units(self, items: Sequence[int]) -> float:
+        return float(sum(self.encoded[i].n_target for i in items))
+
+    def loss(self, model: Any, items: Sequence[int]) -> Any:
+        batch = [self.encoded[i] for i in items]
+        sums, _ = completion_logps(model, batch, pad_id=self.pad, chunk=self.chunk)
+        return -sums.sum()
 
 
 def sft(
     rm: RoleModel,
     examples: list[dict[str, str]],
     cfg: StepConfig,
-    seed: int = 0,
-    dtype: str = "float32",
-) -> float:
-    """Fine-tune ``rm.model`` in place on prompt/completion examples; returns the mean training
-    loss. The completion-only loss is TRL's default for prompt/completion data."""
-    with TRAINING_LOCK:
-        return _sft(rm, examples, cfg, seed, dtype)
-
-
-def _sft(
-    rm: RoleModel, examples: list[dict[str, str]], cfg: StepConfig, seed: int, dtype: str
-) -> float:
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    quiet_datasets()
-    with tempfile.TemporaryDirectory(prefix="promptcot-sft-") as out:
-        args = SFTConfig(
-            **common_training_args(cfg, len(examples), seed, out, model=rm.model, dtype=dtype),
-            max_length=cfg.max_seq_len,
-            completion_only_loss=True,
-            dataset_num_proc=None,
-        )
-        trainer = SFTTrainer(
-            model=rm.model,
-            args=args,
-            train_dataset=Dataset.from_list(examples),
-            processing_class=rm.tokenizer,
-        )
-        result = trainer.train()
-    rm.model.eval()
-    return float(result.training_loss)
+    options: EngineOptions | None = None,
+    on_step: StepReport | None = None,
+) -> WindowLosses:
+    """Fine-tune ``rm.model`` in place on prompt/completion examples, a window of optimiser
+    steps of the role's own optimiser; returns each step's loss. ``on_step`` hears of each
+    optimiser step."""
+    options = options or EngineOptions()
+    tok = rm.tokenizer
+    encoded = [
+        encode(tok, ex["prompt"], with_eos(tok, ex["completion"]), cfg.max_seq_len)
+        for ex in examples
+    ]
+    objective = SFTObjective(encoded, pad_id(tok), options.chunk_tokens)
+    return train_steps(rm, objective, cfg, options, on_step)
 
 
 def torch_module():
     import torch
 
     return torch
-
-
-def continuation_nll(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    continuations: Sequence[str],
-    batch_size: int = 8,
-) -> tuple[float, int]:
-    """(summed NLL, token count) of the continuations given their prompts, teacher-forced.
-    A token straddling the boundary counts as continuation (as in the backends' score())."""
-    from llm.backends.base import continuation_span
-
-    torch = torch_module()
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                ps = prompts[start : start + batch_size]
-                cs = continuations[start : start + batch_size]
-                enc = [
-                    tokenizer(p + c, add_special_tokens=False, return_offsets_mapping=True)
-                    for p, c in zip(ps, cs)
-                ]
-                width = max(len(e["input_ids"]) for e in enc)
-                ids = torch.full((len(enc), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(enc), width), dtype=torch.long)
-                for row, e in enumerate(enc):
-                    ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-                    mask[row, : len(e["input_ids"])] = 1
-                ids, mask = ids.to(device), mask.to(device)
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
-                for row, (e, p) in enumerate(zip(enc, ps)):
-                    first = max(
-                        1, continuation_span([tuple(o) for o in e["offset_mapping"]], len(p))
-                    )
-                    n = len(e["input_ids"])
-                    if first >= n:
-                        continue
-                    total -= float(picked[row, first - 1 : n - 1].sum())
-                    count += n - first
-    finally:
-        model.train(was_training)
-    return total, count
 
 
 def greedy_decode(

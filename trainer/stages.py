@@ -1,11 +1,13 @@
 """The trainer as stages: windows of rationales -> E-step + M-step -> model updates (and the
 window's seeds sent round again for the next epoch); windows of preference pairs -> DPO -> a
-solver update. Every process serving a role follows the updates (workers/reload.py).
+solver update; windows of verified traces -> SFT -> a solver update (DPO and SFT train one solver
+lineage: trainer/solver.py). Every process serving a role follows the updates
+(workers/reload.py).
 
 Windows are the runtime's micro-batches; these stages get long ones (``settings.stages``, sized
 by the trainer profile), or a trickle of records would arrive in windows too small to train on.
 A window under ``min_records`` trains nothing (its seeds still go round again; the rule is the
-trainer's: trainer/em.py, trainer/dpo.py). ``process`` is
+trainer's: trainer/em.py, trainer/solver.py). ``process`` is
 idempotent: a window redelivered after a crash trains only what it had not finished and announces
 every version it produced (trainer/em.py). A training error raises: the runtime retries the
 window, and dead-letters it if it keeps failing. Models load on first use, in the worker thread,
@@ -18,14 +20,14 @@ import logging
 from typing import TypeVar
 
 from llm.roles import Role, model_path_for
-from streams.records import ModelUpdate, PreferencePair, Rationale
-from streams.topics import MODELS, PAIRS, RATIONALES, SEEDS_ANNOTATED
+from streams.records import ModelUpdate, PreferencePair, Rationale, SolverTrace
+from streams.topics import MODELS, PAIRS, RATIONALES, SEEDS_ANNOTATED, TRACES
 from trainer.coldstart import ColdStartData, cold_start, on_first_start
 from trainer.settings import TrainerSettings
 from workers.stage import Emit, Stage
 
 log = logging.getLogger(__name__)
-In = TypeVar("In", PreferencePair, Rationale)
+In = TypeVar("In", PreferencePair, Rationale, SolverTrace)
 
 
 class _TrainerStage(Stage[In]):
@@ -93,11 +95,33 @@ def _log_annotated(data: ColdStartData) -> None:
     )
 
 
-class DPOStage(_TrainerStage[PreferencePair]):
+class _SolverStage(_TrainerStage[In]):
+    """A window of records that trains the solver (trainer/solver.py)."""
+
+    step = ""
+
+    def enabled(self) -> bool:
+        return self.trainer_cfg.enabled and getattr(self.trainer_cfg, self.step).enabled
+
+    def process(self, records: list[In]) -> list[Emit]:
+        if not self.enabled():
+            log.info("%s: trainer disabled, %d records not trained on", self.name, len(records))
+            return []
+        self.ensure_ready()
+        # min_records is counted by the trainer on the fresh records (trainer/solver.py): a
+        # window redelivered after a crash re-announces its versions whatever its size.
+        result = self.trainer.run_window(records)
+        if result.skipped:
+            log.info("%s: %s", self.name, result.skipped)
+        return self._emit_updates(result.updates)
+
+
+class DPOStage(_SolverStage[PreferencePair]):
     """pairs -> models: DPO of the solver per window."""
 
     name = "dpo"
     input = PAIRS
+    step = "dpo"
 
     def setup(self) -> None:
         from trainer.dpo import DPOTrainerLoop
@@ -106,16 +130,17 @@ class DPOStage(_TrainerStage[PreferencePair]):
             self.trainer_cfg, model_path_for(self.settings.models, Role.SOLVER)
         )
 
-    def process(self, records: list[PreferencePair]) -> list[Emit]:
-        cfg = self.trainer_cfg
-        pairs = records
-        if not cfg.enabled or not cfg.dpo.enabled:
-            log.info("dpo: trainer disabled, %d pairs not trained on", len(pairs))
-            return []
-        self.ensure_ready()
-        # min_records is counted by the trainer on the fresh pairs (trainer/dpo.py): a window
-        # redelivered after a crash re-announces its versions whatever its size.
-        result = self.trainer.run_window(pairs)
-        if result.skipped:
-            log.info("dpo: %s", result.skipped)
-        return self._emit_updates(result.updates)
+
+class SolverSFTStage(_SolverStage[SolverTrace]):
+    """traces -> models: SFT of the solver per window, on the lineage DPO trains too."""
+
+    name = "sft"
+    input = TRACES
+    step = "sft"
+
+    def setup(self) -> None:
+        from trainer.traces import SolverSFTLoop
+
+        self.trainer = SolverSFTLoop(
+            self.trainer_cfg, model_path_for(self.settings.models, Role.SOLVER)
+        )

@@ -76,11 +76,14 @@ def publish_metrics(update: ModelUpdate) -> None:
         metrics.TRAINER_LOSS.labels(role=role, step=update.step).set(m["train_loss"])
     # The held-out gauges carry held-out figures only: a window measured on its training items
     # (no held-out pool yet) would make the series jump between two different measurements.
-    if "heldout_problem_nll_after" in m:
-        metrics.TRAINER_HELDOUT_NLL.labels(role=role).set(m["heldout_problem_nll_after"])
+    for key in ("heldout_problem_nll_after", "heldout_trace_nll_after"):
+        if key in m:
+            metrics.TRAINER_HELDOUT_NLL.labels(role=role).set(m[key])
     for key in ("heldout_reward_after", "train_reward_after", "mean_best_reward"):
         if key in m:
             metrics.TRAINER_REWARD.labels(role=role).set(m[key])
             break
+    if "heldout_rationale_tokens_after" in m:
+        metrics.TRAINER_RATIONALE_TOKENS.labels(role=role).set(m["heldout_rationale_tokens_after"])
     if "heldout_margin_after" in m:
         metrics.TRAINER_MARGIN.labels(role=role).set(m["heldout_margin_after"])

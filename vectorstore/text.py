@@ -17,14 +17,25 @@ import unicodedata
 
 _CHATML_TAG = re.compile(r"<\|im_(?:start|end)\|>(?:system|user|assistant)?\n?")
 _THINK_OPEN = re.compile(r"<think>\s*$")
-# Fixed wrappers of the benchmark prompts (PromptCoT 2.0 evaluation sets).
+# Fixed wrappers of the benchmark prompts (PromptCoT 2.0 evaluation sets). Problems are model
+# text: a run of white space may start a match only where it starts ((?<!\s)), and is crossed
+# possessively (*+), or the engine rescans the run from each of its characters, quadratic in a
+# problem of 200 KB of newlines (issue 21). A match may so take the spaces before the line
+# break too; clean_problem_text strips them anyway.
 _CODE_PREAMBLE = re.compile(
-    r"^\s*You will be given a question \(problem specification\).*?\n\s*Question:\s*", re.DOTALL
+    r"^\s*You will be given a question \(problem specification\)(?:.*?(?<!\s))?"
+    r"[^\S\n]*+\n\s*+Question:\s*+",
+    re.DOTALL,
 )
-_CODE_TRAILER = re.compile(r"\n\s*Read the inputs from stdin solve the problem.*\Z", re.DOTALL)
-_CODE_FORMAT_TRAILER = re.compile(r"\n\s*You will use the following starter code.*\Z", re.DOTALL)
+_CODE_TRAILER = re.compile(
+    r"(?<!\s)[^\S\n]*+\n\s*+Read the inputs from stdin solve the problem.*\Z", re.DOTALL
+)
+_CODE_FORMAT_TRAILER = re.compile(
+    r"(?<!\s)[^\S\n]*+\n\s*+You will use the following starter code.*\Z", re.DOTALL
+)
 _MATH_TRAILER = re.compile(
-    r"\s*Please reason step by step, and put your final answer within \\boxed\{\}\.?\s*\Z"
+    r"(?<!\s)\s*+Please reason step by step, and put your final answer within \\boxed\{\}\.?"
+    r"\s*\Z"
 )
 _WHITESPACE = re.compile(r"\s+")
 

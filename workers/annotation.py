@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from llm.prompts import ParseError
 from streams.records import SeedProblem
 from workers.lexicon import annotate_with_lexicon
+from workers.seeds import gsm8k_final_answer
 
 ANNOTATOR = "lexicon+solution"  # AnnotatedSeed.annotator of seeds annotated here
 
@@ -36,6 +37,16 @@ def solution_steps(solution: str) -> list[str]:
         if text:
             steps.append(text)
     return steps
+
+
+def solver_gold_solution(solution: str) -> str:
+    """A GSM8K worked solution in the format the solver is asked for (llm/prompts.py
+    ``SOLVER_MATH``: the final answer as ``\\boxed{...}`` on the last line): its steps as
+    ``solution_steps`` gives them (calculator annotations removed), then
+    ``The answer is \\boxed{N}.`` with N the number after ``####``. Evaluation scores these gold
+    solutions (trainer/evaluate.py); training on GSM8K solutions uses the same text."""
+    steps = solution_steps(solution)
+    return "\n".join([*steps, f"The answer is \\boxed{{{gsm8k_final_answer(solution)}}}."])
 
 
 def solution_rationale(

@@ -26,6 +26,7 @@ from llm.backends.base import Backend
 from streams import memory, metrics, serde
 from streams.records import ModelUpdate
 from streams.topics import MODELS
+from workers.backoff import Backoff
 
 if TYPE_CHECKING:
     from promptcot.settings import Settings
@@ -106,18 +107,18 @@ class ModelFollower:
     async def _follow(self) -> None:
         """Follow the topic for the life of the process: a broker that is away or a failing
         read is retried with backoff (updates already applied are ignored when read again)."""
-        backoff = 1.0
+        delays = Backoff(1.0, 60.0)
         while True:
+            delay = delays.next()
             try:
                 await self._follow_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception(
-                    "reload: following the models topic failed; retrying in %.0f s", backoff
+                    "reload: following the models topic failed; retrying in %.0f s", delay
                 )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 60.0)
+            await asyncio.sleep(delay)
 
     async def _follow_once(self) -> None:
         from aiokafka import AIOKafkaConsumer, TopicPartition

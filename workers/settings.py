@@ -1,8 +1,8 @@
 """Settings sections of the workers: how each stage runs, what it samples, how it verifies.
 
 The root settings (promptcot/settings.py) compose these under their section names: ``sampler``,
-``generation``, ``verify``, ``pairs``, ``rationale``, ``annotate``, ``sink``, ``concepts``;
-``models`` (one backend per role) lives with the roles in llm/roles.py.
+``generation``, ``verify``, ``pairs``, ``traces``, ``rationale``, ``annotate``, ``sink``,
+``concepts``; ``models`` (one backend per role) lives with the roles in llm/roles.py.
 """
 
 from __future__ import annotations
@@ -16,6 +16,18 @@ from streams.settings import Section
 from verification.mathcheck import MathCheckSettings
 from verification.sandbox import SandboxSettings
 
+# The difficulty level each shipped seed corpus is written at. Annotated seeds carry it
+# (AnnotatedSeed.difficulty, set by the annotate stage), so every prompt p_θ is trained or scored
+# on names the level of the problem it is shown (the cold start, the E-step's scoring and the
+# M-step's targets alike).
+SEED_LEVELS: dict[str, str] = {"gsm8k": "grade school", "codeforces": "codeforces"}
+# The sampler's ladders (concepts.difficulty_ladders) per trainer profile (trainer/settings.py,
+# PROFILE_CONCEPTS): the cpu profile asks p_θ for the levels of the seeds it learns from, the gpu
+# profile for the paper's competition levels.
+SEED_LADDERS: dict[str, list[str]] = {
+    "math": [SEED_LEVELS["gsm8k"]],
+    "code": [SEED_LEVELS["codeforces"]],
+}
 MATH_LADDER = ["AMC12", "HMMT-Nov", "HMMT-Feb", "AIME", "USAJMO", "USAMO"]
 # The shipped Codeforces seeds carry no ratings: rating buckets 400 apart (Div. 2 B up to Div. 1
 # D) tell the prompt model more than upstream's single "codeforces" label.
@@ -28,8 +40,17 @@ CODE_LADDER = [
 ]
 
 
+# Decode budget of a rationale (p_θ's, q_φ's samples, the M-step's greedy decode), in tokens: the
+# cold-start rationales (workers/annotation.py) run 57-208 SmolLM2 tokens with their closing
+# delimiter over all of GSM8K train, 105-168 on the cpu held-out pool (`python -m bench --case
+# budgets`). A budget under them truncates samples, and truncated samples are dropped: best-of-K
+# then selects for short rationales, and a designer cut off before "so the answer is N" states
+# no answer. Above the longest, so none is cut.
+RATIONALE_TOKENS = 224
+
+
 class StageRuntime(Section):
-    """Micro-batching and parallelism of one stage (workers/runtime.py): take up to batch_size
+    """Micro-batching and parallelism of one stage (workers/agent.py): take up to batch_size
     records or wait batch_within_s, keep up to in_flight records in process at once."""
 
     batch_size: int = Field(8, ge=1)
@@ -110,7 +131,7 @@ class GenerationSettings(Section):
 
     temperature: float = 0.8
     top_p: float = 0.95
-    max_rationale_tokens: int = 160
+    max_rationale_tokens: int = RATIONALE_TOKENS
     max_problem_tokens: int = 160
 
 
@@ -123,6 +144,13 @@ class VerifySettings(Section):
     min_pass_rate: float = 0.0  # exclusive
     max_pass_rate: float = 0.5  # inclusive
     test_rounds: int = 4  # code: test-writer calls per problem
+    # Math with a teacher (verify.math.reference "teacher", or "auto" with models.teacher set):
+    # the teacher's rollouts per problem; their majority is the reference.
+    teacher_rollouts: int = Field(4, ge=1)
+    teacher_temperature: float = 0.7
+    teacher_max_tokens: int = Field(1024, ge=1)
+    # Drift gauges (streams/metrics.py): measured over the last this-many accepted problems.
+    drift_window: int = Field(64, ge=2)
     math: MathCheckSettings = Field(default_factory=MathCheckSettings)
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
 
@@ -131,12 +159,18 @@ class PairSettings(Section):
     max_pairs_per_problem: int = 4
 
 
+class TraceSettings(Section):
+    """Verified solutions for solver SFT (workers/stages/traces.py)."""
+
+    max_solver_traces_per_problem: int = Field(4, ge=0)
+
+
 class RationaleSettings(Section):
     """E-step sampling: K rationales per seed from q_φ, scored by p_θ."""
 
     samples: int = 8
     temperature: float = 1.0
-    max_tokens: int = 192
+    max_tokens: int = RATIONALE_TOKENS
 
 
 class AnnotateSettings(Section):

@@ -1,5 +1,5 @@
 """What a stage is: a small declared class with an input topic, output topics, record types and
-one pure ``process`` method. The Faust agent around it (workers/runtime.py) is thin: it decodes
+one pure ``process`` method. The Faust agent around it (workers/agent.py) is thin: it decodes
 the input topic's record type, so ``process`` receives typed records, and every stage is tested
 without Kafka by calling ``process`` directly.
 

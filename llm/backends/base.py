@@ -17,6 +17,8 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from llm.prompts import chatml
+from streams import metrics
+from streams.serde import valid_text
 from streams.settings import Section
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +73,15 @@ class Completion:
     n_completion_tokens: int
     finish_reason: Literal["stop", "length", "error"]
     error: str | None = None
+
+    def __post_init__(self) -> None:
+        # Model text is valid UTF-8 from here on, whatever the backend: a server may send a lone
+        # surrogate (byte-level decoding cut inside a character), which no record could carry
+        # (docs/runtime.md). Every backend builds its completions here: one place.
+        text, replaced = valid_text(self.text)
+        if replaced:
+            object.__setattr__(self, "text", text)
+            metrics.MODEL_TEXT_REPLACED.inc(replaced)
 
     @property
     def ok(self) -> bool:

@@ -161,12 +161,20 @@ PANELS = [
         "(rationale_model). DPO: chosen minus rejected log-likelihood on held-out pairs (solver).",
     ),
     panel(
+        "q_φ rationale length (tokens)",
+        {"{{role}}": "max by (role) (promptcot_trainer_rationale_tokens)"},
+        w=8,
+        description="Mean length of q_φ's greedy rationales on held-out seeds after each "
+        "E-step, beside its reward: a reward that rises as rationales shrink is 'shorter', "
+        "not 'better'.",
+    ),
+    panel(
         "Model version per role",
         {
             "{{role}} newest": "max by (role) (promptcot_model_version)",
             "{{role}} oldest served": "min by (role) (promptcot_model_version)",
         },
-        w=12,
+        w=8,
         description="newest: announced by the trainer; oldest served: the process furthest "
         "behind. Apart for long: a worker missed a reload (see its `reload:` log lines).",
     ),
@@ -174,7 +182,7 @@ PANELS = [
         "Solver accuracy per version (eval)",
         {"{{benchmark}} {{version}}": "max by (benchmark, version) (promptcot_eval_accuracy)"},
         unit="percentunit",
-        w=12,
+        w=8,
         description="Share of a fixed benchmark subset solved by each solver version "
         "(trainer.eval after DPO, or `promptcot eval`); it should not fall below the base.",
     ),
@@ -221,6 +229,33 @@ PANELS = [
         {
             "{{measure}}": "avg by (measure) (promptcot_diversity)",
         },
+    ),
+    row("Drift of verified problems"),
+    panel(
+        "Diversity of verified problems",
+        {"{{domain}}": "avg by (domain) (promptcot_accepted_diversity)"},
+        w=8,
+        description="Mean pairwise distance of the last verify.drift_window accepted problems "
+        "(hashed word bigrams; 0 = all alike). PromptCoTDiversityFalling fires when it has "
+        "fallen for an hour.",
+    ),
+    panel(
+        "Length of verified problems (words)",
+        {"{{domain}}": "avg by (domain) (promptcot_accepted_mean_words)"},
+        w=8,
+        description="Long self-play runs are reported to drift towards artificially long problems.",
+    ),
+    panel(
+        "Trivial answers; designer-solver agreement",
+        {
+            "trivial or copied {{domain}}": "avg by (domain) "
+            "(promptcot_accepted_trivial_answer_share)",
+            "designer agrees {{domain}}": "avg by (domain) (promptcot_accepted_designer_agreement)",
+        },
+        unit="percentunit",
+        w=8,
+        description="Share of the last accepted problems whose reference is 0, 1 or a number "
+        "the problem states; share whose solver plurality agrees with the designer's answer.",
     ),
 ]
 

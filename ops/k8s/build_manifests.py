@@ -167,6 +167,7 @@ STAGES = {
     "generate": (4, "p_θ writes candidates through vllm-prompt-model; scale with its GPUs"),
     "verify": (4, "solver rollouts and sandboxed tests: the most work per record"),
     "pairs": (1, "preference pairs from verdicts: cheap"),
+    "traces": (1, "verified solutions from verdicts, for solver SFT: cheap"),
     "sink": (1, "problems topic + Parquet; idempotent by id"),
 }
 
@@ -258,10 +259,12 @@ def headless_service(name: str) -> dict:
 
 
 def trainer() -> list[dict]:
-    """One em and one dpo, each on a GPU: one writer of checkpoints per role. The trainer loads
-    the base weights itself (models.*.kind transformers on cuda), from the models volume."""
+    """One em, one dpo and one sft, each on a GPU: em writes p_θ's and q_φ's checkpoints, dpo
+    and sft take turns writing the solver's (a lock file in its checkpoint folder). The trainer
+    loads the base weights itself (models.*.kind transformers on cuda), from the models
+    volume."""
     out = []
-    roles = {"em": ("prompt_model", "rationale_model"), "dpo": ("solver",)}
+    roles = {"em": ("prompt_model", "rationale_model"), "dpo": ("solver",), "sft": ("solver",)}
     for stage, stage_roles in roles.items():
         env = {"PROMPTCOT_METRICS__STALL_AFTER_S": "7200"}  # windows are long by design
         for role in stage_roles:
@@ -484,7 +487,7 @@ FILES = {
     ),
     "40-stages.yaml": ("one Deployment per stage, on CPU nodes", stages),
     "50-filter.yaml": ("the dedup owner and its standby", filter_statefulsets),
-    "60-trainer.yaml": ("the trainer (em, dpo), on GPUs", trainer),
+    "60-trainer.yaml": ("the trainer (em, dpo, sft), on GPUs", trainer),
 }
 
 

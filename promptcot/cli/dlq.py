@@ -4,12 +4,15 @@ fix (streams/deadletters.py; each dead letter at most once)."""
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from promptcot.cli.app import BootstrapOpt, ConfigOpt, app, console, load, require_cluster
+
+if TYPE_CHECKING:
+    from streams.records import DeadLetter
 
 dlq_app = typer.Typer(help="Dead letters: count, show, replay after a fix.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
@@ -20,20 +23,21 @@ SHOW_BYTES = 4000  # of a payload shown; the rest is summarized
 @dlq_app.command("counts")
 def dlq_counts(config: ConfigOpt = None, bootstrap: BootstrapOpt = None) -> None:
     """Dead letters by source topic and reason, with how many were replayed."""
-    from streams.deadletters import coordinates, counts, dead_letters, replays
+    from streams.deadletters import coordinates, counts, dead_letters, replayed_copies, replays
 
     settings = load(config, bootstrap)
     where = require_cluster(settings)
     letters = dead_letters(settings.kafka, where)
     done = replays(settings.kafka, where)
     replayed = counts(letter for letter in letters if coordinates(letter) in done)
+    again = {coordinates(d) for d in letters} & replayed_copies(done)
     table = Table("source topic", "reason", "dead letters", "replayed")
     for (topic, reason), n in sorted(counts(letters).items()):
         table.add_row(topic, reason, str(n), str(replayed[(topic, reason)]))
     console.print(table)
     console.print(
         f"{len(letters)} dead letters of {len({coordinates(d) for d in letters})} source "
-        f"records, {len(done)} replayed"
+        f"records, {len(done)} replayed, {len(again)} failed again after a replay"
     )
 
 
@@ -92,6 +96,12 @@ def dlq_replay(
         list[str] | None, typer.Option("--id", help="Only these dead letter ids (repeatable).")
     ] = None,
     replay_all: Annotated[bool, typer.Option("--all", help="Every dead letter.")] = False,
+    again: Annotated[
+        bool,
+        typer.Option(
+            "--again", help="Also replayed copies that failed again (held back by default)."
+        ),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option(help="Say what would be replayed, send nothing.")
     ] = False,
@@ -100,9 +110,11 @@ def dlq_replay(
 ) -> None:
     """Send a selection of dead letters back to their source topic (after a fix), each source
     record at most once; the bytes come from the source topic at the dead letter's coordinates
-    (the dead letter's own copy if they are gone and it is whole)."""
+    (the dead letter's own copy if they are gone and it is whole). A replayed copy that failed
+    again is held back unless --again; a record that cannot be sent is reported and skipped,
+    the rest still go (exit code 1 then)."""
     from streams.clients import resolve_topic
-    from streams.deadletters import Selection, coordinates, dead_letters, plans, replay, replays
+    from streams.deadletters import Selection, choose, dead_letters, plans, replay, replays
 
     if not (reason or topic or ids or replay_all):
         raise typer.BadParameter("choose what to replay: --reason, --topic, --id or --all")
@@ -111,19 +123,37 @@ def dlq_replay(
     where = require_cluster(settings)
     selection = Selection(reason, source, frozenset(ids) if ids else None)
     done = replays(settings.kafka, where)
-    chosen = [d for d in dead_letters(settings.kafka, where) if selection.matches(d)]
-    fresh = [d for d in chosen if coordinates(d) not in done]
-    to_send = plans(settings.kafka, where, fresh)
-    for p in to_send:
-        origin = p.bytes_from.replace("_", " ")
+    choice = choose(dead_letters(settings.kafka, where), done, selection, again)
+    to_send, unsent = plans(settings.kafka, where, choice.fresh)
+    sent = to_send
+    if not dry_run:
+        replayed, refused = replay(settings.kafka, where, to_send)
+        unsent += refused
+        landed = {r.dead_letter_ids[0] for r in replayed}
+        sent = [p for p in to_send if p.first.id in landed]
+    for p in sent:
         console.print(
-            f"{'would replay' if dry_run else 'replay'} {p.first.source_topic}[{p.first.partition}]"
-            f"@{p.first.offset} ({p.first.reason}; {len(p.letters)} dead letter(s)), "
-            f"{len(p.payload):,} bytes from the {origin}",
+            f"{'would replay' if dry_run else 'replayed'} {where_of(p.first)} ({p.first.reason}; "
+            f"{len(p.letters)} dead letter(s)), {len(p.payload):,} bytes from the "
+            f"{p.bytes_from.replace('_', ' ')}",
             highlight=False,
         )
-    if not dry_run:
-        replay(settings.kafka, where, to_send)
-    skipped = len({coordinates(d) for d in chosen}) - len(to_send)
-    verb = "would replay" if dry_run else "replayed"
-    console.print(f"{verb} {len(to_send)} records; {skipped} replayed before")
+    for u in unsent:
+        console.print(
+            f"[red]not sent[/] {where_of(u.first)} ({u.first.reason}): {u.why}", highlight=False
+        )
+    summary = f"{len(sent)} records; {choice.replayed_before} replayed before"
+    if unsent:
+        summary += f"; {len(unsent)} not sent"
+    if choice.failed_again:
+        summary += (
+            f"; {choice.failed_again} failed again after a replay (held back: --again replays them)"
+        )
+    console.print(f"{'would replay' if dry_run else 'replayed'} {summary}", highlight=False)
+    if unsent:
+        raise typer.Exit(1)
+
+
+def where_of(letter: DeadLetter) -> str:
+    """A dead letter's source record as topic[partition]@offset."""
+    return f"{letter.source_topic}[{letter.partition}]@{letter.offset}"

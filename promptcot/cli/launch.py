@@ -84,6 +84,7 @@ def up(
     from promptcot.carryover import carried_over
     from promptcot.cli.supervise import Supervisor
     from promptcot.progress import FactoryProgress
+    from promptcot.runlog import quiet_progress_bars
     from streams import health
     from streams.cluster import Cluster
     from workers.runtime import run_stages
@@ -93,6 +94,7 @@ def up(
     # Whatever stops the run, the broker closes and an --ephemeral run's scratch folder goes.
     try:
         settings = load(config, bootstrap, **(ephemeral_overrides(scratch) if scratch else {}))
+        quiet_progress_bars()  # model loads would print theirs into the live table
         names = stage_names(stages, train)
         limit_s = parse_duration(duration)
         # The time limit counts the cold start too.
@@ -180,6 +182,10 @@ def cold_start_first(settings, bootstrap: str) -> None:
     """The paper's cold start before anything generates, when p_θ or q_φ has no checkpoint yet
     (the em stage would run it too, but in one process it would share the CPU with every other
     stage, and generation would meanwhile run on the base model). Announced on the models topic."""
+    import logging
+
+    from promptcot.progress import ColdStartBar
+    from promptcot.runlog import details_to, quiet_progress_bars
     from streams.clients import publish
     from streams.topics import MODELS
     from trainer.coldstart import cold_start, on_first_start
@@ -189,14 +195,24 @@ def cold_start_first(settings, bootstrap: str) -> None:
     if not on_first_start(cfg):
         return
     trainer = EMTrainer.on_models(cfg, settings.models)
-    n = cfg.cold_start.seeds
-    try:
-        with console.status(f"cold start: annotating {n} seeds, training p_θ and q_φ on them..."):
-            done = cold_start(settings, trainer)
-    except Exception as e:  # noqa: BLE001  (as the em stage: the loop runs from the base models)
-        message = f"{type(e).__name__}: {e}".splitlines()[0]
+    if not trainer.needs_cold_start():
+        return
+    quiet_progress_bars()
+    log = Path(settings.sink.output_dir) / "logs" / "cold-start.log"
+    # The console shows one bar; what Hugging Face and the trainer say goes to the log.
+    with details_to(log), ColdStartBar(console) as bar:
+        try:
+            done = cold_start(settings, trainer, report=bar)
+        except Exception as e:  # noqa: BLE001 (as the em stage: the loop runs from the base models)
+            # to the log only (a warning): the console's line below is the one line it gets
+            logging.getLogger(__name__).warning("the cold start failed", exc_info=True)
+            failure = f"{type(e).__name__}: {e}".splitlines()[0]
+        else:
+            failure = None
+    if failure is not None:
         console.print(
-            f"[yellow]the cold start failed ({message}); EM starts from the base models[/]",
+            f"[yellow]the cold start failed ({failure}); EM starts from the base models[/] "
+            f"(details: {log})",
             highlight=False,
             soft_wrap=True,
         )
@@ -207,6 +223,8 @@ def cold_start_first(settings, bootstrap: str) -> None:
     console.print(
         f"cold start on {len(done.data.seeds)} annotated seeds: "
         + ", ".join(u.version for u in done.updates)
+        + f" (details: {log})",
+        highlight=False,
     )
 
 

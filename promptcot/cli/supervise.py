@@ -28,6 +28,7 @@ from streams.settings import KafkaSettings
 STOP_MARGIN_S = 8.0
 DEAD_CLUSTER_DEADLINE_S = 3.0  # nothing can drain into a dead broker: don't wait for it
 PROBE_EVERY_S = 5.0
+BROKER_CHECK_EVERY_S = 1.0  # a look at the embedded broker's process: no request
 EXIT_CLUSTER_GONE = 3
 CLIENT_LOGGERS = ("aiokafka", "kafka", "faust", "mode")
 CONNECTION_WORDS = ("connect", "not ready", "closed")  # "connect call failed", "disconnected"
@@ -52,12 +53,14 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
 
     def watch(self, cluster: Cluster) -> None:
-        """Watch ``cluster`` from now on; a configured one is probed from a thread."""
+        """Watch ``cluster`` from now on, from a thread: a configured one is probed, an
+        embedded broker's process looked at. The thread stops the process even while the main
+        thread is held by a start-up step (`up`'s cold start runs before any stage)."""
         self.cluster = cluster
         for handler in logging.getLogger().handlers:
             handler.addFilter(self._client_errors)
-        if cluster.broker is None:
-            threading.Thread(target=self._probe_loop, daemon=True).start()
+        loop = self._probe_loop if cluster.broker is None else self._broker_loop
+        threading.Thread(target=loop, daemon=True).start()
 
     def attach(self, stop: asyncio.Event) -> None:
         """Inside the event loop: a stop sets ``stop`` (at once if one was asked for already)."""
@@ -126,6 +129,10 @@ class Supervisor:
             except ClusterUnreachable:
                 pass
             time.sleep(PROBE_EVERY_S)
+
+    def _broker_loop(self) -> None:
+        while not self._stopping and not self.check_cluster():
+            time.sleep(BROKER_CHECK_EVERY_S)
 
     def force(self) -> None:
         """End the process now: children first (the broker, its S3 server), then exit."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 
+from streams.serde import valid_text
+
 # --------------------------------------------------------------------------------------------
 # Extraction
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _MAX_BOX_ATTEMPTS = 16  # bounds work on enormous, brace-broken outputs
 _MAX_ANSWER_SCAN = 4096  # a boxed body longer than this is not a final answer
-_GSM8K_RE = re.compile(r"^[ \t]*####[ \t]*(.+?)[ \t]*$", re.MULTILINE)
 _FINAL_IS_RE = re.compile(
     r"(?:final answer|the answer)\s*(?:is\b\s*[:：]?|[:：=])[ \t]*([^\n]+)", re.IGNORECASE
 )
@@ -120,9 +121,11 @@ def extract_answer(completion: str) -> str | None:
         return boxed
     tail = completion.rstrip()
     last_line = tail[tail.rfind("\n") + 1 :]
-    gsm8k = _GSM8K_RE.match(last_line)
-    if gsm8k and _clean(gsm8k.group(1)):
-        return _clean(gsm8k.group(1))
+    # By hand, not ``####[ \t]*(.+?)[ \t]*$``: the lazy body retried the trailing-space run at
+    # every length, quadratic in a line of spaces (issue 21).
+    marked = last_line.strip(" \t")
+    if marked.startswith("####") and (found := _clean(marked[4:].strip(" \t"))):
+        return found
     for pattern in (_FINAL_IS_RE, _ANSWER_COLON_RE):
         last = None
         for last in pattern.finditer(completion):  # noqa: B007 - keep the last match
@@ -136,6 +139,9 @@ def extract_answer(completion: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Normalization
 
+# White space, less the control characters Python counts as space (\x0b, \x0c, \x1c-\x1f,
+# \x85): collapsing those to a space would make ``1\x1f2`` read as ``1 2``.
+_SPACES_RE = re.compile(r"[^\S\x0b\x0c\x1c-\x1f\x85]+")
 _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 PLAIN_NUMBER_RE = re.compile(r"^[+-]?\d+(?:\.\d+)?$")
 _MATH_WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
@@ -163,7 +169,7 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"\\[,!;:]|\\ ", " ", s)
     s = re.sub(r"\\left(?![a-zA-Z])|\\right(?![a-zA-Z])", "", s)
     s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
-    s = re.sub(r"\s+", " ", s).strip()
+    s = _SPACES_RE.sub(" ", s).strip()
     if s.endswith(".") and not s.endswith(".."):
         s = s[:-1].rstrip()
     if _THOUSANDS_RE.match(s):
@@ -171,7 +177,21 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
+# Characters no answer is written with: control characters (tab and line breaks aside) and
+# U+FFFD, what stands where a model server sent broken text. Never deleted (``1\x002`` is not
+# ``12``): an answer holding one equals only identical text and is no reference to ship.
+GARBLED_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
+
+
+def answer_key(answer: str) -> str:
+    """The text an answer is compared by: normalized, or, when it holds a garbled character, as
+    it is (normalizing strips white space, which to Python includes \x1c-\x1f: ``12\x1f``
+    would become ``12``)."""
+    text = as_text(answer)
+    return text if GARBLED_RE.search(text) else normalize_answer(text)
+
+
 def as_text(value: object) -> str:
-    """Answers come from model output: coerce, and drop lone surrogates / NULs math can't hold."""
-    text = value if isinstance(value, str) else str(value)
-    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+    """Answers come from model output: coerce, and make lone surrogates U+FFFD (no encoder takes
+    them); nothing is deleted, so no two different texts become one."""
+    return valid_text(value if isinstance(value, str) else str(value))[0]

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from fractions import Fraction
 from multiprocessing.connection import Connection
@@ -24,27 +25,35 @@ from typing import Self
 from cachetools import LRUCache
 
 from streams import metrics
-from verification.mathcheck.answers import PLAIN_NUMBER_RE, as_text, normalize_answer
+from verification.mathcheck.answers import GARBLED_RE, PLAIN_NUMBER_RE, answer_key
 from verification.mathcheck.settings import MathCheckSettings
 
 log = logging.getLogger(__name__)
 
 # How a check's verdict was reached (the outcome label of promptcot_math_oracle_calls_total):
-# normalized text or exact numbers, the cache, too long to parse, math-verify in the worker, or
-# "not equivalent" because the worker overran the timeout or died under the pair.
-TEXT, CACHE, TOO_LONG, MATH_VERIFY, TIMEOUT, CRASHED = (
-    "text",
-    "cache",
-    "too_long",
-    "math_verify",
-    "timeout",
-    "crashed",
-)
+# normalized text or exact numbers, the cache, too long to parse, garbled (a control character
+# or U+FFFD: identical text only), math-verify in the worker; or "not equivalent" because the
+# worker overran the timeout or died under the pair, because the pair shares an answer with one
+# that did in the same call (hostile), or because the vote's budget was spent.
+TEXT, CACHE, TOO_LONG, GARBLED, MATH_VERIFY = "text", "cache", "too_long", "garbled", "math_verify"
+TIMEOUT, CRASHED, HOSTILE, OVER_BUDGET = "timeout", "crashed", "hostile", "over_budget"
+_OUTCOMES = (TEXT, CACHE, TOO_LONG, GARBLED, MATH_VERIFY, TIMEOUT, CRASHED, HOSTILE, OVER_BUDGET)
+_OVERRUNS = (TIMEOUT, CRASHED)  # the worker is killed; the pair's answers are suspect
+_UNDECIDED = (HOSTILE, OVER_BUDGET)  # never asked: not cached
 # Children bound once: .labels() per check would cost more than a cache hit's lookup.
-_CALLS = {
-    outcome: metrics.MATH_ORACLE_CALLS.labels(outcome=outcome)
-    for outcome in (TEXT, CACHE, TOO_LONG, MATH_VERIFY, TIMEOUT, CRASHED)
-}
+_CALLS = {outcome: metrics.MATH_ORACLE_CALLS.labels(outcome=outcome) for outcome in _OUTCOMES}
+
+
+class Budget:
+    """Seconds of waiting for the worker that a group of checks (one vote) may still spend."""
+
+    def __init__(self, seconds: float) -> None:
+        self.left = seconds
+
+    @property
+    def spent(self) -> bool:
+        return self.left <= 0
+
 
 # --------------------------------------------------------------------------------------------
 # The exact fast path
@@ -180,8 +189,19 @@ class EquivalenceOracle:
     def equivalent(self, a: str, b: str) -> bool:
         return self.equivalent_many([(a, b)])[0]
 
-    def equivalent_many(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+    def budget(self) -> Budget:
+        """A fresh ``vote_budget_s`` for the checks of one vote."""
+        return Budget(self.settings.vote_budget_s)
+
+    def equivalent_many(
+        self, pairs: Sequence[tuple[str, str]], budget: Budget | None = None
+    ) -> list[bool]:
         """Verdicts for many pairs with one round trip to the worker (results stream back).
+
+        After a pair overruns, the call's pairs sharing an answer with it are not asked (they
+        would overrun too: 23 worker restarts for one vote of power towers, issue 21); with a
+        ``budget``, waiting for the worker spends it and pairs past it are not asked. Both are
+        "not equivalent", like the overrun itself, and not cached.
 
         Raises WorkerStartError only if a needed worker cannot start (an infrastructure
         failure the caller should retry, not a verdict).
@@ -198,6 +218,8 @@ class EquivalenceOracle:
                         verdict, outcome = self._cache_get(key), CACHE
                     if verdict is None and max(map(len, key)) > self.settings.max_answer_chars:
                         verdict, outcome = False, TOO_LONG  # not a final answer: identical only
+                    if verdict is None and any(GARBLED_RE.search(k) for k in key):
+                        verdict, outcome = False, GARBLED  # math-verify reads 2 in "1\ufffd 2"
                     verdicts.append(verdict)
                     if verdict is None:
                         pending.setdefault(key, []).append(i)
@@ -205,8 +227,10 @@ class EquivalenceOracle:
                         outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if pending:
                     keys = list(pending)
-                    for key, (verdict, outcome) in zip(keys, self._ask_worker(keys), strict=True):
-                        self._cache_put(key, verdict)
+                    answers = self._ask_worker(keys, budget)
+                    for key, (verdict, outcome) in zip(keys, answers, strict=True):
+                        if outcome not in _UNDECIDED:
+                            self._cache_put(key, verdict)
                         outcomes[outcome] = outcomes.get(outcome, 0) + len(pending[key])
                         for i in pending[key]:
                             verdicts[i] = verdict
@@ -217,7 +241,7 @@ class EquivalenceOracle:
 
     @staticmethod
     def _key(a: str, b: str) -> tuple[str, str]:
-        na, nb = normalize_answer(as_text(a)), normalize_answer(as_text(b))
+        na, nb = answer_key(a), answer_key(b)
         return (na, nb) if na <= nb else (nb, na)  # equivalence is symmetric: one cache entry
 
     def _cache_get(self, key: tuple[str, str]) -> bool | None:
@@ -227,36 +251,51 @@ class EquivalenceOracle:
         if self._cache is not None:
             self._cache[key] = verdict  # evicts the least recently used beyond cache_size
 
-    def _ask_worker(self, keys: list[tuple[str, str]]) -> list[tuple[bool, str]]:
-        """(verdict, outcome) per pair: each verdict awaited at most the timeout; on overrun or
-        crash the worker is killed and the remaining pairs go to a new one."""
-        results: list[tuple[bool, str]] = []
+    def _ask_worker(
+        self, keys: list[tuple[str, str]], budget: Budget | None = None
+    ) -> list[tuple[bool, str]]:
+        """(verdict, outcome) per pair: each verdict awaited at most the timeout (and what is
+        left of ``budget``); on overrun or crash the worker is killed, the pairs sharing an
+        answer with that pair are not asked, and the rest go to a new worker."""
+        results: list[tuple[bool, str] | None] = [None] * len(keys)
+        suspect: set[str] = set()  # answers of a pair that overran in this call
         try:
-            while len(results) < len(keys):
-                remaining = keys[len(results) :]
+            while True:
+                ask = []
+                for i, key in enumerate(keys):
+                    if results[i] is not None:
+                        continue
+                    if suspect.intersection(key):
+                        results[i] = (False, HOSTILE)
+                    elif budget is not None and budget.spent:
+                        results[i] = (False, OVER_BUDGET)
+                    else:
+                        ask.append(i)
+                if not ask:
+                    return results  # type: ignore[return-value] - every slot is filled
                 worker = self._ensure_worker()
                 if worker.proc.poll() is not None:  # died since the last call (e.g. OOM-killed)
                     self._drop_worker()
                     worker = self._ensure_worker()
                 try:
-                    worker.conn.send(("pairs", remaining))
+                    worker.conn.send(("pairs", [keys[i] for i in ask]))
                 except OSError:  # died between the poll and the send: a new worker takes them
                     self._drop_worker()
                     continue
-                for offset in range(len(remaining)):
-                    verdict, outcome = self._receive(worker, offset)
-                    results.append((verdict, outcome))
+                for offset, i in enumerate(ask):
+                    verdict, outcome = self._receive(worker, offset, budget)
+                    results[i] = (verdict, outcome)
                     if outcome != MATH_VERIFY:  # this pair is "not equivalent"
                         log.warning(
-                            "equivalence check abandoned (%s): %.80r vs %.80r",
-                            outcome,
-                            *remaining[offset],
+                            "equivalence check abandoned (%s): %.80r vs %.80r", outcome, *keys[i]
                         )
                         if outcome == TIMEOUT:
                             self.timeouts += 1
                             metrics.MATH_ORACLE_TIMEOUTS.inc()
-                        else:
+                        elif outcome == CRASHED:
                             self.crashes += 1
+                        if outcome in _OVERRUNS:
+                            suspect.update(keys[i])
                         self._drop_worker()
                         break
         except BaseException:
@@ -264,15 +303,23 @@ class EquivalenceOracle:
             # would be taken for the next batch's, so this worker cannot be reused.
             self._drop_worker()
             raise
-        return results
 
-    def _receive(self, worker: _Worker, expected_index: int) -> tuple[bool, str]:
+    def _receive(
+        self, worker: _Worker, expected_index: int, budget: Budget | None
+    ) -> tuple[bool, str]:
+        wait, limit = self.settings.equivalence_timeout_s, TIMEOUT
+        if budget is not None and budget.left < wait:
+            wait, limit = max(0.0, budget.left), OVER_BUDGET
+        started = time.monotonic()
         try:
-            if not worker.conn.poll(self.settings.equivalence_timeout_s):
-                return False, TIMEOUT
+            if not worker.conn.poll(wait):
+                return False, limit
             index, verdict = worker.conn.recv()
         except (EOFError, OSError):
             return False, CRASHED
+        finally:
+            if budget is not None:
+                budget.left -= time.monotonic() - started
         if index != expected_index:  # protocol desync should be impossible; be safe
             return False, CRASHED
         return bool(verdict), MATH_VERIFY

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from streams.settings import Section
@@ -10,14 +12,33 @@ from streams.settings import Section
 class MathCheckSettings(Section):
     """Math verification knobs (``verify.math``: ``VerifySettings`` in ``workers/settings.py``)."""
 
+    # Where the reference answer comes from (verification/mathcheck/reference.py): "auto" is the
+    # teacher where models.teacher is configured, else the designer's stated, checked answer;
+    # "majority" (the solver's own plurality) is self-agreement, not verification: opt-in only.
+    reference: Literal["auto", "teacher", "designer", "majority"] = "auto"
     min_agreement: float = Field(
         0.25,
         ge=0.0,
         le=1.0,
-        description="Share of ALL rollouts the majority cluster needs to become the reference.",
+        description='reference "majority": share of ALL rollouts the plurality cluster needs '
+        "to become the reference.",
+    )
+    teacher_min_agreement: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description='reference "teacher": share of the teacher\'s rollouts its majority cluster '
+        "needs to become the reference.",
     )
     equivalence_timeout_s: float = Field(
         2.0, gt=0.0, description="Wall-clock bound on one equivalence check in the worker process."
+    )
+    vote_budget_s: float = Field(
+        4.0,
+        gt=0.0,
+        description="Seconds of equivalence checking one vote (one record) may wait for in all; "
+        "checks past it count as not equivalent. Hostile answers (power towers that hang "
+        "sympy) cost a vote this much, not a timeout and a worker restart per pair.",
     )
     worker_start_timeout_s: float = Field(
         60.0,

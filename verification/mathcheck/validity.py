@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
-from verification.mathcheck.answers import PLAIN_NUMBER_RE, as_text, normalize_answer
+from verification.mathcheck.answers import GARBLED_RE, PLAIN_NUMBER_RE, as_text, normalize_answer
 
 _PROOF_RE = re.compile(
     r"\b(?:prove|show|demonstrate|verify|justify|establish)\s+(?:that|why|the following)\b"
@@ -49,8 +50,10 @@ _DEGENERATE = {
 }
 _TEXT_WRAPPER_RE = re.compile(r"^\\(?:text|mathrm|textbf|mbox)\{(.*)\}$")
 _CHOICE_LETTER_RE = re.compile(r"^\(?([A-E])\)?$")
+# A line may open with spaces, not with blank lines: ``^\s*`` retried at every line start of
+# 200 KB of newlines is quadratic (issue 21), and finds nothing ``^[^\S\n]*`` does not.
 _CHOICES_IN_PROBLEM_RE = re.compile(
-    r"\(\s*[A-E]\s*\)|\\textbf\{\s*\(\s*[A-E]\s*\)|^\s*[A-E][.)]\s", re.MULTILINE
+    r"\(\s*[A-E]\s*\)|\\textbf\{\s*\(\s*[A-E]\s*\)|^[^\S\n]*[A-E][.)]\s", re.MULTILINE
 )
 
 
@@ -70,6 +73,8 @@ def validity_issue(problem: str, reference: str | None) -> str | None:
 
     - "proof_problem": the problem asks for a proof ("prove", "proof", "show/demonstrate/
       justify ... that"): no single final answer to check by voting.
+    - "garbled_answer": the reference holds a control character (tab and line breaks aside) or
+      U+FFFD (where a model server sent broken text): no answer is written with them.
     - "trivial_answer": the reference is empty after normalization (only brackets/punctuation
       left), or it is not a plain number and it restates the problem: it equals the whole
       problem or one of the problem's whole math spans (``$...$``, ``\\(...\\)``,
@@ -91,6 +96,8 @@ def validity_issue(problem: str, reference: str | None) -> str | None:
         return "proof_problem"
     if reference is None:
         return None
+    if GARBLED_RE.search(as_text(reference)):
+        return "garbled_answer"
     ref = normalize_answer(as_text(reference))
     if not ref.strip("{}()[]$.,;: \\"):
         return "trivial_answer"
@@ -110,14 +117,46 @@ def _squash(text: str) -> str:
     return re.sub(r"[\s$]+", "", normalize_answer(text))
 
 
-_MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$([^$]+)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_SPAN_OPENER_RE = re.compile(r"\$|\\[(\[]")
+_CLOSER = {"\\(": "\\)", "\\[": "\\]"}
+
+
+def math_spans(text: str) -> Iterator[str]:
+    """The bodies of the whole math spans of ``text``, left to right: ``$$...$$``, ``$...$``,
+    ``\\(...\\)``, ``\\[...\\]`` (the shortest non-empty body; a span never starts inside
+    another).
+
+    Linear in ``len(text)``: the regular expression this replaces (lazy ``.+?`` per opener)
+    rescanned the rest of the text from every unclosed opener, 75 s for 200 KB of ``\\(``
+    (issue 21). Here a closer not found past one point is never looked for again past it."""
+    absent: dict[str, int] = {}  # closer -> a position past which it does not occur
+    i = 0
+    while m := _SPAN_OPENER_RE.search(text, i):
+        start = m.start()
+        if text.startswith("$$", start):
+            opener, closer = "$$", "$$"
+        elif m.group() == "$":
+            opener, closer = "$", "$"
+        else:
+            opener, closer = m.group(), _CLOSER[m.group()]
+        first = start + len(opener) + 1  # a body has at least one character
+        end = (
+            -1
+            if first > len(text) or first >= absent.get(closer, len(text) + 1)
+            else text.find(closer, first)
+        )
+        if end < 0:
+            absent[closer] = min(first, absent.get(closer, first))
+            i = start + 1
+            continue
+        yield text[start + len(opener) : end]
+        i = end + len(closer)
 
 
 def _restatements(problem: str) -> set[str]:
     """The problem's whole text and each whole math span, squashed."""
     spans = {_squash(problem)}
-    for match in _MATH_SPAN_RE.finditer(problem):
-        span = next(g for g in match.groups() if g is not None)
+    for span in math_spans(problem):
         spans.add(_squash(span))
     spans.discard("")
     return spans

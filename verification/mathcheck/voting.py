@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from verification.mathcheck.answers import as_text, normalize_answer
+from verification.mathcheck.answers import answer_key, as_text
 
 if TYPE_CHECKING:
     from verification.mathcheck.oracle import EquivalenceOracle
@@ -48,12 +48,11 @@ def vote(
 
     Distinct normalized answers are visited most frequent first (ties: first seen); each joins
     the first cluster whose representative it is equivalent to, else founds a cluster. One
-    oracle round trip per distinct answer (against all representatives at once).
+    oracle round trip per distinct answer (against all representatives at once). The vote's
+    checks share one budget of worker time (``vote_budget_s``): hostile answers (a power tower
+    that hangs sympy) cost it at most, not a timeout per pair (docs/verification.md).
     """
-    normalized = [
-        normalize_answer(as_text(a)) if a is not None and as_text(a).strip() else None
-        for a in answers
-    ]
+    normalized = [answer_key(a) if a is not None and as_text(a).strip() else None for a in answers]
     n_missing = sum(1 for n in normalized if n is None)
     counts = Counter(n for n in normalized if n is not None)
     if not counts:
@@ -61,8 +60,9 @@ def vote(
 
     representatives: list[str] = []
     cluster_of: dict[str, int] = {}
+    budget = oracle.budget()  # the vote's checks share verify.math.vote_budget_s
     for text, _count in counts.most_common():  # most_common keeps first-seen order on ties
-        verdicts = oracle.equivalent_many([(rep, text) for rep in representatives])
+        verdicts = oracle.equivalent_many([(rep, text) for rep in representatives], budget)
         joined = next((c for c, same in enumerate(verdicts) if same), None)
         if joined is None:
             joined = len(representatives)

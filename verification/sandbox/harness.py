@@ -11,11 +11,12 @@ Processes (``docs/sandbox.md`` has the whole picture):
   below for the "unshare" kind). It holds CAP_SYS_ADMIN and CAP_SETPCAP in the sandbox's own
   user namespace only (needed to give each solution fresh mounts), never runs untrusted code, is
   non-dumpable, and waits for requests on stdin.
-- per solution, a fork of the zygote ("solution") unshares mount, pid, ipc and uts namespaces,
-  mounts a fresh size-capped tmpfs on /tmp and /dev/shm, writes the program read-only at
-  /tmp/task/prog.py, and forks "runner": pid 1 of the new pid namespace. The runner drops every
-  capability, sets the rlimits, and executes the program once per test (a fresh interpreter per
-  test). When the runner exits the kernel kills whatever the solution left in its namespace.
+- per solution, a fork of the zygote ("solution") unshares mount, pid, net, ipc and uts
+  namespaces, mounts a fresh size-capped tmpfs on /tmp and /dev/shm, writes the program
+  read-only at /tmp/task/prog.py, and forks "runner": pid 1 of the new pid namespace. The runner
+  drops every capability, sets the rlimits, and executes the program once per test (a fresh
+  interpreter per test). When the runner exits the kernel kills whatever the solution left in
+  its namespace.
 
 Protocol: the host writes frames (8-byte big-endian length + ``marshal``) to stdin: one init
 frame, then one frame per solution. The zygote answers ``ready`` once, then per solution one line
@@ -293,7 +294,9 @@ def solution(k, init: dict, request: dict) -> None:
     os.close(0)
     isolated = init["kind"] != "none"
     if isolated:
-        k.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS)
+        # a network namespace per solution too: the slot's (bwrap brings its loopback up)
+        # would carry one solution's sockets (TIME_WAIT, /proc/net) into the next
+        k.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
         k.mount(None, "/", None, MS_REC | MS_PRIVATE)
         k.mount(
             "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={request['tmp_size']},mode=0755"

@@ -21,6 +21,7 @@ from llm.prompts import (
 from llm.roles import Role
 from streams.records import AnnotatedSeed, SeedProblem
 from streams.topics import SEEDS, SEEDS_ANNOTATED, VERDICTS
+from workers.settings import SEED_LEVELS
 from workers.stage import Emit, ModelStage
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ class AnnotateStage(ModelStage[SeedProblem]):
                         text=seed.text,
                         concepts=concepts,
                         rationale=rationale,
+                        difficulty=SEED_LEVELS.get(seed.source),
                     ),
                 )
             )
@@ -141,6 +143,7 @@ class AnnotateStage(ModelStage[SeedProblem]):
                 text=seed.text,
                 concepts=concepts,
                 rationale=rationale,
+                difficulty=SEED_LEVELS.get(seed.source),
             ),
         )
 

@@ -1,13 +1,17 @@
-"""verdicts -> pairs: preference pairs on kept problems (chosen = a passing rollout, rejected = a
-failing one), in the prompt/chosen/rejected shape TRL's DPOTrainer reads."""
+"""verdicts -> pairs: preference pairs on kept problems, in the prompt/chosen/rejected shape TRL's
+DPOTrainer reads. Labelled by the reference: chosen = a rollout that agrees with it; rejected
+(math) = a rollout whose final answer disagrees with it, never one that was cut by the token
+budget or stated no answer (that would teach "stop early", not "be right"); code = a program
+that failed a test."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from llm.prompts import SOLVER_BY_DOMAIN
-from streams.records import PreferencePair, Verdict
+from streams.records import PreferencePair, Rollout, Verdict
 from streams.topics import PAIRS, VERDICTS
+from verification.mathcheck.reference import WRONG_ANSWER
 from workers.stage import Emit, Stage
 
 
@@ -18,7 +22,9 @@ def build_pairs(verdict: Verdict, prompt: str, cap: int) -> list[PreferencePair]
         return []
     chosen = _unique(r.text for r in verdict.rollouts if r.passed)
     rejected = [
-        t for t in _unique(r.text for r in verdict.rollouts if not r.passed) if t not in set(chosen)
+        t
+        for t in _unique(r.text for r in verdict.rollouts if _rejectable(verdict, r))
+        if t not in set(chosen)
     ]
     pairs: list[PreferencePair] = []
     for good, bad in zip(chosen, rejected, strict=False):  # disjoint: no text reused
@@ -36,6 +42,14 @@ def build_pairs(verdict: Verdict, prompt: str, cap: int) -> list[PreferencePair]
             )
         )
     return pairs
+
+
+def _rejectable(verdict: Verdict, rollout: Rollout) -> bool:
+    """A rollout that is wrong, not merely unfinished: for math, a final answer that disagrees
+    with the reference; for code, any failing program."""
+    if rollout.passed:
+        return False
+    return verdict.domain != "math" or rollout.failure == WRONG_ANSWER
 
 
 def _unique(texts: Iterable[str]) -> list[str]:

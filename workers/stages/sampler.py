@@ -12,13 +12,24 @@ consumer group, see `promptcot worker`): each closes only its own sets.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from streams import metrics
 from streams.records import ConceptSet, Verdict
 from streams.topics import CONCEPTS, VERDICTS
 from workers.sampler_position import SamplerPosition, restore_position
+from workers.settings import SEED_LEVELS
 from workers.stage import Emit, Stage
+
+log = logging.getLogger(__name__)
+
+
+def unseen_levels(ladders: dict[str, list[str]], domains: list[str]) -> list[str]:
+    """Levels the sampler would ask p_θ for that no shipped seed carries, so no training prompt
+    of p_θ ever named them (workers/settings.py, SEED_LEVELS)."""
+    known = set(SEED_LEVELS.values())
+    return [level for d in domains for level in ladders.get(d, []) if level not in known]
 
 
 class SamplerStage(Stage[Verdict]):
@@ -42,6 +53,15 @@ class SamplerStage(Stage[Verdict]):
             self.settings.concepts,
             first_draw=self.restored.next_draw,
         )
+        unseen = unseen_levels(
+            self.settings.concepts.difficulty_ladders, self.settings.sampler.domains
+        )
+        if unseen:
+            log.warning(
+                "the sampler asks p_θ for levels no training seed carries (%s): they mean "
+                "something only after a cold start on seeds annotated with them",
+                ", ".join(unseen),
+            )
         self._open: set[str] = set(self.restored.open)
         self._issued = self.restored.issued
         self._lock = threading.Lock()

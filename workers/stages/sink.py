@@ -23,6 +23,7 @@ def problem_from_verdict(verdict: Verdict) -> Problem:
         **verdict.payload(),
         rationale=verdict.rationale,
         reference_answer=verdict.reference_answer,
+        reference_source=verdict.reference_source,
         tests=verdict.tests,
         pass_rate=verdict.pass_rate or 0.0,
         n_rollouts=len(verdict.rollouts),
