@@ -3,6 +3,7 @@
     python -m bench                         # every default case (minutes to an hour)
     python -m bench --quick                 # smaller runs: checks that everything runs
     python -m bench --case saturation --case plumbing --out after.json
+    python -m bench --case memory --duration 25m --runs 1   # the README run's memory
     python -m bench --compare before.json after.json
     python -m bench --list
 
@@ -27,8 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"))
     parser.add_argument("--list", action="store_true", help="list the cases")
+    parser.add_argument(
+        "--duration", help="length of the live run of the cases that have one (memory, loop)"
+    )
+    parser.add_argument("--runs", type=int, help="runs of the cases that take a count (memory)")
     parser.add_argument("--one", metavar="NAME", help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args(argv)
+    from promptcot.cli.app import parse_duration
+
+    if args.duration:
+        parse_duration(args.duration)  # a bad value fails here, not in a child
 
     if args.compare:
         print(harness.compare(*args.compare))
@@ -38,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case.name:<16} {case.doc}{'' if case.default else ' [not by default]'}")
         return 0
     if args.one:
-        rows = harness.measure_case(harness.BY_NAME[args.one], args.quick)
+        rows = harness.measure_case(
+            harness.BY_NAME[args.one],
+            args.quick,
+            duration_s=parse_duration(args.duration) if args.duration else None,
+            runs=args.runs,
+        )
         if args.out:
             harness.write(args.out, rows, harness.meta(args.quick))
         return 0
@@ -47,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for case in harness.selected(args.case):
         print(f"[bench] {case.name}: {case.doc}", file=sys.stderr, flush=True)
-        rows += harness.run_case_process(case, args.quick)
+        rows += harness.run_case_process(case, args.quick, args.duration, args.runs)
         if args.out:  # after every case: a long run that dies keeps what it measured
             harness.write(args.out, rows, info)
     rows += harness.skipped_rows(args.case)

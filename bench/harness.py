@@ -14,6 +14,7 @@ with it.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -61,6 +62,13 @@ CASES: tuple[Case, ...] = (
     Case("budgets", "budgets", "decode budgets against the cold-start rationales' token lengths"),
     Case("vectorstore", "vectorstore", "nearest-neighbour lookup latency and recall"),
     Case("trainer", "trainer", "the trainer's windows on the cpu profile, DPO beside TRL's"),
+    Case(
+        "memory",
+        "memory",
+        "resident memory by component, and its curve over `promptcot up` runs (long: only with "
+        "--case memory; --duration, --runs)",
+        False,
+    ),
     Case("loop", "loop", "the training-loop experiment (long: only with --case loop)", False),
 )
 BY_NAME = {c.name: c for c in CASES}
@@ -128,23 +136,32 @@ def load_average() -> float | None:
 # -- running cases ------------------------------------------------------------------------------
 
 
-def measure_case(case: Case, quick: bool) -> list[Row]:
-    """Run one case in this process."""
+def measure_case(case: Case, quick: bool, **options: Any) -> list[Row]:
+    """Run one case in this process. ``options`` (``duration_s``, ``runs``: the command line's
+    --duration and --runs) go to the cases whose ``measure`` takes them."""
     if not (ROOT / "bench" / f"{case.module}.py").is_file():
         return [not_run(case.name, f"bench/{case.module}.py is not in this checkout")]
     module = importlib.import_module(f"bench.{case.module}")
     measure: Callable[..., list[Row]] | None = getattr(module, "measure", None)
     if measure is not None:
-        return list(measure(quick=quick))
+        takes = inspect.signature(measure).parameters
+        given = {k: v for k, v in options.items() if v is not None and k in takes}
+        return list(measure(quick=quick, **given))
     return [not_run(case.name, f"bench/{case.module}.py has no measure()")]
 
 
-def run_case_process(case: Case, quick: bool) -> list[Row]:
+def run_case_process(
+    case: Case, quick: bool, duration: str | None = None, runs: int | None = None
+) -> list[Row]:
     """Run one case in a child process; its errors become a row."""
     with tempfile.NamedTemporaryFile("r", suffix=".json", prefix="bench-") as out:
         argv = [sys.executable, "-m", "bench", "--one", case.name, "--out", out.name]
         if quick:
             argv.append("--quick")
+        if duration is not None:
+            argv += ["--duration", duration]
+        if runs is not None:
+            argv += ["--runs", str(runs)]
         started = time.perf_counter()
         proc = subprocess.run(argv, cwd=ROOT, env=_child_env(), check=False)
         seconds = time.perf_counter() - started

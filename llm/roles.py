@@ -77,13 +77,14 @@ class RoleBackends:
         key = models.model_dump_json()
         with cls._lock:
             if key not in cls._pools:
+                # The embedded default is located (prepared on first use) only for a role that
+                # is served: a process that never serves the judge never prepares a model for it.
+                frozen = models.model_copy(deep=True)  # what the key says, whatever comes after
                 cls._pools[key] = BackendPool(
-                    {
-                        role: models.role(role).model_copy(
-                            update={"model": model_path_for(models, role)}
-                        )
-                        for role in Role
-                    }
+                    {role: frozen.role(role) for role in Role},
+                    resolve=lambda role, s: s.model_copy(
+                        update={"model": model_path_for(frozen, role)}
+                    ),
                 )
             return cls._pools[key]
 

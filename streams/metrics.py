@@ -5,7 +5,8 @@ One registry per process; names are stable API for the Grafana dashboards in ops
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 RECORDS_IN = Counter("promptcot_records_in_total", "Records consumed by a stage", ["stage"])
 RECORDS_OUT = Counter(
@@ -158,6 +159,55 @@ EVAL_GOLD_NLL = Gauge(
     "solver template), per model version",
     ["benchmark", "role", "version"],
 )
+
+
+# The memory of this process, read at each scrape (streams/memory.py has what each figure means;
+# docs/models.md, "Where the weights are").
+PROCESS_RESIDENT = "promptcot_process_resident_bytes"
+PROCESS_MALLOC = "promptcot_process_malloc_bytes"
+MODEL_WEIGHT_BYTES = "promptcot_model_weight_bytes"
+
+
+class _MemoryCollector:
+    def collect(self):
+        from streams import memory
+
+        resident = memory.resident_split()
+        if resident is not None:
+            family = GaugeMetricFamily(
+                PROCESS_RESIDENT,
+                "Resident set of this process by kind: anon (heap, tensors made at run time), "
+                "file (mapped files: model weights mapped from their safetensors), shmem",
+                labels=["kind"],
+            )
+            for kind, value in resident.items():
+                family.add_metric([kind], value)
+            yield family
+        heap = memory.malloc_bytes()
+        if heap is not None:
+            family = GaugeMetricFamily(
+                PROCESS_MALLOC,
+                "The C heap as glibc sees it: in_use (handed out), free (freed but still held "
+                "by the allocator), mmapped (large chunks)",
+                labels=["kind"],
+            )
+            for kind, value in heap.items():
+                family.add_metric([kind], value)
+            yield family
+        weights = GaugeMetricFamily(
+            MODEL_WEIGHT_BYTES,
+            "Tensor bytes (weights, buffers, gradients, optimizer state) a component of this "
+            "process holds: own (counted here first) or shared (aliased from another component, "
+            "e.g. a shared base model)",
+            labels=["component", "sharing"],
+        )
+        for row in memory.tensor_account():
+            weights.add_metric([row.component, "own"], row.own)
+            weights.add_metric([row.component, "shared"], row.shared)
+        yield weights
+
+
+REGISTRY.register(_MemoryCollector())
 
 
 def counter_samples(counter: Counter) -> list[tuple[dict[str, str], float]]:

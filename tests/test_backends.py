@@ -242,6 +242,22 @@ def test_model_version_reload_and_factory(tiny_model_dir, tmp_path, backend):
     clear_cache()
 
 
+def test_a_process_serving_one_role_never_prepares_the_embedded_model_for_another(
+    tiny_model_dir, monkeypatch
+):
+    """Roles with no model named run the embedded SmolLM2, prepared when such a role is
+    served: not for every role as soon as any one is."""
+    from llm import smollm2
+    from llm.roles import RoleBackends, backend_for
+
+    prepared = []
+    monkeypatch.setattr(smollm2, "prepare_smollm2", lambda *a, **k: prepared.append(a) or "x")
+    models = ModelRoles(prompt_model={"model": str(tiny_model_dir), "max_batch_size": 3})
+    backend = backend_for(models, "prompt_model")
+    assert backend.settings.model == str(tiny_model_dir) and prepared == []
+    assert RoleBackends.pool(models).settings("judge").model == "x" and len(prepared) == 1
+
+
 # -- OpenAI-compatible HTTP --------------------------------------------------------------------
 
 

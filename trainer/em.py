@@ -45,6 +45,7 @@ from llm.prompts import (
     synthesis_parts,
 )
 from llm.roles import ModelRoles, Role, model_path_for
+from streams import memory
 from streams.records import AnnotatedSeed, ModelUpdate, Rationale
 from trainer.checkpoints import CheckpointStore, TrainedLedger
 from trainer.engine import EngineOptions, WindowLosses, continuation_nll
@@ -378,6 +379,8 @@ class EMTrainer:
             except BaseException:
                 self._discard_models()
                 raise
+            finally:
+                memory.release()  # what the training freed goes back to the system
 
     def _cold_start(
         self, seeds: Sequence[AnnotatedSeed], force: bool, report: Report
@@ -437,6 +440,8 @@ class EMTrainer:
             except BaseException:
                 self._discard_models()
                 raise
+            finally:
+                memory.release()  # what the window freed goes back to the system
 
     def _discard_models(self) -> None:
         """After a failed window the models in memory may hold updates no checkpoint has: drop

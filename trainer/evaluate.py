@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import corpora
 from llm.backends.base import Backend, BackendSettings
 from llm.prompts import SOLVER_MATH
-from streams import metrics
+from streams import memory, metrics
 from trainer import stats
 from trainer.settings import Benchmark
 
@@ -368,6 +368,8 @@ def evaluate_path(
         update={"model": model_path, "max_batch_size": max(cfg.batch_size, 1)}
     )
     engine = new_backend(settings)  # a private instance: evaluation must not swap a served one
+    if hasattr(engine, "label"):  # the memory account's component (streams/memory.py)
+        engine.label = f"eval {role or model_path}"
     try:
         return evaluate(
             engine,
@@ -383,6 +385,7 @@ def evaluate_path(
         )
     finally:
         engine.close()
+        memory.release()  # the eval's model and activations go back to the system
 
 
 def evaluate_gold(

@@ -13,8 +13,9 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from streams import memory
 from trainer.checkpoints import Checkpoint, CheckpointStore
 
 if TYPE_CHECKING:
@@ -32,6 +33,12 @@ class RoleLineage:
         self.rm: RoleModel | None = None
         self._lock = threading.RLock()
         self._depth = 0
+        memory.hold(self)
+
+    def memory_components(self) -> list[tuple[str, Any]]:
+        """The model held between windows, for the memory account (streams/memory.py)."""
+        rm = self.rm
+        return [(f"trainer {self.role}", rm.model)] if rm is not None else []
 
     @contextmanager
     def training(self) -> Iterator[None]:

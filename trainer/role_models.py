@@ -77,37 +77,47 @@ def load_role_model(
     base folder; wrapped in a fresh LoRA adapter when ``use_lora`` and it has none yet; on the
     training device, so scoring and decoding run where training runs.
 
+    With LoRA the adapter trains on the process's one frozen copy of the base, the copy the
+    served roles and the other trainers use too (llm/shared_base.py): a trainable copy costs its
+    adapter, not a base. Without LoRA (full fine-tuning) the model is a private copy.
+
     Weights that train stay float32 (bf16 master weights would round EM-sized updates, lr 2e-6,
     away); ``dtype`` bfloat16 loads a frozen LoRA base (``use_lora``) in bf16 and trains under
     bf16 autocast (trainer/engine.py)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from llm.shared_base import assert_frozen, private_model, role_model
 
     ckpt = store.latest(role)
     adapter = ckpt is not None and ckpt.is_adapter
-    # Only a base that stays frozen under an adapter loads in ``dtype``: an adapter merged away
-    # (LoRA switched off) leaves a model full fine-tuning trains, so its base loads float32.
-    load_dtype = getattr(torch, dtype) if use_lora else torch.float32
+    where = training_device(device)
+    # Only a base that stays frozen under an adapter loads in ``dtype``, and it is the shared
+    # one: an adapter merged away (LoRA switched off) leaves a model full fine-tuning trains, so
+    # it merges into a private float32 copy.
     if adapter:
         assert ckpt is not None
         base_path = str(ckpt.metadata.get("base_model") or base_path)
         from peft import PeftModel
 
-        model = AutoModelForCausalLM.from_pretrained(
-            base_path, dtype=load_dtype, local_files_only=True
-        )
-        model = PeftModel.from_pretrained(model, str(ckpt.path), is_trainable=True)
+        if use_lora:
+            model = PeftModel.from_pretrained(
+                role_model(base_path, dtype, where), str(ckpt.path), is_trainable=True
+            )
+        else:
+            on_private = private_model(base_path, "float32", where)
+            model = PeftModel.from_pretrained(on_private, str(ckpt.path)).merge_and_unload()
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
     else:
         source = str(ckpt.path) if ckpt is not None else base_path
         if ckpt is not None:
             base_path = source  # full weights: the newest folder is the base for new adapters
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=load_dtype, local_files_only=True
-        )
+        if use_lora:
+            model = role_model(source, dtype, where)
+        else:
+            model = private_model(source, "float32", where)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     model = apply_lora_setting(model, use_lora, lora)
-    model.to(training_device(device))
+    assert_frozen(model)
     normalize_end_of_turn(tokenizer)
     return RoleModel(role, model, tokenizer, base_path, ckpt)
 
@@ -167,6 +177,13 @@ def apply_lora_setting(model: Any, use_lora: bool, lora: Any) -> Any:
             torch.manual_seed(0)
             return get_peft_model(model, cfg)
     if not use_lora and isinstance(model, PeftModel):
+        from llm.shared_base import SharedWeightsError, base_of
+
+        if base_of(model) is not None:  # merging would change every model on that base
+            raise SharedWeightsError(
+                "LoRA switched off on a model over a shared base: load a private copy to merge "
+                "into (load_role_model does)"
+            )
         return model.merge_and_unload()
     return model
 

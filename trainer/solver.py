@@ -19,6 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from llm.backends.base import BackendSettings
 from llm.prompts import SOLVER_BY_DOMAIN, SOLVER_MATH, render_chat
 from llm.roles import Role
+from streams import memory
 from streams.records import ModelUpdate
 from trainer.checkpoints import CheckpointStore, TrainedLedger
 from trainer.heldout import HeldoutPool, is_heldout
@@ -117,6 +118,8 @@ class SolverWindows(Generic[R]):
             except BaseException:
                 self.lineage.discard()  # may hold an update no checkpoint has
                 raise
+            finally:
+                memory.release()  # what the window freed goes back to the system
 
     def _run_window(self, records: list[R]) -> WindowResult:
         s, cfg = self.settings, self.cfg

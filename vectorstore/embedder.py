@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streams import memory
 from vectorstore.settings import EmbedderSettings
 from vectorstore.text import decode_text
 
@@ -56,6 +57,11 @@ class Embedder:
         self.tokens_embedded = 0
         self.texts_truncated = 0  # cut by max_chars or by max_seq_length
         self.batches = 0
+        memory.hold(self)
+
+    def memory_components(self) -> list[tuple[str, object]]:
+        """The sentence-embedding model, for the memory account (streams/memory.py)."""
+        return [(f"embedder {self.model_name}", self._model)]
 
     def prepare(self, text: str | bytes) -> str:
         """Decoded, stripped, char-capped text; raises EmptyTextError when nothing is left."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llm.backends.base import Backend
-from streams import metrics, serde
+from streams import memory, metrics, serde
 from streams.records import ModelUpdate
 from streams.topics import MODELS
 from workers.backoff import Backoff
@@ -79,6 +79,8 @@ class ModelFollower:
                 metrics.MODEL_VERSION.labels(role=role).set(number)
                 moved.append(role)
             self.applied[role] = number
+        if moved:
+            memory.release()  # the weights and adapters just replaced go back to the system
         return moved
 
     def _reload(self, role: str, path: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,13 +24,32 @@ from llm.backends.base import (
     truncate_at_stop,
     weights_version,
 )
+from streams import memory
 
-_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "auto": "auto",
-}
+
+@dataclass(frozen=True)
+class _Served:
+    """Everything a reload swaps at once."""
+
+    base_path: str
+    tokenizer: Any
+    model: Any
+    version: str
+    eos_ids: list[int]
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    gen_eos = model.generation_config.eos_token_id
+    if gen_eos is not None:
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    # Chat models end a turn with <|im_end|> even when EOS is another token.
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(ids)
 
 
 class TransformersBackend(Backend):
@@ -41,53 +61,53 @@ class TransformersBackend(Backend):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
         self.settings = settings
         self._lock = threading.RLock()  # generate() samples from torch's global RNG
-        base = adapter_base(settings.model)  # a LoRA checkpoint goes on the base it names
-        self._base_path = base or settings.model
-        self._load(self._base_path, adapter=settings.model if base else None)
+        self.label = ""  # what this instance is for (llm/roles.py sets the roles it serves)
+        self._install(self._build(settings.model))
+        memory.hold(self)
 
     # -- loading ------------------------------------------------------------------------------
 
-    def _load(self, base_path: str, adapter: str | None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def _build(self, model_path: str) -> _Served:
+        """Tokenizer, model and version for ``model_path``: a model of our own on the process's
+        shared copy of the base (llm/shared_base.py), with the LoRA adapter on top when the folder
+        is one. The adapter stays unmerged: merging would write into the shared base."""
+        from transformers import AutoTokenizer
 
+        from llm.shared_base import shared_base
+
+        adapter = model_path if adapter_base(model_path) else None
+        base_path = adapter_base(model_path) or model_path
         tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            base_path, dtype=_DTYPES[self.settings.dtype], local_files_only=True
-        )
-        version = weights_version(base_path)
+        base = shared_base(base_path, self.settings.dtype, self.settings.device)
+        model = base.model()
+        version = base.version
         if adapter is not None:
             from peft import PeftModel
 
-            # Merged once at load: inference then costs the same as the base model.
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            model = PeftModel.from_pretrained(model, adapter)
             version += f"+lora:{weights_version(adapter)}"
-        model.to(self.settings.device).eval()
+        model.eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer = tokenizer
-        self.model = model
-        self.model_version = version
-        self._eos_ids = self._stop_token_ids()
+        return _Served(base_path, tokenizer, model, version, _stop_token_ids(model, tokenizer))
 
-    def _stop_token_ids(self) -> list[int]:
-        ids: set[int] = set()
-        gen_eos = self.model.generation_config.eos_token_id
-        if gen_eos is not None:
-            ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        # Chat models end a turn with <|im_end|> even when EOS is another token.
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        return sorted(ids)
+    def _install(self, served: _Served) -> None:
+        with self._lock:
+            self._base_path = served.base_path
+            self.tokenizer = served.tokenizer
+            self.model = served.model
+            self.model_version = served.version
+            self._eos_ids = served.eos_ids
 
     def reload(self, model_path: str) -> None:
-        """Serve ``model_path``: a full model folder, or a LoRA adapter on the base it names."""
-        base = adapter_base(model_path)
-        with self._lock:
-            self._base_path = base or model_path
-            self._load(self._base_path, model_path if base else None)
+        """Serve ``model_path``: a full model folder, or a LoRA adapter on the base it names.
+        Built beside the one served (calls go on meanwhile), then swapped in."""
+        self._install(self._build(model_path))
+
+    def memory_components(self) -> list[tuple[str, Any]]:
+        """What this instance holds, for the memory account (streams/memory.py)."""
+        model = self.model
+        return [] if model is None else [(self.label or f"backend {self.settings.model}", model)]
 
     def render_messages(self, messages: list[dict[str, str]]) -> str:
         if getattr(self.tokenizer, "chat_template", None):
