@@ -71,6 +71,9 @@ def test_a_batch_of_hostile_rollouts_and_problems_is_decided_each_with_its_reaso
             stages={"verify": {"batch_size": 8, "batch_within_s": 1.0}},
             worker={"journal_dir": str(tmp_path / "journal"), "retry_backoff_s": 0.05},
             metrics={"port": 0},
+            # The rollouts' answers meet each other (the opt-in plurality): the hostile part is
+            # the rollouts, and a rationale of "r" states no designer answer to ask them for.
+            verify={"math": {"reference": "majority"}},
         )
         kafka = settings.kafka
         ensure_topics(kafka_python_config(kafka, broker.bootstrap_servers), kafka.namespace, 1, 1)
