@@ -32,7 +32,7 @@ from streams.records import ConceptSet, Record, Verdict
 from streams.serde import RecordDecodeError, decode
 from streams.topics import CATALOGUE
 
-PIPELINE = ("sampler", "generate", "filter", "verify", "pairs", "sink")
+PIPELINE = ("sampler", "generate", "filter", "verify", "pairs", "traces", "sink")
 POISON_BYTES = 5 * 1024 * 1024
 # One process per stage on two cores: one torch thread each.
 QUIET_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -320,10 +320,10 @@ def poison(settings: Settings, topics: list[str]) -> dict[tuple[str, int, int], 
 def hostile(settings: Settings) -> dict[tuple[str, int, int], tuple[str, str]]:
     """Valid records whose model text is hostile (tests/hostile_text.py: 200 KB of ``\\(``,
     10,000 brackets, power towers, a lone surrogate, a NUL) on each topic a stage reads model
-    text from: candidates (filter), candidates.unique (verify), verdicts (pairs, sink). Returns
-    (topic, partition, offset) -> (catalogue name, the id its outputs name: the candidate's, the
-    verdict's subject). Each must be handled: a verdict, an output or a dead letter with the
-    reason (``audit``)."""
+    text from: candidates (filter), candidates.unique (verify), verdicts (pairs, traces, sink).
+    Returns (topic, partition, offset) -> (catalogue name, the id its outputs name: the
+    candidate's, the verdict's subject). Each must be handled: a verdict, an output or a dead
+    letter with the reason (``audit``)."""
     from hostile_text import TEXTS
 
     from streams.records import CandidateProblem, Rollout
@@ -333,9 +333,9 @@ def hostile(settings: Settings) -> dict[tuple[str, int, int], tuple[str, str]]:
     sent: dict[tuple[str, int, int], tuple[str, str]] = {}
     for name in ("candidates", "candidates.unique", "verdicts"):
         for i, text in enumerate(TEXTS.values()):
-            if name == "verdicts":  # accepted, with a passing and a failing rollout: both
-                record = Verdict(  # the sink and the pairs stage have something to do
-                    subject_id=f"hostile_{i}",
+            if name == "verdicts":  # accepted against a designer's reference, with a passing
+                record = Verdict(  # and a disagreeing rollout: the sink, the pairs and the
+                    subject_id=f"hostile_{i}",  # traces stages all have something to do
                     stage="verify",
                     accepted=True,
                     reason="accepted",
@@ -343,7 +343,12 @@ def hostile(settings: Settings) -> dict[tuple[str, int, int], tuple[str, str]]:
                     difficulty="AMC12",
                     problem=text,  # JSON doubles backslashes: two copies of 200 KB
                     pass_rate=0.5,  # of \( stay under the record limit
-                    rollouts=[Rollout(text=text, answer="7", passed=True), Rollout(text="no")],
+                    reference_answer="7",
+                    reference_source="designer",
+                    rollouts=[
+                        Rollout(text=text, answer="7", passed=True),
+                        Rollout(text="\\boxed{8}", answer="8", failure="disagrees"),
+                    ],
                 )
             else:
                 record = CandidateProblem(
@@ -414,7 +419,15 @@ def embedded_bootstrap(proc: Proc, timeout_s: float = 90) -> str:
 
 # --- the audit ------------------------------------------------------------------------------------
 
-AUDITED = ("concepts", "candidates", "candidates.unique", "verdicts", "problems", "pairs")
+AUDITED = (
+    "concepts",
+    "candidates",
+    "candidates.unique",
+    "verdicts",
+    "problems",
+    "pairs",
+    "traces",
+)
 
 
 @dataclass
@@ -627,8 +640,9 @@ def _unhandled_hostile(
     letters: list,
 ) -> dict[tuple[str, int, int], str]:
     """Hostile records that no stage reading them settled: the filter passes a candidate on or
-    rejects it, verify gives a verdict, the sink a problem and the pairs stage a pair for an
-    accepted verdict; or the stage dead-letters it at its coordinates (with the reason)."""
+    rejects it, verify gives a verdict, the sink a problem, the pairs stage a pair and the traces
+    stage a trace for an accepted verdict; or the stage dead-letters it at its coordinates (with
+    the reason)."""
     dead: dict[tuple[str, int, int], set[str]] = defaultdict(set)
     for d in letters:
         dead[(d.source_topic, d.partition, d.offset)].add(d.stage)
@@ -636,6 +650,7 @@ def _unhandled_hostile(
     passed_on = {c.id for c in records["candidates.unique"]}
     problems = {p.candidate_id for p in records["problems"]}
     pairs = {p.problem_id for p in records["pairs"]}
+    traces = {t.problem_id for t in records["traces"]}
     unhandled = {}
     for where, (name, rid) in sent.items():
         if name == "candidates":
@@ -646,6 +661,7 @@ def _unhandled_hostile(
             todo = {
                 "sink": "sink" in dead[where] or rid in problems,
                 "pairs": "pairs" in dead[where] or rid in pairs,
+                "traces": "traces" in dead[where] or rid in traces,
             }
         if not all(todo.values()):
             unhandled[where] = (
@@ -661,6 +677,7 @@ def _outcome(record: Record) -> str:
         "candidate": ("problem", "rationale"),
         "problem": ("problem", "pass_rate"),
         "pair": ("chosen", "rejected"),
+        "solver_trace": ("prompt", "completion"),
         "concept_set": ("concepts", "difficulty", "draw"),
     }[record.kind]
     return json.dumps({f: getattr(record, f) for f in fields}, sort_keys=True, default=str)
