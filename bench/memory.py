@@ -297,7 +297,7 @@ def _touch_served(settings: Any) -> None:
 
 def _touched(rm: Any) -> Any:
     """A trainer's role model after one scoring pass (its weights read)."""
-    from trainer.sft import continuation_nll
+    from trainer.engine import continuation_nll
 
     continuation_nll(rm.model, rm.tokenizer, [_TEXT], [" 7"])
     return rm
