@@ -62,6 +62,13 @@ CASES: tuple[Case, ...] = (
     Case("vectorstore", "vectorstore", "nearest-neighbour lookup latency and recall"),
     Case("trainer", "trainer", "the trainer's windows on the cpu profile, DPO beside TRL's"),
     Case("loop", "loop", "the training-loop experiment (long: only with --case loop)", False),
+    Case(
+        "experiment",
+        "experiment",
+        "the experiment with controls: solver and EM arms on one step budget "
+        "(long: only with --case experiment)",
+        False,
+    ),
 )
 BY_NAME = {c.name: c for c in CASES}
 

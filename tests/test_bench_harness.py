@@ -33,10 +33,11 @@ def test_a_missing_case_module_is_a_not_run_row():
     assert r["value"] is None and r["name"].startswith("not run: bench/no_such_module.py")
 
 
-def test_loop_is_left_out_by_default_and_said_so():
-    assert "loop" not in [c.name for c in harness.selected(None)]
-    assert [r["case"] for r in harness.skipped_rows(None)] == ["loop"]
+def test_the_long_cases_are_left_out_by_default_and_said_so():
+    assert {"loop", "experiment"}.isdisjoint(c.name for c in harness.selected(None))
+    assert [r["case"] for r in harness.skipped_rows(None)] == ["loop", "experiment"]
     assert [c.name for c in harness.selected(["loop"])] == ["loop"]
+    assert [c.name for c in harness.selected(["experiment"])] == ["experiment"]
 
 
 def test_compare_puts_two_runs_side_by_side(tmp_path):

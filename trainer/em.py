@@ -179,15 +179,31 @@ class Window:
 # Scoring and decoding with an in-memory HF model
 
 
-def problem_nll(model: Any, tokenizer: Any, items: Sequence[SeedItem]) -> float:
-    """Mean per-token NLL of x given (c, z) under p_θ: the EM convergence signal."""
+def _problem_given_rationale(
+    tokenizer: Any, items: Sequence[SeedItem]
+) -> tuple[list[str], list[str]]:
+    """(c + z prompts, x continuations) of the items: what the problem NLL scores."""
     prompts, conts = [], []
     for item in items:
         z_part, x_part = synthesis_parts(item.rationale, item.problem)
         prompts.append(synthesis_prompt(tokenizer, item) + z_part)
         conts.append(x_part)
-    total, count = continuation_nll(model, tokenizer, prompts, conts)
+    return prompts, conts
+
+
+def problem_nll(model: Any, tokenizer: Any, items: Sequence[SeedItem]) -> float:
+    """Mean per-token NLL of x given (c, z) under p_θ: the EM convergence signal."""
+    total, count = continuation_nll(model, tokenizer, *_problem_given_rationale(tokenizer, items))
     return total / count if count else float("nan")
+
+
+def problem_nlls(model: Any, tokenizer: Any, items: Sequence[SeedItem]) -> list[tuple[float, int]]:
+    """Per item, (summed NLL, tokens) of x given (c, z): ``problem_nll`` item by item, for an
+    interval over seeds (bench/experiment.py)."""
+    prompts, conts = _problem_given_rationale(tokenizer, items)
+    return [
+        continuation_nll(model, tokenizer, [p], [c], batch_size=1) for p, c in zip(prompts, conts)
+    ]
 
 
 def greedy_rationales(
