@@ -672,8 +672,10 @@ def run(
     budget: Budget,
     em: bool = True,
     log: Any = None,
+    solver_arms: tuple[str, ...] = SOLVER_ARMS,
 ) -> dict[str, Any]:
-    """The whole experiment; writes ``out/report.json`` and ``out/report.png``."""
+    """The experiment (``solver_arms`` and, with ``em``, the EM arms); writes
+    ``out/report.json`` and ``out/report.png``."""
     from transformers import AutoTokenizer
 
     from llm.roles import Role, model_path_for
@@ -697,7 +699,7 @@ def run(
     )
     examples = solver_examples(data, tokenizer)
     records: dict[str, dict[str, Any]] = {}
-    for arm in SOLVER_ARMS:
+    for arm in solver_arms:
         if arm != "base" and not examples[arm]:
             say(f"solver arm {arm}: no examples, not run")
             continue
@@ -764,13 +766,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
     parser.add_argument("--no-em", action="store_true", help="the solver arms only")
+    parser.add_argument(
+        "--solver-arms",
+        default=",".join(SOLVER_ARMS),
+        help="the solver arms to run, comma-separated (each arm kept in --out is reused)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
     budget = Budget(**{k: getattr(args, k) for k in asdict(defaults)})
     settings = default_settings(args.out)
     if args.threads:
         settings.trainer.torch_threads = args.threads
-    report = run(settings, args.factory, args.out, budget, em=not args.no_em)
+    arms = tuple(a for a in SOLVER_ARMS if a in args.solver_arms.split(","))
+    report = run(settings, args.factory, args.out, budget, em=not args.no_em, solver_arms=arms)
     print(table(report))
     return 0
 
