@@ -64,13 +64,15 @@ HOLDS, FAILS, NO_EVIDENCE = "holds", "fails", "no evidence"
 
 @dataclass(frozen=True)
 class Budget:
-    """What every arm gets: optimiser steps, eval items, seeds."""
+    """What every arm gets: optimiser steps, eval items, seeds. The defaults fit the whole run
+    in about 35 minutes on 2 loaded cores (docs/training.md, "The experiment with controls"):
+    a solver SFT step of 4 examples takes ~25 s there, a gold NLL ~3 s an item."""
 
-    solver_steps: int = 24
-    em_steps: int = 16
-    eval_items: int = 150
-    em_seeds: int = 32  # M-step seeds (GSM8K train, after the cold start's)
-    heldout_seeds: int = 48  # held-out seeds the EM arms are scored on
+    solver_steps: int = 8
+    em_steps: int = 6
+    eval_items: int = 50
+    em_seeds: int = 16  # M-step seeds (GSM8K train, after the cold start's)
+    heldout_seeds: int = 24  # held-out seeds the EM arms are scored on
     seed: int = 0
 
 
