@@ -17,7 +17,9 @@ SFT settings say, each arm from the base weights with a fresh optimiser and the 
 - ``C0``: as C, the same number of examples, from the factory's candidates without verification:
   each candidate's first finished rollout whatever it answers (then its second, and so on).
 
-A takes twice as many GSM8K items as C has traces, so that B is exactly "half replaced".
+A is one pass of the step budget (steps x batch size GSM8K items, none seen twice); B keeps A's
+first half and fills the second with C's traces, in turn (repeated when C has fewer), so that
+half of every arm-B pass is the factory's and A and B see as many examples.
 
 EM arms (p_θ from the factory's cold-started checkpoint, M-steps as trainer/em.py builds them, on
 GSM8K-train seeds after the cold start's, annotated by the annotate stage):
@@ -230,13 +232,15 @@ def gsm8k_rows(tokenizer: Any, n: int) -> list[dict[str, str]]:
 # Solver arms
 
 
-def solver_examples(data: FactoryData, tokenizer: Any) -> dict[str, list[dict[str, str]]]:
-    half = len(data.verified)
-    gsm8k = gsm8k_rows(tokenizer, 2 * half)
+def solver_examples(data: FactoryData, tokenizer: Any, n_a: int) -> dict[str, list[dict[str, str]]]:
+    """Each solver arm's training rows (module docstring); B is not run without traces."""
+    gsm8k = gsm8k_rows(tokenizer, n_a)
+    half = n_a // 2
+    factory = [data.verified[i % len(data.verified)] for i in range(half)] if data.verified else []
     return {
         "base": [],
         "A": gsm8k,
-        "B": gsm8k[:half] + data.verified,
+        "B": gsm8k[: n_a - half] + factory if factory else [],
         "C": list(data.verified),
         "C0": list(data.unverified),
     }
@@ -699,7 +703,9 @@ def run(
     (out / "examples.json").write_text(
         json.dumps({"C": data.verified_ids, "C0": data.unverified_ids, **data.summary()}, indent=1)
     )
-    examples = solver_examples(data, tokenizer)
+    examples = solver_examples(
+        data, tokenizer, budget.solver_steps * settings.trainer.sft.batch_size
+    )
     records: dict[str, dict[str, Any]] = {}
     for arm in solver_arms:
         if arm != "base" and not examples[arm]:

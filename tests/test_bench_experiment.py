@@ -124,7 +124,8 @@ def test_the_experiment_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
 
     solver = report["solver"]
     assert list(solver) == ["base", "A", "B", "C", "C0"]
-    assert [solver[a]["examples"] for a in solver] == [0, 10, 10, 5, 5]
+    # A: one pass of 4 steps of 4 GSM8K items; B: its first half, then C's 5 traces in turn.
+    assert [solver[a]["examples"] for a in solver] == [0, 16, 16, 5, 5]
     assert {solver[a]["optimizer_steps"] for a in ("A", "B", "C", "C0")} == {4}
     for s in solver.values():
         low, high = s["gold_nll_interval"]
