@@ -350,9 +350,16 @@ def em_seeds(settings: Any, budget: Budget) -> tuple[list[Any], list[Any]]:
         stage.close()
 
 
-def run_em_arms(settings: Any, factory: Path, budget: Budget, out: Path) -> dict[str, Any]:
-    """The three M-step arms from the factory's cold-started p_θ; each arm's held-out NLL per
-    seed is kept in ``out/em-<arm>.json``."""
+def run_em_arms(
+    settings: Any,
+    factory: Path,
+    budget: Budget,
+    out: Path,
+    arms: tuple[str, ...] = ("cold_start", *EM_ARMS),
+) -> dict[str, Any]:
+    """The three M-step arms from the factory's cold-started p_θ (and that p_θ itself,
+    ``cold_start``); each arm's held-out NLL per seed is kept in ``out/em-<arm>.json``, and
+    ``arms`` says which to run (the others are taken from there when they are)."""
     from llm.roles import Role, model_path_for
     from trainer.checkpoints import CheckpointStore
     from trainer.em import greedy_rationales, problem_nlls, prompt_model_example
@@ -427,6 +434,8 @@ def run_em_arms(settings: Any, factory: Path, budget: Budget, out: Path) -> dict
         path = out / f"em-{arm}.json"
         if path.is_file():
             info["arms"][arm] = json.loads(path.read_text())
+            continue
+        if arm not in arms:
             continue
         started = time.monotonic()
         p = _load(
@@ -635,7 +644,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("solver", "gold-solution NLL per token (GSM8K test)")]
-    if report.get("em"):
+    if report.get("em", {}).get("summary"):
         panels.append(("em", "held-out problem NLL per token (p_θ)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (kind, title) in zip(axes[0], panels):
@@ -679,6 +688,7 @@ def run(
     em: bool = True,
     log: Any = None,
     solver_arms: tuple[str, ...] = SOLVER_ARMS,
+    em_arms: tuple[str, ...] = ("cold_start", *EM_ARMS),
 ) -> dict[str, Any]:
     """The experiment (``solver_arms`` and, with ``em``, the EM arms); writes
     ``out/report.json`` and ``out/report.png``."""
@@ -728,7 +738,7 @@ def run(
     goals = solver_comparisons(records)
     if em:
         say("EM arms ...")
-        info = run_em_arms(settings, factory, budget, out)
+        info = run_em_arms(settings, factory, budget, out, em_arms)
         info["summary"] = {
             arm: {"heldout": em_summary(r, "heldout"), "heldout_own": em_summary(r, "heldout_own")}
             for arm, r in info["arms"].items()
@@ -780,13 +790,27 @@ def main(argv: list[str] | None = None) -> int:
         help="the solver arms to run, comma-separated (each arm kept in --out is reused)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--em-arms",
+        default=",".join(("cold_start", *EM_ARMS)),
+        help="the EM arms to run, comma-separated (each arm kept in --out is reused)",
+    )
     args = parser.parse_args(argv)
     budget = Budget(**{k: getattr(args, k) for k in asdict(defaults)})
     settings = default_settings(args.out)
     if args.threads:
         settings.trainer.torch_threads = args.threads
     arms = tuple(a for a in SOLVER_ARMS if a in args.solver_arms.split(","))
-    report = run(settings, args.factory, args.out, budget, em=not args.no_em, solver_arms=arms)
+    em_arms = tuple(a for a in ("cold_start", *EM_ARMS) if a in args.em_arms.split(","))
+    report = run(
+        settings,
+        args.factory,
+        args.out,
+        budget,
+        em=not args.no_em,
+        solver_arms=arms,
+        em_arms=em_arms,
+    )
     print(table(report))
     return 0
 
