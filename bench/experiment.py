@@ -356,6 +356,7 @@ def run_em_arms(
     budget: Budget,
     out: Path,
     arms: tuple[str, ...] = ("cold_start", *EM_ARMS),
+    own_z: bool = True,
 ) -> dict[str, Any]:
     """The three M-step arms from the factory's cold-started p_θ (and that p_θ itself,
     ``cold_start``); each arm's held-out NLL per seed is kept in ``out/em-<arm>.json``, and
@@ -457,11 +458,14 @@ def run_em_arms(
             "train_loss_first": losses.losses[0] if losses else None,
             "train_loss_last": losses.losses[-1] if losses else None,
             "heldout": problem_nlls(p.model, p.tokenizer, held),
-            "heldout_own": problem_nlls(
-                p.model, p.tokenizer, [i.with_rationale(z) for i, z in zip(held, own[arm])]
-            ),
             "seconds": 0.0,
         }
+        if arm in ("cold_start", "annotation"):  # their own kind of z is the annotation
+            record["heldout_own"] = record["heldout"]
+        elif own_z:
+            record["heldout_own"] = problem_nlls(
+                p.model, p.tokenizer, [i.with_rationale(z) for i, z in zip(held, own[arm])]
+            )
         record["seconds"] = round(time.monotonic() - started, 1)
         del p
         gc.collect()
@@ -549,7 +553,7 @@ def em_comparison(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         ("heldout_own", "given each arm's own kind of rationale"),
     ):
         a, b = arms.get("q_phi"), arms.get("annotation")
-        if a is None or b is None:
+        if a is None or b is None or key not in a or key not in b:
             continue
         paired = stats.paired_ratio(
             ([x for x, _ in a[key]], [n for _, n in a[key]]),
@@ -617,11 +621,15 @@ def table(report: dict[str, Any]) -> str:
             "  95% interval",
         ]
         for arm, s in em["summary"].items():
-            a, o = s["heldout"], s["heldout_own"]
+            a, o = s["heldout"], s.get("heldout_own")
             lines.append(
                 f"  {arm:<11} {a['nll_per_token']:>15.4f}  {a['interval'][0]:.4f}-"
-                f"{a['interval'][1]:.4f}  {o['nll_per_token']:>13.4f}  {o['interval'][0]:.4f}-"
-                f"{o['interval'][1]:.4f}"
+                f"{a['interval'][1]:.4f}  "
+                + (
+                    f"{o['nll_per_token']:>13.4f}  {o['interval'][0]:.4f}-{o['interval'][1]:.4f}"
+                    if o
+                    else f"{'not measured':>13}"
+                )
             )
     lines.append("Goals (paired 95% intervals of A - B; lower is better):")
     for g in report["goals"]:
@@ -689,6 +697,7 @@ def run(
     log: Any = None,
     solver_arms: tuple[str, ...] = SOLVER_ARMS,
     em_arms: tuple[str, ...] = ("cold_start", *EM_ARMS),
+    own_z: bool = True,
 ) -> dict[str, Any]:
     """The experiment (``solver_arms`` and, with ``em``, the EM arms); writes
     ``out/report.json`` and ``out/report.png``."""
@@ -738,9 +747,9 @@ def run(
     goals = solver_comparisons(records)
     if em:
         say("EM arms ...")
-        info = run_em_arms(settings, factory, budget, out, em_arms)
+        info = run_em_arms(settings, factory, budget, out, em_arms, own_z)
         info["summary"] = {
-            arm: {"heldout": em_summary(r, "heldout"), "heldout_own": em_summary(r, "heldout_own")}
+            arm: {key: em_summary(r, key) for key in ("heldout", "heldout_own") if key in r}
             for arm, r in info["arms"].items()
         }
         report["em"] = info
@@ -795,6 +804,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(("cold_start", *EM_ARMS)),
         help="the EM arms to run, comma-separated (each arm kept in --out is reused)",
     )
+    parser.add_argument(
+        "--no-own-z",
+        action="store_true",
+        help="score the EM arms given the annotation rationale only (not also their own kind)",
+    )
     args = parser.parse_args(argv)
     budget = Budget(**{k: getattr(args, k) for k in asdict(defaults)})
     settings = default_settings(args.out)
@@ -810,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         em=not args.no_em,
         solver_arms=arms,
         em_arms=em_arms,
+        own_z=not args.no_own_z,
     )
     print(table(report))
     return 0
