@@ -139,6 +139,7 @@ def test_the_experiment_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
     assert {em["arms"][a]["optimizer_steps"] for a in ("q_phi", "annotation", "none")} == {2}
     goals = report["goals"]
     assert [(g["a"], g["b"]) for g in goals] == [
+        ("A", "base"),
         ("B", "A"),
         ("C", "base"),
         ("C", "C0"),
