@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:
 CASE = "experiment"
 SOLVER_ARMS = ("base", "A", "B", "C", "C0")
 EM_ARMS = ("q_phi", "annotation", "none")
-HOLDS, FAILS, NO_EVIDENCE = "holds", "fails", "no evidence"
+HOLDS, FAILS, NO_EVIDENCE, NOT_RUN = "holds", "fails", "no evidence", "not run"
 
 
 @dataclass(frozen=True)
@@ -529,7 +529,10 @@ def solver_comparisons(records: dict[str, dict[str, Any]]) -> list[dict[str, Any
     out = []
     for a, b, goal in goals:
         if a not in results or b not in results:
-            out.append({"goal": goal, "a": a, "b": b, "status": NO_EVIDENCE, "note": "not run"})
+            missing = " and ".join(x for x in (a, b) if x not in results)
+            out.append(
+                {"goal": goal, "a": a, "b": b, "status": NOT_RUN, "note": f"{missing} not run"}
+            )
             continue
         paired = compare(results[a], results[b], names=(a, b)).gold_nll
         out.append(
@@ -601,7 +604,11 @@ def solver_summary(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
+    f = report["factory"]
     lines = [
+        f"Factory {f['folder']}: {f['candidates_with_rollouts']} candidates with rollouts (of "
+        f"{f['candidates_written']} written), {f['accepted']} accepted by the designer "
+        f"reference, {f['verified_traces']} verified traces; verdicts {f['reasons']}",
         f"Solver arms: gold-solution NLL per token on the first {report['budget']['eval_items']} "
         f"items of GSM8K test's fixed subset ({report['budget']['solver_steps']} optimiser steps "
         "each)",
