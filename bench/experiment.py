@@ -363,7 +363,7 @@ def run_em_arms(
     ``arms`` says which to run (the others are taken from there when they are)."""
     from llm.roles import Role, model_path_for
     from trainer.checkpoints import CheckpointStore
-    from trainer.em import greedy_rationales, problem_nlls, prompt_model_example
+    from trainer.em import greedy_rationales_as_written, problem_nlls, prompt_model_example
     from trainer.engine import EngineOptions
     from trainer.sft import sft
 
@@ -396,11 +396,11 @@ def run_em_arms(
             budget.seed,
         )
         budget_tokens, batch = t.m_step.max_rationale_tokens, t.m_step.generation_batch_size
-        decoded = greedy_rationales(q.model, q.tokenizer, train + held, budget_tokens, batch)
-        raw = _raw_rationales(q, train + held, budget_tokens, batch, decoded)
+        decoded = greedy_rationales_as_written(q, train + held, budget_tokens, batch)
         del q
         gc.collect()
-        unparsed = sum(z is None for z in decoded)
+        unparsed = sum(not parsed for _, parsed in decoded)
+        raw = [z for z, _ in decoded]
         q_train, q_held = raw[: len(train)], raw[len(train) :]
         seeds_path.write_text(
             json.dumps(
@@ -472,31 +472,6 @@ def run_em_arms(
         path.write_text(json.dumps(record))
         info["arms"][arm] = record
     return info
-
-
-def _raw_rationales(q: Any, items: list[Any], budget: int, batch: int, decoded: list) -> list[str]:
-    """The parsed rationale where it parsed; else what q_φ wrote (one more decode of those)."""
-    from llm.prompts import RATIONALE_MODEL
-    from trainer.em import rationale_prompt
-    from trainer.sft import greedy_decode
-
-    todo = [i for i, z in enumerate(decoded) if z is None]
-    raw = (
-        greedy_decode(
-            q.model,
-            q.tokenizer,
-            [rationale_prompt(q.tokenizer, items[i]) for i in todo],
-            budget,
-            RATIONALE_MODEL.stop,
-            batch,
-        )
-        if todo
-        else []
-    )
-    out = [z or "" for z in decoded]
-    for i, (text, _) in zip(todo, raw):
-        out[i] = text.strip() or "-"
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -257,12 +257,11 @@ def rationale_tokens(tokenizer: Any, rationales: Sequence[str]) -> float:
     return sum(len(i) for i in ids) / len(ids)
 
 
-def greedy_reward(
-    q: RoleModel, p: RoleModel, items: Sequence[SeedItem], max_new_tokens: int, batch: int
-) -> tuple[float, float]:
-    """(mean reward under p_θ, mean length in tokens) of q_φ's greedy rationale per item. An
-    output that does not parse is scored as written (it is still what q_φ would give the M-step
-    to learn from)."""
+def greedy_rationales_as_written(
+    q: RoleModel, items: Sequence[SeedItem], max_new_tokens: int, batch: int
+) -> list[tuple[str, bool]]:
+    """(z, parsed) per item: q_φ's greedy rationale, parsed; an output that does not parse is
+    kept as written (it is still what q_φ would give the M-step to learn from)."""
     decoded = greedy_decode(
         q.model,
         q.tokenizer,
@@ -271,13 +270,22 @@ def greedy_reward(
         RATIONALE_MODEL.stop,
         batch,
     )
-    scored = []
-    for item, (text, finished) in zip(items, decoded):
+    out = []
+    for text, finished in decoded:
         try:
-            z = parse_rationale(text, truncated=not finished)
+            out.append((parse_rationale(text, truncated=not finished), True))
         except ParseError:
-            z = text.strip() or "-"
-        scored.append(item.with_rationale(z))
+            out.append((text.strip() or "-", False))
+    return out
+
+
+def greedy_reward(
+    q: RoleModel, p: RoleModel, items: Sequence[SeedItem], max_new_tokens: int, batch: int
+) -> tuple[float, float]:
+    """(mean reward under p_θ, mean length in tokens) of q_φ's greedy rationale per item, each
+    scored as ``greedy_rationales_as_written`` gives it."""
+    decoded = greedy_rationales_as_written(q, items, max_new_tokens, batch)
+    scored = [item.with_rationale(z) for item, (z, _) in zip(items, decoded)]
     return mean_reward(p, scored), rationale_tokens(q.tokenizer, [i.rationale for i in scored])
 
 
