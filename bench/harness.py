@@ -70,6 +70,13 @@ CASES: tuple[Case, ...] = (
         False,
     ),
     Case("loop", "loop", "the training-loop experiment (long: only with --case loop)", False),
+    Case(
+        "experiment",
+        "experiment",
+        "the experiment with controls: solver and EM arms on one step budget "
+        "(long: only with --case experiment)",
+        False,
+    ),
 )
 BY_NAME = {c.name: c for c in CASES}
 

@@ -34,10 +34,11 @@ def test_a_missing_case_module_is_a_not_run_row():
 
 
 def test_the_long_cases_are_left_out_by_default_and_said_so():
-    long = ["memory", "loop"]
+    long = ["memory", "loop", "experiment"]
     assert not set(long) & {c.name for c in harness.selected(None)}
     assert [r["case"] for r in harness.skipped_rows(None)] == long
     assert [c.name for c in harness.selected(["loop"])] == ["loop"]
+    assert [c.name for c in harness.selected(["experiment"])] == ["experiment"]
 
 
 def test_compare_puts_two_runs_side_by_side(tmp_path):

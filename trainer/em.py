@@ -180,15 +180,31 @@ class Window:
 # Scoring and decoding with an in-memory HF model
 
 
-def problem_nll(model: Any, tokenizer: Any, items: Sequence[SeedItem]) -> float:
-    """Mean per-token NLL of x given (c, z) under p_θ: the EM convergence signal."""
+def _problem_given_rationale(
+    tokenizer: Any, items: Sequence[SeedItem]
+) -> tuple[list[str], list[str]]:
+    """(c + z prompts, x continuations) of the items: what the problem NLL scores."""
     prompts, conts = [], []
     for item in items:
         z_part, x_part = synthesis_parts(item.rationale, item.problem)
         prompts.append(synthesis_prompt(tokenizer, item) + z_part)
         conts.append(x_part)
-    total, count = continuation_nll(model, tokenizer, prompts, conts)
+    return prompts, conts
+
+
+def problem_nll(model: Any, tokenizer: Any, items: Sequence[SeedItem]) -> float:
+    """Mean per-token NLL of x given (c, z) under p_θ: the EM convergence signal."""
+    total, count = continuation_nll(model, tokenizer, *_problem_given_rationale(tokenizer, items))
     return total / count if count else float("nan")
+
+
+def problem_nlls(model: Any, tokenizer: Any, items: Sequence[SeedItem]) -> list[tuple[float, int]]:
+    """Per item, (summed NLL, tokens) of x given (c, z): ``problem_nll`` item by item, for an
+    interval over seeds (bench/experiment.py)."""
+    prompts, conts = _problem_given_rationale(tokenizer, items)
+    return [
+        continuation_nll(model, tokenizer, [p], [c], batch_size=1) for p, c in zip(prompts, conts)
+    ]
 
 
 def greedy_rationales(
@@ -242,12 +258,11 @@ def rationale_tokens(tokenizer: Any, rationales: Sequence[str]) -> float:
     return sum(len(i) for i in ids) / len(ids)
 
 
-def greedy_reward(
-    q: RoleModel, p: RoleModel, items: Sequence[SeedItem], max_new_tokens: int, batch: int
-) -> tuple[float, float]:
-    """(mean reward under p_θ, mean length in tokens) of q_φ's greedy rationale per item. An
-    output that does not parse is scored as written (it is still what q_φ would give the M-step
-    to learn from)."""
+def greedy_rationales_as_written(
+    q: RoleModel, items: Sequence[SeedItem], max_new_tokens: int, batch: int
+) -> list[tuple[str, bool]]:
+    """(z, parsed) per item: q_φ's greedy rationale, parsed; an output that does not parse is
+    kept as written (it is still what q_φ would give the M-step to learn from)."""
     decoded = greedy_decode(
         q.model,
         q.tokenizer,
@@ -256,13 +271,22 @@ def greedy_reward(
         RATIONALE_MODEL.stop,
         batch,
     )
-    scored = []
-    for item, (text, finished) in zip(items, decoded):
+    out = []
+    for text, finished in decoded:
         try:
-            z = parse_rationale(text, truncated=not finished)
+            out.append((parse_rationale(text, truncated=not finished), True))
         except ParseError:
-            z = text.strip() or "-"
-        scored.append(item.with_rationale(z))
+            out.append((text.strip() or "-", False))
+    return out
+
+
+def greedy_reward(
+    q: RoleModel, p: RoleModel, items: Sequence[SeedItem], max_new_tokens: int, batch: int
+) -> tuple[float, float]:
+    """(mean reward under p_θ, mean length in tokens) of q_φ's greedy rationale per item, each
+    scored as ``greedy_rationales_as_written`` gives it."""
+    decoded = greedy_rationales_as_written(q, items, max_new_tokens, batch)
+    scored = [item.with_rationale(z) for item, (z, _) in zip(items, decoded)]
     return mean_reward(p, scored), rationale_tokens(q.tokenizer, [i.rationale for i in scored])
 
 
