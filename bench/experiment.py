@@ -634,9 +634,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("solver", "gold-solution NLL per token (GSM8K test)")]
+    panels = []
+    if report.get("solver"):
+        panels.append(("solver", "gold-solution NLL per token (GSM8K test)"))
     if report.get("em", {}).get("summary"):
         panels.append(("em", "held-out problem NLL per token (p_θ)"))
+    if not panels:  # no arm measured yet: nothing to draw
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (kind, title) in zip(axes[0], panels):
         if kind == "solver":

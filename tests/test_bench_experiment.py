@@ -160,3 +160,18 @@ def test_the_experiment_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir):
     kept = json.loads((out / "report.json").read_text())
     assert json.loads(json.dumps(again["solver"])) == kept["solver"]
     assert json.loads(json.dumps(again["em"]["summary"])) == kept["em"]["summary"]
+
+
+def test_a_report_of_the_em_arms_alone_is_plotted(tmp_path):
+    """`--solver-arms none` leaves no solver arm: the plot has the EM panel only (it raised on
+    the empty solver panel), and a report with no arm at all draws nothing."""
+    from bench.experiment import plot
+
+    summary = {
+        arm: {"heldout": {"nll_per_token": v, "interval": [v - 0.02, v + 0.02]}}
+        for arm, v in (("q_phi", 1.87), ("annotation", 1.86), ("none", 1.84))
+    }
+    plot({"solver": {}, "em": {"summary": summary}}, tmp_path / "em.png")
+    assert (tmp_path / "em.png").stat().st_size > 0
+    plot({"solver": {}, "em": {}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
