@@ -28,3 +28,29 @@ def test_a_closed_journal_reopens_with_its_decisions(tmp_path):
     journal.record({"a": _outputs("a")})
     journal.close()
     assert Journal(path).get(["a"]) == {"a": _outputs("a")}
+
+
+def test_workers_opening_a_new_journal_at_once_all_open_it(tmp_path):
+    """Two filter workers start on one journal file that does not exist yet: switching a fresh
+    file to WAL takes a lock SQLite does not wait for, and one of them failed with "database is
+    locked" (tests/test_filter_workers.py, two filter workers)."""
+    import threading
+
+    errors: list[Exception] = []
+    for attempt in range(20):  # a fresh file each time: the race is on the first open
+        path = tmp_path / f"filter{attempt}.sqlite"
+        barrier = threading.Barrier(6)
+
+        def open_journal(path=path, barrier=barrier) -> None:
+            barrier.wait()
+            try:
+                Journal(path).close()
+            except Exception as exc:  # noqa: BLE001 - the failure is what is asserted
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_journal) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []

@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from workers.backoff import Backoff
+
 Outputs = list[list]  # per output: [topic short name, key, record JSON, headers]
 
 _SCHEMA = """
@@ -29,6 +31,21 @@ CREATE TABLE IF NOT EXISTS decisions (
     created_at REAL NOT NULL
 )
 """
+
+
+def _wal(db: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """Switch to WAL, waiting for the other processes that open the same new file at once:
+    SQLite answers "database is locked" at once there instead of waiting its busy timeout
+    (tests/test_journal.py, two filter workers starting together)."""
+    deadline, delays = time.monotonic() + wait_s, Backoff(0.01, 0.5)
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delays.next())
 
 
 class Journal:
@@ -52,7 +69,7 @@ class Journal:
             db = sqlite3.connect(
                 self.path, timeout=30.0, isolation_level=None, check_same_thread=False
             )
-            db.execute("PRAGMA journal_mode=WAL")
+            _wal(db)
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a crash
             self._local.db = db
             with self._lock:
