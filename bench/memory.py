@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.rss import TreeSampler, measure_process  # noqa: E402
+from bench.rss import PeakRSS, TreeSampler, measure_process  # noqa: E402
 from streams import memory  # noqa: E402
 
 CASE = "memory"
@@ -82,25 +82,6 @@ def row(
 
 # ---------------------------------------------------------------------------------------------
 # 1. The account (runs in a child process: it loads every model)
-
-
-class _PeakRSS:
-    """The largest RSS of this process while a step runs (sampled every 0.1 s)."""
-
-    def __init__(self) -> None:
-        self.peak = memory.resident_bytes() or 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self.peak = max(self.peak, memory.resident_bytes() or 0)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, memory.resident_bytes() or 0)
 
 
 def _settle() -> dict[str, int]:
@@ -141,14 +122,14 @@ def account(work: Path) -> dict[str, Any]:
 
     def step(label: str, fn: Any) -> Any:
         before = _settle()
-        peak = _PeakRSS()
         started = time.monotonic()
-        try:
-            value = fn()
-            failed = None
-        except Exception as e:  # noqa: BLE001  (a step that fails is reported, the rest goes on)
-            value, failed = None, f"{type(e).__name__}: {e}".splitlines()[0][:200]
-        top = peak.stop()
+        with PeakRSS(every_s=0.1) as peak:
+            try:
+                value = fn()
+                failed = None
+            except Exception as e:  # noqa: BLE001  (a failing step is reported, the rest goes on)
+                value, failed = None, f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        top = peak.peak
         after = _settle()
         added = {k: after.get(k, 0) - before.get(k, 0) for k in ("rss", "anon", "file", "pss")}
         steps.append(

@@ -146,3 +146,28 @@ class TreeSampler:
 
     def to_json(self) -> list[dict[str, Any]]:
         return [{"t": round(s.t, 2), "procs": s.procs} for s in self.samples]
+
+
+class PeakRSS:
+    """The highest resident set size of this process (bytes) while a block runs, sampled from
+    a thread every ``every_s``: ``with PeakRSS() as rss: ...`` then ``rss.start``, ``rss.peak``."""
+
+    def __init__(self, every_s: float = 0.02) -> None:
+        self.every_s = every_s
+        self.start = self.peak = resident_bytes() or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, resident_bytes() or 0)
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = resident_bytes() or 0
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_bytes() or 0)

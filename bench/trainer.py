@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.harness import ROOT, Row, not_run, ratios, row, timing
+from bench.rss import PeakRSS
 
 CASE = "trainer (cpu profile)"
 KINDS = ("dpo", "sft", "em", "trl-dpo")
@@ -38,34 +38,6 @@ WINDOW = {"dpo": 8, "sft": 8, "em": 6}  # pairs, traces, seeds (x K=4 rationales
 
 # ---------------------------------------------------------------------------------------------
 # One window, in this process
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakRSS:
-    """The highest resident set size seen while the block runs (sampled every 20 ms)."""
-
-    def __init__(self) -> None:
-        self.start = self.peak = rss_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_mb())
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = rss_mb()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
 
 
 def model_dir(name: str) -> str:
@@ -168,7 +140,9 @@ def run_window(
         started = time.perf_counter()
         result = loop.run_window(records)
         out["wall_s"] = time.perf_counter() - started
-    out.update(rss_loaded_mb=rss.start, rss_peak_mb=rss.peak, skipped=result.skipped)
+    out.update(
+        rss_loaded_mb=rss.start / 2**20, rss_peak_mb=rss.peak / 2**20, skipped=result.skipped
+    )
     out["updates"] = [{"step": u.step, **u.metrics} for u in result.updates]
     return out
 
@@ -222,8 +196,8 @@ def trl_dpo_window(base: str, t: Any) -> dict[str, Any]:
         wall = time.perf_counter() - started
     return {
         "wall_s": wall,
-        "rss_loaded_mb": rss.start,
-        "rss_peak_mb": rss.peak,
+        "rss_loaded_mb": rss.start / 2**20,
+        "rss_peak_mb": rss.peak / 2**20,
         "updates": [{"step": "dpo", "train_loss": float(result.training_loss)}],
     }
 
