@@ -83,7 +83,10 @@ def test_verify_sets_the_drift_gauges_from_its_accepted_problems():
             problem=problem,
         )
         for i, (problem, rationale) in enumerate(
-            [(APPLES, "12 + 30 = 42, so the answer is 42."), (TRAIN, "So the answer is 7.")]
+            [
+                (APPLES, "12 + 30 = 42, so the answer is 42."),
+                (TRAIN, "240 / 60 = 4 hours after 3 pm: 3 + 4 = 7, so the answer is 7."),
+            ]
         )
     ]
     try:

@@ -125,17 +125,37 @@ def test_no_stated_answer_or_a_wrong_step_leaves_no_reference():
     assert (long.answer, long.reason) == (None, "no_reference")
 
 
+def test_a_bare_claim_with_no_step_checked_is_no_reference():
+    """A reference is "checked" only when the oracle checked something: p_θ's cold-started
+    rationales state an answer with no ``a op b = c`` step at all (5 of 30 in bench.reference's
+    run), and that claim is no more independent than a guess."""
+    bare = designer_reference("Convert the capacity to volume. So the answer is 1000.")
+    assert (bare.answer, bare.reason) == (None, "no_reference")
+    assert "0 arithmetic steps checked" in bare.detail
+    one = designer_reference("Multiply: 10 * 100 = 1000, so the answer is 1000.")
+    assert one.answer == "1000"
+    assert designer_reference("So the answer is 1000.", min_steps=0).answer == "1000"
+
+
 def test_every_cold_start_rationale_of_the_first_seeds_gives_the_gold_answer():
     """The rationales p_θ is trained on (workers/annotation.py) state the seed's answer with
-    steps that check: the designer's reference of a faithful p_θ is the right answer."""
+    steps that check: the designer's reference of a faithful p_θ is the right answer, or none
+    where the steps the rationale kept have no ``a op b = c`` in them (73 of the first 512)."""
     from workers.annotation import annotate_from_seed
     from workers.seeds import load_seeds
 
     seeds = load_seeds("gsm8k", "train", 64)
+    gold = 0
     for seed in seeds:
         _, rationale = annotate_from_seed(seed, 5)
         got = designer_reference(rationale)
-        assert got.answer is not None and got.answer.replace(",", "") == seed.answer, rationale
+        if got.answer is None:
+            assert check_arithmetic(rationale).checked == 0, rationale
+            assert got.reason == "no_reference"
+            continue
+        assert got.answer.replace(",", "") == seed.answer, rationale
+        gold += 1
+    assert gold >= 48, gold  # three in four at least
 
 
 def test_the_teacher_reference_is_its_majority(oracle):

@@ -4,7 +4,8 @@ Where the reference comes from (``verify.math.reference``, docs/verification.md)
 
 - ``teacher``: the majority of a teacher model's own rollouts (``teacher_reference``);
 - ``designer``: the answer p_θ's rationale states ("... so the answer is N"), accepted only when
-  every ``a op b = c`` step of the rationale checks (``designer_reference``, ``check_arithmetic``);
+  the rationale has ``a op b = c`` steps (``verify.math.designer_min_steps``) and every one
+  checks (``designer_reference``, ``check_arithmetic``);
 - ``majority``: the plurality of the solver's own rollouts (self-agreement, not verification).
 
 A rollout votes only with a *final answer*: the last ``\\boxed{...}`` or an explicit "the answer
@@ -505,10 +506,11 @@ class Reference:
     detail: str = ""
 
 
-def designer_reference(rationale: str) -> Reference:
-    """The answer the designer's rationale states, if it states one and every arithmetic step
-    of the rationale checks. A stated "the answer is 1 + 18 = 19" gives 19 (the chain itself
-    is checked with the rest)."""
+def designer_reference(rationale: str, min_steps: int = 1) -> Reference:
+    """The answer the designer's rationale states, if it states one, at least ``min_steps`` of
+    its arithmetic steps were checked (a bare "so the answer is N" is a claim, not a checked
+    answer) and every one of them holds. A stated "the answer is 1 + 18 = 19" gives 19 (the
+    chain itself is checked with the rest)."""
     rationale = as_text(rationale)
     if len(rationale) > MAX_RATIONALE_CHARS:
         return Reference(
@@ -529,6 +531,13 @@ def designer_reference(rationale: str) -> Reference:
             DESIGNER,
             DESIGNER_ARITHMETIC,
             f"{len(arithmetic.failed)} of {arithmetic.checked} steps do not check: {shown}",
+        )
+    if arithmetic.checked < min_steps:
+        return Reference(
+            None,
+            DESIGNER,
+            NO_REFERENCE,
+            f"{arithmetic.checked} arithmetic steps checked; a stated answer needs {min_steps}",
         )
     return Reference(stated, DESIGNER, None, f"{arithmetic.checked} arithmetic steps checked")
 

@@ -30,6 +30,12 @@ class MathCheckSettings(Section):
         description='reference "teacher": share of the teacher\'s rollouts its majority cluster '
         "needs to become the reference.",
     )
+    designer_min_steps: int = Field(
+        1,
+        ge=0,
+        description='reference "designer": arithmetic steps of the rationale that must check '
+        'before its stated answer is a reference (0: a bare "so the answer is N" counts).',
+    )
     equivalence_timeout_s: float = Field(
         2.0, gt=0.0, description="Wall-clock bound on one equivalence check in the worker process."
     )

@@ -246,7 +246,8 @@ class VerifyStage(ModelStage[CandidateProblem]):
 
         source = self.reference_source
         if source == DESIGNER:
-            return {c.id: (designer_reference(c.rationale), []) for c in candidates}
+            steps = self.settings.verify.math.designer_min_steps
+            return {c.id: (designer_reference(c.rationale, steps), []) for c in candidates}
         if source == MAJORITY:
             return {c.id: (Reference(None, MAJORITY), []) for c in candidates}
         out = {}
@@ -335,7 +336,11 @@ class VerifyStage(ModelStage[CandidateProblem]):
             teacher_rollouts=teacher_rollouts,
         )
         if emit.record.accepted:  # type: ignore[attr-defined]
-            designer = designer_reference(c.rationale).answer if source != DESIGNER else ref.answer
+            designer = (
+                designer_reference(c.rationale, self.settings.verify.math.designer_min_steps).answer
+                if source != DESIGNER
+                else ref.answer
+            )
             agrees = None
             if designer is not None and plurality.reference is not None:
                 agrees = agreement(designer, [plurality.reference], self.oracle)[0]
