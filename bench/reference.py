@@ -12,7 +12,13 @@ folder has none), the rollouts from the embedded solver with the verify stage's 
 step is kept in ``--out`` and resumed: candidates.jsonl, rollouts.jsonl, then report.json (counts
 with Wilson 95% intervals, the paired table, reasons) and accepted-<rule>.md to read.
 
+``designer`` in the report says what p_θ's rationales give the designer rule whatever the solver
+does: how many state an answer, with how many of their ``a op b = c`` steps checked. With
+``--cold-start-seeds``/``--cold-start-epochs`` (a cold start of another size) and
+``--designer-only`` (no rollouts) it is the dose-response of the cold start:
+
     python -m bench.reference --candidates 96 --out bench-out/reference
+    python -m bench.reference --candidates 30 --cold-start-seeds 128 --designer-only --out DIR
 """
 
 from __future__ import annotations
@@ -69,24 +75,28 @@ class ReplayBackend(Backend):
         raise NotImplementedError
 
 
+COLD_START: dict[str, Any] = {}  # --cold-start-seeds / --cold-start-epochs, for every step
+
+
 def _settings(out: Path, **overrides: Any):
     from promptcot.settings import Settings
 
-    base = {
-        "trainer": {"profile": "cpu", "checkpoint_dir": str(out / "checkpoints")},
-        "metrics": {"port": 0},
-    }
+    trainer = {"profile": "cpu", "checkpoint_dir": str(out / "checkpoints")}
+    if COLD_START:
+        trainer["cold_start"] = COLD_START
+    base = {"trainer": trainer, "metrics": {"port": 0}}
     return Settings(**{**base, **overrides})
 
 
 def cold_start(out: Path) -> None:
     from promptcot.settings import Settings  # noqa: F401 - settings load first
     from trainer.coldstart import cold_start as run
+    from trainer.coldstart import needs_cold_start
     from trainer.em import EMTrainer
 
     settings = _settings(out)
     trainer = EMTrainer.on_models(settings.trainer, settings.models)
-    if trainer.needs_cold_start():
+    if needs_cold_start(settings, trainer):
         print("cold start ...", file=sys.stderr, flush=True)
         run(settings, trainer)
 
@@ -131,7 +141,10 @@ def rollouts(out: Path, cands: list) -> dict[str, list[Completion]]:
     for line in _lines(path):
         row = json.loads(line)
         done[row["id"]] = [Completion(**c) for c in row["completions"]]
+    from promptcot.startup import serve_newest
+
     settings = _settings(out)
+    serve_newest(settings)  # the cold-started solver, as `up` serves it
     v = settings.verify
     solver = backend_for(settings.models, Role.SOLVER)
     todo = [c for c in cands if c.id not in done]
@@ -226,6 +239,21 @@ def judge(out: Path, cands: list, recorded: dict[str, list[Completion]]) -> dict
     return report
 
 
+def designer_stats(cands: list) -> dict[str, Any]:
+    """What the candidates' rationales give the designer rule, rollouts aside: a stated answer
+    with its arithmetic checked, or why not."""
+    from verification.mathcheck.reference import designer_reference
+
+    refs = [designer_reference(c.rationale) for c in cands]
+    k, n = sum(ref.answer is not None for ref in refs), len(cands)
+    return {
+        "states_a_checked_answer": k,
+        "rate": round(k / n, 4) if n else 0.0,
+        "wilson95": [round(x, 4) for x in wilson(k, n)],
+        "reasons": dict(Counter(ref.reason for ref in refs if ref.answer is None).most_common()),
+    }
+
+
 def _rollout_stats(recorded: dict[str, list[Completion]]) -> dict[str, int]:
     """What the solver's rollouts are: cut by the budget, with a final answer, or with only a
     number the old rule's last-number fallback read as one."""
@@ -275,13 +303,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--candidates", type=int, default=96)
     parser.add_argument("--out", type=Path, default=Path("bench-out/reference"))
+    parser.add_argument("--cold-start-seeds", type=int, help="trainer.cold_start.seeds")
+    parser.add_argument("--cold-start-epochs", type=float, help="trainer.cold_start.epochs")
+    parser.add_argument(
+        "--designer-only", action="store_true", help="no rollouts: the rationales' answers only"
+    )
     args = parser.parse_args(argv)
+    if args.cold_start_seeds is not None:
+        COLD_START["seeds"] = args.cold_start_seeds
+    if args.cold_start_epochs is not None:
+        COLD_START["epochs"] = args.cold_start_epochs
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     cold_start(args.out)
     cands = candidates(args.out, args.candidates)
-    recorded = rollouts(args.out, cands)
-    report = judge(args.out, cands, recorded)
+    if args.designer_only:
+        report: dict[str, Any] = {"candidates": len(cands), "cold_start": COLD_START}
+    else:
+        report = judge(args.out, cands, rollouts(args.out, cands))
+    report["designer"] = designer_stats(cands)
     report["wall_s"] = round(time.monotonic() - t0, 1)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

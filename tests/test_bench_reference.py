@@ -50,3 +50,28 @@ def test_the_replay_answers_with_the_recorded_rollouts_of_the_problem_in_the_pro
     assert (a.text, b.text) == ("5", "\\boxed{4}")
     with pytest.raises(NotImplementedError):
         replay.score([], [])
+
+
+def test_designer_stats_count_the_answers_a_rationale_states_and_checks():
+    from bench.reference import designer_stats
+
+    def cand(rationale: str) -> CandidateProblem:
+        return CandidateProblem(
+            concept_set_id="c",
+            domain="math",
+            difficulty="",
+            concepts=[],
+            rationale=rationale,
+            problem="p?",
+        )
+
+    stats = designer_stats(
+        [
+            cand("48/2 = 24 clips, so the answer is 24."),
+            cand("So the answer is 1000."),  # a bare claim: nothing checked
+            cand("48/2 = 25, so the answer is 25."),
+            cand("Concepts to combine: fractions."),
+        ]
+    )
+    assert (stats["states_a_checked_answer"], stats["rate"]) == (1, 0.25)
+    assert stats["reasons"] == {"no_reference": 2, "designer_arithmetic": 1}

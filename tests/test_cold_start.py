@@ -102,7 +102,7 @@ def _settings(tmp_path, model, **trainer) -> Settings:
     )
 
 
-def test_the_em_stage_cold_starts_both_models_on_first_start(tmp_path, tiny_model_dir):
+def test_the_em_stage_cold_starts_every_model_on_first_start(tmp_path, tiny_model_dir):
     from trainer.stages import EStepStage
 
     settings = _settings(tmp_path, tiny_model_dir)
@@ -112,6 +112,7 @@ def test_the_em_stage_cold_starts_both_models_on_first_start(tmp_path, tiny_mode
     assert [(u.role, u.version) for u in updates] == [
         ("rationale_model", "rationale_model/v0001-cold_start"),
         ("prompt_model", "prompt_model/v0001-cold_start"),
+        ("solver", "solver/v0001-cold_start"),
     ]
     seeds = load_seeds("gsm8k", "train", 8)
     held = [s for s in seeds if is_heldout(s.id, 0.25)]
@@ -129,6 +130,45 @@ def test_the_em_stage_cold_starts_both_models_on_first_start(tmp_path, tiny_mode
     assert EStepStage(settings).start() == []
     store = CheckpointStore(tmp_path / "ckpt")
     assert [c.tag for c in store.list("prompt_model")] == ["v0001-cold_start"]
+    assert [c.tag for c in store.list("solver")] == ["v0001-cold_start"]
+
+
+def test_the_solver_learns_the_seeds_worked_solutions_in_its_answer_format(
+    tmp_path, tiny_model_dir
+):
+    """The solver's cold start: the seeds' GSM8K solutions as the solver is asked to write them
+    (steps, then a boxed answer), trained like the other models' cold start; the held-out seeds'
+    solutions are its signal and never trained on. It is DPO's first anchor."""
+    from llm.roles import Role
+    from trainer.anchor import resolve
+    from trainer.coldstart import cold_start, gold_solutions
+    from trainer.em import EMTrainer
+
+    settings = _settings(tmp_path, tiny_model_dir)
+    trainer = EMTrainer.on_models(settings.trainer, settings.models)
+    done = cold_start(settings, trainer)
+    solver = [u for u in done.updates if u.role == Role.SOLVER]
+    assert [u.version for u in solver] == ["solver/v0001-cold_start"]
+    gold = gold_solutions(done.data.solved)
+    held = {g.id for g in gold if is_heldout(g.problem_id, 0.25)}
+    m = solver[0].metrics
+    assert m["n_heldout_traces"] == len(held) >= 1 and m["n_traces"] == len(gold) - len(held)
+    assert m["heldout_trace_nll_after"] < m["heldout_trace_nll_before"] - 0.1, m
+    assert all(
+        g.completion.endswith(f"\\boxed{{{s.answer}}}.") for g, s in zip(gold, done.data.solved)
+    )
+    store = CheckpointStore(tmp_path / "ckpt")
+    trained = set(store.latest(Role.SOLVER).metadata["trained_ids"])
+    assert trained == {g.id for g in gold} - held
+    anchor = resolve(store.latest(Role.SOLVER), Role.SOLVER, str(tiny_model_dir), 0)
+    assert anchor.version == "solver/v0001-cold_start"
+    # Every model has a checkpoint: nothing to do, and the solver's cold start can be off.
+    assert cold_start(settings, trainer) is None
+    off = _settings(
+        tmp_path / "off", tiny_model_dir, cold_start={**FAST, "seeds": 8, "solver": False}
+    )
+    done = cold_start(off, EMTrainer.on_models(off.trainer, off.models))
+    assert [u.role for u in done.updates] == ["rationale_model", "prompt_model"]
 
 
 def test_up_goes_on_from_the_base_models_when_the_cold_start_fails(tmp_path, capsys):
@@ -146,7 +186,7 @@ def test_up_goes_on_from_the_base_models_when_the_cold_start_fails(tmp_path, cap
 def test_train_cold_start_command(tmp_path, tiny_model_dir, monkeypatch):
     from promptcot.cli import app
 
-    for role in ("PROMPT_MODEL", "RATIONALE_MODEL"):
+    for role in ("PROMPT_MODEL", "RATIONALE_MODEL", "SOLVER"):
         monkeypatch.setenv(f"PROMPTCOT_MODELS__{role}__MODEL", str(tiny_model_dir))
     monkeypatch.setenv(
         "PROMPTCOT_TRAINER",
@@ -186,6 +226,7 @@ def test_cold_start_under_torchrun_trains_data_parallel_and_rank_0_writes(tmp_pa
             "PROMPTCOT_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
             "PROMPTCOT_MODELS__PROMPT_MODEL__MODEL": str(tiny_model_dir),
             "PROMPTCOT_MODELS__RATIONALE_MODEL__MODEL": str(tiny_model_dir),
+            "PROMPTCOT_MODELS__SOLVER__MODEL": str(tiny_model_dir),
             "PROMPTCOT_TRAINER": json.dumps(
                 {"checkpoint_dir": str(tmp_path / "ckpt"), "cold_start": FAST}
             ),
@@ -204,10 +245,10 @@ def test_cold_start_under_torchrun_trains_data_parallel_and_rank_0_writes(tmp_pa
         topic = MODELS.full_name(kafka.namespace)
         announced = list(read_all(kafka, kafka.bootstrap_servers, topic))
     store = CheckpointStore(tmp_path / "ckpt")
-    for role in ("rationale_model", "prompt_model"):
+    for role in ("rationale_model", "prompt_model", "solver"):
         assert [c.tag for c in store.list(role)] == ["v0001-cold_start"]  # one, not one a rank
     assert done.stdout.count("annotated 8 seeds") == 1  # rank 0 reports, the other is quiet
-    assert len(announced) == 2  # one update per role, from rank 0 only
+    assert len(announced) == 3  # one update per role, from rank 0 only
 
 
 def test_up_publishes_seeds_the_cold_start_did_not_train_on(tmp_path):
@@ -258,14 +299,14 @@ def test_up_shows_the_cold_start_as_one_progress_bar_and_logs_its_details(
     out, err = capfd.readouterr()
     assert out == "" and err == "", (out + err)[-3000:]  # nothing raw, nothing beside the console
     shown = screen.getvalue()
-    for phase in ("annotating seeds", "training rationale_model", "training prompt_model"):
+    phases = ("annotating seeds", "training rationale_model", "training prompt_model")
+    for phase in (*phases, "training solver"):
         assert f"cold start: {phase}" in shown, shown[-3000:]
     assert "━" in shown  # a bar
     assert "train_runtime" not in shown and "{'" not in shown and "tokenizer" not in shown
     log = tmp_path / "out" / "logs" / "cold-start.log"
-    assert f"rationale_model/v0001-cold_start, prompt_model/v0001-cold_start (details: {log})" in (
-        " ".join(shown.split())
-    )
+    versions = "rationale_model/v0001-cold_start, prompt_model/v0001-cold_start, "
+    assert f"{versions}solver/v0001-cold_start (details: {log})" in " ".join(shown.split())
     details = log.read_text()
     assert "train_loss" in details and "saved checkpoint" in details, details[-3000:]
-    assert len(announced) == 2
+    assert len(announced) == 3  # p_θ, q_φ and the solver

@@ -83,6 +83,9 @@ class ColdStartConfig(StepConfig):
     on_first_start: bool = True  # the em stage runs it when p_θ or q_φ has no checkpoint yet
     source: Literal["gsm8k"] = "gsm8k"
     seeds: int = Field(512, ge=1)
+    # The solver too, on the same seeds' worked solutions in its answer format (its first
+    # version, and DPO's first anchor): trainer/coldstart.py ``solver_cold_start``.
+    solver: bool = True
 
 
 class EStepConfig(StepConfig):

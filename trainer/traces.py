@@ -15,7 +15,7 @@ from typing import Any
 from streams.records import SolverTrace
 from trainer.engine import EngineOptions, continuation_nll
 from trainer.role_models import RoleModel
-from trainer.settings import SolverSFTConfig
+from trainer.settings import SolverSFTConfig, StepConfig, WindowConfig
 from trainer.sft import sft
 from trainer.solver import SolverWindows, solver_prompt
 
@@ -67,3 +67,19 @@ class SolverSFTLoop(SolverWindows[SolverTrace]):
         }
         log.info("SFT window: %d traces, %s NLL %.4f -> %.4f", len(rows), label, before, after)
         return metrics, {}
+
+
+class SolverColdStart(SolverSFTLoop):
+    """The solver's cold start (trainer/coldstart.py ``solver_cold_start``): one window of the
+    cold-start seeds' worked solutions (``GoldSolution``, shaped like a trace), with the cold
+    start's step settings, as version ``cold_start`` of the solver's lineage. Held-out seeds'
+    solutions are its signal, in a pool of their own."""
+
+    step = "cold_start"
+    noun = "worked solution"
+    heldout_file = "heldout-gold.jsonl"
+
+    @property
+    def cfg(self) -> SolverSFTConfig:
+        steps = self.settings.cold_start.model_dump(include=set(StepConfig.model_fields))
+        return SolverSFTConfig(**steps, window=WindowConfig(min_records=1))

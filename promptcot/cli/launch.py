@@ -179,23 +179,24 @@ def up(
 
 
 def cold_start_first(settings, bootstrap: str) -> None:
-    """The paper's cold start before anything generates, when p_θ or q_φ has no checkpoint yet
-    (the em stage would run it too, but in one process it would share the CPU with every other
-    stage, and generation would meanwhile run on the base model). Announced on the models topic."""
+    """The paper's cold start before anything generates, when p_θ, q_φ or the solver has no
+    checkpoint yet (the em stage would run it too, but in one process it would share the CPU
+    with every other stage, and generation would meanwhile run on the base model). Announced on
+    the models topic."""
     import logging
 
     from promptcot.progress import ColdStartBar
     from promptcot.runlog import details_to, quiet_progress_bars
     from streams.clients import publish
     from streams.topics import MODELS
-    from trainer.coldstart import cold_start, on_first_start
+    from trainer.coldstart import cold_start, needs_cold_start, on_first_start
     from trainer.em import EMTrainer
 
     cfg = settings.trainer
     if not on_first_start(cfg):
         return
     trainer = EMTrainer.on_models(cfg, settings.models)
-    if not trainer.needs_cold_start():
+    if not needs_cold_start(settings, trainer):
         return
     quiet_progress_bars()
     log = Path(settings.sink.output_dir) / "logs" / "cold-start.log"
@@ -217,7 +218,7 @@ def cold_start_first(settings, bootstrap: str) -> None:
             soft_wrap=True,
         )
         return
-    if done is None:  # both models have checkpoints already
+    if done is None:  # every model has a checkpoint already
         return
     publish(settings.kafka, bootstrap, MODELS, done.updates)
     console.print(
