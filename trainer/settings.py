@@ -80,7 +80,7 @@ class ColdStartConfig(StepConfig):
 
     lr: float = 2e-5
     epochs: float = 2.0
-    on_first_start: bool = True  # the em stage runs it when p_θ or q_φ has no checkpoint yet
+    on_first_start: bool = True  # `up` and the em stage run it when a model has no checkpoint yet
     source: Literal["gsm8k"] = "gsm8k"
     seeds: int = Field(512, ge=1)
     # The solver too, on the same seeds' worked solutions in its answer format (its first
