@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -58,14 +59,28 @@ class ProblemStore:
         self.settings = settings or StoreSettings()
         self.dim = dim
         self._db = lancedb.connect(self.settings.uri)
-        # exist_ok: workers starting together on an empty folder race to create the table;
-        # the losers open the winner's (a list-then-create check failed one of them).
-        self._table = self._db.create_table(
-            self.settings.table, schema=problem_schema(dim), exist_ok=True
-        )
+        self._table = self._create_or_open()
         self._writes = 0  # add() calls since the last optimize()
         self._indexed_rows = self._vector_index_rows()  # rows when the index was last trained
         self.optimizations = 0
+
+    def _create_or_open(self, tries: int = 8) -> Any:
+        """The table, created if it is not there. Workers starting together on an empty folder
+        race to create it: exist_ok lets the losers open the winner's (a list-then-create check
+        failed one of them), and a creation that Lance preempted ("Retryable commit conflict")
+        is tried again, after a short pause, until it opens the table another process made."""
+        delay = 0.02
+        for attempt in range(tries):
+            try:
+                return self._db.create_table(
+                    self.settings.table, schema=problem_schema(self.dim), exist_ok=True
+                )
+            except RuntimeError as exc:
+                if "Retryable commit conflict" not in str(exc) or attempt == tries - 1:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
 
     # Writes ----------------------------------------------------------------------------------
 
