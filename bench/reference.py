@@ -13,7 +13,7 @@ step is kept in ``--out`` and resumed: candidates.jsonl, rollouts.jsonl, then re
 with Wilson 95% intervals, the paired table, reasons) and accepted-<rule>.md to read.
 
 ``designer`` in the report says what p_θ's rationales give the designer rule whatever the solver
-does: how many state an answer, with how many of their ``a op b = c`` steps checked. With
+does: how many state an answer whose arithmetic checks, and why the others give none. With
 ``--cold-start-seeds``/``--cold-start-epochs`` (a cold start of another size) and
 ``--designer-only`` (no rollouts) it is the dose-response of the cold start:
 
@@ -134,6 +134,7 @@ def rollouts(out: Path, cands: list) -> dict[str, list[Completion]]:
     """The solver's rollouts per candidate, as the verify stage samples them (rollouts.jsonl)."""
     from llm.prompts import SOLVER_MATH
     from llm.roles import Role, backend_for
+    from promptcot.startup import serve_newest
     from streams.records import content_hash
 
     path = out / "rollouts.jsonl"
@@ -141,8 +142,6 @@ def rollouts(out: Path, cands: list) -> dict[str, list[Completion]]:
     for line in _lines(path):
         row = json.loads(line)
         done[row["id"]] = [Completion(**c) for c in row["completions"]]
-    from promptcot.startup import serve_newest
-
     settings = _settings(out)
     serve_newest(settings)  # the cold-started solver, as `up` serves it
     v = settings.verify
