@@ -99,9 +99,7 @@ def cold_start_data(
             by_id.update((seed.id, seed) for seed in more)
     finally:
         stage.close()
-    data.solved = [
-        by_id[a.seed_id] for a in data.triples if by_id.get(a.seed_id) and by_id[a.seed_id].solution
-    ]
+    data.solved = [s for a in data.triples if (s := by_id.get(a.seed_id)) and s.solution]
     return data
 
 

@@ -69,18 +69,22 @@ class ProblemStore:
         race to create it: exist_ok lets the losers open the winner's (a list-then-create check
         failed one of them), and a creation that Lance preempted ("Retryable commit conflict")
         is tried again, after a short pause, until it opens the table another process made."""
+
+        def create() -> Any:
+            return self._db.create_table(
+                self.settings.table, schema=problem_schema(self.dim), exist_ok=True
+            )
+
         delay = 0.02
-        for attempt in range(tries):
+        for _ in range(tries - 1):
             try:
-                return self._db.create_table(
-                    self.settings.table, schema=problem_schema(self.dim), exist_ok=True
-                )
+                return create()
             except RuntimeError as exc:
-                if "Retryable commit conflict" not in str(exc) or attempt == tries - 1:
+                if "Retryable commit conflict" not in str(exc):
                     raise
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+            time.sleep(delay)
+            delay *= 2
+        return create()  # the last try: its error is the caller's
 
     # Writes ----------------------------------------------------------------------------------
 
