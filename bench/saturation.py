@@ -12,11 +12,18 @@ the GPU server. Side by side, interleaved in one run:
 
 Goals: stage >= 0.9x direct (records/s) and the server busy >= 95% of the stage's run (busy =
 slot-seconds in use / (capacity x run time), from the server's own in-flight report).
+
+CPU per record (issue 18 item 4): this process's CPU time (every thread; the server and the
+broker are other processes) over each arm, per record. The direct arm's is the backend's client
+(HTTP, JSON) alone; the stage's adds the runtime (consume, decode, the stage's own work,
+encode, produce, offsets) and the driver's publishing, so stage - direct is the runtime's own
+cost per record, model time excluded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,6 +79,8 @@ def measure(quick: bool = False) -> list[Row]:
                 "mean_direct",
                 "full_stage",
                 "full_direct",
+                "cpu_stage",
+                "cpu_direct",
             )
         }
 
@@ -87,7 +96,9 @@ def measure(quick: bool = False) -> list[Row]:
             for r in range(runs):
                 sets = bench_concept_sets(n_records, tag=f"direct{r}")
                 before = await loop.run_in_executor(None, stats)
+                cpu = cpu_seconds()
                 seconds = await loop.run_in_executor(None, direct, sets)
+                figures["cpu_direct"].append(1000 * (cpu_seconds() - cpu) / n_records)
                 served = busy(before, await loop.run_in_executor(None, stats))
                 figures["direct"].append(n_records / seconds)
                 figures["busy_direct"].append(100 * served["busy"])
@@ -96,7 +107,9 @@ def measure(quick: bool = False) -> list[Row]:
 
                 sets = bench_concept_sets(n_records, tag=f"stage{r}")
                 before = await loop.run_in_executor(None, stats)
+                cpu = cpu_seconds()
                 seconds = await driver.pump(CONCEPTS, sets)
+                figures["cpu_stage"].append(1000 * (cpu_seconds() - cpu) / n_records)
                 served = busy(before, await loop.run_in_executor(None, stats))
                 figures["stage"].append(n_records / seconds)
                 figures["busy_stage"].append(100 * served["busy"])
@@ -109,6 +122,7 @@ def measure(quick: bool = False) -> list[Row]:
             backend.close()
 
     ratio = [s / d for s, d in zip(figures["stage"], figures["direct"], strict=True)]
+    runtime_cpu = [s - d for s, d in zip(figures["cpu_stage"], figures["cpu_direct"], strict=True)]
     setup = (
         f"{n_records} concept sets, capacity {capacity}, {latency_s} s + {per_token_s} s/token, "
         f"2 x {max_tokens} tokens"
@@ -130,6 +144,9 @@ def measure(quick: bool = False) -> list[Row]:
         ),
         timing(CASE, "time at full capacity, stage", figures["full_stage"], "%"),
         timing(CASE, "time at full capacity, direct", figures["full_direct"], "%"),
+        timing(CASE, "CPU per record, stage process (runtime, client)", figures["cpu_stage"], "ms"),
+        timing(CASE, "CPU per record, direct (the client alone)", figures["cpu_direct"], "ms"),
+        timing(CASE, "CPU per record, the runtime's own (stage - direct)", runtime_cpu, "ms"),
         row(
             CASE,
             "requests in flight the backend asks for (max_in_flight)",
@@ -137,3 +154,9 @@ def measure(quick: bool = False) -> list[Row]:
             "requests",
         ),
     ]
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process so far, user + system, every thread."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

@@ -1,4 +1,4 @@
-"""An asyncio event loop on a daemon thread of its own, for backends whose client is async (httpx
+"""An asyncio event loop on a daemon thread of its own, for backends whose client is async (aiohttp
 for OpenAI-compatible servers, vLLM's AsyncLLM): the stages call them from worker threads and
 wait there for the loop's result, while the loop keeps every request of every caller in flight.
 """

@@ -13,15 +13,19 @@ prompt the server rejects for its length becomes a per-item ``context_overflow``
 
 Scoring sends prompt+continuation with ``echo`` and ``logprobs`` and ``max_tokens=1``, and keeps
 the echoed prompt tokens whose text lies in the continuation (``text_offset``).
+
+The client is aiohttp, for its CPU per request (docs/models.md, "Keeping engines saturated"):
+at a server's throughput, the stage's own CPU is what competes with the server for the cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
-import httpx
+import aiohttp
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -79,18 +83,17 @@ class OpenAIBackend(Backend):
         self._closed = False
         self._client, self._slots = self._loop.run(self._open())
 
-    async def _open(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+    async def _open(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
         s = self.settings
-        client = httpx.AsyncClient(
-            base_url=s.base_url.rstrip("/"),
-            # No pool timeout: the semaphore below admits only as many requests as connections.
-            timeout=httpx.Timeout(s.timeout_s, connect=min(s.timeout_s, 10.0), pool=None),
+        session = aiohttp.ClientSession(
+            base_url=s.base_url.rstrip("/") + "/",
+            # The semaphore below admits only as many requests as connections, so no request
+            # waits for a pooled connection: the connect bound is the socket's alone.
+            timeout=aiohttp.ClientTimeout(total=s.timeout_s, sock_connect=min(s.timeout_s, 10.0)),
             headers={"Authorization": f"Bearer {s.api_key}"},
-            limits=httpx.Limits(
-                max_connections=s.concurrency, max_keepalive_connections=s.concurrency
-            ),
+            connector=aiohttp.TCPConnector(limit=s.concurrency),
         )
-        return client, asyncio.Semaphore(s.concurrency)
+        return session, asyncio.Semaphore(s.concurrency)
 
     @property
     def max_in_flight(self) -> int:
@@ -117,23 +120,23 @@ class OpenAIBackend(Backend):
         s = self.settings
         async with self._slots:  # held for the request only, not across backoff sleeps
             try:
-                resp = await self._client.post(path, json=body)
-            except httpx.ConnectTimeout as exc:
+                async with self._client.post(path.lstrip("/"), json=body) as resp:
+                    # JSON is UTF-8 (RFC 8259); bytes that are not become U+FFFD, not an error.
+                    status, text = resp.status, (await resp.read()).decode(errors="replace")
+            except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one
                 raise UnreachableError(f"{s.base_url}{path}: {exc!r}") from exc
-            except httpx.TimeoutException as exc:  # read / write
+            except TimeoutError as exc:  # the whole request's bound, or a read's
                 raise BackendTimeoutError(f"{path}: {exc!r}") from exc
-            except httpx.TransportError as exc:  # refused, reset, DNS
+            except aiohttp.ClientError as exc:  # refused, reset, DNS, a cut-off body
                 raise UnreachableError(f"{s.base_url}{path}: {exc!r}") from exc
-        if resp.status_code in _RETRY_STATUS:
-            raise UnreachableError(f"{path}: HTTP {resp.status_code} {resp.text[:200]}")
-        if resp.status_code >= 400:
-            text = resp.text[:500]
-            if resp.status_code in (400, 413, 422) and any(
-                h in text.lower() for h in _OVERFLOW_HINTS
-            ):
+        if status in _RETRY_STATUS:
+            raise UnreachableError(f"{path}: HTTP {status} {text[:200]}")
+        if status >= 400:
+            text = text[:500]
+            if status in (400, 413, 422) and any(h in text.lower() for h in _OVERFLOW_HINTS):
                 raise _ItemOverflow(text)
-            raise BadRequestError(f"{path}: HTTP {resp.status_code} {text}")
-        return resp.json()
+            raise BadRequestError(f"{path}: HTTP {status} {text}")
+        return json.loads(text)
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -236,7 +239,7 @@ class OpenAIBackend(Backend):
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        await self._client.aclose()
+        await self._client.close()
 
     def close(self) -> None:
         with self._lock:
