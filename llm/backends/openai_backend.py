@@ -125,7 +125,7 @@ class OpenAIBackend(Backend):
                     status, text = resp.status, (await resp.read()).decode(errors="replace")
             except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one
                 raise UnreachableError(f"{s.base_url}{path}: {exc!r}") from exc
-            except TimeoutError as exc:  # the whole request's bound, or a read's
+            except TimeoutError as exc:  # past timeout_s, the whole request's bound
                 raise BackendTimeoutError(f"{path}: {exc!r}") from exc
             except aiohttp.ClientError as exc:  # refused, reset, DNS, a cut-off body
                 raise UnreachableError(f"{s.base_url}{path}: {exc!r}") from exc
